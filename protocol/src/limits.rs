@@ -11,6 +11,9 @@ pub const INVITE_TTL: Duration = Duration::from_secs(10 * 60);
 pub const MAX_INVITE_PARAMS_BYTES: usize = 4 * 1024;
 /// A session none of whose members is connected is forgotten after this long.
 pub const SESSION_IDLE_TTL: Duration = Duration::from_secs(24 * 60 * 60);
+/// An unpaired session whose host is gone is forgotten after this long (its invite is dead by
+/// then too).
+pub const UNPAIRED_SESSION_TTL: Duration = INVITE_TTL;
 /// Sessions one connection may be a member of at once.
 pub const MAX_SESSIONS_PER_CONNECTION: usize = 16;
 /// Relay-wide caps.
@@ -31,3 +34,8 @@ pub const JOIN_FAILURES_PER_CONNECTION_BURST: u32 = 5;
 pub const JOIN_FAILURES_PER_CONNECTION_REFILL: Duration = Duration::from_secs(10);
 pub const JOIN_FAILURES_PER_ADDRESS_BURST: u32 = 20;
 pub const JOIN_FAILURES_PER_ADDRESS_REFILL: Duration = Duration::from_secs(6);
+/// `CREATE_SESSION` per remote address: `BURST` at once, then one more per `REFILL`.
+pub const SESSIONS_CREATED_PER_ADDRESS_BURST: u32 = 64;
+pub const SESSIONS_CREATED_PER_ADDRESS_REFILL: Duration = Duration::from_secs(10);
+/// A client that has not finished the WebSocket upgrade by then is dropped.
+pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);

@@ -1,5 +1,5 @@
 //! The `data` of the frames the relay reads or writes itself. Everything else under `data` is
-//! end-to-end and opaque to the relay; the `rest` maps below carry it through untouched.
+//! end-to-end and opaque to the relay; [`OpaqueData`] carries it through untouched.
 //!
 //! Fields the relay requires are `Option` here so that a missing one is reported by name
 //! (`missing_field`) rather than as a generic shape error.
@@ -8,27 +8,48 @@ use std::borrow::Cow;
 
 use serde::{Deserialize, Serialize};
 use serde_json::value::RawValue;
-use serde_json::{Map, Value};
+use std::collections::BTreeMap;
 
 use crate::FrameError;
 
-/// `JOIN {data: {code, ...}}`: `code` is the relay part of the invite code (6 digits). Every
-/// other field goes to the host in `JOIN_REQUEST`; the code itself never does.
-#[derive(Debug, Deserialize)]
-pub struct JoinData {
-    pub code: Option<String>,
-    #[serde(flatten)]
-    pub rest: Map<String, Value>,
-}
+/// A `data` object whose member values are kept as raw JSON text, so that carrying them on
+/// changes nothing, not even the precision of a large number. Members are re-encoded in key
+/// order. Used for `JOIN` (minus `code`), `JOIN_ACCEPT`/`JOIN_DENY` (minus `clientID`) and the
+/// parameters stored by `INVITE_CREATE`.
+#[derive(Debug, Default, Clone, Serialize, Deserialize)]
+#[serde(transparent)]
+pub struct OpaqueData(BTreeMap<String, Box<RawValue>>);
 
-/// `JOIN_ACCEPT`/`JOIN_DENY {sid, data: {clientID, ...}}`: `clientID` routes the answer to the
-/// joiner and is removed; the rest is forwarded untouched in `JOINED`/`JOIN_DENIED`.
-#[derive(Debug, Deserialize)]
-pub struct JoinAnswerData {
-    #[serde(rename = "clientID")]
-    pub client_id: Option<String>,
-    #[serde(flatten)]
-    pub rest: Map<String, Value>,
+impl OpaqueData {
+    /// Removes `key` and returns it as a string; a non-string value is `invalid_field`.
+    pub fn take_string(&mut self, key: &str) -> Result<Option<String>, FrameError> {
+        let Some(raw) = self.0.remove(key) else {
+            return Ok(None);
+        };
+        serde_json::from_str::<String>(raw.get())
+            .map(Some)
+            .map_err(|_| FrameError::invalid(&format!("data.{key}"), "must be a string"))
+    }
+
+    /// Sets `key` to a string value (replacing any value the sender put there).
+    pub fn set_string(&mut self, key: &str, value: &str) {
+        let raw = serde_json::value::to_raw_value(value).ok();
+        if let Some(raw) = raw {
+            self.0.insert(key.to_string(), raw);
+        }
+    }
+
+    pub fn remove(&mut self, key: &str) {
+        self.0.remove(key);
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+
+    pub fn get(&self, key: &str) -> Option<&RawValue> {
+        self.0.get(key).map(AsRef::as_ref)
+    }
 }
 
 /// `MSG {sid, data: {payload, msgID, ...}}`. The relay checks these two exist, forwards the
@@ -60,6 +81,13 @@ impl<'a> MsgData<'a> {
             return Err(FrameError::invalid("data.payload", "must be a string"));
         }
         Ok(msg_id)
+    }
+}
+
+impl<'a> MsgData<'a> {
+    /// The `msgID` to echo in an `ERROR`, if it is one that can be echoed.
+    pub fn echoable_id(&self) -> Option<&'a RawValue> {
+        self.msg_id.filter(|id| is_scalar_id(id.get()))
     }
 }
 
@@ -109,4 +137,32 @@ pub struct ErrorData<'a> {
         skip_serializing_if = "Option::is_none"
     )]
     pub msg_id: Option<&'a RawValue>,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn opaque_data_keeps_values_exactly() {
+        let text =
+            r#"{"n":123456789012345678901234567890,"s":"\ud800","f":1.0e-400,"code":"042917"}"#;
+        let mut data: OpaqueData = serde_json::from_str(text).unwrap();
+        assert_eq!(data.take_string("code").unwrap().as_deref(), Some("042917"));
+        data.set_string("clientID", "ab");
+        let out = serde_json::to_string(&data).unwrap();
+        assert_eq!(
+            out,
+            r#"{"clientID":"ab","f":1.0e-400,"n":123456789012345678901234567890,"s":"\ud800"}"#
+        );
+    }
+
+    #[test]
+    fn take_string_refuses_other_types() {
+        let mut data: OpaqueData = serde_json::from_str(r#"{"code":123456}"#).unwrap();
+        assert_eq!(
+            data.take_string("code").unwrap_err().code,
+            crate::ErrorCode::InvalidField
+        );
+    }
 }

@@ -4,6 +4,15 @@
 use std::time::Duration;
 
 use parley_protocol::limits;
+use tokio::time::Instant;
+
+/// `at + after`, or a time so far ahead it never comes when that would overflow: an operator
+/// may configure "never" as a huge duration, and that must not panic.
+pub(crate) fn later(at: Instant, after: Duration) -> Instant {
+    at.checked_add(after)
+        .or_else(|| at.checked_add(Duration::from_secs(100 * 365 * 24 * 3600)))
+        .unwrap_or(at)
+}
 
 /// A token bucket's shape: `burst` events at once, then one more every `refill`.
 #[derive(Debug, Clone, Copy)]
@@ -16,7 +25,10 @@ pub struct RateLimit {
 pub struct RelayConfig {
     pub max_frame_bytes: usize,
     pub invite_ttl: Duration,
+    /// A paired session none of whose members is connected is forgotten after this long.
     pub session_idle_ttl: Duration,
+    /// An unpaired session (nobody joined) whose host is gone is forgotten after this long.
+    pub unpaired_session_ttl: Duration,
     pub max_sessions_per_connection: usize,
     pub max_sessions: usize,
     pub max_connections: usize,
@@ -27,6 +39,10 @@ pub struct RelayConfig {
     pub idle_timeout: Duration,
     pub join_failures_per_connection: RateLimit,
     pub join_failures_per_address: RateLimit,
+    /// `CREATE_SESSION`s per address, so that one address cannot fill the invite-code space.
+    pub sessions_created_per_address: RateLimit,
+    /// A client that has not finished the WebSocket upgrade by then is dropped.
+    pub handshake_timeout: Duration,
     /// Accept `REATTACH` without a resume token (the original client never had one). Anyone who
     /// learns a session id can then take an empty seat in it, so this is off by default.
     pub allow_tokenless_reattach: bool,
@@ -42,6 +58,7 @@ impl Default for RelayConfig {
             max_frame_bytes: limits::MAX_FRAME_BYTES,
             invite_ttl: limits::INVITE_TTL,
             session_idle_ttl: limits::SESSION_IDLE_TTL,
+            unpaired_session_ttl: limits::UNPAIRED_SESSION_TTL,
             max_sessions_per_connection: limits::MAX_SESSIONS_PER_CONNECTION,
             max_sessions: limits::MAX_SESSIONS,
             max_connections: limits::MAX_CONNECTIONS,
@@ -58,6 +75,11 @@ impl Default for RelayConfig {
                 burst: limits::JOIN_FAILURES_PER_ADDRESS_BURST,
                 refill: limits::JOIN_FAILURES_PER_ADDRESS_REFILL,
             },
+            sessions_created_per_address: RateLimit {
+                burst: limits::SESSIONS_CREATED_PER_ADDRESS_BURST,
+                refill: limits::SESSIONS_CREATED_PER_ADDRESS_REFILL,
+            },
+            handshake_timeout: limits::HANDSHAKE_TIMEOUT,
             allow_tokenless_reattach: false,
             sweep_interval: Duration::from_secs(30),
             shutdown_grace: Duration::from_secs(2),

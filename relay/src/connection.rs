@@ -20,11 +20,10 @@ use tokio_tungstenite::tungstenite::protocol::{CloseFrame, WebSocketConfig};
 use tokio_tungstenite::tungstenite::{Error as WsError, Message, Utf8Bytes};
 use tokio_util::sync::CancellationToken;
 
+use crate::config::later;
 use crate::hub::{ConnState, ConnectionSlot, Hub};
 use crate::outbox::{ConnId, Outbox, OutboxReceiver};
 
-/// A client that has not finished the WebSocket upgrade by then is dropped.
-const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 /// Most frames written in one batch before the socket is flushed.
 const WRITE_BATCH: usize = 64;
 
@@ -56,7 +55,7 @@ pub async fn serve(
         .write_buffer_size(8 * 1024);
     let _ = stream.set_nodelay(true);
     let ws = match timeout(
-        HANDSHAKE_TIMEOUT,
+        config.handshake_timeout,
         tokio_tungstenite::accept_async_with_config(stream, Some(ws_config)),
     )
     .await
@@ -70,12 +69,28 @@ pub async fn serve(
         config.outbound_queue_frames,
         config.outbound_queue_bytes,
     );
-    let mut state = ConnState::new(outbox, peer.ip(), config);
+    let mut attached = Attached {
+        hub: &hub,
+        state: ConnState::new(outbox, peer.ip(), config),
+    };
     tracing::debug!(conn = id, "connected");
-    let ending = run(&hub, &mut state, ws, outbound, &shutdown).await;
-    hub.disconnect(&state);
+    let ending = run(&hub, &mut attached.state, ws, outbound, &shutdown).await;
+    drop(attached);
     drop(slot);
     tracing::debug!(conn = id, ?ending, "disconnected");
+}
+
+/// Frees the connection's seats when it ends, however it ends (a panic included), so that no
+/// seat keeps a dead connection and every peer hears `PEER_OFFLINE`.
+struct Attached<'a> {
+    hub: &'a Hub,
+    state: ConnState,
+}
+
+impl Drop for Attached<'_> {
+    fn drop(&mut self) {
+        self.hub.disconnect(&self.state);
+    }
 }
 
 async fn run(
@@ -87,8 +102,10 @@ async fn run(
 ) -> Ending {
     let config = hub.config();
     let outbox = state.outbox().clone();
-    let mut ping =
-        tokio::time::interval_at(Instant::now() + config.ping_interval, config.ping_interval);
+    let mut ping = tokio::time::interval_at(
+        later(Instant::now(), config.ping_interval),
+        config.ping_interval,
+    );
     ping.set_missed_tick_behavior(MissedTickBehavior::Delay);
     let mut last_heard = Instant::now();
 

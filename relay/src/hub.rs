@@ -16,16 +16,14 @@ use dashmap::DashMap;
 use dashmap::mapref::entry::Entry;
 use dashmap::mapref::one::RefMut;
 use parley_protocol::payload::{
-    DeliveredData, ErrorData, InviteCodeData, JoinAnswerData, JoinData, MsgData, ReattachData,
-    ResumeTokenData,
+    DeliveredData, ErrorData, InviteCodeData, MsgData, OpaqueData, ReattachData, ResumeTokenData,
 };
 use parley_protocol::{Envelope, ErrorCode, FrameError, FrameType, encode};
 use serde_json::value::RawValue;
-use serde_json::{Map, Value};
 use tokio::time::Instant;
 use tokio_tungstenite::tungstenite::Utf8Bytes;
 
-use crate::config::RelayConfig;
+use crate::config::{RelayConfig, later};
 use crate::ids::{ClientId, InviteCode, ResumeToken, SessionId};
 use crate::limiter::{AddressKey, AddressLimiter, TokenBucket};
 use crate::outbox::{ConnId, Outbox};
@@ -73,8 +71,9 @@ struct Session {
     /// The invite most recently issued for this session (it may since have expired).
     invite: Option<InviteCode>,
     /// What the host stored with `INVITE_CREATE`, handed to the joiner in the first `JOINED`.
-    invite_params: Option<Map<String, Value>>,
-    /// A `JOIN_REQUEST` that arrived while the host was offline, delivered on its `REATTACH`.
+    invite_params: Option<OpaqueData>,
+    /// The `JOIN_REQUEST` until the host answers it: pushed to the host at `JOIN`, and again
+    /// on each host `REATTACH`, so a host whose connection was silently dead still gets it.
     pending_join_request: Option<Utf8Bytes>,
     /// Since when no member has been connected.
     idle_since: Option<Instant>,
@@ -161,7 +160,10 @@ pub struct Hub {
     config: RelayConfig,
     sessions: DashMap<SessionId, Session>,
     invites: DashMap<InviteCode, Invite>,
+    /// Failed `JOIN`s per address.
     address_limiter: AddressLimiter,
+    /// `CREATE_SESSION`s per address.
+    create_limiter: AddressLimiter,
     connections: AtomicUsize,
 }
 
@@ -194,6 +196,7 @@ impl Hub {
     pub fn new(config: RelayConfig) -> Hub {
         Hub {
             address_limiter: AddressLimiter::new(config.join_failures_per_address),
+            create_limiter: AddressLimiter::new(config.sessions_created_per_address),
             config,
             sessions: DashMap::new(),
             invites: DashMap::new(),
@@ -259,7 +262,17 @@ impl Hub {
     }
 
     fn create_session(&self, conn: &mut ConnState) -> Result<(), Refusal> {
+        self.prune_memberships(conn);
         self.check_membership_room(conn)?;
+        // Each session may soon hold a live invite code: one address may not fill the code space.
+        let now = Instant::now();
+        if !self.create_limiter.allows(conn.address, now) {
+            return Err(refuse(
+                ErrorCode::RateLimited,
+                "too many sessions created from this address; wait a minute and try again",
+            ));
+        }
+        self.create_limiter.charge(conn.address, now);
         if self.sessions.len() >= self.config.max_sessions {
             return Err(refuse(
                 ErrorCode::RelayFull,
@@ -341,14 +354,25 @@ impl Hub {
                 Ok(())
             }
             (None, params) => {
-                let expires_at = now + self.config.invite_ttl;
+                let expires_at = later(now, self.config.invite_ttl);
                 let code = self.new_invite(sid, expires_at)?;
-                {
-                    let mut session = self.sessions.get_mut(&sid).ok_or_else(not_member)?;
-                    session.invite = Some(code);
-                    if params.is_some() {
-                        session.invite_params = params;
+                // Someone may have joined (with an older code) while no lock was held.
+                let joined_meanwhile = match self.sessions.get_mut(&sid) {
+                    Some(mut session) if session.guest.is_none() => {
+                        session.invite = Some(code);
+                        if params.is_some() {
+                            session.invite_params = params;
+                        }
+                        false
                     }
+                    _ => true,
+                };
+                if joined_meanwhile {
+                    self.invites.remove(&code);
+                    return Err(refuse(
+                        ErrorCode::SessionFull,
+                        "someone has already joined this session",
+                    ));
                 }
                 tracing::info!(session = %sid.tag(), "invite created");
                 send_invite_code(conn, sid, code, self.config.invite_ttl.as_secs());
@@ -376,11 +400,9 @@ impl Hub {
     }
 
     fn join(&self, conn: &mut ConnState, env: &Envelope<'_>) -> Result<(), Refusal> {
-        let JoinData { code, mut rest } = env.data()?;
-        let code = code.ok_or_else(|| FrameError::missing("data.code"))?;
         let now = Instant::now();
-        // Checked before the code is looked up, so a limited guesser learns nothing, even when
-        // the guess is right.
+        // Checked first, before the code is even read, so a limited guesser learns nothing,
+        // even when the guess is right.
         let limit = self.config.join_failures_per_connection;
         if !conn.join_failures.allows(limit, now) || !self.address_limiter.allows(conn.address, now)
         {
@@ -389,19 +411,30 @@ impl Hub {
                 "too many failed join attempts from this connection or address; wait a minute and try again",
             ));
         }
+        let mut rest: OpaqueData = env.data()?;
+        let code = rest
+            .take_string("code")?
+            .ok_or_else(|| FrameError::missing("data.code"))?;
         let code = InviteCode::parse(&code).ok_or_else(|| {
             FrameError::invalid(
                 "data.code",
                 "must be the 6 digits before the dash in the invite code",
             )
         })?;
+        self.prune_memberships(conn);
         self.check_membership_room(conn)?;
 
         let sid = match self.claim_invite(code, now, conn) {
             Ok(sid) => sid,
             Err(refusal) => {
-                conn.join_failures.charge(limit, now);
-                self.address_limiter.charge(conn.address, now);
+                // Only guesses count: a wrong, spent or stale code.
+                if matches!(
+                    refusal.code,
+                    ErrorCode::InviteUnknown | ErrorCode::InviteUsed | ErrorCode::InviteExpired
+                ) {
+                    conn.join_failures.charge(limit, now);
+                    self.address_limiter.charge(conn.address, now);
+                }
                 return Err(refusal);
             }
         };
@@ -426,19 +459,17 @@ impl Hub {
         session.idle_since = None;
 
         // To the host: everything the joiner sent except the code, plus who it is.
-        rest.insert("clientID".into(), Value::String(client_id.to_string()));
+        rest.set_string("clientID", &client_id.to_string());
         let join_request: Utf8Bytes =
             encode(FrameType::JoinRequest, Some(&sid.to_string()), Some(&rest)).into();
-        match &session.host.conn {
-            Some(host) => {
-                let _ = host.push(join_request);
-            }
-            None => session.pending_join_request = Some(join_request),
+        if let Some(host) = &session.host.conn {
+            let _ = host.push(join_request.clone());
         }
+        session.pending_join_request = Some(join_request);
 
         // To the joiner: the host's stored parameters, plus its own resume token.
         let mut joined = session.invite_params.take().unwrap_or_default();
-        joined.insert("resumeToken".into(), Value::String(token));
+        joined.set_string("resumeToken", &token);
         drop(session);
         conn.memberships.push((sid, Role::Guest));
         tracing::info!(session = %sid.tag(), "guest joined");
@@ -491,7 +522,7 @@ impl Hub {
         env: &Envelope<'_>,
         answer: FrameType,
     ) -> Result<(), Refusal> {
-        let JoinAnswerData { client_id, rest } = env.data()?;
+        let mut rest: OpaqueData = env.data()?;
         let (sid, role, mut session) = self.member_session(conn, env)?;
         if role != Role::Host {
             return Err(refuse(
@@ -499,7 +530,11 @@ impl Hub {
                 format!("only the session's host can send {}", env.kind),
             ));
         }
-        let client_id = client_id.ok_or_else(|| FrameError::missing("data.clientID"))?;
+        let client_id = rest
+            .take_string("clientID")?
+            .ok_or_else(|| FrameError::missing("data.clientID"))?;
+        // Only the relay hands out resume tokens: never let one through from the host.
+        rest.remove("resumeToken");
         let guest = session
             .guest
             .as_ref()
@@ -512,6 +547,7 @@ impl Hub {
             })?;
         let frame = encode(answer, Some(&sid.to_string()), Some(&rest));
         let delivered = guest.conn.as_ref().is_some_and(|g| g.push(frame).is_ok());
+        session.pending_join_request = None;
         if answer == FrameType::JoinDenied {
             session.guest = None;
             tracing::info!(session = %sid.tag(), "joiner denied");
@@ -526,9 +562,13 @@ impl Hub {
     }
 
     fn msg(&self, conn: &mut ConnState, env: &Envelope<'_>, frame: &Utf8Bytes) {
-        let msg_id = match env.data::<MsgData>().and_then(|d| d.validate()) {
-            Ok(id) => id,
+        let data = match env.data::<MsgData>() {
+            Ok(data) => data,
             Err(e) => return send_error(conn, env.sid(), &e, None),
+        };
+        let msg_id = match data.validate() {
+            Ok(id) => id,
+            Err(e) => return send_error(conn, env.sid(), &e, data.echoable_id()),
         };
         match self.forward_to_peer(conn, env, frame) {
             Ok(()) => {
@@ -572,6 +612,7 @@ impl Hub {
         };
         let sid = SessionId::parse(sid_text).ok_or_else(unknown)?;
         let ReattachData { resume_token } = env.data()?;
+        self.prune_memberships(conn);
 
         let mut session = self.sessions.get_mut(&sid).ok_or_else(unknown)?;
         let role = match resume_token {
@@ -638,9 +679,9 @@ impl Hub {
         };
         conn.send(encode::<()>(status, Some(&sid_wire), None));
         if role == Role::Host
-            && let Some(request) = session.pending_join_request.take()
+            && let Some(request) = &session.pending_join_request
         {
-            let _ = conn.outbox.push(request);
+            let _ = conn.outbox.push(request.clone());
         }
         drop(session);
         tracing::info!(session = %sid.tag(), ?role, "member reattached");
@@ -681,17 +722,20 @@ impl Hub {
         // while people may still be reading it out.
         let ttl = self.config.invite_ttl;
         self.invites
-            .retain(|_, invite| invite.expires_at + ttl > now);
+            .retain(|_, invite| later(invite.expires_at, ttl) > now);
         self.sessions.retain(|_, session| {
             // An unpaired session is worth keeping only while its invite could be used.
             let ttl = if session.guest.is_some() {
                 self.config.session_idle_ttl
             } else {
-                self.config.invite_ttl
+                self.config.unpaired_session_ttl
             };
-            session.idle_since.is_none_or(|since| since + ttl > now)
+            session
+                .idle_since
+                .is_none_or(|since| later(since, ttl) > now)
         });
         self.address_limiter.sweep(now);
+        self.create_limiter.sweep(now);
     }
 
     /// The session a frame's `sid` names, locked, and this connection's role in it, if the
@@ -719,6 +763,18 @@ impl Hub {
         }
     }
 
+    /// Drops memberships whose seat this connection no longer holds (taken over, or denied),
+    /// so they neither count against the cap nor look like a seat held. Locks one session at a
+    /// time and no invite.
+    fn prune_memberships(&self, conn: &mut ConnState) {
+        let id = conn.outbox.id();
+        conn.memberships.retain(|(sid, role)| {
+            self.sessions
+                .get(sid)
+                .is_some_and(|s| s.seat(*role).is_some_and(|seat| seat.held_by(id)))
+        });
+    }
+
     fn check_membership_room(&self, conn: &ConnState) -> Result<(), Refusal> {
         if conn.memberships.len() >= self.config.max_sessions_per_connection {
             return Err(too_many_sessions());
@@ -742,7 +798,7 @@ fn too_many_sessions() -> Refusal {
 }
 
 /// `INVITE_CREATE`'s `data`, if it carries anything worth storing, within the storage limit.
-fn invite_params(env: &Envelope<'_>) -> Result<Option<Map<String, Value>>, Refusal> {
+fn invite_params(env: &Envelope<'_>) -> Result<Option<OpaqueData>, Refusal> {
     let Some(raw) = env.raw_data() else {
         return Ok(None);
     };
@@ -755,7 +811,7 @@ fn invite_params(env: &Envelope<'_>) -> Result<Option<Map<String, Value>>, Refus
             ),
         ));
     }
-    let params: Map<String, Value> = env.data()?;
+    let params: OpaqueData = env.data()?;
     Ok((!params.is_empty()).then_some(params))
 }
 
@@ -792,6 +848,7 @@ mod tests {
     use crate::config::RateLimit;
     use crate::outbox::OutboxReceiver;
     use proptest::prelude::*;
+    use serde_json::Value;
     use std::time::Duration;
 
     struct Client {
@@ -840,8 +897,8 @@ mod tests {
                 "relay sent a client-only frame: {frame}"
             );
             if env.kind == FrameType::JoinRequest {
-                let data: Map<String, Value> = env.data().unwrap();
-                assert!(!data.contains_key("code"), "code forwarded: {frame}");
+                let data: OpaqueData = env.data().unwrap();
+                assert!(data.get("code").is_none(), "code forwarded: {frame}");
             }
             let value: Value = serde_json::from_str(frame.as_str()).unwrap();
             if let Some(sid) = value.get("sid").and_then(Value::as_str) {

@@ -17,6 +17,10 @@ impl SessionId {
 
     /// Parses the wire form; anything else is simply not a session this relay knows.
     pub fn parse(s: &str) -> Option<Self> {
+        // The wire form is lowercase; one spelling per id.
+        if s.bytes().any(|b| b.is_ascii_uppercase()) {
+            return None;
+        }
         let mut bytes = [0u8; 16];
         hex::decode_to_slice(s, &mut bytes).ok()?;
         Some(SessionId(bytes))

@@ -35,6 +35,10 @@ struct Args {
     #[arg(long, default_value_t = parley_protocol::limits::SESSION_IDLE_TTL.as_secs())]
     session_idle_ttl_secs: u64,
 
+    /// Seconds an unpaired session (nobody joined) is kept once its host has gone.
+    #[arg(long, default_value_t = parley_protocol::limits::UNPAIRED_SESSION_TTL.as_secs())]
+    unpaired_session_ttl_secs: u64,
+
     /// Sessions one connection may be a member of at once.
     #[arg(long, default_value_t = parley_protocol::limits::MAX_SESSIONS_PER_CONNECTION)]
     max_sessions_per_connection: usize,
@@ -55,6 +59,10 @@ struct Args {
     #[arg(long, default_value_t = parley_protocol::limits::OUTBOUND_QUEUE_BYTES)]
     outbound_queue_bytes: usize,
 
+    /// Seconds a socket write may make no progress before the connection is dropped.
+    #[arg(long, default_value_t = parley_protocol::limits::WRITE_TIMEOUT.as_secs())]
+    write_timeout_secs: u64,
+
     /// Seconds between the relay's PING frames.
     #[arg(long, default_value_t = parley_protocol::limits::PING_INTERVAL.as_secs())]
     ping_interval_secs: u64,
@@ -72,6 +80,11 @@ struct Args {
     #[arg(long, default_value_t = parley_protocol::limits::JOIN_FAILURES_PER_ADDRESS_BURST)]
     join_failures_per_address: u32,
 
+    /// CREATE_SESSIONs one address may make at once before it is rate-limited; it then earns
+    /// one more every 10 seconds.
+    #[arg(long, default_value_t = parley_protocol::limits::SESSIONS_CREATED_PER_ADDRESS_BURST)]
+    sessions_created_per_address: u32,
+
     /// Accept REATTACH without a resume token, as the original relay did. Anyone who learns a
     /// session id can then take an empty seat in it: only for clients that predate tokens.
     #[arg(long)]
@@ -85,6 +98,8 @@ impl Args {
             max_frame_bytes: self.max_frame_bytes,
             invite_ttl: Duration::from_secs(self.invite_ttl_secs),
             session_idle_ttl: Duration::from_secs(self.session_idle_ttl_secs),
+            unpaired_session_ttl: Duration::from_secs(self.unpaired_session_ttl_secs),
+            write_timeout: Duration::from_secs(self.write_timeout_secs.max(1)),
             max_sessions_per_connection: self.max_sessions_per_connection,
             max_sessions: self.max_sessions,
             max_connections: self.max_connections,
@@ -99,6 +114,10 @@ impl Args {
             join_failures_per_address: RateLimit {
                 burst: self.join_failures_per_address,
                 ..defaults.join_failures_per_address
+            },
+            sessions_created_per_address: RateLimit {
+                burst: self.sessions_created_per_address,
+                ..defaults.sessions_created_per_address
             },
             allow_tokenless_reattach: self.allow_tokenless_reattach,
             ..defaults

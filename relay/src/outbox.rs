@@ -49,6 +49,11 @@ impl Outbox {
     }
 
     pub fn push(&self, frame: impl Into<Utf8Bytes>) -> Result<(), Overflow> {
+        // A connection already being dropped takes nothing more: its peer must hear
+        // `peer_offline`, not `DELIVERED` for a frame that will never be written.
+        if self.kill.is_cancelled() {
+            return Err(Overflow);
+        }
         let frame = frame.into();
         let len = frame.len();
         let before = self.queued_bytes.fetch_add(len, Ordering::Relaxed);

@@ -389,3 +389,140 @@ async fn a_client_that_floods_without_reading_is_disconnected() {
     );
     relay.pair().await.exchange("healthy").await;
 }
+
+#[tokio::test]
+async fn only_wrong_codes_count_against_the_join_limit() {
+    let config = RelayConfig {
+        join_failures_per_connection: RateLimit {
+            burst: 2,
+            refill: Duration::from_secs(3600),
+        },
+        ..RelayConfig::default()
+    };
+    let relay = TestRelay::with_config(config).await;
+    let mut host = relay.client().await;
+    let (sid, token) = host.create_session().await;
+    let code = host.invite(&sid).await;
+    // Mistakes that are not guesses (joining your own session, a malformed code) cost nothing.
+    for _ in 0..5 {
+        host.send(json!({"t": "JOIN", "data": {"code": code}}))
+            .await;
+        host.expect_error("already_member").await;
+        host.send(json!({"t": "JOIN", "data": {"code": "12"}}))
+            .await;
+        host.expect_error("invalid_field").await;
+    }
+    let guest = relay.client().await;
+    Pair::complete(host, guest, sid, token, &code)
+        .await
+        .exchange("ok")
+        .await;
+}
+
+#[tokio::test]
+async fn a_denied_guest_can_join_again_on_the_same_connection() {
+    let relay = TestRelay::start().await;
+    let mut host = relay.client().await;
+    let (sid, token) = host.create_session().await;
+    let code = host.invite(&sid).await;
+    let mut guest = relay.client().await;
+    guest
+        .send(json!({"t": "JOIN", "data": {"code": code}}))
+        .await;
+    let client_id = host.expect("JOIN_REQUEST").await["data"]["clientID"].clone();
+    guest.expect("JOINED").await;
+    host.send(json!({"t": "JOIN_DENY", "sid": sid, "data": {"clientID": client_id}}))
+        .await;
+    guest.expect("JOIN_DENIED").await;
+
+    // The host changes its mind and sends a new code; the same connection joins with it.
+    let again = host.invite(&sid).await;
+    Pair::complete(host, guest, sid, token, &again)
+        .await
+        .exchange("second-chance")
+        .await;
+}
+
+#[tokio::test]
+async fn an_unanswered_join_request_is_given_again_on_reattach() {
+    let relay = TestRelay::start().await;
+    let mut host = relay.client().await;
+    let (sid, token) = host.create_session().await;
+    let code = host.invite(&sid).await;
+    let mut guest = relay.client().await;
+    guest
+        .send(json!({"t": "JOIN", "data": {"code": code, "publicKey": "bb"}}))
+        .await;
+    guest.expect("JOINED").await;
+    // The host's connection got the request but its app never saw it (it was suspended, say);
+    // it resumes from a new connection and must still learn who is waiting.
+    let first = host.expect("JOIN_REQUEST").await;
+    let mut host2 = relay.client().await;
+    host2
+        .send(json!({"t": "REATTACH", "sid": sid, "data": {"resumeToken": token}}))
+        .await;
+    host2.expect("PEER_ONLINE").await;
+    let again = host2.expect("JOIN_REQUEST").await;
+    assert_eq!(again, first);
+    host2
+        .send(json!({"t": "JOIN_ACCEPT", "sid": sid, "data": {"clientID": again["data"]["clientID"], "publicKey": "aa"}}))
+        .await;
+    guest.expect("PEER_ONLINE").await;
+    assert_eq!(
+        guest.expect("JOINED").await["data"],
+        json!({"publicKey": "aa"})
+    );
+    host2
+        .assert_delivers(&mut guest, &sid, "after-resume")
+        .await;
+}
+
+#[tokio::test]
+async fn opaque_fields_are_carried_exactly_and_tokens_cannot_be_forged() {
+    let relay = TestRelay::start().await;
+    let mut host = relay.client().await;
+    let (sid, _) = host.create_session().await;
+    let code = host.invite(&sid).await;
+    let mut guest = relay.client().await;
+    guest
+        .send_text(&format!(
+            r#"{{"t":"JOIN","data":{{"code":"{code}","n":123456789012345678901234567890,"s":"\ud800"}}}}"#
+        ))
+        .await;
+    let request = host.recv_text().await;
+    assert!(
+        request.contains(r#""n":123456789012345678901234567890"#),
+        "{request}"
+    );
+    assert!(request.contains(r#""s":"\ud800""#), "{request}");
+    let joined = guest.expect("JOINED").await;
+    let real_token = joined["data"]["resumeToken"].clone();
+
+    // (serde_json::Value cannot hold a lone surrogate, so read the clientID off the text.)
+    let at = request.find(r#""clientID":""#).unwrap() + r#""clientID":""#.len();
+    let client_id = &request[at..at + 16];
+    host.send(json!({"t": "JOIN_ACCEPT", "sid": sid, "data": {"clientID": client_id, "resumeToken": "forged"}})).await;
+    let second = guest.expect("JOINED").await;
+    assert!(second["data"].get("resumeToken").is_none(), "{second}");
+    assert_ne!(real_token, json!("forged"));
+}
+
+#[tokio::test]
+async fn oversize_invite_data_and_bad_payloads_are_refused_with_context() {
+    let relay = TestRelay::start().await;
+    let mut pair = relay.pair().await;
+    let sid = pair.sid.clone();
+    let mut host = relay.client().await;
+    let (lone, _) = host.create_session().await;
+    host.send(json!({"t": "INVITE_CREATE", "sid": lone, "data": {"publicKey": "ab".repeat(4096)}}))
+        .await;
+    host.expect_error("invalid_field").await;
+    host.invite(&lone).await;
+
+    pair.host
+        .send(json!({"t": "MSG", "sid": sid, "data": {"msgID": "m9", "payload": 5}}))
+        .await;
+    let e = pair.host.expect_error("invalid_field").await;
+    assert_eq!(e["data"]["msgID"], "m9", "the refused message is named");
+    pair.exchange("fine").await;
+}

@@ -26,23 +26,21 @@ async fn eventually(mut check: impl FnMut() -> bool) -> bool {
 async fn idle_sessions_and_their_invites_expire() {
     let config = RelayConfig {
         invite_ttl: Duration::from_millis(200),
+        unpaired_session_ttl: Duration::from_millis(200),
         session_idle_ttl: Duration::from_millis(300),
         sweep_interval: Duration::from_millis(50),
         ..RelayConfig::default()
     };
     let relay = TestRelay::with_config(config).await;
 
-    // An unpaired session whose host left goes with its invite.
+    // A paired session stays while someone is connected...
+    let pair = relay.pair().await;
+    // ...while unpaired sessions whose host left go, with their invite.
     let mut lonely = relay.client().await;
-    let (_, _) = lonely.create_session().await;
+    lonely.create_session().await;
     let (sid, _) = lonely.create_session().await;
     lonely.invite(&sid).await;
     drop(lonely);
-
-    // A paired session stays while someone is connected, and goes once both are away.
-    let pair = relay.pair().await;
-    let stats = relay.handle.stats();
-    assert_eq!(stats.sessions, 3);
     assert!(
         eventually(|| relay.handle.stats().sessions == 1).await,
         "{:?}",
@@ -53,6 +51,9 @@ async fn idle_sessions_and_their_invites_expire() {
         "{:?}",
         relay.handle.stats()
     );
+    assert_eq!(relay.handle.stats().connections, 2);
+
+    // Once both members are away, the paired session goes too.
     let (sid, token) = (pair.sid.clone(), pair.host_token.clone());
     drop(pair);
     assert!(
@@ -65,6 +66,71 @@ async fn idle_sessions_and_their_invites_expire() {
     back.send(json!({"t": "REATTACH", "sid": sid, "data": {"resumeToken": token}}))
         .await;
     back.expect_error("session_unknown").await;
+}
+
+#[tokio::test]
+async fn huge_durations_mean_never_and_do_not_panic() {
+    let config = RelayConfig {
+        invite_ttl: Duration::MAX,
+        unpaired_session_ttl: Duration::MAX,
+        session_idle_ttl: Duration::MAX,
+        ping_interval: Duration::MAX,
+        idle_timeout: Duration::MAX,
+        sweep_interval: Duration::from_millis(10),
+        ..RelayConfig::default()
+    };
+    let relay = TestRelay::with_config(config).await;
+    let mut pair = relay.pair().await;
+    drop(relay.pair().await);
+    tokio::time::sleep(Duration::from_millis(100)).await; // several sweeps
+    pair.exchange("still-here").await;
+    assert_eq!(
+        relay.handle.stats().sessions,
+        2,
+        "nothing expires when the TTL is forever"
+    );
+}
+
+#[tokio::test]
+async fn relay_wide_caps_refuse_politely() {
+    let config = RelayConfig {
+        max_sessions: 2,
+        max_connections: 3,
+        ..RelayConfig::default()
+    };
+    let relay = TestRelay::with_config(config).await;
+    let mut a = relay.client().await;
+    a.create_session().await;
+    a.create_session().await;
+    a.send(json!({"t": "CREATE_SESSION"})).await;
+    a.expect_error("relay_full").await;
+    let _b = relay.client().await;
+    let _c = relay.client().await;
+    assert!(eventually(|| relay.handle.stats().connections == 3).await);
+    // A fourth connection is closed before the WebSocket upgrade; the others are unaffected.
+    assert!(tokio_tungstenite::connect_async(relay.url()).await.is_err());
+    a.expect_nothing_pending().await;
+}
+
+#[tokio::test]
+async fn session_creation_is_rate_limited_per_address() {
+    let config = RelayConfig {
+        sessions_created_per_address: parley_relay::RateLimit {
+            burst: 3,
+            refill: Duration::from_secs(3600),
+        },
+        ..RelayConfig::default()
+    };
+    let relay = TestRelay::with_config(config).await;
+    let mut a = relay.client().await;
+    for _ in 0..3 {
+        a.create_session().await;
+    }
+    let mut b = relay.client().await;
+    b.send(json!({"t": "CREATE_SESSION"})).await;
+    b.expect_error("rate_limited").await;
+    let mut other = relay.client_from([127, 0, 0, 3]).await;
+    other.create_session().await;
 }
 
 #[tokio::test]

@@ -1,0 +1,490 @@
+//! The parley client's persistent state: one `state-NAME.json` per client name.
+//!
+//! - **Schema**: [`StateFile`], versioned by [`SCHEMA_VERSION`]; a file from a newer version,
+//!   or one that is not a parley state file, is refused with a clear error, never overwritten.
+//! - **Atomic save**: the new content goes to a temporary file in the same directory (mode
+//!   0600), is fsynced, renamed over the old file, and the directory is fsynced. A crash at any
+//!   point leaves either the old or the new file, whole.
+//! - **Locking**: a process that will write holds an exclusive lock on `state-NAME.json.lock`
+//!   for as long as it runs ([`Store::open`]); a second writer with the same name is refused.
+//!   Readers ([`read_snapshot`]) need no lock, since a rename is atomic.
+//!
+//! Secrets (keys, resume tokens) are kept in [`Secret`], which zeroizes its memory on drop and
+//! never prints itself.
+#![cfg_attr(
+    test,
+    allow(clippy::unwrap_used, clippy::expect_used, clippy::indexing_slicing)
+)]
+
+use std::fmt;
+use std::fs::{self, File, OpenOptions, TryLockError};
+use std::io::{self, Write};
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+use zeroize::Zeroizing;
+
+/// The schema this build writes. Files with a lower version are migrated on load; a higher
+/// version is refused (it was written by a newer parley).
+pub const SCHEMA_VERSION: u32 = 1;
+
+/// Marks a file as ours, so that a stray JSON file is never mistaken for state.
+const FORMAT: &str = "parley-state";
+
+/// Longest state file this loader reads; anything larger is not ours.
+const MAX_STATE_BYTES: u64 = 64 * 1024 * 1024;
+
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum StateError {
+    #[error("no state for `{name}` in {dir}: pair first with `host` or `join`")]
+    Missing { name: String, dir: PathBuf },
+    #[error("state file {path} is corrupt ({reason}); it was left untouched")]
+    Corrupt { path: PathBuf, reason: String },
+    #[error("{path} is not a parley state file for `{name}`; it was left untouched")]
+    Foreign { path: PathBuf, name: String },
+    #[error(
+        "state file {path} has schema {found}, newer than this parley understands ({SCHEMA_VERSION}); upgrade parley"
+    )]
+    TooNew { path: PathBuf, found: u32 },
+    #[error("state `{name}` is in use by another parley process (lock {path} is held)")]
+    Locked { name: String, path: PathBuf },
+    #[error("invalid client name `{0}`: use 1-64 letters, digits, '-' or '_'")]
+    BadName(String),
+    #[error("state I/O on {path}: {source}")]
+    Io { path: PathBuf, source: io::Error },
+}
+
+fn io_err(path: &Path) -> impl FnOnce(io::Error) -> StateError + '_ {
+    move |source| StateError::Io {
+        path: path.to_path_buf(),
+        source,
+    }
+}
+
+/// A secret string (hex key, resume token): zeroized on drop, redacted in `Debug`.
+#[derive(Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(transparent)]
+pub struct Secret(Zeroizing<String>);
+
+impl Secret {
+    pub fn new(value: String) -> Secret {
+        Secret(Zeroizing::new(value))
+    }
+
+    /// The secret itself; callers must not log it.
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Debug for Secret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("Secret(..)")
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Role {
+    Host,
+    Guest,
+}
+
+impl fmt::Display for Role {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Role::Host => "host",
+            Role::Guest => "guest",
+        })
+    }
+}
+
+/// Everything needed to resume one session without a new handshake.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SessionRecord {
+    pub sid: String,
+    pub relay_url: String,
+    pub role: Role,
+    pub resume_token: Secret,
+    /// The peer's name as it introduced itself (end-to-end), once known.
+    pub peer_name: Option<String>,
+    pub safety_number: String,
+    /// AES-256-GCM keys, hex: ours for sending, the peer's for receiving.
+    pub send_key: Secret,
+    pub recv_key: Secret,
+    /// The last sequence number we sent, and the highest one we accepted from the peer.
+    pub send_seq: u64,
+    pub recv_seq: u64,
+    /// Unix seconds.
+    pub created: u64,
+    pub last_used: u64,
+}
+
+/// The whole file.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StateFile {
+    pub format: String,
+    pub schema: u32,
+    pub name: String,
+    pub sessions: Vec<SessionRecord>,
+}
+
+impl StateFile {
+    pub fn new(name: &str) -> StateFile {
+        StateFile {
+            format: FORMAT.into(),
+            schema: SCHEMA_VERSION,
+            name: name.into(),
+            sessions: Vec::new(),
+        }
+    }
+
+    pub fn session(&self, sid: &str) -> Option<&SessionRecord> {
+        self.sessions.iter().find(|s| s.sid == sid)
+    }
+
+    /// Inserts the record, or replaces the one with the same sid.
+    pub fn upsert(&mut self, record: SessionRecord) {
+        match self.sessions.iter_mut().find(|s| s.sid == record.sid) {
+            Some(existing) => *existing = record,
+            None => self.sessions.push(record),
+        }
+    }
+}
+
+/// Client names become file names: keep them to a safe alphabet.
+pub fn validate_name(name: &str) -> Result<(), StateError> {
+    let ok = !name.is_empty()
+        && name.len() <= 64
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_');
+    if ok {
+        Ok(())
+    } else {
+        Err(StateError::BadName(name.into()))
+    }
+}
+
+pub fn state_path(dir: &Path, name: &str) -> PathBuf {
+    dir.join(format!("state-{name}.json"))
+}
+
+/// The state of one client name, locked for writing by this process.
+#[derive(Debug)]
+pub struct Store {
+    name: String,
+    dir: PathBuf,
+    path: PathBuf,
+    /// Held for the Store's lifetime; the OS releases the lock when the file closes, even if
+    /// the process is killed.
+    _lock: File,
+}
+
+impl Store {
+    /// Takes the lock for `name` in `dir` (created, mode 0700, if missing).
+    pub fn open(dir: &Path, name: &str) -> Result<Store, StateError> {
+        validate_name(name)?;
+        create_private_dir(dir)?;
+        let lock_path = dir.join(format!("state-{name}.json.lock"));
+        let lock = private_options()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .open(&lock_path)
+            .map_err(io_err(&lock_path))?;
+        match lock.try_lock() {
+            Ok(()) => {}
+            Err(TryLockError::WouldBlock) => {
+                return Err(StateError::Locked {
+                    name: name.into(),
+                    path: lock_path,
+                });
+            }
+            Err(TryLockError::Error(e)) => {
+                return Err(StateError::Io {
+                    path: lock_path,
+                    source: e,
+                });
+            }
+        }
+        Ok(Store {
+            name: name.into(),
+            dir: dir.to_path_buf(),
+            path: state_path(dir, name),
+            _lock: lock,
+        })
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// The current state, or `None` when there is no file yet.
+    pub fn load(&self) -> Result<Option<StateFile>, StateError> {
+        read_file(&self.path, &self.name)
+    }
+
+    /// The current state, or a new empty one when there is no file yet.
+    pub fn load_or_new(&self) -> Result<StateFile, StateError> {
+        Ok(self.load()?.unwrap_or_else(|| StateFile::new(&self.name)))
+    }
+
+    /// Replaces the file atomically with `state`.
+    pub fn save(&self, state: &StateFile) -> Result<(), StateError> {
+        let mut bytes =
+            Zeroizing::new(
+                serde_json::to_vec_pretty(state).map_err(|e| StateError::Corrupt {
+                    path: self.path.clone(),
+                    reason: format!("cannot serialise: {e}"),
+                })?,
+            );
+        bytes.push(b'\n');
+        let tmp = self.dir.join(format!(
+            "state-{}.json.tmp-{}",
+            self.name,
+            std::process::id()
+        ));
+        let written = (|| {
+            let mut file = private_options()
+                .write(true)
+                .create(true)
+                .truncate(true)
+                .open(&tmp)?;
+            file.write_all(&bytes)?;
+            file.sync_all()?;
+            fs::rename(&tmp, &self.path)?;
+            // The rename is durable only once the directory entry is.
+            File::open(&self.dir)?.sync_all()
+        })();
+        if written.is_err() {
+            let _ = fs::remove_file(&tmp);
+        }
+        written.map_err(io_err(&self.path))
+    }
+}
+
+/// Reads the state of `name` without taking the lock (for listing): the file is replaced by
+/// rename, so a reader sees either the old or the new content, whole.
+pub fn read_snapshot(dir: &Path, name: &str) -> Result<StateFile, StateError> {
+    validate_name(name)?;
+    read_file(&state_path(dir, name), name)?.ok_or_else(|| StateError::Missing {
+        name: name.into(),
+        dir: dir.into(),
+    })
+}
+
+fn read_file(path: &Path, name: &str) -> Result<Option<StateFile>, StateError> {
+    let file = match File::open(path) {
+        Ok(file) => file,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
+        Err(e) => {
+            return Err(StateError::Io {
+                path: path.into(),
+                source: e,
+            });
+        }
+    };
+    let len = file.metadata().map_err(io_err(path))?.len();
+    if len > MAX_STATE_BYTES {
+        return Err(StateError::Foreign {
+            path: path.into(),
+            name: name.into(),
+        });
+    }
+    let bytes = Zeroizing::new(fs::read(path).map_err(io_err(path))?);
+    parse(&bytes, path, name).map(Some)
+}
+
+/// Checks, in order: JSON at all, ours at all, a schema we understand, then the full shape.
+fn parse(bytes: &[u8], path: &Path, name: &str) -> Result<StateFile, StateError> {
+    let corrupt = |reason: String| StateError::Corrupt {
+        path: path.into(),
+        reason,
+    };
+    let value: serde_json::Value =
+        serde_json::from_slice(bytes).map_err(|e| corrupt(e.to_string()))?;
+    let foreign = || StateError::Foreign {
+        path: path.into(),
+        name: name.into(),
+    };
+    if value.get("format").and_then(|f| f.as_str()) != Some(FORMAT) {
+        return Err(foreign());
+    }
+    if value.get("name").and_then(|n| n.as_str()) != Some(name) {
+        return Err(foreign());
+    }
+    let schema = value
+        .get("schema")
+        .and_then(|s| s.as_u64())
+        .ok_or_else(|| corrupt("no schema version".into()))?;
+    let schema =
+        u32::try_from(schema).map_err(|_| corrupt(format!("schema {schema} out of range")))?;
+    if schema > SCHEMA_VERSION {
+        return Err(StateError::TooNew {
+            path: path.into(),
+            found: schema,
+        });
+    }
+    // Schema 1 is the first; older schemas would be migrated here, value to value.
+    serde_json::from_value(value).map_err(|e| corrupt(e.to_string()))
+}
+
+fn create_private_dir(dir: &Path) -> Result<(), StateError> {
+    let mut builder = fs::DirBuilder::new();
+    builder.recursive(true);
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::DirBuilderExt;
+        builder.mode(0o700);
+    }
+    builder.create(dir).map_err(io_err(dir))
+}
+
+/// Files holding secrets are created readable by their owner only.
+fn private_options() -> OpenOptions {
+    #[allow(unused_mut)]
+    let mut options = OpenOptions::new();
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::OpenOptionsExt;
+        options.mode(0o600);
+    }
+    options
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn record(sid: &str) -> SessionRecord {
+        SessionRecord {
+            sid: sid.into(),
+            relay_url: "ws://127.0.0.1:9000".into(),
+            role: Role::Host,
+            resume_token: Secret::new("ab".repeat(32)),
+            peer_name: Some("bob".into()),
+            safety_number: "1234 5678 9012".into(),
+            send_key: Secret::new("11".repeat(32)),
+            recv_key: Secret::new("22".repeat(32)),
+            send_seq: 3,
+            recv_seq: 4,
+            created: 1,
+            last_used: 2,
+        }
+    }
+
+    fn tempdir() -> PathBuf {
+        let dir = std::env::temp_dir().join(format!(
+            "parley-state-test-{}-{}",
+            std::process::id(),
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map(|d| d.as_nanos())
+                .unwrap_or(0)
+        ));
+        fs::create_dir_all(&dir).unwrap();
+        dir
+    }
+
+    #[test]
+    fn save_then_load_round_trips_with_private_permissions() {
+        let dir = tempdir();
+        let store = Store::open(&dir, "alice").unwrap();
+        assert!(store.load().unwrap().is_none());
+        let mut state = store.load_or_new().unwrap();
+        state.upsert(record("s1"));
+        store.save(&state).unwrap();
+        assert_eq!(store.load().unwrap(), Some(state.clone()));
+        assert_eq!(read_snapshot(&dir, "alice").unwrap(), state);
+        #[cfg(unix)]
+        {
+            use std::os::unix::fs::PermissionsExt;
+            let mode = fs::metadata(store.path()).unwrap().permissions().mode();
+            assert_eq!(mode & 0o777, 0o600);
+        }
+        // No temporary file is left behind.
+        let leftovers: Vec<_> = fs::read_dir(&dir)
+            .unwrap()
+            .filter_map(Result::ok)
+            .filter(|e| e.file_name().to_string_lossy().contains(".tmp"))
+            .collect();
+        assert!(leftovers.is_empty());
+    }
+
+    #[test]
+    fn a_second_writer_with_the_same_name_is_refused() {
+        let dir = tempdir();
+        let _first = Store::open(&dir, "alice").unwrap();
+        assert!(matches!(
+            Store::open(&dir, "alice"),
+            Err(StateError::Locked { .. })
+        ));
+        assert!(Store::open(&dir, "bob").is_ok());
+        drop(_first);
+        assert!(Store::open(&dir, "alice").is_ok());
+    }
+
+    #[test]
+    fn corrupt_foreign_and_newer_files_are_refused_and_left_alone() {
+        let dir = tempdir();
+        let path = state_path(&dir, "alice");
+        let store = Store::open(&dir, "alice").unwrap();
+        type Check = fn(&StateError) -> bool;
+        let cases: [(&str, Check); 5] = [
+            ("{ not json", |e| matches!(e, StateError::Corrupt { .. })),
+            ("[1,2,3]", |e| matches!(e, StateError::Foreign { .. })),
+            (
+                r#"{"format":"parley-state","schema":1,"name":"mallory","sessions":[]}"#,
+                |e| matches!(e, StateError::Foreign { .. }),
+            ),
+            (
+                r#"{"format":"parley-state","schema":99,"name":"alice","sessions":[]}"#,
+                |e| matches!(e, StateError::TooNew { found: 99, .. }),
+            ),
+            (
+                r#"{"format":"parley-state","schema":1,"name":"alice","sessions":[{"sid":1}]}"#,
+                |e| matches!(e, StateError::Corrupt { .. }),
+            ),
+        ];
+        for (content, expected) in cases {
+            fs::write(&path, content).unwrap();
+            let err = store.load().unwrap_err();
+            assert!(expected(&err), "{content}: {err}");
+            assert!(!err.to_string().is_empty());
+            assert_eq!(
+                fs::read_to_string(&path).unwrap(),
+                content,
+                "file must be left untouched"
+            );
+        }
+    }
+
+    #[test]
+    fn names_are_checked() {
+        for bad in ["", "../x", "a/b", "a b", &"x".repeat(65)] {
+            assert!(
+                matches!(validate_name(bad), Err(StateError::BadName(_))),
+                "{bad}"
+            );
+        }
+        assert!(validate_name("alice-laptop_2").is_ok());
+    }
+
+    #[test]
+    fn secrets_do_not_print() {
+        let printed = format!("{:?}", record("s1"));
+        assert!(!printed.contains(&"ab".repeat(32)));
+        assert!(!printed.contains(&"11".repeat(32)));
+    }
+
+    proptest::proptest! {
+        // Whatever bytes are in the file, loading returns an error or a state; never panics.
+        #[test]
+        fn loading_arbitrary_bytes_never_panics(bytes in proptest::collection::vec(proptest::num::u8::ANY, 0..512)) {
+            let _ = parse(&bytes, Path::new("x"), "alice");
+        }
+    }
+}
