@@ -210,6 +210,16 @@ impl Store {
                 });
             }
         }
+        // Holding the lock, no other writer of this name exists: any temporary file left is
+        // from a save that was killed before its rename, and is garbage.
+        let stale = format!("state-{name}.json.tmp-");
+        if let Ok(entries) = fs::read_dir(dir) {
+            for entry in entries.filter_map(Result::ok) {
+                if entry.file_name().to_string_lossy().starts_with(&stale) {
+                    let _ = fs::remove_file(entry.path());
+                }
+            }
+        }
         Ok(Store {
             name: name.into(),
             dir: dir.to_path_buf(),

@@ -1,0 +1,650 @@
+//! The async driver: moves frames between the relay socket, the sans-IO handshake and session,
+//! stdin and stdout. All protocol decisions are made in `handshake` and `session`.
+
+use std::collections::VecDeque;
+use std::io::IsTerminal;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use futures_util::{SinkExt, StreamExt};
+use parley_protocol::{Envelope, FrameType, encode};
+use parley_state::{StateFile, Store};
+use serde::Deserialize;
+use serde_json::json;
+use tokio::net::TcpStream;
+use tokio::sync::mpsc;
+use tokio::time::Instant;
+use tokio_tungstenite::tungstenite::Message;
+use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
+
+use crate::code::InviteCode;
+use crate::error::ClientError;
+use crate::handshake::{Guest, Host, PairingError, Step};
+use crate::output::{Output, error_event};
+use crate::session::{Plain, ReceiveError, Session};
+
+/// How long to wait for the relay to accept the connection.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+/// Once a joiner is there, each handshake answer must come within this.
+const HANDSHAKE_STEP_TIMEOUT: Duration = Duration::from_secs(30);
+
+pub struct Options {
+    pub relay_url: String,
+    pub state_dir: PathBuf,
+    pub name: String,
+    pub json: bool,
+    /// Exit once this many chat messages have been received (and ours are delivered).
+    pub exit_after: Option<u64>,
+    /// Give up (exit code 6) if not done by then.
+    pub timeout: Option<Duration>,
+}
+
+pub enum Command {
+    Host,
+    Join(InviteCode),
+    Resume(Option<String>),
+    Sessions,
+}
+
+pub async fn run(command: Command, opts: Options) -> Result<(), ClientError> {
+    let mut output = Output::new(opts.json);
+    let deadline = opts.timeout.map(|t| Instant::now() + t);
+    let result = within(
+        deadline,
+        opts.timeout,
+        run_command(command, &opts, &mut output),
+    )
+    .await;
+    if let Err(e) = &result {
+        output.emit(error_event(e.code(), &e.to_string()));
+    }
+    result
+}
+
+async fn run_command(
+    command: Command,
+    opts: &Options,
+    output: &mut Output,
+) -> Result<(), ClientError> {
+    match command {
+        Command::Sessions => list_sessions(opts, output),
+        Command::Host | Command::Join(_) => {
+            let (store, mut state) = open_state(opts, false)?;
+            let mut relay = RelayLink::connect(&opts.relay_url).await?;
+            let session = match &command {
+                Command::Join(code) => pair_guest(&mut relay, code, opts).await?,
+                _ => pair_host(&mut relay, opts, output).await?,
+            };
+            chat(
+                relay,
+                session,
+                Paired::Fresh,
+                &store,
+                &mut state,
+                opts,
+                output,
+            )
+            .await
+        }
+        Command::Resume(sid) => {
+            let (store, mut state) = open_state(opts, true)?;
+            let session = Session::from_record(pick_session(&state, sid.as_deref())?)?;
+            let mut relay = RelayLink::connect(session.relay_url()).await?;
+            let peer_online = reattach(&mut relay, &session).await?;
+            chat(
+                relay,
+                session,
+                Paired::Resumed { peer_online },
+                &store,
+                &mut state,
+                opts,
+                output,
+            )
+            .await
+        }
+    }
+}
+
+/// Runs `work`, failing with `Timeout` at the deadline.
+async fn within<T>(
+    deadline: Option<Instant>,
+    timeout: Option<Duration>,
+    work: impl Future<Output = Result<T, ClientError>>,
+) -> Result<T, ClientError> {
+    match deadline {
+        Some(at) => tokio::time::timeout_at(at, work)
+            .await
+            .unwrap_or_else(|_| Err(ClientError::Timeout(timeout.map_or(0, |t| t.as_secs())))),
+        None => work.await,
+    }
+}
+
+fn now_secs() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+}
+
+// ---------------------------------------------------------------------------------------------
+// State
+
+fn open_state(opts: &Options, must_exist: bool) -> Result<(Store, StateFile), ClientError> {
+    let store = Store::open(&opts.state_dir, &opts.name)?;
+    let state = match store.load()? {
+        Some(state) => state,
+        None if must_exist => {
+            return Err(parley_state::StateError::Missing {
+                name: opts.name.clone(),
+                dir: opts.state_dir.clone(),
+            }
+            .into());
+        }
+        None => StateFile::new(&opts.name),
+    };
+    Ok((store, state))
+}
+
+fn persist(store: &Store, state: &mut StateFile, session: &Session) -> Result<(), ClientError> {
+    state.upsert(session.record());
+    store.save(state)?;
+    Ok(())
+}
+
+/// The stored session named by `sid` (a unique prefix is enough), or the only one.
+fn pick_session<'a>(
+    state: &'a StateFile,
+    sid: Option<&str>,
+) -> Result<&'a parley_state::SessionRecord, ClientError> {
+    let matching: Vec<_> = state
+        .sessions
+        .iter()
+        .filter(|s| sid.is_none_or(|p| s.sid.starts_with(p)))
+        .collect();
+    match (matching.as_slice(), sid) {
+        ([one], _) => Ok(one),
+        ([], Some(sid)) => Err(ClientError::Usage(format!("no stored session starts with `{sid}`; see `parley sessions`"))),
+        ([], None) => Err(ClientError::Usage("no stored sessions; pair first with `host` or `join`".into())),
+        (_, _) => Err(ClientError::Usage(
+            "several stored sessions match; name one with `parley resume SID` (see `parley sessions`)".into(),
+        )),
+    }
+}
+
+fn list_sessions(opts: &Options, output: &mut Output) -> Result<(), ClientError> {
+    let state = parley_state::read_snapshot(&opts.state_dir, &opts.name)?;
+    if state.sessions.is_empty() && !output.is_json() {
+        output.emit(error_event("no_sessions", "no stored sessions"));
+    }
+    for s in &state.sessions {
+        output.emit(json!({
+            "event": "session",
+            "sid": s.sid,
+            "peer": s.peer_name,
+            "role": s.role.to_string(),
+            "relay": s.relay_url,
+            "created": format_time(s.created),
+            "last_used": format_time(s.last_used),
+            "safety_number": s.safety_number,
+        }));
+    }
+    Ok(())
+}
+
+fn format_time(unix: u64) -> String {
+    chrono::DateTime::from_timestamp(i64::try_from(unix).unwrap_or(0), 0)
+        .map(|t| t.to_rfc3339_opts(chrono::SecondsFormat::Secs, true))
+        .unwrap_or_default()
+}
+
+// ---------------------------------------------------------------------------------------------
+// The relay connection
+
+struct RelayLink {
+    ws: WebSocketStream<MaybeTlsStream<TcpStream>>,
+}
+
+impl RelayLink {
+    async fn connect(url: &str) -> Result<RelayLink, ClientError> {
+        let unreachable = |reason: String| ClientError::RelayUnreachable {
+            url: url.to_string(),
+            reason,
+        };
+        match tokio::time::timeout(CONNECT_TIMEOUT, tokio_tungstenite::connect_async(url)).await {
+            Ok(Ok((ws, _))) => Ok(RelayLink { ws }),
+            Ok(Err(e)) => Err(unreachable(e.to_string())),
+            Err(_) => Err(unreachable(format!(
+                "no answer within {} s",
+                CONNECT_TIMEOUT.as_secs()
+            ))),
+        }
+    }
+
+    async fn send(&mut self, frame: String) -> Result<(), ClientError> {
+        self.ws
+            .send(Message::Text(frame.into()))
+            .await
+            .map_err(|e| ClientError::ConnectionLost(e.to_string()))
+    }
+
+    /// The next text frame. The relay's `PING`s are answered here and not returned.
+    async fn recv(&mut self) -> Result<String, ClientError> {
+        loop {
+            match self.ws.next().await {
+                Some(Ok(Message::Text(text))) => {
+                    if text.as_str() == r#"{"t":"PING"}"# {
+                        self.send(encode::<()>(FrameType::Pong, None, None)).await?;
+                        continue;
+                    }
+                    return Ok(text.to_string());
+                }
+                Some(Ok(Message::Close(frame))) => {
+                    let why = frame
+                        .map(|f| f.reason.to_string())
+                        .unwrap_or_else(|| "closed".into());
+                    return Err(ClientError::ConnectionLost(format!(
+                        "the relay closed the connection ({why})"
+                    )));
+                }
+                Some(Ok(_)) => {}
+                Some(Err(e)) => return Err(ClientError::ConnectionLost(e.to_string())),
+                None => {
+                    return Err(ClientError::ConnectionLost(
+                        "the relay closed the connection".into(),
+                    ));
+                }
+            }
+        }
+    }
+
+    async fn close(mut self) {
+        let _ = tokio::time::timeout(Duration::from_secs(2), self.ws.close(None)).await;
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Pairing
+
+async fn pair_host(
+    relay: &mut RelayLink,
+    opts: &Options,
+    output: &mut Output,
+) -> Result<Session, ClientError> {
+    let (mut host, steps) = Host::start(&opts.relay_url)?;
+    let mut pending = steps;
+    loop {
+        for step in pending.drain(..) {
+            match step {
+                Step::Send(frame) => relay.send(frame).await?,
+                Step::Invite(code) => {
+                    let expires_in = parley_protocol::limits::INVITE_TTL.as_secs();
+                    output.emit(
+                        json!({"event": "invite", "code": code.reveal(), "expires_in": expires_in}),
+                    );
+                }
+                Step::Paired(session) => return Ok(*session),
+            }
+        }
+        let frame = if host.waiting_for_joiner() {
+            relay.recv().await?
+        } else {
+            step_timeout(relay.recv()).await?
+        };
+        match host.handle(&frame) {
+            Ok(steps) => pending = steps,
+            Err(e) => return Err(fail_pairing(relay, host.take_farewell(), e).await),
+        }
+    }
+}
+
+async fn pair_guest(
+    relay: &mut RelayLink,
+    code: &InviteCode,
+    opts: &Options,
+) -> Result<Session, ClientError> {
+    let (mut guest, steps) = Guest::start(code, &opts.relay_url)?;
+    let mut pending = steps;
+    loop {
+        for step in pending.drain(..) {
+            match step {
+                Step::Send(frame) => relay.send(frame).await?,
+                Step::Paired(session) => return Ok(*session),
+                Step::Invite(_) => {}
+            }
+        }
+        let frame = step_timeout(relay.recv()).await?;
+        match guest.handle(&frame) {
+            Ok(steps) => pending = steps,
+            Err(e) => return Err(fail_pairing(relay, guest.take_farewell(), e).await),
+        }
+    }
+}
+
+async fn step_timeout(
+    recv: impl Future<Output = Result<String, ClientError>>,
+) -> Result<String, ClientError> {
+    tokio::time::timeout(HANDSHAKE_STEP_TIMEOUT, recv)
+        .await
+        .unwrap_or(Err(ClientError::Pairing(PairingError::Protocol(
+            "the other side stopped answering during pairing",
+        ))))
+}
+
+/// Tells the other side (if there is a farewell frame) and returns the error to report.
+async fn fail_pairing(
+    relay: &mut RelayLink,
+    farewell: Option<String>,
+    error: PairingError,
+) -> ClientError {
+    if let Some(frame) = farewell {
+        let _ = relay.send(frame).await;
+    }
+    ClientError::Pairing(error)
+}
+
+/// `REATTACH`; returns whether the peer is online.
+async fn reattach(relay: &mut RelayLink, session: &Session) -> Result<bool, ClientError> {
+    let data = json!({"resumeToken": session.resume_token().expose()});
+    relay
+        .send(encode(
+            FrameType::Reattach,
+            Some(session.sid()),
+            Some(&data),
+        ))
+        .await?;
+    loop {
+        let frame = step_timeout(relay.recv()).await?;
+        let env = Envelope::parse(&frame)
+            .map_err(|_| ClientError::Internal("the relay sent an unreadable frame".into()))?;
+        match env.kind {
+            FrameType::PeerOnline => return Ok(true),
+            FrameType::PeerOffline => return Ok(false),
+            FrameType::Error => {
+                let (code, message) = error_fields(&env);
+                return Err(ClientError::ResumeRefused { code, message });
+            }
+            _ => {}
+        }
+    }
+}
+
+fn error_fields(env: &Envelope<'_>) -> (String, String) {
+    #[derive(Deserialize, Default)]
+    struct ErrorData {
+        code: Option<String>,
+        message: Option<String>,
+    }
+    let data: ErrorData = env.data().unwrap_or_default();
+    (
+        data.code.unwrap_or_else(|| "unknown".into()),
+        data.message.unwrap_or_default(),
+    )
+}
+
+// ---------------------------------------------------------------------------------------------
+// Chatting
+
+enum Paired {
+    Fresh,
+    Resumed { peer_online: bool },
+}
+
+/// Lines from stdin, read on a thread of their own (blocking reads, or the line editor on a
+/// terminal). The channel closes at end of input.
+fn spawn_input(output: &mut Output) -> mpsc::Receiver<String> {
+    let (tx, rx) = mpsc::channel(64);
+    let interactive =
+        !output.is_json() && std::io::stdin().is_terminal() && std::io::stdout().is_terminal();
+    let editor = if interactive {
+        rustyline::DefaultEditor::new().ok()
+    } else {
+        None
+    };
+    match editor {
+        Some(mut editor) => {
+            if let Ok(printer) = editor.create_external_printer() {
+                output.set_printer(Box::new(printer));
+            }
+            std::thread::spawn(move || {
+                // Ctrl-D or Ctrl-C end the input, like end of file.
+                while let Ok(line) = editor.readline("> ") {
+                    if tx.blocking_send(line).is_err() {
+                        break;
+                    }
+                }
+            });
+        }
+        None => {
+            std::thread::spawn(move || {
+                for line in std::io::stdin().lines() {
+                    let Ok(line) = line else { break };
+                    if tx.blocking_send(line).is_err() {
+                        break;
+                    }
+                }
+            });
+        }
+    }
+    rx
+}
+
+/// A message of ours the relay has not yet accepted.
+struct Unacked {
+    seq: u64,
+    frame: String,
+}
+
+async fn chat(
+    mut relay: RelayLink,
+    mut session: Session,
+    how: Paired,
+    store: &Store,
+    state: &mut StateFile,
+    opts: &Options,
+    output: &mut Output,
+) -> Result<(), ClientError> {
+    session.touch(now_secs());
+    persist(store, state, &session)?;
+    let mut peer_online = true;
+    // The host announces itself first; its "paired" is shown when the guest's hello arrives.
+    let mut announced = false;
+    let mut hello_seq = None;
+    match how {
+        Paired::Fresh => {
+            let (seq, frame) = seal(
+                &mut session,
+                &Plain::Hello {
+                    name: opts.name.clone(),
+                },
+            )?;
+            hello_seq = Some(seq);
+            persist(store, state, &session)?;
+            relay.send(frame).await?;
+            if session.peer_name().is_some() {
+                output.emit(paired_event(&session));
+                announced = true;
+            }
+        }
+        Paired::Resumed {
+            peer_online: online,
+        } => {
+            peer_online = online;
+            announced = true;
+            output.emit(json!({
+                "event": "resumed",
+                "sid": session.sid(),
+                "peer": session.peer_name(),
+                "peer_online": online,
+                "safety_number": session.safety_number(),
+            }));
+        }
+    }
+
+    let mut input = spawn_input(output);
+    let mut input_open = true;
+    let mut in_flight: VecDeque<Unacked> = VecDeque::new();
+    let mut held: VecDeque<Unacked> = VecDeque::new();
+    let mut received: u64 = 0;
+
+    loop {
+        // Done when everything typed has been read and delivered, and (with --exit-after) the
+        // expected number of messages has arrived.
+        let want_exit = !input_open && opts.exit_after.is_none_or(|n| received >= n);
+        if want_exit && in_flight.is_empty() && held.is_empty() {
+            relay.close().await;
+            return Ok(());
+        }
+        tokio::select! {
+            line = input.recv(), if input_open => match line {
+                Some(text) => {
+                    let (seq, frame) = seal(&mut session, &Plain::Text { text })?;
+                    // Saved before sending: a sequence number is never used twice.
+                    persist(store, state, &session)?;
+                    if peer_online {
+                        relay.send(frame.clone()).await?;
+                        in_flight.push_back(Unacked { seq, frame });
+                    } else {
+                        held.push_back(Unacked { seq, frame });
+                    }
+                }
+                None => input_open = false,
+            },
+            frame = relay.recv() => {
+                let frame = frame?;
+                let Ok(env) = Envelope::parse(&frame) else { continue };
+                match env.kind {
+                    FrameType::Msg => {
+                        if let Some(text) = receive(&mut session, &env, store, state, output, &mut announced)? {
+                            received += 1;
+                            output.emit(message_event(&session, text.0, &text.1));
+                        }
+                    }
+                    FrameType::Delivered => {
+                        if let Some(seq) = msg_seq(&env) {
+                            in_flight.retain(|m| m.seq != seq);
+                            if hello_seq != Some(seq) {
+                                output.emit(json!({"event": "sent", "sid": session.sid(), "seq": seq}));
+                            }
+                        }
+                    }
+                    FrameType::PeerOnline => {
+                        peer_online = true;
+                        output.emit(json!({"event": "peer_online", "sid": session.sid(), "peer": session.peer_name()}));
+                        while let Some(m) = held.pop_front() {
+                            relay.send(m.frame.clone()).await?;
+                            in_flight.push_back(m);
+                        }
+                    }
+                    FrameType::PeerOffline => {
+                        peer_online = false;
+                        output.emit(json!({"event": "peer_offline", "sid": session.sid(), "peer": session.peer_name()}));
+                    }
+                    FrameType::Error => {
+                        let (code, message) = error_fields(&env);
+                        // A message the relay could not hand over is held for the peer's return.
+                        match msg_seq(&env) {
+                            Some(seq) if code == "peer_offline" || code == "not_paired" => {
+                                if let Some(pos) = in_flight.iter().position(|m| m.seq == seq)
+                                    && let Some(m) = in_flight.remove(pos)
+                                {
+                                    held.push_back(m);
+                                }
+                                peer_online = false;
+                            }
+                            _ => output.emit(error_event(&code, &message)),
+                        }
+                    }
+                    _ => {}
+                }
+            }
+        }
+    }
+}
+
+fn seal(session: &mut Session, plain: &Plain) -> Result<(u64, String), ClientError> {
+    session
+        .seal(plain)
+        .map_err(|e| ClientError::Internal(e.to_string()))
+}
+
+/// Handles a received `MSG`; returns `(seq, text)` for a chat line to show.
+fn receive(
+    session: &mut Session,
+    env: &Envelope<'_>,
+    store: &Store,
+    state: &mut StateFile,
+    output: &mut Output,
+    announced: &mut bool,
+) -> Result<Option<(u64, String)>, ClientError> {
+    // Late handshake notices (a duplicate confirmation) carry a `kind`; they are not chat.
+    #[derive(Deserialize)]
+    struct Kind {
+        kind: Option<String>,
+    }
+    if env.data::<Kind>().ok().and_then(|k| k.kind).is_some() {
+        return Ok(None);
+    }
+    match session.open(env) {
+        Ok(incoming) => {
+            session.touch(now_secs());
+            let shown = match incoming.plain {
+                Plain::Hello { name } => {
+                    session.set_peer_name(name);
+                    None
+                }
+                Plain::Text { text } => Some((incoming.seq, text)),
+            };
+            // Recorded before it is shown: a crash never shows a message twice.
+            persist(store, state, session)?;
+            if !*announced && session.peer_name().is_some() {
+                output.emit(paired_event(session));
+                *announced = true;
+            }
+            Ok(shown)
+        }
+        Err(e) => {
+            let code = match e {
+                ReceiveError::Replayed { .. } => "replayed_message",
+                ReceiveError::Crypto(_) => "rejected_message",
+                ReceiveError::Malformed | ReceiveError::Content => "malformed_message",
+            };
+            output.emit(error_event(
+                code,
+                &format!("a message was rejected and not shown: {e}"),
+            ));
+            Ok(None)
+        }
+    }
+}
+
+fn msg_seq(env: &Envelope<'_>) -> Option<u64> {
+    #[derive(Deserialize)]
+    struct Id {
+        #[serde(rename = "msgID")]
+        msg_id: Option<u64>,
+    }
+    env.data::<Id>().ok().and_then(|d| d.msg_id)
+}
+
+fn paired_event(session: &Session) -> serde_json::Value {
+    json!({
+        "event": "paired",
+        "sid": session.sid(),
+        "role": session.role().to_string(),
+        "peer": session.peer_name(),
+        "safety_number": session.safety_number(),
+    })
+}
+
+fn message_event(session: &Session, seq: u64, text: &str) -> serde_json::Value {
+    let now = chrono::Local::now();
+    json!({
+        "event": "message",
+        "sid": session.sid(),
+        "seq": seq,
+        "from": session.peer_name().unwrap_or("peer"),
+        "text": text,
+        "time": now.to_utc().to_rfc3339_opts(chrono::SecondsFormat::Millis, true),
+        "local_time": now.format("%H:%M:%S").to_string(),
+    })
+}

@@ -1,0 +1,73 @@
+//! The client's errors, each with the exit code a script can act on.
+
+use std::process::ExitCode;
+
+use parley_state::StateError;
+
+use crate::handshake::PairingError;
+use crate::session::DamagedRecord;
+
+/// Exit codes (documented in README.md and `--help`).
+pub mod exit {
+    pub const OK: u8 = 0;
+    pub const INTERNAL: u8 = 1;
+    /// clap's own code for bad arguments.
+    pub const USAGE: u8 = 2;
+    pub const RELAY_UNREACHABLE: u8 = 3;
+    pub const PAIRING_FAILED: u8 = 4;
+    pub const STATE: u8 = 5;
+    pub const TIMEOUT: u8 = 6;
+    pub const RESUME_REFUSED: u8 = 7;
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ClientError {
+    #[error("cannot reach the relay at {url}: {reason}")]
+    RelayUnreachable { url: String, reason: String },
+    #[error("lost the connection to the relay: {0}")]
+    ConnectionLost(String),
+    #[error(transparent)]
+    Pairing(#[from] PairingError),
+    #[error(transparent)]
+    State(#[from] StateError),
+    #[error(transparent)]
+    Damaged(#[from] DamagedRecord),
+    #[error("{0}")]
+    Usage(String),
+    #[error("timed out after {0} s (--timeout)")]
+    Timeout(u64),
+    #[error("the relay refused to resume this session: {message} ({code})")]
+    ResumeRefused { code: String, message: String },
+    #[error("{0}")]
+    Internal(String),
+}
+
+impl ClientError {
+    /// A stable machine-readable code for the `error` event.
+    pub fn code(&self) -> &'static str {
+        match self {
+            ClientError::RelayUnreachable { .. } => "relay_unreachable",
+            ClientError::ConnectionLost(_) => "connection_lost",
+            ClientError::Pairing(_) => "pairing_failed",
+            ClientError::State(_) | ClientError::Damaged(_) => "state",
+            ClientError::Usage(_) => "usage",
+            ClientError::Timeout(_) => "timeout",
+            ClientError::ResumeRefused { .. } => "resume_refused",
+            ClientError::Internal(_) => "internal",
+        }
+    }
+
+    pub fn exit_code(&self) -> ExitCode {
+        ExitCode::from(match self {
+            ClientError::RelayUnreachable { .. } | ClientError::ConnectionLost(_) => {
+                exit::RELAY_UNREACHABLE
+            }
+            ClientError::Pairing(_) => exit::PAIRING_FAILED,
+            ClientError::State(_) | ClientError::Damaged(_) => exit::STATE,
+            ClientError::Usage(_) => exit::USAGE,
+            ClientError::Timeout(_) => exit::TIMEOUT,
+            ClientError::ResumeRefused { .. } => exit::RESUME_REFUSED,
+            ClientError::Internal(_) => exit::INTERNAL,
+        })
+    }
+}

@@ -1,0 +1,883 @@
+//! The pairing handshake as two sans-IO state machines, [`Host`] and [`Guest`]: each is fed
+//! the relay's frames (text) and answers with [`Step`]s (frames to send, the code to show, the
+//! paired session). No sockets, no clock: the driver adds timeouts.
+//!
+//! ```text
+//! host                               relay                              guest
+//! CREATE_SESSION            ──▶
+//!                           ◀──  SESSION_CREATED {sid, resumeToken}
+//! INVITE_CREATE {v,dh,pake} ──▶  (stored)
+//!                           ◀──  INVITE_CODE {code}           code-secret read out ──▶
+//!                                                        ◀──  JOIN {code, v, dh, pake}
+//!                           ◀──  JOIN_REQUEST {v,dh,pake,clientID}
+//!                                JOINED {v,dh,pake,resumeToken} ──▶
+//! JOIN_ACCEPT {clientID, confirm: host} ──▶  JOINED {confirm} ──▶  checks host confirm
+//!                           ◀──  MSG {kind: confirm, payload: guest confirm}
+//! checks guest confirm: paired
+//! MSG seq 1 Hello{name}     ──▶                              ──▶  decrypts: paired
+//! ```
+//! A failed check on either side sends `MSG {kind: abort}` so the other side stops waiting.
+
+use parley_protocol::{Envelope, FrameType, encode};
+use parley_state::{Role, Secret};
+use serde::Deserialize;
+use serde_json::json;
+use spake2::{Ed25519Group, Identity, Password, Spake2};
+
+use crate::code::InviteCode;
+use crate::dh::{DhError, DhKeyPair};
+use crate::keys::{self, SessionKeys, Transcript};
+use crate::session::{NewSession, Plain, Session};
+
+pub const SPAKE2_ID_HOST: &[u8] = b"parley/v1/host";
+pub const SPAKE2_ID_GUEST: &[u8] = b"parley/v1/guest";
+/// `data.kind` of the guest's key confirmation and of an abort notice (both sent as `MSG`).
+pub const KIND_CONFIRM: &str = "confirm";
+pub const KIND_ABORT: &str = "abort";
+/// `data.reason` of the host's `JOIN_DENY` when its side of the handshake failed.
+pub const DENY_HANDSHAKE_FAILED: &str = "handshake_failed";
+
+/// What the driver must do next.
+pub enum Step {
+    /// Send this frame to the relay.
+    Send(String),
+    /// Host only: show this invite code to the person.
+    Invite(InviteCode),
+    /// Pairing is complete and confirmed both ways.
+    Paired(Box<Session>),
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum PairingError {
+    #[error("the relay refused: {message} ({code})")]
+    Relay { code: String, message: String },
+    #[error(
+        "pairing failed: key confirmation did not match. Either the code was mistyped, or the relay altered the handshake. Nothing was stored; start again with a new code"
+    )]
+    ConfirmationFailed,
+    #[error(
+        "pairing failed: the other side could not confirm the keys (wrong code, or the relay altered the handshake). Nothing was stored; start again with a new code"
+    )]
+    PeerAborted,
+    #[error(
+        "pairing failed: the other side's public key is invalid ({0}); the relay may have altered it"
+    )]
+    InvalidPeerKey(DhError),
+    #[error("pairing failed: the host refused this join")]
+    Denied,
+    #[error("pairing failed: the other side left before pairing completed")]
+    PeerLeft,
+    #[error("pairing failed: the other side speaks protocol version {0}, this client speaks {v}", v = keys::PROTOCOL_VERSION)]
+    Incompatible(String),
+    #[error("pairing failed: unexpected or malformed handshake frame ({0})")]
+    Protocol(&'static str),
+}
+
+/// The handshake fields one side publishes.
+#[derive(Deserialize)]
+struct Offer {
+    v: Option<u32>,
+    dh: Option<String>,
+    pake: Option<String>,
+}
+
+impl Offer {
+    /// Checks the version and decodes the DH public key and SPAKE2 message.
+    fn decode(self) -> Result<(Vec<u8>, Vec<u8>), PairingError> {
+        match self.v {
+            Some(keys::PROTOCOL_VERSION) => {}
+            Some(other) => return Err(PairingError::Incompatible(other.to_string())),
+            None => {
+                return Err(PairingError::Incompatible(
+                    "none (not a parley client)".into(),
+                ));
+            }
+        }
+        let dh = self
+            .dh
+            .and_then(|h| hex::decode(h).ok())
+            .ok_or(PairingError::Protocol("dh"))?;
+        let pake = self
+            .pake
+            .and_then(|h| hex::decode(h).ok())
+            .ok_or(PairingError::Protocol("pake"))?;
+        Ok((dh, pake))
+    }
+}
+
+fn offer_data(dh: &DhKeyPair, pake_msg: &[u8]) -> serde_json::Map<String, serde_json::Value> {
+    let mut data = serde_json::Map::new();
+    data.insert("v".into(), json!(keys::PROTOCOL_VERSION));
+    data.insert("dh".into(), json!(hex::encode(dh.public())));
+    data.insert("pake".into(), json!(hex::encode(pake_msg)));
+    data
+}
+
+fn parse_sid(sid: Option<&str>) -> Result<(String, [u8; 16]), PairingError> {
+    let sid = sid.ok_or(PairingError::Protocol("sid"))?;
+    let mut bytes = [0u8; 16];
+    hex::decode_to_slice(sid, &mut bytes).map_err(|_| PairingError::Protocol("sid"))?;
+    Ok((sid.to_string(), bytes))
+}
+
+fn abort_frame(sid: &str) -> String {
+    encode(
+        FrameType::Msg,
+        Some(sid),
+        Some(&json!({"msgID": KIND_ABORT, "kind": KIND_ABORT, "payload": ""})),
+    )
+}
+
+/// `ERROR` during pairing is fatal; `PING`s are for the driver; the rest is checked by state.
+fn relay_error(env: &Envelope<'_>) -> PairingError {
+    #[derive(Deserialize, Default)]
+    struct ErrorData {
+        code: Option<String>,
+        message: Option<String>,
+    }
+    let data: ErrorData = env.data().unwrap_or_default();
+    PairingError::Relay {
+        code: data.code.unwrap_or_else(|| "unknown".into()),
+        message: data.message.unwrap_or_else(|| "no reason given".into()),
+    }
+}
+
+/// What both sides do with a frame before their state machine sees it: ignore the relay's
+/// chatter, fail on a refusal, pass the rest on.
+fn triage(text: &str) -> Result<Option<Envelope<'_>>, PairingError> {
+    let env = Envelope::parse(text).map_err(|_| PairingError::Protocol("unparsable frame"))?;
+    match env.kind {
+        FrameType::Ping | FrameType::Pong | FrameType::Delivered | FrameType::PeerOnline => {
+            Ok(None)
+        }
+        FrameType::Error => Err(relay_error(&env)),
+        FrameType::JoinDenied => {
+            #[derive(Deserialize)]
+            struct Denied {
+                reason: Option<String>,
+            }
+            let reason = env.data::<Denied>().ok().and_then(|d| d.reason);
+            Err(match reason.as_deref() {
+                Some(DENY_HANDSHAKE_FAILED) => PairingError::PeerAborted,
+                _ => PairingError::Denied,
+            })
+        }
+        _ => Ok(Some(env)),
+    }
+}
+
+/// `data.kind` of a `MSG`, if any.
+fn msg_kind(env: &Envelope<'_>) -> Option<String> {
+    #[derive(Deserialize)]
+    struct Kind {
+        kind: Option<String>,
+    }
+    env.data::<Kind>().ok().and_then(|k| k.kind)
+}
+
+/// Computes the session keys once both offers are known.
+fn agree(
+    own_dh: &DhKeyPair,
+    pake: Spake2<Ed25519Group>,
+    peer_dh: &[u8],
+    peer_pake: &[u8],
+    transcript: &Transcript<'_>,
+) -> Result<SessionKeys, PairingError> {
+    let dh_secret = own_dh
+        .shared_secret(peer_dh)
+        .map_err(PairingError::InvalidPeerKey)?;
+    // A malformed SPAKE2 message cannot lead to agreement; report it like a mismatch.
+    let pake_key = zeroize::Zeroizing::new(
+        pake.finish(peer_pake)
+            .map_err(|_| PairingError::ConfirmationFailed)?,
+    );
+    Ok(keys::derive(
+        dh_secret.as_ref(),
+        &pake_key,
+        &transcript.hash(),
+    ))
+}
+
+struct Common {
+    relay_url: String,
+    dh: DhKeyPair,
+    pake: Option<Spake2<Ed25519Group>>,
+    pake_msg: Vec<u8>,
+}
+
+fn now_secs() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+}
+
+// ---------------------------------------------------------------------------------------------
+
+enum HostState {
+    AwaitSession,
+    AwaitCode {
+        sid: String,
+        sid_bytes: [u8; 16],
+        token: Secret,
+    },
+    AwaitJoin {
+        sid: String,
+        sid_bytes: [u8; 16],
+        token: Secret,
+    },
+    AwaitConfirm {
+        session: Box<Session>,
+        guest_confirm: keys::Confirmation,
+    },
+    Done,
+}
+
+pub struct Host {
+    common: Common,
+    secret: InviteCode,
+    state: HostState,
+    farewell: Option<String>,
+}
+
+impl Host {
+    /// Starts pairing as host: draws the code's secret, the DH key and the SPAKE2 message.
+    pub fn start(relay_url: &str) -> Result<(Host, Vec<Step>), PairingError> {
+        // The secret is chosen before the relay code is known; the placeholder relay part is
+        // replaced when INVITE_CODE arrives.
+        let secret =
+            InviteCode::with_new_secret("000000").map_err(|_| PairingError::Protocol("code"))?;
+        let dh = DhKeyPair::generate().map_err(PairingError::InvalidPeerKey)?;
+        let (pake, pake_msg) = Spake2::<Ed25519Group>::start_a(
+            &Password::new(secret.secret().as_bytes()),
+            &Identity::new(SPAKE2_ID_HOST),
+            &Identity::new(SPAKE2_ID_GUEST),
+        );
+        let common = Common {
+            relay_url: relay_url.into(),
+            dh,
+            pake: Some(pake),
+            pake_msg,
+        };
+        let first = encode::<()>(FrameType::CreateSession, None, None);
+        Ok((
+            Host {
+                common,
+                secret,
+                state: HostState::AwaitSession,
+                farewell: None,
+            },
+            vec![Step::Send(first)],
+        ))
+    }
+
+    /// Whether the host is waiting for someone to join (no time limit but the code's), as
+    /// opposed to waiting for an answer that should come promptly.
+    pub fn waiting_for_joiner(&self) -> bool {
+        matches!(self.state, HostState::AwaitJoin { .. })
+    }
+
+    pub fn handle(&mut self, text: &str) -> Result<Vec<Step>, PairingError> {
+        let Some(env) = triage(text)? else {
+            return Ok(vec![]);
+        };
+        let state = std::mem::replace(&mut self.state, HostState::Done);
+        let (next, steps) = self.step(state, &env)?;
+        self.state = next;
+        Ok(steps)
+    }
+
+    fn step(
+        &mut self,
+        state: HostState,
+        env: &Envelope<'_>,
+    ) -> Result<(HostState, Vec<Step>), PairingError> {
+        match (state, env.kind) {
+            (HostState::AwaitSession, FrameType::SessionCreated) => {
+                let (sid, sid_bytes) = parse_sid(env.sid())?;
+                #[derive(Deserialize)]
+                struct Created {
+                    #[serde(rename = "resumeToken")]
+                    resume_token: Option<String>,
+                }
+                let created: Created = env
+                    .data()
+                    .map_err(|_| PairingError::Protocol("SESSION_CREATED"))?;
+                let token = Secret::new(
+                    created
+                        .resume_token
+                        .ok_or(PairingError::Protocol("resumeToken"))?,
+                );
+                let data = offer_data(&self.common.dh, &self.common.pake_msg);
+                let invite = encode(FrameType::InviteCreate, Some(&sid), Some(&data));
+                Ok((
+                    HostState::AwaitCode {
+                        sid,
+                        sid_bytes,
+                        token,
+                    },
+                    vec![Step::Send(invite)],
+                ))
+            }
+            (
+                HostState::AwaitCode {
+                    sid,
+                    sid_bytes,
+                    token,
+                },
+                FrameType::InviteCode,
+            ) => {
+                #[derive(Deserialize)]
+                struct Code {
+                    code: Option<String>,
+                }
+                let code: Code = env
+                    .data()
+                    .map_err(|_| PairingError::Protocol("INVITE_CODE"))?;
+                let relay_code = code.code.ok_or(PairingError::Protocol("code"))?;
+                let full = format!("{relay_code}-{}", self.secret.secret())
+                    .parse::<InviteCode>()
+                    .map_err(|_| PairingError::Protocol("relay code is not 6 digits"))?;
+                Ok((
+                    HostState::AwaitJoin {
+                        sid,
+                        sid_bytes,
+                        token,
+                    },
+                    vec![Step::Invite(full)],
+                ))
+            }
+            (
+                HostState::AwaitJoin {
+                    sid,
+                    sid_bytes,
+                    token,
+                },
+                FrameType::JoinRequest,
+            ) => {
+                #[derive(Deserialize)]
+                struct Request {
+                    #[serde(rename = "clientID")]
+                    client_id: Option<String>,
+                    #[serde(flatten)]
+                    offer: Offer,
+                }
+                let request: Request = env
+                    .data()
+                    .map_err(|_| PairingError::Protocol("JOIN_REQUEST"))?;
+                let client_id = request
+                    .client_id
+                    .ok_or(PairingError::Protocol("clientID"))?;
+                let deny = encode(
+                    FrameType::JoinDeny,
+                    Some(&sid),
+                    Some(&json!({"clientID": client_id, "reason": DENY_HANDSHAKE_FAILED})),
+                );
+                let pake = self
+                    .common
+                    .pake
+                    .take()
+                    .ok_or(PairingError::Protocol("second join"))?;
+                let agreed = request.offer.decode().and_then(|(guest_dh, guest_pake)| {
+                    let transcript = Transcript {
+                        sid: &sid_bytes,
+                        host_dh: self.common.dh.public(),
+                        guest_dh: &guest_dh,
+                        host_pake: &self.common.pake_msg,
+                        guest_pake: &guest_pake,
+                    };
+                    agree(&self.common.dh, pake, &guest_dh, &guest_pake, &transcript)
+                });
+                let keys = match agreed {
+                    Ok(keys) => keys,
+                    // Tell the joiner, so it does not wait; the pairing is over either way.
+                    Err(e) => return Err(self.fail_with(e, deny)),
+                };
+                let accept = encode(
+                    FrameType::JoinAccept,
+                    Some(&sid),
+                    Some(&json!({"clientID": client_id, "confirm": keys.host_confirm.to_hex()})),
+                );
+                let session = Session::new(NewSession {
+                    sid,
+                    sid_bytes,
+                    role: Role::Host,
+                    relay_url: self.common.relay_url.clone(),
+                    resume_token: token,
+                    send_key: keys.host_to_guest.clone(),
+                    recv_key: keys.guest_to_host.clone(),
+                    safety_number: keys.safety_number.clone(),
+                    now: now_secs(),
+                });
+                let guest_confirm = keys.guest_confirm.clone();
+                Ok((
+                    HostState::AwaitConfirm {
+                        session: Box::new(session),
+                        guest_confirm,
+                    },
+                    vec![Step::Send(accept)],
+                ))
+            }
+            (
+                HostState::AwaitConfirm {
+                    session,
+                    guest_confirm,
+                },
+                FrameType::Msg,
+            ) => {
+                #[derive(Deserialize)]
+                struct Confirm {
+                    kind: Option<String>,
+                    payload: Option<String>,
+                }
+                let msg: Confirm = env.data().map_err(|_| PairingError::Protocol("MSG"))?;
+                match msg.kind.as_deref() {
+                    Some(KIND_CONFIRM) => {}
+                    Some(KIND_ABORT) => return Err(PairingError::PeerAborted),
+                    _ => {
+                        return Err(PairingError::Protocol(
+                            "chat message before key confirmation",
+                        ));
+                    }
+                }
+                if !guest_confirm.matches_hex(msg.payload.as_deref().unwrap_or_default()) {
+                    return Err(self
+                        .fail_with(PairingError::ConfirmationFailed, abort_frame(session.sid())));
+                }
+                Ok((HostState::Done, vec![Step::Paired(session)]))
+            }
+            (
+                HostState::AwaitJoin { .. } | HostState::AwaitConfirm { .. },
+                FrameType::PeerOffline,
+            ) => Err(PairingError::PeerLeft),
+            _ => Err(PairingError::Protocol("frame out of order")),
+        }
+    }
+
+    /// After a failure: a last frame that tells the other side to stop waiting, if any.
+    pub fn take_farewell(&mut self) -> Option<String> {
+        self.farewell.take()
+    }
+
+    fn fail_with(&mut self, error: PairingError, farewell: String) -> PairingError {
+        self.state = HostState::Done;
+        self.farewell = Some(farewell);
+        error
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+
+enum GuestState {
+    AwaitJoined,
+    AwaitAccept {
+        session: Box<Session>,
+        host_confirm: keys::Confirmation,
+        guest_confirm: keys::Confirmation,
+    },
+    AwaitHello {
+        session: Box<Session>,
+    },
+    Done,
+}
+
+pub struct Guest {
+    common: Common,
+    state: GuestState,
+    farewell: Option<String>,
+}
+
+impl Guest {
+    /// Starts pairing as guest with the code the host read out.
+    pub fn start(code: &InviteCode, relay_url: &str) -> Result<(Guest, Vec<Step>), PairingError> {
+        let dh = DhKeyPair::generate().map_err(PairingError::InvalidPeerKey)?;
+        let (pake, pake_msg) = Spake2::<Ed25519Group>::start_b(
+            &Password::new(code.secret().as_bytes()),
+            &Identity::new(SPAKE2_ID_HOST),
+            &Identity::new(SPAKE2_ID_GUEST),
+        );
+        let mut data = offer_data(&dh, &pake_msg);
+        data.insert("code".into(), json!(code.relay_code()));
+        let join = encode(FrameType::Join, None, Some(&data));
+        let common = Common {
+            relay_url: relay_url.into(),
+            dh,
+            pake: Some(pake),
+            pake_msg,
+        };
+        Ok((
+            Guest {
+                common,
+                state: GuestState::AwaitJoined,
+                farewell: None,
+            },
+            vec![Step::Send(join)],
+        ))
+    }
+
+    pub fn handle(&mut self, text: &str) -> Result<Vec<Step>, PairingError> {
+        let Some(env) = triage(text)? else {
+            return Ok(vec![]);
+        };
+        let state = std::mem::replace(&mut self.state, GuestState::Done);
+        let (next, steps) = self.step(state, &env)?;
+        self.state = next;
+        Ok(steps)
+    }
+
+    fn step(
+        &mut self,
+        state: GuestState,
+        env: &Envelope<'_>,
+    ) -> Result<(GuestState, Vec<Step>), PairingError> {
+        match (state, env.kind) {
+            (GuestState::AwaitJoined, FrameType::Joined) => {
+                let (sid, sid_bytes) = parse_sid(env.sid())?;
+                #[derive(Deserialize)]
+                struct Joined {
+                    #[serde(rename = "resumeToken")]
+                    resume_token: Option<String>,
+                    #[serde(flatten)]
+                    offer: Offer,
+                }
+                let joined: Joined = env.data().map_err(|_| PairingError::Protocol("JOINED"))?;
+                let token = Secret::new(
+                    joined
+                        .resume_token
+                        .ok_or(PairingError::Protocol("resumeToken"))?,
+                );
+                let (host_dh, host_pake) = joined.offer.decode()?;
+                let pake = self
+                    .common
+                    .pake
+                    .take()
+                    .ok_or(PairingError::Protocol("second JOINED"))?;
+                let transcript = Transcript {
+                    sid: &sid_bytes,
+                    host_dh: &host_dh,
+                    guest_dh: self.common.dh.public(),
+                    host_pake: &host_pake,
+                    guest_pake: &self.common.pake_msg,
+                };
+                let keys = agree(&self.common.dh, pake, &host_dh, &host_pake, &transcript)
+                    .map_err(|e| self.fail_with(e, abort_frame(&sid)))?;
+                let session = Session::new(NewSession {
+                    sid,
+                    sid_bytes,
+                    role: Role::Guest,
+                    relay_url: self.common.relay_url.clone(),
+                    resume_token: token,
+                    send_key: keys.guest_to_host.clone(),
+                    recv_key: keys.host_to_guest.clone(),
+                    safety_number: keys.safety_number.clone(),
+                    now: now_secs(),
+                });
+                let state = GuestState::AwaitAccept {
+                    session: Box::new(session),
+                    host_confirm: keys.host_confirm.clone(),
+                    guest_confirm: keys.guest_confirm.clone(),
+                };
+                Ok((state, vec![]))
+            }
+            (
+                GuestState::AwaitAccept {
+                    session,
+                    host_confirm,
+                    guest_confirm,
+                },
+                FrameType::Joined,
+            ) => {
+                #[derive(Deserialize)]
+                struct Accepted {
+                    confirm: Option<String>,
+                }
+                let accepted: Accepted =
+                    env.data().map_err(|_| PairingError::Protocol("JOINED"))?;
+                if !host_confirm.matches_hex(accepted.confirm.as_deref().unwrap_or_default()) {
+                    return Err(self
+                        .fail_with(PairingError::ConfirmationFailed, abort_frame(session.sid())));
+                }
+                let data = json!({"msgID": KIND_CONFIRM, "kind": KIND_CONFIRM, "payload": guest_confirm.to_hex()});
+                let confirm = encode(FrameType::Msg, Some(session.sid()), Some(&data));
+                Ok((
+                    GuestState::AwaitHello { session },
+                    vec![Step::Send(confirm)],
+                ))
+            }
+            (GuestState::AwaitHello { mut session }, FrameType::Msg) => {
+                if msg_kind(env).as_deref() == Some(KIND_ABORT) {
+                    return Err(PairingError::PeerAborted);
+                }
+                let incoming = session
+                    .open(env)
+                    .map_err(|_| PairingError::ConfirmationFailed)?;
+                match incoming.plain {
+                    Plain::Hello { name } => session.set_peer_name(name),
+                    Plain::Text { .. } => return Err(PairingError::Protocol("text before hello")),
+                }
+                Ok((GuestState::Done, vec![Step::Paired(session)]))
+            }
+            (
+                GuestState::AwaitAccept { .. } | GuestState::AwaitHello { .. },
+                FrameType::PeerOffline,
+            ) => Err(PairingError::PeerLeft),
+            _ => Err(PairingError::Protocol("frame out of order")),
+        }
+    }
+
+    /// After a failure: a last frame that tells the other side to stop waiting, if any.
+    pub fn take_farewell(&mut self) -> Option<String> {
+        self.farewell.take()
+    }
+
+    fn fail_with(&mut self, error: PairingError, farewell: String) -> PairingError {
+        self.state = GuestState::Done;
+        self.farewell = Some(farewell);
+        error
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::Value;
+
+    const SID: &str = "00112233445566778899aabbccddeeff";
+
+    fn sends(steps: Vec<Step>) -> Vec<String> {
+        steps
+            .into_iter()
+            .filter_map(|s| if let Step::Send(f) = s { Some(f) } else { None })
+            .collect()
+    }
+
+    fn only_send(steps: Vec<Step>) -> Value {
+        let frames = sends(steps);
+        assert_eq!(frames.len(), 1);
+        serde_json::from_str(&frames[0]).unwrap()
+    }
+
+    fn frame(t: &str, data: Value) -> String {
+        json!({"t": t, "sid": SID, "data": data}).to_string()
+    }
+
+    /// Where a test relay may interfere with the handshake.
+    #[derive(Clone, Copy)]
+    enum Tamper {
+        None,
+        WrongSecret,
+        SwapGuestDh,
+        SwapHostDh,
+        AlterGuestPake,
+        AlterHostConfirm,
+    }
+
+    struct Outcome {
+        host: Result<Box<Session>, PairingError>,
+        guest: Result<Box<Session>, PairingError>,
+    }
+
+    fn paired(steps: Vec<Step>) -> Option<Box<Session>> {
+        steps.into_iter().find_map(|s| {
+            if let Step::Paired(session) = s {
+                Some(session)
+            } else {
+                None
+            }
+        })
+    }
+
+    /// Runs both sides against a scripted relay that behaves like parley-relay, except where
+    /// `tamper` says otherwise.
+    fn run(tamper: Tamper) -> Outcome {
+        let (mut host, steps) = Host::start("ws://relay").unwrap();
+        assert_eq!(only_send(steps)["t"], "CREATE_SESSION");
+        let invite = only_send(
+            host.handle(&frame("SESSION_CREATED", json!({"resumeToken": "aa"})))
+                .unwrap(),
+        );
+        assert_eq!(invite["t"], "INVITE_CREATE");
+        let stored = invite["data"].clone();
+        let steps = host
+            .handle(&frame(
+                "INVITE_CODE",
+                json!({"code": "123456", "expiresIn": 600}),
+            ))
+            .unwrap();
+        let Some(Step::Invite(code)) = steps.into_iter().next() else {
+            panic!("no invite")
+        };
+        assert_eq!(code.relay_code(), "123456");
+        let code = match tamper {
+            Tamper::WrongSecret => {
+                let wrong = if code.secret() == "000000" {
+                    "000001"
+                } else {
+                    "000000"
+                };
+                format!("123456-{wrong}").parse().unwrap()
+            }
+            _ => code,
+        };
+
+        let (mut guest, steps) = Guest::start(&code, "ws://relay").unwrap();
+        let join = only_send(steps);
+        assert_eq!(join["data"]["code"], "123456");
+        let mut request = join["data"].clone();
+        request.as_object_mut().unwrap().remove("code");
+        request["clientID"] = json!("c1");
+        let mut joined = stored.clone();
+        joined["resumeToken"] = json!("bb");
+        let other_dh = hex::encode(DhKeyPair::generate().unwrap().public());
+        match tamper {
+            Tamper::SwapGuestDh => request["dh"] = json!(other_dh),
+            Tamper::SwapHostDh => joined["dh"] = json!(other_dh),
+            Tamper::AlterGuestPake => {
+                let (_, other) = Spake2::<Ed25519Group>::start_b(
+                    &Password::new(b"999999"),
+                    &Identity::new(SPAKE2_ID_HOST),
+                    &Identity::new(SPAKE2_ID_GUEST),
+                );
+                request["pake"] = json!(hex::encode(other));
+            }
+            _ => {}
+        }
+
+        let host_result = host.handle(&frame("JOIN_REQUEST", request));
+        assert!(guest.handle(&frame("JOINED", joined)).unwrap().is_empty());
+        let mut accept = match host_result {
+            Ok(steps) => only_send(steps),
+            Err(e) => {
+                let farewell: Value = serde_json::from_str(&host.take_farewell().unwrap()).unwrap();
+                assert_eq!(farewell["t"], "JOIN_DENY");
+                let guest = guest
+                    .handle(&frame("JOIN_DENIED", json!({})))
+                    .map(|_| unreachable!());
+                return Outcome {
+                    host: Err(e),
+                    guest,
+                };
+            }
+        };
+        assert_eq!(accept["t"], "JOIN_ACCEPT");
+        if let Tamper::AlterHostConfirm = tamper {
+            accept["data"]["confirm"] = json!("00".repeat(32));
+        }
+        let mut second = accept["data"].clone();
+        second.as_object_mut().unwrap().remove("clientID");
+        let confirm = match guest.handle(&frame("JOINED", second)) {
+            Ok(steps) => sends(steps).remove(0),
+            Err(e) => {
+                let abort = guest.take_farewell().unwrap();
+                let host = host.handle(&abort).map(|_| unreachable!());
+                return Outcome {
+                    host,
+                    guest: Err(e),
+                };
+            }
+        };
+        let mut host_session = match host.handle(&confirm) {
+            Ok(steps) => paired(steps).unwrap(),
+            Err(e) => {
+                let abort = host.take_farewell().unwrap();
+                let guest = guest.handle(&abort).map(|_| unreachable!());
+                return Outcome {
+                    host: Err(e),
+                    guest,
+                };
+            }
+        };
+        let (_, hello) = host_session
+            .seal(&Plain::Hello {
+                name: "alice".into(),
+            })
+            .unwrap();
+        let guest_session = paired(guest.handle(&hello).unwrap()).unwrap();
+        Outcome {
+            host: Ok(host_session),
+            guest: Ok(guest_session),
+        }
+    }
+
+    #[test]
+    fn honest_relay_pairs_with_equal_keys() {
+        let Outcome { host, guest } = run(Tamper::None);
+        let (mut host, mut guest) = (host.unwrap(), guest.unwrap());
+        assert_eq!(host.safety_number(), guest.safety_number());
+        assert_eq!(guest.peer_name(), Some("alice"));
+        let (_, frame) = guest.seal(&Plain::Text { text: "hi".into() }).unwrap();
+        let got = host.open(&Envelope::parse(&frame).unwrap()).unwrap();
+        assert_eq!(got.plain, Plain::Text { text: "hi".into() });
+    }
+
+    #[test]
+    fn wrong_code_fails_on_both_sides() {
+        let Outcome { host, guest } = run(Tamper::WrongSecret);
+        assert_eq!(guest.err(), Some(PairingError::ConfirmationFailed));
+        assert_eq!(host.err(), Some(PairingError::PeerAborted));
+    }
+
+    #[test]
+    fn any_tampering_fails_on_both_sides() {
+        for tamper in [
+            Tamper::SwapGuestDh,
+            Tamper::SwapHostDh,
+            Tamper::AlterGuestPake,
+            Tamper::AlterHostConfirm,
+        ] {
+            let Outcome { host, guest } = run(tamper);
+            assert!(
+                host.is_err() && guest.is_err(),
+                "pairing survived tampering"
+            );
+        }
+    }
+
+    #[test]
+    fn invalid_dh_key_aborts_and_denies() {
+        let (mut host, _) = Host::start("ws://relay").unwrap();
+        host.handle(&frame("SESSION_CREATED", json!({"resumeToken": "aa"})))
+            .unwrap();
+        host.handle(&frame("INVITE_CODE", json!({"code": "123456"})))
+            .unwrap();
+        let (_, pake) = Spake2::<Ed25519Group>::start_b(
+            &Password::new(b"1"),
+            &Identity::new(SPAKE2_ID_HOST),
+            &Identity::new(SPAKE2_ID_GUEST),
+        );
+        let mut one = [0u8; 256];
+        one[255] = 1;
+        let request =
+            json!({"v": 1, "dh": hex::encode(one), "pake": hex::encode(pake), "clientID": "c"});
+        assert!(matches!(
+            host.handle(&frame("JOIN_REQUEST", request)),
+            Err(PairingError::InvalidPeerKey(_))
+        ));
+        assert!(host.take_farewell().unwrap().contains("JOIN_DENY"));
+    }
+
+    #[test]
+    fn relay_errors_and_version_mismatch_are_reported() {
+        let code: InviteCode = "123456-654321".parse().unwrap();
+        let (mut guest, _) = Guest::start(&code, "ws://relay").unwrap();
+        let err = guest
+            .handle(&frame(
+                "ERROR",
+                json!({"code": "invite_used", "message": "used"}),
+            ))
+            .err();
+        assert_eq!(
+            err,
+            Some(PairingError::Relay {
+                code: "invite_used".into(),
+                message: "used".into()
+            })
+        );
+        let (mut guest, _) = Guest::start(&code, "ws://relay").unwrap();
+        let joined = json!({"v": 2, "dh": "00", "pake": "00", "resumeToken": "t"});
+        assert!(matches!(
+            guest.handle(&frame("JOINED", joined)),
+            Err(PairingError::Incompatible(_))
+        ));
+    }
+}

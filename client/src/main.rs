@@ -1,0 +1,149 @@
+//! `parley`: pair by invite code, chat end-to-end encrypted, resume after restarts.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use clap::{Parser, Subcommand};
+use parley::code::InviteCode;
+use parley::driver::{self, Command, Options};
+use parley::error::ClientError;
+
+const AFTER_HELP: &str = "\
+Examples:
+  parley --name alice host                 # prints an invite code such as 042917-553108
+  parley --name bob join 042917-553108     # on the other machine
+  parley --name alice resume               # later: back into the same session, no new code
+  parley --name alice sessions
+
+Scripting: --json makes stdout one JSON object per line (events: invite, paired, resumed,
+message, sent, peer_online, peer_offline, error, session). Feed messages on stdin, one per line.
+The client exits 0 at end of input once everything typed has reached the relay, or, with
+--exit-after N, once N messages have been received and everything typed has reached the relay.
+
+Exit codes: 0 done; 1 internal error; 2 usage; 3 relay unreachable or connection lost;
+4 pairing failed (wrong code, tampering, code unknown/used/expired, join denied);
+5 state file problem (missing, corrupt, foreign, locked by another process);
+6 --timeout reached; 7 the relay refused to resume the session (unknown session or token).";
+
+/// Pair two terminals through a relay with a short invite code, then chat end-to-end
+/// encrypted; resume the same session after a restart without a new code.
+#[derive(Debug, Parser)]
+#[command(name = "parley", version, after_help = AFTER_HELP)]
+struct Cli {
+    /// Relay WebSocket URL (stored with the session; `resume` uses the stored one).
+    #[arg(
+        long,
+        global = true,
+        env = "PARLEY_RELAY",
+        default_value = "ws://127.0.0.1:9000"
+    )]
+    relay: String,
+
+    /// Where state-NAME.json lives (default: the per-user data directory, e.g. ~/.local/share/parley).
+    #[arg(long, global = true, env = "PARLEY_STATE_DIR")]
+    state_dir: Option<PathBuf>,
+
+    /// Your name: shown to your peer, and names your state file (letters, digits, '-', '_').
+    #[arg(long, global = true, env = "PARLEY_NAME")]
+    name: Option<String>,
+
+    /// Write events as NDJSON on stdout, for scripts.
+    #[arg(long, global = true)]
+    json: bool,
+
+    /// Exit 0 once N chat messages have been received and everything typed was delivered.
+    #[arg(long, global = true, value_name = "N")]
+    exit_after: Option<u64>,
+
+    /// Give up with exit code 6 after SECS seconds.
+    #[arg(long, global = true, value_name = "SECS")]
+    timeout: Option<u64>,
+
+    #[command(subcommand)]
+    command: Cmd,
+}
+
+#[derive(Debug, Subcommand)]
+enum Cmd {
+    /// Create a session, print its invite code, wait for the peer, pair, chat.
+    Host,
+    /// Pair using the invite code the host read out, then chat.
+    Join {
+        /// The whole code, e.g. 042917-553108.
+        code: InviteCode,
+    },
+    /// Re-attach to a stored session (no code, no new handshake), then chat.
+    Resume {
+        /// Session id or a unique prefix of it; optional when only one session is stored.
+        sid: Option<String>,
+    },
+    /// List stored sessions.
+    Sessions,
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("PARLEY_LOG")
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+
+    let result = options(&cli).and_then(|opts| {
+        let command = match cli.command {
+            Cmd::Host => Command::Host,
+            Cmd::Join { code } => Command::Join(code),
+            Cmd::Resume { sid } => Command::Resume(sid),
+            Cmd::Sessions => Command::Sessions,
+        };
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .enable_all()
+            .build()
+            .map_err(|e| ClientError::Internal(format!("cannot start the runtime: {e}")))?;
+        let json = opts.json;
+        let result = runtime.block_on(driver::run(command, opts));
+        // The stdin reader thread may be blocked in a read: do not wait for it.
+        runtime.shutdown_background();
+        if let (Err(e), false) = (&result, json) {
+            eprintln!("parley: {e}");
+        }
+        result
+    });
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => e.exit_code(),
+    }
+}
+
+fn options(cli: &Cli) -> Result<Options, ClientError> {
+    let usage = |e: ClientError| {
+        eprintln!("parley: {e}");
+        e
+    };
+    let name = cli.name.clone().ok_or_else(|| {
+        usage(ClientError::Usage(
+            "--name NAME is required (or set PARLEY_NAME)".into(),
+        ))
+    })?;
+    parley_state::validate_name(&name).map_err(|e| usage(ClientError::Usage(e.to_string())))?;
+    let state_dir = match &cli.state_dir {
+        Some(dir) => dir.clone(),
+        None => dirs::data_dir().map(|d| d.join("parley")).ok_or_else(|| {
+            usage(ClientError::Usage(
+                "no per-user data directory here; pass --state-dir DIR".into(),
+            ))
+        })?,
+    };
+    Ok(Options {
+        relay_url: cli.relay.clone(),
+        state_dir,
+        name,
+        json: cli.json,
+        exit_after: cli.exit_after,
+        timeout: cli.timeout.map(Duration::from_secs),
+    })
+}

@@ -1,0 +1,258 @@
+//! Harness for Parley's end-to-end tests: the real `parley-relay` and `parley` binaries as
+//! child processes, talking over real sockets on 127.0.0.1, driven through `--json`.
+//!
+//! Every wait is bounded (`STEP`), so a broken build fails a test instead of hanging it.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::indexing_slicing)]
+
+pub mod proxy;
+
+use std::io::{BufRead, BufReader, Write};
+use std::path::{Path, PathBuf};
+use std::process::{Child, ChildStdin, Command, ExitStatus, Stdio};
+use std::sync::OnceLock;
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+
+/// The longest any single expected event may take.
+pub const STEP: Duration = Duration::from_secs(20);
+
+/// The binaries under test, built once per test process (a no-op when `cargo test --workspace`
+/// already built them).
+pub struct Binaries {
+    pub relay: PathBuf,
+    pub client: PathBuf,
+}
+
+pub fn binaries() -> &'static Binaries {
+    static BINARIES: OnceLock<Binaries> = OnceLock::new();
+    BINARIES.get_or_init(|| {
+        // The test executable lives in target/<profile>/deps/.
+        let exe = std::env::current_exe().unwrap();
+        let profile_dir = exe.parent().and_then(Path::parent).unwrap().to_path_buf();
+        let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+        let mut build = Command::new(cargo);
+        build.args([
+            "build",
+            "--quiet",
+            "-p",
+            "parley",
+            "-p",
+            "parley-relay",
+            "--bins",
+        ]);
+        if profile_dir.file_name().is_some_and(|n| n == "release") {
+            build.arg("--release");
+        }
+        let status = build
+            .status()
+            .expect("cannot run cargo to build the binaries");
+        assert!(status.success(), "building parley and parley-relay failed");
+        Binaries {
+            relay: profile_dir.join("parley-relay"),
+            client: profile_dir.join("parley"),
+        }
+    })
+}
+
+/// A `parley-relay` process on a free port; killed when dropped.
+pub struct RelayProcess {
+    child: Child,
+    url: String,
+}
+
+impl RelayProcess {
+    pub fn start(extra_args: &[&str]) -> RelayProcess {
+        let mut child = Command::new(&binaries().relay)
+            .args(["--listen", "127.0.0.1:0"])
+            .args(extra_args)
+            .env("RUST_LOG", "warn")
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        let mut line = String::new();
+        BufReader::new(child.stdout.take().unwrap())
+            .read_line(&mut line)
+            .unwrap();
+        let url = line
+            .trim()
+            .strip_prefix("listening on ")
+            .expect("relay did not report its address")
+            .to_string();
+        RelayProcess { child, url }
+    }
+
+    pub fn url(&self) -> &str {
+        &self.url
+    }
+
+    /// The relay's address, `127.0.0.1:PORT`.
+    pub fn addr(&self) -> &str {
+        self.url.trim_start_matches("ws://")
+    }
+}
+
+impl Drop for RelayProcess {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// A fresh, private directory for state files, removed when dropped.
+pub struct TempDir(PathBuf);
+
+impl TempDir {
+    pub fn new(tag: &str) -> TempDir {
+        let nanos = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_nanos();
+        let dir =
+            std::env::temp_dir().join(format!("parley-e2e-{tag}-{}-{nanos}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        TempDir(dir)
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.0
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// A `parley` process in `--json` mode; its stdout events arrive on a channel.
+pub struct Client {
+    child: Child,
+    stdin: Option<ChildStdin>,
+    events: mpsc::Receiver<Value>,
+    /// Events read while looking for another one, in order.
+    pub seen: Vec<Value>,
+}
+
+impl Client {
+    /// `parley --json --relay URL --state-dir DIR --name NAME ARGS...`
+    pub fn spawn(relay_url: &str, state_dir: &Path, name: &str, args: &[&str]) -> Client {
+        let mut child = Command::new(&binaries().client)
+            .arg("--json")
+            .args(["--relay", relay_url, "--name", name])
+            .arg("--state-dir")
+            .arg(state_dir)
+            .args(args)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        let stdout = child.stdout.take().unwrap();
+        let (tx, events) = mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stdout).lines() {
+                let Ok(line) = line else { break };
+                let event: Value = serde_json::from_str(&line)
+                    .unwrap_or_else(|_| panic!("stdout line is not JSON: {line}"));
+                if tx.send(event).is_err() {
+                    break;
+                }
+            }
+        });
+        Client {
+            stdin: child.stdin.take(),
+            child,
+            events,
+            seen: Vec::new(),
+        }
+    }
+
+    pub fn send_line(&mut self, text: &str) {
+        let stdin = self.stdin.as_mut().expect("stdin already closed");
+        writeln!(stdin, "{text}").unwrap();
+        stdin.flush().unwrap();
+    }
+
+    /// End of input: the client finishes sending, then exits.
+    pub fn close_stdin(&mut self) {
+        self.stdin = None;
+    }
+
+    /// The next event named `name`; events before it are kept in `seen`.
+    pub fn expect(&mut self, name: &str) -> Value {
+        let deadline = Instant::now() + STEP;
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            let event = self.events.recv_timeout(left).unwrap_or_else(|_| {
+                panic!("no `{name}` event within {STEP:?}; saw {:?}", self.seen)
+            });
+            if event["event"] == name {
+                return event;
+            }
+            self.seen.push(event);
+        }
+    }
+
+    /// Waits for the process to exit; returns its status and every event not yet taken.
+    pub fn wait(mut self) -> (ExitStatus, Vec<Value>) {
+        self.stdin = None;
+        let deadline = Instant::now() + STEP;
+        let status = loop {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                break status;
+            }
+            if Instant::now() > deadline {
+                let _ = self.child.kill();
+                panic!("client did not exit within {STEP:?}; saw {:?}", self.seen);
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        };
+        let mut rest = std::mem::take(&mut self.seen);
+        // The reader thread ends at EOF; collect what it still holds.
+        while let Ok(event) = self.events.recv_timeout(Duration::from_millis(500)) {
+            rest.push(event);
+        }
+        (status, rest)
+    }
+
+    /// SIGKILL: no chance to clean up, like a crash or a power cut.
+    pub fn kill(mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    pub fn id(&self) -> u32 {
+        self.child.id()
+    }
+}
+
+impl Drop for Client {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// The texts of `message` events, in order.
+pub fn texts(events: &[Value]) -> Vec<String> {
+    events
+        .iter()
+        .filter(|e| e["event"] == "message")
+        .map(|e| e["text"].as_str().unwrap_or_default().to_string())
+        .collect()
+}
+
+/// Runs `parley` to completion with the given stdin; returns (exit code, events).
+pub fn run_client(
+    relay_url: &str,
+    state_dir: &Path,
+    name: &str,
+    args: &[&str],
+) -> (Option<i32>, Vec<Value>) {
+    let client = Client::spawn(relay_url, state_dir, name, args);
+    let (status, events) = client.wait();
+    (status.code(), events)
+}

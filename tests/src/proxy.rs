@@ -1,0 +1,95 @@
+//! A hostile relay for tests: a WebSocket proxy between clients and the real relay that can
+//! alter, drop or duplicate any frame. It is what a compromised relay could do.
+
+use std::sync::Arc;
+
+use futures_util::{SinkExt, StreamExt};
+use tokio::net::TcpListener;
+use tokio_tungstenite::tungstenite::Message;
+
+/// Which way a frame is going.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Toward {
+    Relay,
+    Client,
+}
+
+/// Decides what becomes of each text frame: the frames to pass on instead (empty to drop it).
+pub type Tamper = Arc<dyn Fn(Toward, &str) -> Vec<String> + Send + Sync>;
+
+pub struct Proxy {
+    url: String,
+}
+
+impl Proxy {
+    /// Starts the proxy on its own thread and runtime; it lives until the test process ends.
+    pub fn start(relay_url: &str, tamper: Tamper) -> Proxy {
+        let relay_url = relay_url.to_string();
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let runtime = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .unwrap();
+            runtime.block_on(async move {
+                let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+                tx.send(listener.local_addr().unwrap()).unwrap();
+                loop {
+                    let Ok((stream, _)) = listener.accept().await else {
+                        return;
+                    };
+                    let (relay_url, tamper) = (relay_url.clone(), tamper.clone());
+                    tokio::spawn(async move {
+                        let Ok(client) = tokio_tungstenite::accept_async(stream).await else {
+                            return;
+                        };
+                        let Ok((relay, _)) = tokio_tungstenite::connect_async(&relay_url).await
+                        else {
+                            return;
+                        };
+                        splice(client, relay, tamper).await;
+                    });
+                }
+            });
+        });
+        let addr = rx.recv().unwrap();
+        Proxy {
+            url: format!("ws://{addr}"),
+        }
+    }
+
+    pub fn url(&self) -> &str {
+        &self.url
+    }
+}
+
+async fn splice<C, R>(client: C, relay: R, tamper: Tamper)
+where
+    C: futures_util::Stream<Item = Result<Message, tokio_tungstenite::tungstenite::Error>>
+        + futures_util::Sink<Message>
+        + Unpin,
+    R: futures_util::Stream<Item = Result<Message, tokio_tungstenite::tungstenite::Error>>
+        + futures_util::Sink<Message>
+        + Unpin,
+{
+    let (mut client_tx, mut client_rx) = client.split();
+    let (mut relay_tx, mut relay_rx) = relay.split();
+    loop {
+        tokio::select! {
+            msg = client_rx.next() => {
+                let Some(Ok(Message::Text(text))) = msg else { break };
+                for frame in tamper(Toward::Relay, text.as_str()) {
+                    if relay_tx.send(Message::Text(frame.into())).await.is_err() { return; }
+                }
+            }
+            msg = relay_rx.next() => {
+                let Some(Ok(Message::Text(text))) = msg else { break };
+                for frame in tamper(Toward::Client, text.as_str()) {
+                    if client_tx.send(Message::Text(frame.into())).await.is_err() { return; }
+                }
+            }
+        }
+    }
+    let _ = client_tx.close().await;
+    let _ = relay_tx.close().await;
+}
