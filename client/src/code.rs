@@ -41,6 +41,17 @@ impl InviteCode {
         })
     }
 
+    /// The same secret with the relay's code (the host draws its secret before it has one).
+    pub fn with_relay_code(&self, relay_code: &str) -> Result<InviteCode, BadInviteCode> {
+        if !is_digits(relay_code, RELAY_CODE_DIGITS) {
+            return Err(BadInviteCode);
+        }
+        Ok(InviteCode {
+            relay_code: relay_code.to_string(),
+            secret: self.secret.clone(),
+        })
+    }
+
     /// The part sent to the relay in `JOIN`.
     pub fn relay_code(&self) -> &str {
         &self.relay_code

@@ -1,7 +1,7 @@
 //! The async driver: moves frames between the relay socket, the sans-IO handshake and session,
 //! stdin and stdout. All protocol decisions are made in `handshake` and `session`.
 
-use std::collections::VecDeque;
+use std::collections::BTreeMap;
 use std::io::IsTerminal;
 use std::path::PathBuf;
 use std::time::Duration;
@@ -19,13 +19,13 @@ use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
 
 use crate::code::InviteCode;
 use crate::error::ClientError;
-use crate::handshake::{Guest, Host, PairingError, Step};
+use crate::handshake::{Guest, Host, Pairing, PairingError, Step};
 use crate::output::{Output, error_event};
-use crate::session::{Plain, ReceiveError, Session};
+use crate::session::{Plain, ReceiveError, SendError, Session};
 
 /// How long to wait for the relay to accept the connection.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
-/// Once a joiner is there, each handshake answer must come within this.
+/// Each stage of the handshake (once a joiner is there) must complete within this.
 const HANDSHAKE_STEP_TIMEOUT: Duration = Duration::from_secs(30);
 
 pub struct Options {
@@ -72,7 +72,7 @@ async fn run_command(
             let (store, mut state) = open_state(opts, false)?;
             let mut relay = RelayLink::connect(&opts.relay_url).await?;
             let session = match &command {
-                Command::Join(code) => pair_guest(&mut relay, code, opts).await?,
+                Command::Join(code) => pair_guest(&mut relay, code, opts, output).await?,
                 _ => pair_host(&mut relay, opts, output).await?,
             };
             chat(
@@ -270,14 +270,40 @@ async fn pair_host(
     opts: &Options,
     output: &mut Output,
 ) -> Result<Session, ClientError> {
-    let (mut host, steps) = Host::start(&opts.relay_url)?;
-    let mut pending = steps;
+    let (host, steps) = Host::start(&opts.relay_url, &opts.name)?;
+    pair(relay, host, steps, output).await
+}
+
+async fn pair_guest(
+    relay: &mut RelayLink,
+    code: &InviteCode,
+    opts: &Options,
+    output: &mut Output,
+) -> Result<Session, ClientError> {
+    let (guest, steps) = Guest::start(code, &opts.relay_url, &opts.name)?;
+    pair(relay, guest, steps, output).await
+}
+
+/// Runs either side of the handshake to completion. Each stage gets `HANDSHAKE_STEP_TIMEOUT`
+/// (frames that do not move it on, such as PINGs, do not extend it); waiting for a joiner
+/// lasts as long as the invite code.
+async fn pair(
+    relay: &mut RelayLink,
+    mut machine: impl Pairing,
+    first: Vec<Step>,
+    output: &mut Output,
+) -> Result<Session, ClientError> {
+    let mut steps = first;
+    let mut stage = machine.stage();
+    let mut deadline = Instant::now() + HANDSHAKE_STEP_TIMEOUT;
+    let mut invite_deadline = None;
     loop {
-        for step in pending.drain(..) {
+        for step in steps.drain(..) {
             match step {
                 Step::Send(frame) => relay.send(frame).await?,
-                Step::Invite(code) => {
-                    let expires_in = parley_protocol::limits::INVITE_TTL.as_secs();
+                Step::Invite { code, expires_in } => {
+                    // A little grace: the relay's clock and ours started a moment apart.
+                    invite_deadline = Some(Instant::now() + Duration::from_secs(expires_in + 2));
                     output.emit(
                         json!({"event": "invite", "code": code.reveal(), "expires_in": expires_in}),
                     );
@@ -285,49 +311,27 @@ async fn pair_host(
                 Step::Paired(session) => return Ok(*session),
             }
         }
-        let frame = if host.waiting_for_joiner() {
-            relay.recv().await?
-        } else {
-            step_timeout(relay.recv()).await?
+        let (wait_until, on_timeout) =
+            match invite_deadline.filter(|_| machine.waiting_for_joiner()) {
+                Some(at) => (at, PairingError::InviteExpired),
+                None => (
+                    deadline,
+                    PairingError::Protocol("the other side stopped answering during pairing"),
+                ),
+            };
+        let frame = match tokio::time::timeout_at(wait_until, relay.recv()).await {
+            Ok(frame) => frame?,
+            Err(_) => return Err(fail_pairing(relay, machine.take_farewell(), on_timeout).await),
         };
-        match host.handle(&frame) {
-            Ok(steps) => pending = steps,
-            Err(e) => return Err(fail_pairing(relay, host.take_farewell(), e).await),
+        match machine.handle(&frame) {
+            Ok(next) => steps = next,
+            Err(e) => return Err(fail_pairing(relay, machine.take_farewell(), e).await),
+        }
+        if machine.stage() != stage {
+            stage = machine.stage();
+            deadline = Instant::now() + HANDSHAKE_STEP_TIMEOUT;
         }
     }
-}
-
-async fn pair_guest(
-    relay: &mut RelayLink,
-    code: &InviteCode,
-    opts: &Options,
-) -> Result<Session, ClientError> {
-    let (mut guest, steps) = Guest::start(code, &opts.relay_url)?;
-    let mut pending = steps;
-    loop {
-        for step in pending.drain(..) {
-            match step {
-                Step::Send(frame) => relay.send(frame).await?,
-                Step::Paired(session) => return Ok(*session),
-                Step::Invite(_) => {}
-            }
-        }
-        let frame = step_timeout(relay.recv()).await?;
-        match guest.handle(&frame) {
-            Ok(steps) => pending = steps,
-            Err(e) => return Err(fail_pairing(relay, guest.take_farewell(), e).await),
-        }
-    }
-}
-
-async fn step_timeout(
-    recv: impl Future<Output = Result<String, ClientError>>,
-) -> Result<String, ClientError> {
-    tokio::time::timeout(HANDSHAKE_STEP_TIMEOUT, recv)
-        .await
-        .unwrap_or(Err(ClientError::Pairing(PairingError::Protocol(
-            "the other side stopped answering during pairing",
-        ))))
 }
 
 /// Tells the other side (if there is a farewell frame) and returns the error to report.
@@ -344,7 +348,14 @@ async fn fail_pairing(
 
 /// `REATTACH`; returns whether the peer is online.
 async fn reattach(relay: &mut RelayLink, session: &Session) -> Result<bool, ClientError> {
-    let data = json!({"resumeToken": session.resume_token().expose()});
+    #[derive(serde::Serialize)]
+    struct Reattach<'a> {
+        #[serde(rename = "resumeToken")]
+        resume_token: &'a str,
+    }
+    let data = Reattach {
+        resume_token: session.resume_token().expose(),
+    };
     relay
         .send(encode(
             FrameType::Reattach,
@@ -352,8 +363,13 @@ async fn reattach(relay: &mut RelayLink, session: &Session) -> Result<bool, Clie
             Some(&data),
         ))
         .await?;
+    let deadline = Instant::now() + HANDSHAKE_STEP_TIMEOUT;
     loop {
-        let frame = step_timeout(relay.recv()).await?;
+        let frame = tokio::time::timeout_at(deadline, relay.recv())
+            .await
+            .map_err(|_| {
+                ClientError::ConnectionLost("the relay did not answer REATTACH".into())
+            })??;
         let env = Envelope::parse(&frame)
             .map_err(|_| ClientError::Internal("the relay sent an unreadable frame".into()))?;
         match env.kind {
@@ -428,10 +444,45 @@ fn spawn_input(output: &mut Output) -> mpsc::Receiver<String> {
     rx
 }
 
-/// A message of ours the relay has not yet accepted.
-struct Unacked {
-    seq: u64,
+/// A message of ours the relay has not yet accepted: sent and awaiting `DELIVERED`, or held
+/// because the peer is offline.
+struct Pending {
     frame: String,
+    sent: bool,
+}
+
+/// Our messages not yet accepted by the relay, by sequence number: always (re)sent in order.
+#[derive(Default)]
+struct Outbox(BTreeMap<u64, Pending>);
+
+impl Outbox {
+    fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+
+    fn held(&self) -> usize {
+        self.0.values().filter(|p| !p.sent).count()
+    }
+
+    /// The relay could not hand `seq` over (peer offline): it and everything sent after it
+    /// wait for the peer, since the relay refuses those for the same reason.
+    fn hold_from(&mut self, seq: u64) {
+        for pending in self.0.range_mut(seq..).map(|(_, p)| p) {
+            pending.sent = false;
+        }
+    }
+
+    /// Frames to (re)send now, in sequence order.
+    fn release(&mut self) -> Vec<String> {
+        self.0
+            .values_mut()
+            .filter(|p| !p.sent)
+            .map(|p| {
+                p.sent = true;
+                p.frame.clone()
+            })
+            .collect()
+    }
 }
 
 async fn chat(
@@ -445,67 +496,61 @@ async fn chat(
 ) -> Result<(), ClientError> {
     session.touch(now_secs());
     persist(store, state, &session)?;
-    let mut peer_online = true;
-    // The host announces itself first; its "paired" is shown when the guest's hello arrives.
-    let mut announced = false;
-    let mut hello_seq = None;
-    match how {
+    let mut peer_online = match how {
         Paired::Fresh => {
-            let (seq, frame) = seal(
-                &mut session,
-                &Plain::Hello {
-                    name: opts.name.clone(),
-                },
-            )?;
-            hello_seq = Some(seq);
-            persist(store, state, &session)?;
-            relay.send(frame).await?;
-            if session.peer_name().is_some() {
-                output.emit(paired_event(&session));
-                announced = true;
-            }
+            output.emit(paired_event(&session));
+            true
         }
-        Paired::Resumed {
-            peer_online: online,
-        } => {
-            peer_online = online;
-            announced = true;
+        Paired::Resumed { peer_online } => {
             output.emit(json!({
                 "event": "resumed",
                 "sid": session.sid(),
                 "peer": session.peer_name(),
-                "peer_online": online,
+                "peer_online": peer_online,
                 "safety_number": session.safety_number(),
             }));
+            peer_online
         }
-    }
+    };
 
     let mut input = spawn_input(output);
     let mut input_open = true;
-    let mut in_flight: VecDeque<Unacked> = VecDeque::new();
-    let mut held: VecDeque<Unacked> = VecDeque::new();
+    let mut outbox = Outbox::default();
     let mut received: u64 = 0;
+    let mut told_waiting = false;
 
     loop {
-        // Done when everything typed has been read and delivered, and (with --exit-after) the
-        // expected number of messages has arrived.
+        // Done when everything typed has been read and taken by the relay, and (with
+        // --exit-after) the expected number of messages has arrived.
         let want_exit = !input_open && opts.exit_after.is_none_or(|n| received >= n);
-        if want_exit && in_flight.is_empty() && held.is_empty() {
+        if want_exit && outbox.is_empty() {
             relay.close().await;
             return Ok(());
+        }
+        if !input_open && !peer_online && outbox.held() > 0 && !told_waiting {
+            told_waiting = true;
+            let held = outbox.held();
+            output.emit(json!({"event": "waiting", "sid": session.sid(), "undelivered": held,
+                "message": format!("waiting for {} to come back to deliver {held} message(s); Ctrl-C gives up on them",
+                    session.peer_name().unwrap_or("your peer"))}));
         }
         tokio::select! {
             line = input.recv(), if input_open => match line {
                 Some(text) => {
-                    let (seq, frame) = seal(&mut session, &Plain::Text { text })?;
+                    let (seq, frame) = match session.seal(&Plain::Text { text }) {
+                        Ok(sealed) => sealed,
+                        Err(SendError::TooLong { max }) => {
+                            output.emit(error_event("message_too_long", &SendError::TooLong { max }.to_string()));
+                            continue;
+                        }
+                        Err(e) => return Err(ClientError::Internal(e.to_string())),
+                    };
                     // Saved before sending: a sequence number is never used twice.
                     persist(store, state, &session)?;
                     if peer_online {
                         relay.send(frame.clone()).await?;
-                        in_flight.push_back(Unacked { seq, frame });
-                    } else {
-                        held.push_back(Unacked { seq, frame });
                     }
+                    outbox.0.insert(seq, Pending { frame, sent: peer_online });
                 }
                 None => input_open = false,
             },
@@ -514,25 +559,24 @@ async fn chat(
                 let Ok(env) = Envelope::parse(&frame) else { continue };
                 match env.kind {
                     FrameType::Msg => {
-                        if let Some(text) = receive(&mut session, &env, store, state, output, &mut announced)? {
+                        if let Some((seq, text)) = receive(&mut session, &env, store, state, output)? {
                             received += 1;
-                            output.emit(message_event(&session, text.0, &text.1));
+                            output.emit(message_event(&session, seq, &text));
                         }
                     }
                     FrameType::Delivered => {
-                        if let Some(seq) = msg_seq(&env) {
-                            in_flight.retain(|m| m.seq != seq);
-                            if hello_seq != Some(seq) {
-                                output.emit(json!({"event": "sent", "sid": session.sid(), "seq": seq}));
-                            }
+                        if let Some(seq) = msg_seq(&env)
+                            && outbox.0.remove(&seq).is_some()
+                        {
+                            output.emit(json!({"event": "sent", "sid": session.sid(), "seq": seq}));
                         }
                     }
                     FrameType::PeerOnline => {
                         peer_online = true;
+                        told_waiting = false;
                         output.emit(json!({"event": "peer_online", "sid": session.sid(), "peer": session.peer_name()}));
-                        while let Some(m) = held.pop_front() {
-                            relay.send(m.frame.clone()).await?;
-                            in_flight.push_back(m);
+                        for frame in outbox.release() {
+                            relay.send(frame).await?;
                         }
                     }
                     FrameType::PeerOffline => {
@@ -541,17 +585,21 @@ async fn chat(
                     }
                     FrameType::Error => {
                         let (code, message) = error_fields(&env);
-                        // A message the relay could not hand over is held for the peer's return.
-                        match msg_seq(&env) {
-                            Some(seq) if code == "peer_offline" || code == "not_paired" => {
-                                if let Some(pos) = in_flight.iter().position(|m| m.seq == seq)
-                                    && let Some(m) = in_flight.remove(pos)
-                                {
-                                    held.push_back(m);
-                                }
+                        match (msg_seq(&env), code.as_str()) {
+                            (Some(seq), "peer_offline" | "not_paired") => {
                                 peer_online = false;
+                                outbox.hold_from(seq);
                             }
-                            _ => output.emit(error_event(&code, &message)),
+                            // Refused for good (it will not get better by resending): say so.
+                            (Some(seq), _) => {
+                                outbox.0.remove(&seq);
+                                output.emit(error_event("refused_message",
+                                    &format!("message {seq} was refused by the relay: {message} ({code})")));
+                            }
+                            (None, "replaced") => return Err(ClientError::SessionTakenOver),
+                            (None, "not_member") => return Err(ClientError::ConnectionLost(
+                                "the relay no longer counts this client in the session".into())),
+                            (None, _) => output.emit(error_event(&code, &message)),
                         }
                     }
                     _ => {}
@@ -561,12 +609,6 @@ async fn chat(
     }
 }
 
-fn seal(session: &mut Session, plain: &Plain) -> Result<(u64, String), ClientError> {
-    session
-        .seal(plain)
-        .map_err(|e| ClientError::Internal(e.to_string()))
-}
-
 /// Handles a received `MSG`; returns `(seq, text)` for a chat line to show.
 fn receive(
     session: &mut Session,
@@ -574,9 +616,8 @@ fn receive(
     store: &Store,
     state: &mut StateFile,
     output: &mut Output,
-    announced: &mut bool,
 ) -> Result<Option<(u64, String)>, ClientError> {
-    // Late handshake notices (a duplicate confirmation) carry a `kind`; they are not chat.
+    // Late handshake notices (a repeated confirmation) carry a `kind`; they are not chat.
     #[derive(Deserialize)]
     struct Kind {
         kind: Option<String>,
@@ -596,10 +637,6 @@ fn receive(
             };
             // Recorded before it is shown: a crash never shows a message twice.
             persist(store, state, session)?;
-            if !*announced && session.peer_name().is_some() {
-                output.emit(paired_event(session));
-                *announced = true;
-            }
             Ok(shown)
         }
         Err(e) => {

@@ -38,6 +38,8 @@ pub enum ClientError {
     Timeout(u64),
     #[error("the relay refused to resume this session: {message} ({code})")]
     ResumeRefused { code: String, message: String },
+    #[error("another device resumed this session with its token; this one stopped")]
+    SessionTakenOver,
     #[error("{0}")]
     Internal(String),
 }
@@ -53,6 +55,7 @@ impl ClientError {
             ClientError::Usage(_) => "usage",
             ClientError::Timeout(_) => "timeout",
             ClientError::ResumeRefused { .. } => "resume_refused",
+            ClientError::SessionTakenOver => "session_taken_over",
             ClientError::Internal(_) => "internal",
         }
     }
@@ -66,7 +69,9 @@ impl ClientError {
             ClientError::State(_) | ClientError::Damaged(_) => exit::STATE,
             ClientError::Usage(_) => exit::USAGE,
             ClientError::Timeout(_) => exit::TIMEOUT,
-            ClientError::ResumeRefused { .. } => exit::RESUME_REFUSED,
+            ClientError::ResumeRefused { .. } | ClientError::SessionTakenOver => {
+                exit::RESUME_REFUSED
+            }
             ClientError::Internal(_) => exit::INTERNAL,
         })
     }

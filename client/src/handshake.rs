@@ -41,8 +41,8 @@ pub const DENY_HANDSHAKE_FAILED: &str = "handshake_failed";
 pub enum Step {
     /// Send this frame to the relay.
     Send(String),
-    /// Host only: show this invite code to the person.
-    Invite(InviteCode),
+    /// Host only: show this invite code to the person; it expires in `expires_in` seconds.
+    Invite { code: InviteCode, expires_in: u64 },
     /// Pairing is complete and confirmed both ways.
     Paired(Box<Session>),
 }
@@ -65,12 +65,57 @@ pub enum PairingError {
     InvalidPeerKey(DhError),
     #[error("pairing failed: the host refused this join")]
     Denied,
+    #[error(
+        "pairing failed: the invite code expired before anyone joined; run `host` again for a new one"
+    )]
+    InviteExpired,
     #[error("pairing failed: the other side left before pairing completed")]
     PeerLeft,
     #[error("pairing failed: the other side speaks protocol version {0}, this client speaks {v}", v = keys::PROTOCOL_VERSION)]
     Incompatible(String),
     #[error("pairing failed: unexpected or malformed handshake frame ({0})")]
     Protocol(&'static str),
+}
+
+/// What the driver needs from either side of the handshake.
+pub trait Pairing {
+    /// Feeds one frame from the relay; returns what to do next.
+    fn handle(&mut self, text: &str) -> Result<Vec<Step>, PairingError>;
+    /// After a failure: a last frame that tells the other side to stop waiting, if any.
+    fn take_farewell(&mut self) -> Option<String>;
+    /// Where the handshake is; the driver gives each stage its own deadline.
+    fn stage(&self) -> &'static str;
+    /// Waiting for someone to join: bounded by the code's lifetime, not by a step deadline.
+    fn waiting_for_joiner(&self) -> bool {
+        false
+    }
+}
+
+impl Pairing for Host {
+    fn handle(&mut self, text: &str) -> Result<Vec<Step>, PairingError> {
+        Host::handle(self, text)
+    }
+    fn take_farewell(&mut self) -> Option<String> {
+        Host::take_farewell(self)
+    }
+    fn stage(&self) -> &'static str {
+        Host::stage(self)
+    }
+    fn waiting_for_joiner(&self) -> bool {
+        Host::waiting_for_joiner(self)
+    }
+}
+
+impl Pairing for Guest {
+    fn handle(&mut self, text: &str) -> Result<Vec<Step>, PairingError> {
+        Guest::handle(self, text)
+    }
+    fn take_farewell(&mut self) -> Option<String> {
+        Guest::take_farewell(self)
+    }
+    fn stage(&self) -> &'static str {
+        Guest::stage(self)
+    }
 }
 
 /// The handshake fields one side publishes.
@@ -230,11 +275,28 @@ enum HostState {
         session: Box<Session>,
         guest_confirm: keys::Confirmation,
     },
+    /// The host has sent its Hello; the guest's Hello proves the guest accepted the host's.
+    AwaitHello {
+        session: Box<Session>,
+    },
     Done,
+}
+
+impl HostState {
+    fn sid(&self) -> Option<&str> {
+        match self {
+            HostState::AwaitCode { sid, .. } | HostState::AwaitJoin { sid, .. } => Some(sid),
+            HostState::AwaitConfirm { session, .. } | HostState::AwaitHello { session } => {
+                Some(session.sid())
+            }
+            HostState::AwaitSession | HostState::Done => None,
+        }
+    }
 }
 
 pub struct Host {
     common: Common,
+    name: String,
     secret: InviteCode,
     state: HostState,
     farewell: Option<String>,
@@ -242,7 +304,7 @@ pub struct Host {
 
 impl Host {
     /// Starts pairing as host: draws the code's secret, the DH key and the SPAKE2 message.
-    pub fn start(relay_url: &str) -> Result<(Host, Vec<Step>), PairingError> {
+    pub fn start(relay_url: &str, name: &str) -> Result<(Host, Vec<Step>), PairingError> {
         // The secret is chosen before the relay code is known; the placeholder relay part is
         // replaced when INVITE_CODE arrives.
         let secret =
@@ -263,6 +325,7 @@ impl Host {
         Ok((
             Host {
                 common,
+                name: name.to_string(),
                 secret,
                 state: HostState::AwaitSession,
                 farewell: None,
@@ -281,10 +344,27 @@ impl Host {
         let Some(env) = triage(text)? else {
             return Ok(vec![]);
         };
+        let sid = self.state.sid().map(str::to_string);
         let state = std::mem::replace(&mut self.state, HostState::Done);
-        let (next, steps) = self.step(state, &env)?;
-        self.state = next;
-        Ok(steps)
+        match self.step(state, &env) {
+            Ok((next, steps)) => {
+                self.state = next;
+                Ok(steps)
+            }
+            Err(e) => Err(self.failed(e, sid)),
+        }
+    }
+
+    /// Where the handshake is, for the driver's per-step deadline.
+    pub fn stage(&self) -> &'static str {
+        match self.state {
+            HostState::AwaitSession => "session",
+            HostState::AwaitCode { .. } => "code",
+            HostState::AwaitJoin { .. } => "join",
+            HostState::AwaitConfirm { .. } => "confirm",
+            HostState::AwaitHello { .. } => "hello",
+            HostState::Done => "done",
+        }
     }
 
     fn step(
@@ -330,21 +410,30 @@ impl Host {
                 #[derive(Deserialize)]
                 struct Code {
                     code: Option<String>,
+                    #[serde(rename = "expiresIn")]
+                    expires_in: Option<u64>,
                 }
                 let code: Code = env
                     .data()
                     .map_err(|_| PairingError::Protocol("INVITE_CODE"))?;
                 let relay_code = code.code.ok_or(PairingError::Protocol("code"))?;
-                let full = format!("{relay_code}-{}", self.secret.secret())
-                    .parse::<InviteCode>()
+                let full = self
+                    .secret
+                    .with_relay_code(&relay_code)
                     .map_err(|_| PairingError::Protocol("relay code is not 6 digits"))?;
+                let expires_in = code
+                    .expires_in
+                    .unwrap_or(parley_protocol::limits::INVITE_TTL.as_secs());
                 Ok((
                     HostState::AwaitJoin {
                         sid,
                         sid_bytes,
                         token,
                     },
-                    vec![Step::Invite(full)],
+                    vec![Step::Invite {
+                        code: full,
+                        expires_in,
+                    }],
                 ))
             }
             (
@@ -441,13 +530,22 @@ impl Host {
                     }
                 }
                 if !guest_confirm.matches_hex(msg.payload.as_deref().unwrap_or_default()) {
-                    return Err(self
-                        .fail_with(PairingError::ConfirmationFailed, abort_frame(session.sid())));
+                    return Err(PairingError::ConfirmationFailed);
                 }
+                // Confirmed: the first message says who we are. Nothing is stored until the
+                // guest's own Hello shows it accepted ours.
+                let mut session = session;
+                let hello = seal_hello(&mut session, &self.name)?;
+                Ok((HostState::AwaitHello { session }, vec![Step::Send(hello)]))
+            }
+            (HostState::AwaitHello { mut session }, FrameType::Msg) => {
+                open_hello(&mut session, env)?;
                 Ok((HostState::Done, vec![Step::Paired(session)]))
             }
             (
-                HostState::AwaitJoin { .. } | HostState::AwaitConfirm { .. },
+                HostState::AwaitJoin { .. }
+                | HostState::AwaitConfirm { .. }
+                | HostState::AwaitHello { .. },
                 FrameType::PeerOffline,
             ) => Err(PairingError::PeerLeft),
             _ => Err(PairingError::Protocol("frame out of order")),
@@ -462,6 +560,18 @@ impl Host {
     fn fail_with(&mut self, error: PairingError, farewell: String) -> PairingError {
         self.state = HostState::Done;
         self.farewell = Some(farewell);
+        error
+    }
+
+    /// Any failure once the session exists tells the other side (unless a more specific
+    /// farewell, such as `JOIN_DENY`, was already chosen).
+    fn failed(&mut self, error: PairingError, sid: Option<String>) -> PairingError {
+        self.state = HostState::Done;
+        if self.farewell.is_none()
+            && let Some(sid) = sid
+        {
+            self.farewell = Some(abort_frame(&sid));
+        }
         error
     }
 }
@@ -481,15 +591,31 @@ enum GuestState {
     Done,
 }
 
+impl GuestState {
+    fn sid(&self) -> Option<&str> {
+        match self {
+            GuestState::AwaitAccept { session, .. } | GuestState::AwaitHello { session } => {
+                Some(session.sid())
+            }
+            GuestState::AwaitJoined | GuestState::Done => None,
+        }
+    }
+}
+
 pub struct Guest {
     common: Common,
+    name: String,
     state: GuestState,
     farewell: Option<String>,
 }
 
 impl Guest {
     /// Starts pairing as guest with the code the host read out.
-    pub fn start(code: &InviteCode, relay_url: &str) -> Result<(Guest, Vec<Step>), PairingError> {
+    pub fn start(
+        code: &InviteCode,
+        relay_url: &str,
+        name: &str,
+    ) -> Result<(Guest, Vec<Step>), PairingError> {
         let dh = DhKeyPair::generate().map_err(PairingError::InvalidPeerKey)?;
         let (pake, pake_msg) = Spake2::<Ed25519Group>::start_b(
             &Password::new(code.secret().as_bytes()),
@@ -505,24 +631,46 @@ impl Guest {
             pake: Some(pake),
             pake_msg,
         };
-        Ok((
-            Guest {
-                common,
-                state: GuestState::AwaitJoined,
-                farewell: None,
-            },
-            vec![Step::Send(join)],
-        ))
+        let guest = Guest {
+            common,
+            name: name.to_string(),
+            state: GuestState::AwaitJoined,
+            farewell: None,
+        };
+        Ok((guest, vec![Step::Send(join)]))
     }
 
     pub fn handle(&mut self, text: &str) -> Result<Vec<Step>, PairingError> {
         let Some(env) = triage(text)? else {
             return Ok(vec![]);
         };
+        // Once the relay has named the session, any failure is told to the host.
+        let sid = self
+            .state
+            .sid()
+            .or(env.sid().filter(|_| env.kind == FrameType::Joined))
+            .map(str::to_string);
         let state = std::mem::replace(&mut self.state, GuestState::Done);
-        let (next, steps) = self.step(state, &env)?;
-        self.state = next;
-        Ok(steps)
+        match self.step(state, &env) {
+            Ok((next, steps)) => {
+                self.state = next;
+                Ok(steps)
+            }
+            Err(e) => {
+                self.farewell = sid.map(|sid| abort_frame(&sid));
+                Err(e)
+            }
+        }
+    }
+
+    /// Where the handshake is, for the driver's per-step deadline.
+    pub fn stage(&self) -> &'static str {
+        match self.state {
+            GuestState::AwaitJoined => "joined",
+            GuestState::AwaitAccept { .. } => "accept",
+            GuestState::AwaitHello { .. } => "hello",
+            GuestState::Done => "done",
+        }
     }
 
     fn step(
@@ -559,8 +707,7 @@ impl Guest {
                     host_pake: &host_pake,
                     guest_pake: &self.common.pake_msg,
                 };
-                let keys = agree(&self.common.dh, pake, &host_dh, &host_pake, &transcript)
-                    .map_err(|e| self.fail_with(e, abort_frame(&sid)))?;
+                let keys = agree(&self.common.dh, pake, &host_dh, &host_pake, &transcript)?;
                 let session = Session::new(NewSession {
                     sid,
                     sid_bytes,
@@ -594,8 +741,7 @@ impl Guest {
                 let accepted: Accepted =
                     env.data().map_err(|_| PairingError::Protocol("JOINED"))?;
                 if !host_confirm.matches_hex(accepted.confirm.as_deref().unwrap_or_default()) {
-                    return Err(self
-                        .fail_with(PairingError::ConfirmationFailed, abort_frame(session.sid())));
+                    return Err(PairingError::ConfirmationFailed);
                 }
                 let data = json!({"msgID": KIND_CONFIRM, "kind": KIND_CONFIRM, "payload": guest_confirm.to_hex()});
                 let confirm = encode(FrameType::Msg, Some(session.sid()), Some(&data));
@@ -605,17 +751,14 @@ impl Guest {
                 ))
             }
             (GuestState::AwaitHello { mut session }, FrameType::Msg) => {
-                if msg_kind(env).as_deref() == Some(KIND_ABORT) {
-                    return Err(PairingError::PeerAborted);
-                }
-                let incoming = session
-                    .open(env)
-                    .map_err(|_| PairingError::ConfirmationFailed)?;
-                match incoming.plain {
-                    Plain::Hello { name } => session.set_peer_name(name),
-                    Plain::Text { .. } => return Err(PairingError::Protocol("text before hello")),
-                }
-                Ok((GuestState::Done, vec![Step::Paired(session)]))
+                // The host's Hello decrypting proves it accepted our confirmation; ours
+                // tells it we are done too.
+                open_hello(&mut session, env)?;
+                let hello = seal_hello(&mut session, &self.name)?;
+                Ok((
+                    GuestState::Done,
+                    vec![Step::Send(hello), Step::Paired(session)],
+                ))
             }
             (
                 GuestState::AwaitAccept { .. } | GuestState::AwaitHello { .. },
@@ -629,11 +772,35 @@ impl Guest {
     pub fn take_farewell(&mut self) -> Option<String> {
         self.farewell.take()
     }
+}
 
-    fn fail_with(&mut self, error: PairingError, farewell: String) -> PairingError {
-        self.state = GuestState::Done;
-        self.farewell = Some(farewell);
-        error
+/// The first encrypted message: who we are.
+fn seal_hello(session: &mut Session, name: &str) -> Result<String, PairingError> {
+    let hello = Plain::Hello {
+        name: name.to_string(),
+    };
+    let (_, frame) = session
+        .seal(&hello)
+        .map_err(|_| PairingError::Protocol("cannot encrypt the hello"))?;
+    Ok(frame)
+}
+
+/// Reads the peer's Hello (or its abort) and records its name.
+fn open_hello(session: &mut Session, env: &Envelope<'_>) -> Result<(), PairingError> {
+    match msg_kind(env).as_deref() {
+        Some(KIND_ABORT) => return Err(PairingError::PeerAborted),
+        Some(_) => return Err(PairingError::Protocol("unexpected handshake message")),
+        None => {}
+    }
+    let incoming = session
+        .open(env)
+        .map_err(|_| PairingError::ConfirmationFailed)?;
+    match incoming.plain {
+        Plain::Hello { name } => {
+            session.set_peer_name(name);
+            Ok(())
+        }
+        Plain::Text { .. } => Err(PairingError::Protocol("chat message before the hello")),
     }
 }
 
@@ -670,6 +837,8 @@ mod tests {
         SwapHostDh,
         AlterGuestPake,
         AlterHostConfirm,
+        AlterGuestConfirm,
+        AlterHostHello,
     }
 
     struct Outcome {
@@ -690,7 +859,7 @@ mod tests {
     /// Runs both sides against a scripted relay that behaves like parley-relay, except where
     /// `tamper` says otherwise.
     fn run(tamper: Tamper) -> Outcome {
-        let (mut host, steps) = Host::start("ws://relay").unwrap();
+        let (mut host, steps) = Host::start("ws://relay", "alice").unwrap();
         assert_eq!(only_send(steps)["t"], "CREATE_SESSION");
         let invite = only_send(
             host.handle(&frame("SESSION_CREATED", json!({"resumeToken": "aa"})))
@@ -704,7 +873,7 @@ mod tests {
                 json!({"code": "123456", "expiresIn": 600}),
             ))
             .unwrap();
-        let Some(Step::Invite(code)) = steps.into_iter().next() else {
+        let Some(Step::Invite { code, .. }) = steps.into_iter().next() else {
             panic!("no invite")
         };
         assert_eq!(code.relay_code(), "123456");
@@ -720,7 +889,7 @@ mod tests {
             _ => code,
         };
 
-        let (mut guest, steps) = Guest::start(&code, "ws://relay").unwrap();
+        let (mut guest, steps) = Guest::start(&code, "ws://relay", "bob").unwrap();
         let join = only_send(steps);
         assert_eq!(join["data"]["code"], "123456");
         let mut request = join["data"].clone();
@@ -776,8 +945,12 @@ mod tests {
                 };
             }
         };
-        let mut host_session = match host.handle(&confirm) {
-            Ok(steps) => paired(steps).unwrap(),
+        let mut confirm: Value = serde_json::from_str(&confirm).unwrap();
+        if let Tamper::AlterGuestConfirm = tamper {
+            confirm["data"]["payload"] = json!("00".repeat(32));
+        }
+        let mut host_hello: Value = match host.handle(&confirm.to_string()) {
+            Ok(steps) => only_send(steps),
             Err(e) => {
                 let abort = host.take_farewell().unwrap();
                 let guest = guest.handle(&abort).map(|_| unreachable!());
@@ -787,12 +960,35 @@ mod tests {
                 };
             }
         };
-        let (_, hello) = host_session
-            .seal(&Plain::Hello {
-                name: "alice".into(),
-            })
-            .unwrap();
-        let guest_session = paired(guest.handle(&hello).unwrap()).unwrap();
+        if let Tamper::AlterHostHello = tamper {
+            let payload = host_hello["data"]["payload"].as_str().unwrap().to_string();
+            let flipped = if payload.ends_with('0') { "1" } else { "0" };
+            host_hello["data"]["payload"] =
+                json!(format!("{}{flipped}", &payload[..payload.len() - 1]));
+        }
+        let steps = match guest.handle(&host_hello.to_string()) {
+            Ok(steps) => steps,
+            Err(e) => {
+                let abort = guest.take_farewell().unwrap();
+                let host = host.handle(&abort).map(|_| unreachable!());
+                return Outcome {
+                    host,
+                    guest: Err(e),
+                };
+            }
+        };
+        let guest_hello = sends(
+            steps
+                .iter()
+                .filter_map(|s| match s {
+                    Step::Send(f) => Some(Step::Send(f.clone())),
+                    _ => None,
+                })
+                .collect(),
+        )
+        .remove(0);
+        let guest_session = paired(steps).unwrap();
+        let host_session = paired(host.handle(&guest_hello).unwrap()).unwrap();
         Outcome {
             host: Ok(host_session),
             guest: Ok(guest_session),
@@ -805,6 +1001,7 @@ mod tests {
         let (mut host, mut guest) = (host.unwrap(), guest.unwrap());
         assert_eq!(host.safety_number(), guest.safety_number());
         assert_eq!(guest.peer_name(), Some("alice"));
+        assert_eq!(host.peer_name(), Some("bob"));
         let (_, frame) = guest.seal(&Plain::Text { text: "hi".into() }).unwrap();
         let got = host.open(&Envelope::parse(&frame).unwrap()).unwrap();
         assert_eq!(got.plain, Plain::Text { text: "hi".into() });
@@ -824,7 +1021,10 @@ mod tests {
             Tamper::SwapHostDh,
             Tamper::AlterGuestPake,
             Tamper::AlterHostConfirm,
+            Tamper::AlterGuestConfirm,
+            Tamper::AlterHostHello,
         ] {
+            // Neither side may end up paired (and so store a session) while the other fails.
             let Outcome { host, guest } = run(tamper);
             assert!(
                 host.is_err() && guest.is_err(),
@@ -835,7 +1035,7 @@ mod tests {
 
     #[test]
     fn invalid_dh_key_aborts_and_denies() {
-        let (mut host, _) = Host::start("ws://relay").unwrap();
+        let (mut host, _) = Host::start("ws://relay", "alice").unwrap();
         host.handle(&frame("SESSION_CREATED", json!({"resumeToken": "aa"})))
             .unwrap();
         host.handle(&frame("INVITE_CODE", json!({"code": "123456"})))
@@ -859,7 +1059,7 @@ mod tests {
     #[test]
     fn relay_errors_and_version_mismatch_are_reported() {
         let code: InviteCode = "123456-654321".parse().unwrap();
-        let (mut guest, _) = Guest::start(&code, "ws://relay").unwrap();
+        let (mut guest, _) = Guest::start(&code, "ws://relay", "bob").unwrap();
         let err = guest
             .handle(&frame(
                 "ERROR",
@@ -873,11 +1073,27 @@ mod tests {
                 message: "used".into()
             })
         );
-        let (mut guest, _) = Guest::start(&code, "ws://relay").unwrap();
+        let (mut guest, _) = Guest::start(&code, "ws://relay", "bob").unwrap();
         let joined = json!({"v": 2, "dh": "00", "pake": "00", "resumeToken": "t"});
         assert!(matches!(
             guest.handle(&frame("JOINED", joined)),
             Err(PairingError::Incompatible(_))
         ));
+    }
+}
+
+#[cfg(test)]
+mod abort_tests {
+    use super::*;
+
+    #[test]
+    fn a_guest_failing_after_joined_tells_the_host() {
+        let code: InviteCode = "123456-654321".parse().unwrap();
+        let (mut guest, _) = Guest::start(&code, "ws://relay", "bob").unwrap();
+        let sid = "00112233445566778899aabbccddeeff";
+        let joined = json!({"t": "JOINED", "sid": sid, "data": {"v": 2, "dh": "00", "pake": "00", "resumeToken": "t"}});
+        assert!(guest.handle(&joined.to_string()).is_err());
+        let farewell = guest.take_farewell().expect("an abort for the host");
+        assert!(farewell.contains("\"kind\":\"abort\"") && farewell.contains(sid));
     }
 }

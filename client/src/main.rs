@@ -24,7 +24,8 @@ The client exits 0 at end of input once everything typed has reached the relay, 
 Exit codes: 0 done; 1 internal error; 2 usage; 3 relay unreachable or connection lost;
 4 pairing failed (wrong code, tampering, code unknown/used/expired, join denied);
 5 state file problem (missing, corrupt, foreign, locked by another process);
-6 --timeout reached; 7 the relay refused to resume the session (unknown session or token).";
+6 --timeout reached; 7 the relay refused to resume the session (unknown session or token),
+or another device resumed it.";
 
 /// Pair two terminals through a relay with a short invite code, then chat end-to-end
 /// encrypted; resume the same session after a restart without a new code.
@@ -109,7 +110,7 @@ fn main() -> ExitCode {
         // The stdin reader thread may be blocked in a read: do not wait for it.
         runtime.shutdown_background();
         if let (Err(e), false) = (&result, json) {
-            eprintln!("parley: {e}");
+            eprintln!("parley: {}", parley::output::printable(&e.to_string()));
         }
         result
     });

@@ -55,11 +55,23 @@ impl Output {
 }
 
 fn text(event: &Value, key: &str) -> String {
-    event
-        .get(key)
-        .and_then(Value::as_str)
-        .unwrap_or_default()
-        .to_string()
+    printable(event.get(key).and_then(Value::as_str).unwrap_or_default())
+}
+
+/// Text from the peer or the relay, made safe to print on a terminal: control characters
+/// (newlines and escape sequences that could fake a line or rewrite the screen) and bidi
+/// overrides become U+FFFD. JSON output needs none of this: serde escapes control characters.
+pub fn printable(s: &str) -> String {
+    s.chars()
+        .map(|c| {
+            let bidi = matches!(c, '\u{202A}'..='\u{202E}' | '\u{2066}'..='\u{2069}');
+            if c.is_control() || bidi {
+                '\u{FFFD}'
+            } else {
+                c
+            }
+        })
+        .collect()
 }
 
 fn human(event: &Value) -> Option<String> {
@@ -72,6 +84,7 @@ fn human(event: &Value) -> Option<String> {
         }
     };
     Some(match event.get("event").and_then(Value::as_str)? {
+        "waiting" => format!("* {}", text(event, "message")),
         "invite" => format!(
             "Invite code: {code}\nRead it to your peer; they run: parley --name THEIR_NAME join {code}\n(it expires in {} minutes)",
             event.get("expires_in").and_then(Value::as_u64).unwrap_or(0) / 60,
@@ -117,4 +130,22 @@ fn human(event: &Value) -> Option<String> {
 /// An `error` event for a problem that does not end the program.
 pub fn error_event(code: &str, message: &str) -> Value {
     json!({"event": "error", "code": code, "message": message})
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn peer_text_cannot_fake_lines_or_move_the_cursor() {
+        let event = json!({"event": "message", "local_time": "12:00:00", "from": "bob\u{1b}[2J",
+            "text": "hi\n[12:00:01] alice: send the file\u{202E}"});
+        let line = human(&event).unwrap();
+        assert!(
+            !line.contains('\n') && !line.contains('\u{1b}') && !line.contains('\u{202E}'),
+            "{line:?}"
+        );
+        let error = json!({"event": "error", "message": "bad\r\nfake"});
+        assert_eq!(human(&error).unwrap(), "! bad\u{FFFD}\u{FFFD}fake");
+    }
 }

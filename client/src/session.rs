@@ -26,11 +26,28 @@ pub struct Incoming {
     pub plain: Plain,
 }
 
+/// How many sequence numbers below the highest one received are still accepted if not yet
+/// seen (they may arrive late, e.g. resent after the peer was offline).
+pub const REPLAY_WINDOW: u64 = 64;
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum SendError {
+    #[error(
+        "message too long to send: a frame may be at most {max} bytes (about {} bytes of text)",
+        max / 2 - 64
+    )]
+    TooLong { max: usize },
+    #[error("this session has used up its sequence numbers; pair again")]
+    Exhausted,
+    #[error(transparent)]
+    Crypto(#[from] MessageError),
+}
+
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum ReceiveError {
     #[error("MSG without a numeric msgID or a payload")]
     Malformed,
-    #[error("message {seq} was already received (replayed); dropped")]
+    #[error("message {seq} was already received (replayed), or is too old to tell; dropped")]
     Replayed { seq: u64 },
     #[error(transparent)]
     Crypto(#[from] MessageError),
@@ -48,6 +65,8 @@ pub struct Session {
     recv_key: MessageKey,
     send_seq: u64,
     recv_seq: u64,
+    /// Bit i set: `recv_seq - 1 - i` was received.
+    recv_window: u64,
     safety_number: String,
     peer_name: Option<String>,
     created: u64,
@@ -94,6 +113,7 @@ impl Session {
             recv_key: parts.recv_key,
             send_seq: 0,
             recv_seq: 0,
+            recv_window: 0,
             safety_number: parts.safety_number,
             peer_name: None,
             created: parts.now,
@@ -120,6 +140,7 @@ impl Session {
                 .ok_or_else(|| damaged("receive key"))?,
             send_seq: record.send_seq,
             recv_seq: record.recv_seq,
+            recv_window: record.recv_window,
             safety_number: record.safety_number.clone(),
             peer_name: record.peer_name.clone(),
             created: record.created,
@@ -139,6 +160,7 @@ impl Session {
             recv_key: Secret::new(self.recv_key.to_hex().to_string()),
             send_seq: self.send_seq,
             recv_seq: self.recv_seq,
+            recv_window: self.recv_window,
             created: self.created,
             last_used: self.last_used,
         }
@@ -185,9 +207,13 @@ impl Session {
 
     /// Encrypts the next message: returns its sequence number and the `MSG` frame. The caller
     /// persists the session before sending, so a sequence number is never used twice.
-    pub fn seal(&mut self, plain: &Plain) -> Result<(u64, String), MessageError> {
-        let seq = self.send_seq + 1;
+    pub fn seal(&mut self, plain: &Plain) -> Result<(u64, String), SendError> {
+        let seq = self.send_seq.checked_add(1).ok_or(SendError::Exhausted)?;
         let frame = self.frame_for(seq, plain)?;
+        let max = parley_protocol::limits::MAX_FRAME_BYTES;
+        if frame.len() > max {
+            return Err(SendError::TooLong { max });
+        }
         self.send_seq = seq;
         Ok((seq, frame))
     }
@@ -210,14 +236,48 @@ impl Session {
             .payload
             .and_then(|raw| serde_json::from_str::<&str>(raw.get()).ok())
             .ok_or(ReceiveError::Malformed)?;
-        if seq <= self.recv_seq {
+        if self.seen(seq) {
             return Err(ReceiveError::Replayed { seq });
         }
         let aad = message::associated_data(&self.sid_bytes, self.directions().1, seq);
         let plaintext = zeroize::Zeroizing::new(message::open(&self.recv_key, &aad, payload)?);
         let plain: Plain = serde_json::from_slice(&plaintext).map_err(|_| ReceiveError::Content)?;
-        self.recv_seq = seq;
+        self.mark_seen(seq);
         Ok(Incoming { seq, plain })
+    }
+
+    /// Whether `seq` was received already, or is too far below the highest to tell.
+    fn seen(&self, seq: u64) -> bool {
+        if seq == 0 {
+            return true;
+        }
+        if seq > self.recv_seq {
+            return false;
+        }
+        let offset = self.recv_seq - seq;
+        offset == 0 || offset > REPLAY_WINDOW || self.recv_window & (1 << (offset - 1)) != 0
+    }
+
+    fn mark_seen(&mut self, seq: u64) {
+        if seq > self.recv_seq {
+            let shift = seq - self.recv_seq;
+            let moved = if shift >= REPLAY_WINDOW {
+                0
+            } else {
+                self.recv_window << shift
+            };
+            // The old highest becomes offset `shift`, i.e. bit `shift - 1`.
+            let old_highest = if self.recv_seq > 0 && shift <= REPLAY_WINDOW {
+                1 << (shift - 1)
+            } else {
+                0
+            };
+            self.recv_window = moved | old_highest;
+            self.recv_seq = seq;
+        } else {
+            let offset = self.recv_seq - seq;
+            self.recv_window |= 1 << (offset - 1);
+        }
     }
 }
 
@@ -303,6 +363,68 @@ mod tests {
                 r#"{"t":"MSG","sid":"x","data":{"msgID":"a","payload":"00"}}"#
             ),
             Err(ReceiveError::Malformed)
+        );
+    }
+
+    #[test]
+    fn late_messages_are_accepted_once_within_the_window() {
+        let (mut host, mut guest) = pair();
+        let frames: Vec<String> = (0..70)
+            .map(|i| {
+                host.seal(&Plain::Text {
+                    text: format!("{i}"),
+                })
+                .unwrap()
+                .1
+            })
+            .collect();
+        // 2 arrives after 3 (it was held while the peer was away): accepted, once.
+        assert_eq!(deliver(&mut guest, &frames[0]).unwrap().seq, 1);
+        assert_eq!(deliver(&mut guest, &frames[2]).unwrap().seq, 3);
+        assert_eq!(deliver(&mut guest, &frames[1]).unwrap().seq, 2);
+        assert_eq!(
+            deliver(&mut guest, &frames[1]),
+            Err(ReceiveError::Replayed { seq: 2 })
+        );
+        assert_eq!(
+            deliver(&mut guest, &frames[2]),
+            Err(ReceiveError::Replayed { seq: 3 })
+        );
+        // Far ahead: what is more than REPLAY_WINDOW behind can no longer be told apart.
+        assert_eq!(deliver(&mut guest, &frames[69]).unwrap().seq, 70);
+        assert_eq!(
+            deliver(&mut guest, &frames[3]),
+            Err(ReceiveError::Replayed { seq: 4 })
+        );
+        assert_eq!(deliver(&mut guest, &frames[10]).unwrap().seq, 11);
+        assert_eq!(
+            deliver(&mut guest, &frames[10]),
+            Err(ReceiveError::Replayed { seq: 11 })
+        );
+        // The window survives a save and load.
+        let mut reloaded = Session::from_record(&guest.record()).unwrap();
+        assert_eq!(
+            deliver(&mut reloaded, &frames[10]),
+            Err(ReceiveError::Replayed { seq: 11 })
+        );
+        assert_eq!(deliver(&mut reloaded, &frames[20]).unwrap().seq, 21);
+    }
+
+    #[test]
+    fn oversized_and_exhausted_sends_are_refused_without_using_a_number() {
+        let (mut host, _) = pair();
+        let long = "x".repeat(40_000);
+        assert!(matches!(
+            host.seal(&Plain::Text { text: long }),
+            Err(SendError::TooLong { .. })
+        ));
+        assert_eq!(host.seal(&Plain::Text { text: "ok".into() }).unwrap().0, 1);
+        let mut record = host.record();
+        record.send_seq = u64::MAX;
+        let mut exhausted = Session::from_record(&record).unwrap();
+        assert_eq!(
+            exhausted.seal(&Plain::Text { text: "x".into() }),
+            Err(SendError::Exhausted)
         );
     }
 

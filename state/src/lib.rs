@@ -116,6 +116,9 @@ pub struct SessionRecord {
     /// The last sequence number we sent, and the highest one we accepted from the peer.
     pub send_seq: u64,
     pub recv_seq: u64,
+    /// Which of the `REPLAY_WINDOW` numbers below `recv_seq` were received (bit i: `recv_seq - 1 - i`).
+    #[serde(default)]
+    pub recv_window: u64,
     /// Unix seconds.
     pub created: u64,
     pub last_used: u64,
@@ -309,26 +312,36 @@ fn read_file(path: &Path, name: &str) -> Result<Option<StateFile>, StateError> {
 }
 
 /// Checks, in order: JSON at all, ours at all, a schema we understand, then the full shape.
+/// The header is read on its own so that the secrets are decoded once, straight into
+/// zeroizing types, never into an intermediate `serde_json::Value` tree.
 fn parse(bytes: &[u8], path: &Path, name: &str) -> Result<StateFile, StateError> {
+    #[derive(Deserialize)]
+    struct Head<'a> {
+        #[serde(borrow, default)]
+        format: Option<std::borrow::Cow<'a, str>>,
+        #[serde(borrow, default)]
+        name: Option<std::borrow::Cow<'a, str>>,
+        #[serde(default)]
+        schema: Option<u64>,
+    }
     let corrupt = |reason: String| StateError::Corrupt {
         path: path.into(),
         reason,
     };
-    let value: serde_json::Value =
-        serde_json::from_slice(bytes).map_err(|e| corrupt(e.to_string()))?;
     let foreign = || StateError::Foreign {
         path: path.into(),
         name: name.into(),
     };
-    if value.get("format").and_then(|f| f.as_str()) != Some(FORMAT) {
+    let head: Head = match serde_json::from_slice(bytes) {
+        Ok(head) => head,
+        Err(e) if e.is_data() => return Err(foreign()),
+        Err(e) => return Err(corrupt(e.to_string())),
+    };
+    if head.format.as_deref() != Some(FORMAT) || head.name.as_deref() != Some(name) {
         return Err(foreign());
     }
-    if value.get("name").and_then(|n| n.as_str()) != Some(name) {
-        return Err(foreign());
-    }
-    let schema = value
-        .get("schema")
-        .and_then(|s| s.as_u64())
+    let schema = head
+        .schema
         .ok_or_else(|| corrupt("no schema version".into()))?;
     let schema =
         u32::try_from(schema).map_err(|_| corrupt(format!("schema {schema} out of range")))?;
@@ -338,8 +351,8 @@ fn parse(bytes: &[u8], path: &Path, name: &str) -> Result<StateFile, StateError>
             found: schema,
         });
     }
-    // Schema 1 is the first; older schemas would be migrated here, value to value.
-    serde_json::from_value(value).map_err(|e| corrupt(e.to_string()))
+    // Schema 1 is the first; older schemas would be migrated here.
+    serde_json::from_slice(bytes).map_err(|e| corrupt(e.to_string()))
 }
 
 fn create_private_dir(dir: &Path) -> Result<(), StateError> {
@@ -381,6 +394,7 @@ mod tests {
             recv_key: Secret::new("22".repeat(32)),
             send_seq: 3,
             recv_seq: 4,
+            recv_window: 0,
             created: 1,
             last_used: 2,
         }

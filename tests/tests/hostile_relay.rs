@@ -34,6 +34,25 @@ fn rewrite(toward: Toward, t: &'static str, edit: fn(&mut Value)) -> Tamper {
     })
 }
 
+/// Flips a bit in the first encrypted message on its way to the relay: the host's Hello, the
+/// last step before either side stores anything.
+fn first_hello_altered() -> Tamper {
+    let done = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    Arc::new(move |dir, text| {
+        let mut frame: Value = serde_json::from_str(text).unwrap();
+        if dir == Toward::Relay
+            && frame["t"] == "MSG"
+            && frame["data"]["msgID"] == 1
+            && !done.swap(true, std::sync::atomic::Ordering::SeqCst)
+        {
+            let payload = frame["data"]["payload"].as_str().unwrap().to_string();
+            frame["data"]["payload"] = json!(flip_last(&payload));
+            return vec![frame.to_string()];
+        }
+        vec![text.to_string()]
+    })
+}
+
 /// Host and guest pair through `url`; the guest uses `code_for_guest(real code)`.
 /// Returns both exit codes and both clients' events.
 fn pair_through(
@@ -101,7 +120,7 @@ fn wrong_code_fails_on_both_sides() {
 #[test]
 fn a_relay_that_alters_any_handshake_field_is_caught_on_both_sides() {
     let relay = RelayProcess::start(&[]);
-    let attacks: [(&str, Tamper); 5] = [
+    let attacks: [(&str, Tamper); 7] = [
         (
             "host DH key swapped on the way in",
             rewrite(Toward::Relay, "INVITE_CREATE", |f| {
@@ -134,6 +153,18 @@ fn a_relay_that_alters_any_handshake_field_is_caught_on_both_sides() {
             rewrite(Toward::Relay, "JOIN_ACCEPT", |f| {
                 f["data"]["confirm"] = json!("00".repeat(32))
             }),
+        ),
+        (
+            "guest key confirmation replaced",
+            rewrite(Toward::Relay, "MSG", |f| {
+                if f["data"]["kind"] == "confirm" {
+                    f["data"]["payload"] = json!("00".repeat(32));
+                }
+            }),
+        ),
+        (
+            "host's first encrypted message altered",
+            first_hello_altered(),
         ),
     ];
     for (what, tamper) in attacks {
