@@ -586,7 +586,7 @@ async fn chat(
                     FrameType::Error => {
                         let (code, message) = error_fields(&env);
                         match (msg_seq(&env), code.as_str()) {
-                            (Some(seq), "peer_offline" | "not_paired") => {
+                            (Some(seq), "peer_offline" | "not_paired" | "mailbox_full") => {
                                 peer_online = false;
                                 outbox.hold_from(seq);
                             }

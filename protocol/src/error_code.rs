@@ -45,6 +45,11 @@ pub enum ErrorCode {
     TooManySessions,
     /// The relay is at its global capacity for sessions.
     RelayFull,
+    /// The peer is offline and its mailbox is full; the frame was not kept.
+    MailboxFull,
+    /// `RESTORE` could not re-create or re-join the session (wrong proof, or the seat is held
+    /// by another token).
+    RestoreRefused,
     /// The connection already holds a seat in this session (one connection, one seat).
     AlreadyMember,
     /// Another connection re-attached to this seat with its resume token; this one was detached.
@@ -53,7 +58,7 @@ pub enum ErrorCode {
 
 impl ErrorCode {
     /// Every code, in protocol.md order (used by tests to keep the document and the code in step).
-    pub const ALL: [ErrorCode; 21] = [
+    pub const ALL: [ErrorCode; 23] = [
         ErrorCode::MalformedJson,
         ErrorCode::UnknownType,
         ErrorCode::MissingField,
@@ -75,6 +80,8 @@ impl ErrorCode {
         ErrorCode::RelayFull,
         ErrorCode::AlreadyMember,
         ErrorCode::Replaced,
+        ErrorCode::MailboxFull,
+        ErrorCode::RestoreRefused,
     ];
 
     /// The code's wire string.
@@ -100,6 +107,8 @@ impl ErrorCode {
             ErrorCode::TooManySessions => "too_many_sessions",
             ErrorCode::RelayFull => "relay_full",
             ErrorCode::AlreadyMember => "already_member",
+            ErrorCode::MailboxFull => "mailbox_full",
+            ErrorCode::RestoreRefused => "restore_refused",
             ErrorCode::Replaced => "replaced",
         }
     }

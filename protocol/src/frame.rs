@@ -25,6 +25,7 @@ pub enum FrameType {
     Delivered,
     MsgRead,
     Reattach,
+    Restore,
     PeerOnline,
     PeerOffline,
     Ping,
@@ -33,7 +34,7 @@ pub enum FrameType {
 }
 
 impl FrameType {
-    pub const ALL: [FrameType; 19] = [
+    pub const ALL: [FrameType; 20] = [
         FrameType::CreateSession,
         FrameType::SessionCreated,
         FrameType::InviteCreate,
@@ -48,6 +49,7 @@ impl FrameType {
         FrameType::Delivered,
         FrameType::MsgRead,
         FrameType::Reattach,
+        FrameType::Restore,
         FrameType::PeerOnline,
         FrameType::PeerOffline,
         FrameType::Ping,
@@ -72,6 +74,7 @@ impl FrameType {
             FrameType::Delivered => "DELIVERED",
             FrameType::MsgRead => "MSG_READ",
             FrameType::Reattach => "REATTACH",
+            FrameType::Restore => "RESTORE",
             FrameType::PeerOnline => "PEER_ONLINE",
             FrameType::PeerOffline => "PEER_OFFLINE",
             FrameType::Ping => "PING",
@@ -96,6 +99,7 @@ impl FrameType {
                 | FrameType::Msg
                 | FrameType::MsgRead
                 | FrameType::Reattach
+                | FrameType::Restore
                 | FrameType::Ping
                 | FrameType::Pong
         )

@@ -39,3 +39,12 @@ pub const SESSIONS_CREATED_PER_ADDRESS_BURST: u32 = 64;
 pub const SESSIONS_CREATED_PER_ADDRESS_REFILL: Duration = Duration::from_secs(10);
 /// A client that has not finished the WebSocket upgrade by then is dropped.
 pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+/// Mailbox for an offline member, per seat. Kept below the outbound queue so that a full
+/// mailbox always fits into the queue of the connection that re-attaches.
+pub const MAILBOX_FRAMES: usize = 200;
+pub const MAILBOX_BYTES: usize = 512 * 1024;
+pub const MAILBOX_AGE: Duration = Duration::from_secs(24 * 60 * 60);
+/// All mailboxes of a relay together.
+pub const MAILBOX_TOTAL_BYTES: usize = 256 * 1024 * 1024;
+/// Longest restore proof accepted (hex).
+pub const MAX_RESTORE_PROOF_CHARS: usize = 128;

@@ -102,6 +102,16 @@ pub struct ReattachData {
     pub resume_token: Option<String>,
 }
 
+/// `RESTORE {sid, data: {role, resumeToken, proof}}`: re-creates a session the relay forgot
+/// (it restarted), or takes a seat in one being restored.
+#[derive(Debug, Default, Deserialize, Serialize)]
+pub struct RestoreData {
+    pub role: Option<String>,
+    #[serde(rename = "resumeToken")]
+    pub resume_token: Option<String>,
+    pub proof: Option<String>,
+}
+
 /// `SESSION_CREATED {sid, data: {resumeToken}}` and the relay's part of the first `JOINED`.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct ResumeTokenData {

@@ -94,6 +94,15 @@ fn documented_limits_match_the_code() {
             ),
         ),
         ("WebSocket upgrade", secs(HANDSHAKE_TIMEOUT)),
+        (
+            "mailbox per seat",
+            format!("{MAILBOX_FRAMES} frames or {} KiB", MAILBOX_BYTES >> 10),
+        ),
+        ("mailbox age", secs(MAILBOX_AGE)),
+        (
+            "all mailboxes of a relay",
+            format!("{} MiB", MAILBOX_TOTAL_BYTES >> 20),
+        ),
     ] {
         let row = format!("| {what}* | {value} |");
         let row_fixed = format!("| {what} | {value} |");

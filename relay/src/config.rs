@@ -43,6 +43,8 @@ pub struct RelayConfig {
     pub sessions_created_per_address: RateLimit,
     /// A client that has not finished the WebSocket upgrade by then is dropped.
     pub handshake_timeout: Duration,
+    /// Frames kept for an offline member (see `mailbox`).
+    pub mailbox: crate::mailbox::MailboxLimits,
     /// Accept `REATTACH` without a resume token (the original client never had one). Anyone who
     /// learns a session id can then take an empty seat in it, so this is off by default.
     pub allow_tokenless_reattach: bool,
@@ -80,6 +82,12 @@ impl Default for RelayConfig {
                 refill: limits::SESSIONS_CREATED_PER_ADDRESS_REFILL,
             },
             handshake_timeout: limits::HANDSHAKE_TIMEOUT,
+            mailbox: crate::mailbox::MailboxLimits {
+                max_frames: limits::MAILBOX_FRAMES,
+                max_bytes: limits::MAILBOX_BYTES,
+                max_age: limits::MAILBOX_AGE,
+                total_bytes: limits::MAILBOX_TOTAL_BYTES,
+            },
             allow_tokenless_reattach: false,
             sweep_interval: Duration::from_secs(30),
             shutdown_grace: Duration::from_secs(2),

@@ -16,7 +16,8 @@ use dashmap::DashMap;
 use dashmap::mapref::entry::Entry;
 use dashmap::mapref::one::RefMut;
 use parley_protocol::payload::{
-    DeliveredData, ErrorData, InviteCodeData, MsgData, OpaqueData, ReattachData, ResumeTokenData,
+    DeliveredData, ErrorData, InviteCodeData, MsgData, OpaqueData, ReattachData, RestoreData,
+    ResumeTokenData,
 };
 use parley_protocol::{Envelope, ErrorCode, FrameError, FrameType, encode};
 use serde_json::value::RawValue;
@@ -26,6 +27,7 @@ use tokio_tungstenite::tungstenite::Utf8Bytes;
 use crate::config::{RelayConfig, later};
 use crate::ids::{ClientId, InviteCode, ResumeToken, SessionId};
 use crate::limiter::{AddressKey, AddressLimiter, TokenBucket};
+use crate::mailbox::Mailbox;
 use crate::outbox::{ConnId, Outbox};
 
 /// A member's place in a two-party session.
@@ -45,23 +47,40 @@ impl Role {
 }
 
 struct Seat {
-    token: ResumeToken,
+    /// `None` only in a restored session, until the member who owns the seat comes back with
+    /// its token (see `restore`).
+    token: Option<ResumeToken>,
     client_id: ClientId,
     /// The connection sitting in this seat, if any.
     conn: Option<Outbox>,
+    /// Frames for this seat's member while it is offline.
+    mailbox: Mailbox,
 }
 
 impl Seat {
-    fn new(conn: &Outbox) -> Seat {
+    fn new(conn: &Outbox, mailbox: Mailbox) -> Seat {
         Seat {
-            token: ResumeToken::random(),
+            token: Some(ResumeToken::random()),
             client_id: ClientId::random(),
             conn: Some(conn.clone()),
+            mailbox,
         }
     }
 
     fn held_by(&self, id: ConnId) -> bool {
         self.conn.as_ref().is_some_and(|c| c.id() == id)
+    }
+
+    fn token_matches(&self, presented: &str) -> bool {
+        self.token.as_ref().is_some_and(|t| t.matches(presented))
+    }
+
+    /// The issued token, for the frame that hands it to the member.
+    fn token_wire(&self) -> String {
+        self.token
+            .as_ref()
+            .map(ResumeToken::to_wire)
+            .unwrap_or_default()
     }
 }
 
@@ -77,6 +96,9 @@ struct Session {
     pending_join_request: Option<Utf8Bytes>,
     /// Since when no member has been connected.
     idle_since: Option<Instant>,
+    /// Set when the session was re-created by `RESTORE` after the relay forgot it: what the
+    /// other member must present to take its seat.
+    restore_proof: Option<String>,
 }
 
 impl Session {
@@ -154,6 +176,8 @@ pub struct Stats {
     pub sessions: usize,
     pub invites: usize,
     pub rate_limited_addresses: usize,
+    /// Bytes held in all mailboxes.
+    pub mailbox_bytes: usize,
 }
 
 pub struct Hub {
@@ -165,6 +189,8 @@ pub struct Hub {
     /// `CREATE_SESSION`s per address.
     create_limiter: AddressLimiter,
     connections: AtomicUsize,
+    /// Bytes in all mailboxes, shared with each of them.
+    mailbox_bytes: Arc<AtomicUsize>,
 }
 
 /// One admitted connection; dropping it frees the place.
@@ -193,7 +219,18 @@ fn not_member() -> Refusal {
 const INVITE_CODE_ATTEMPTS: usize = 16;
 
 impl Hub {
-    pub fn new(config: RelayConfig) -> Hub {
+    pub fn new(mut config: RelayConfig) -> Hub {
+        // A full mailbox must fit into the queue of the connection that re-attaches (with room
+        // for the answer and the peer's traffic), or handing it over would drop that connection.
+        let mailbox = &mut config.mailbox;
+        mailbox.max_frames = mailbox
+            .max_frames
+            .min(config.outbound_queue_frames.saturating_sub(16));
+        mailbox.max_bytes = mailbox.max_bytes.min(
+            config
+                .outbound_queue_bytes
+                .saturating_sub(2 * config.max_frame_bytes),
+        );
         Hub {
             address_limiter: AddressLimiter::new(config.join_failures_per_address),
             create_limiter: AddressLimiter::new(config.sessions_created_per_address),
@@ -201,6 +238,7 @@ impl Hub {
             sessions: DashMap::new(),
             invites: DashMap::new(),
             connections: AtomicUsize::new(0),
+            mailbox_bytes: Arc::new(AtomicUsize::new(0)),
         }
     }
 
@@ -214,6 +252,7 @@ impl Hub {
             sessions: self.sessions.len(),
             invites: self.invites.len(),
             rate_limited_addresses: self.address_limiter.len(),
+            mailbox_bytes: self.mailbox_bytes.load(Ordering::Relaxed),
         }
     }
 
@@ -245,6 +284,7 @@ impl Hub {
             FrameType::Msg => return self.msg(conn, &env, frame),
             FrameType::MsgRead => self.forward_to_peer(conn, &env, frame),
             FrameType::Reattach => self.reattach(conn, &env),
+            FrameType::Restore => self.restore(conn, &env),
             FrameType::Ping => {
                 conn.send(encode::<()>(FrameType::Pong, None, None));
                 Ok(())
@@ -279,8 +319,8 @@ impl Hub {
                 "the relay holds its maximum number of sessions; try again later",
             ));
         }
-        let host = Seat::new(&conn.outbox);
-        let token = host.token.to_wire();
+        let host = Seat::new(&conn.outbox, self.mailbox());
+        let token = host.token_wire();
         let session = Session {
             host,
             guest: None,
@@ -288,6 +328,7 @@ impl Hub {
             invite_params: None,
             pending_join_request: None,
             idle_since: None,
+            restore_proof: None,
         };
         let sid = loop {
             // 128 random bits: a collision is astronomically unlikely, but cheap to rule out.
@@ -451,9 +492,9 @@ impl Hub {
                 "this session already has two members",
             ));
         }
-        let guest = Seat::new(&conn.outbox);
+        let guest = Seat::new(&conn.outbox, self.mailbox());
         let client_id = guest.client_id;
-        let token = guest.token.to_wire();
+        let token = guest.token_wire();
         session.guest = Some(guest);
         session.invite = None;
         session.idle_since = None;
@@ -586,20 +627,28 @@ impl Hub {
         env: &Envelope<'_>,
         frame: &Utf8Bytes,
     ) -> Result<(), Refusal> {
-        let (_, role, session) = self.member_session(conn, env)?;
+        let (_, role, mut session) = self.member_session(conn, env)?;
         let peer = session
-            .seat(role.other())
+            .seat_mut(role.other())
             .ok_or_else(|| refuse(ErrorCode::NotPaired, "nobody has joined this session yet"))?;
-        let peer = peer
-            .conn
-            .as_ref()
-            .ok_or_else(|| refuse(ErrorCode::PeerOffline, "your peer is offline"))?;
-        peer.push(frame.clone()).map_err(|_| {
-            refuse(
-                ErrorCode::PeerOffline,
-                "your peer is not reading its messages and is being disconnected",
-            )
-        })
+        if let Some(online) = &peer.conn
+            && online.push(frame.clone()).is_ok()
+        {
+            return Ok(());
+        }
+        // Offline, or being dropped as a slow consumer: keep it for the peer's return.
+        peer.mailbox
+            .push(frame.clone(), Instant::now(), &self.config.mailbox)
+            .map_err(|_| {
+                refuse(
+                    ErrorCode::MailboxFull,
+                    "your peer is offline and its mailbox is full; keep the message and send it again when the peer is back",
+                )
+            })
+    }
+
+    fn mailbox(&self) -> Mailbox {
+        Mailbox::new(self.mailbox_bytes.clone())
     }
 
     fn reattach(&self, conn: &mut ConnState, env: &Envelope<'_>) -> Result<(), Refusal> {
@@ -618,7 +667,7 @@ impl Hub {
         let role = match resume_token {
             Some(token) => [Role::Host, Role::Guest]
                 .into_iter()
-                .find(|r| session.seat(*r).is_some_and(|s| s.token.matches(&token)))
+                .find(|r| session.seat(*r).is_some_and(|s| s.token_matches(&token)))
                 .ok_or_else(|| {
                     refuse(
                         ErrorCode::TokenInvalid,
@@ -641,6 +690,124 @@ impl Hub {
                 ));
             }
         };
+        self.take_seat(conn, &mut session, sid, role)?;
+        drop(session);
+        tracing::info!(session = %sid.tag(), ?role, "member reattached");
+        Ok(())
+    }
+
+    /// `RESTORE`: the relay forgot the session (it restarted, or the session expired). The
+    /// first member back re-creates it with its own token and a proof both members derived at
+    /// pairing; the other member takes its seat by presenting the same proof with its token.
+    fn restore(&self, conn: &mut ConnState, env: &Envelope<'_>) -> Result<(), Refusal> {
+        let sid = SessionId::parse(env.require_sid()?)
+            .ok_or_else(|| FrameError::invalid("sid", "must be 32 lowercase hex digits"))?;
+        let RestoreData {
+            role,
+            resume_token,
+            proof,
+        } = env.data()?;
+        let role = match role.as_deref() {
+            Some("host") => Role::Host,
+            Some("guest") => Role::Guest,
+            Some(_) => {
+                return Err(FrameError::invalid(
+                    "data.role",
+                    "must be \"host\" or \"guest\"",
+                ));
+            }
+            None => return Err(FrameError::missing("data.role")),
+        };
+        let token_text = resume_token.ok_or_else(|| FrameError::missing("data.resumeToken"))?;
+        if ResumeToken::from_wire(&token_text).is_none() {
+            return Err(FrameError::invalid(
+                "data.resumeToken",
+                "must be 64 hex digits",
+            ));
+        }
+        let proof = proof.ok_or_else(|| FrameError::missing("data.proof"))?;
+        if proof.is_empty() || proof.len() > parley_protocol::limits::MAX_RESTORE_PROOF_CHARS {
+            return Err(FrameError::invalid(
+                "data.proof",
+                "must be 1 to 128 characters",
+            ));
+        }
+        self.prune_memberships(conn);
+        let refused = || {
+            refuse(
+                ErrorCode::RestoreRefused,
+                "the relay holds this session with other credentials; it cannot be restored with these",
+            )
+        };
+
+        // Counted before the entry is locked: `len` visits every shard, this one included.
+        let relay_full = self.sessions.len() >= self.config.max_sessions;
+        let mut session = match self.sessions.entry(sid) {
+            Entry::Occupied(entry) => {
+                let mut session = entry.into_ref();
+                let proof_matches = session.restore_proof.as_deref() == Some(proof.as_str());
+                let seat = session.seat_mut(role).ok_or_else(refused)?;
+                match &seat.token {
+                    // The seat awaits its owner: the shared proof vouches for it.
+                    None if proof_matches => seat.token = ResumeToken::from_wire(&token_text),
+                    Some(_) if seat.token_matches(&token_text) => {}
+                    _ => return Err(refused()),
+                }
+                session
+            }
+            Entry::Vacant(slot) => {
+                if relay_full {
+                    return Err(refuse(
+                        ErrorCode::RelayFull,
+                        "the relay holds its maximum number of sessions; try again later",
+                    ));
+                }
+                let now = Instant::now();
+                if !self.create_limiter.allows(conn.address, now) {
+                    return Err(refuse(
+                        ErrorCode::RateLimited,
+                        "too many sessions created from this address; wait a minute and try again",
+                    ));
+                }
+                self.create_limiter.charge(conn.address, now);
+                // Our seat gets the presented token; the other waits for its owner.
+                let seat = |owner: bool| Seat {
+                    token: if owner {
+                        ResumeToken::from_wire(&token_text)
+                    } else {
+                        None
+                    },
+                    client_id: ClientId::random(),
+                    conn: None,
+                    mailbox: self.mailbox(),
+                };
+                let session = Session {
+                    host: seat(role == Role::Host),
+                    guest: Some(seat(role == Role::Guest)),
+                    invite: None,
+                    invite_params: None,
+                    pending_join_request: None,
+                    idle_since: None,
+                    restore_proof: Some(proof),
+                };
+                tracing::info!(session = %sid.tag(), ?role, "session restored");
+                slot.insert(session)
+            }
+        };
+        self.take_seat(conn, &mut session, sid, role)?;
+        Ok(())
+    }
+
+    /// Puts this connection in `role`'s seat (the caller checked its right to it): takes the
+    /// seat over from an older connection, tells both sides who is online, and hands over what
+    /// waited in the seat's mailbox.
+    fn take_seat(
+        &self,
+        conn: &mut ConnState,
+        session: &mut Session,
+        sid: SessionId,
+        role: Role,
+    ) -> Result<(), Refusal> {
         // One connection, one seat per session; a stale cache entry (seat taken over) is not one.
         let held = conn.role_in(sid).filter(|r| {
             session
@@ -658,6 +825,7 @@ impl Hub {
             conn.memberships.push((sid, role));
         }
 
+        let sid_wire = sid.to_string();
         let seat = session.seat_mut(role).ok_or_else(not_member)?;
         let previous = seat.conn.replace(conn.outbox.clone());
         if let Some(old) = previous.filter(|old| old.id() != conn.outbox.id()) {
@@ -665,10 +833,10 @@ impl Hub {
                 ErrorCode::Replaced,
                 "another connection resumed this seat with its token",
             );
-            let _ = old.push(error_frame(Some(sid_text), &e, None));
+            let _ = old.push(error_frame(Some(&sid_wire), &e, None));
         }
+        let waiting = seat.mailbox.take_all();
         session.idle_since = None;
-        let sid_wire = sid.to_string();
         let peer_online = session.seat(role.other()).and_then(|s| s.conn.as_ref());
         let status = match peer_online {
             Some(peer) => {
@@ -677,14 +845,17 @@ impl Hub {
             }
             None => FrameType::PeerOffline,
         };
+        // The answer first, then what waited, in order. (A full mailbox fits in a fresh
+        // connection's queue: its limits are below the queue's.)
         conn.send(encode::<()>(status, Some(&sid_wire), None));
+        for frame in waiting {
+            let _ = conn.outbox.push(frame);
+        }
         if role == Role::Host
             && let Some(request) = &session.pending_join_request
         {
             let _ = conn.outbox.push(request.clone());
         }
-        drop(session);
-        tracing::info!(session = %sid.tag(), ?role, "member reattached");
         Ok(())
     }
 
@@ -730,9 +901,17 @@ impl Hub {
             } else {
                 self.config.unpaired_session_ttl
             };
-            session
+            let keep = session
                 .idle_since
-                .is_none_or(|since| later(since, ttl) > now)
+                .is_none_or(|since| later(since, ttl) > now);
+            if keep {
+                let max_age = self.config.mailbox.max_age;
+                session.host.mailbox.expire(now, max_age);
+                if let Some(guest) = &mut session.guest {
+                    guest.mailbox.expire(now, max_age);
+                }
+            }
+            keep
         });
         self.address_limiter.sweep(now);
         self.create_limiter.sweep(now);
@@ -876,9 +1055,10 @@ mod tests {
     }
 
     fn pick(pool: &[String], i: usize) -> String {
-        // One pick in eight is garbage, so bad values keep being tried too.
+        // One pick in eight is unknown (well-formed as a session id, so RESTORE re-creates
+        // forgotten sessions too; garbage as anything else).
         if pool.is_empty() || i % 8 == 7 {
-            format!("junk{i}")
+            format!("{i:032x}")
         } else {
             pool[i % pool.len()].clone()
         }
@@ -932,7 +1112,7 @@ mod tests {
             9 => prop::sample::select(client_sent),
             1 => prop::sample::select(FrameType::ALL.to_vec()),
         ];
-        (0..3usize, kind, 0..64usize, 0..64usize, 0..7usize)
+        (0..3usize, kind, 0..64usize, 0..64usize, 0..8usize)
     }
 
     fn natural_shape(kind: FrameType) -> usize {
@@ -942,6 +1122,7 @@ mod tests {
             FrameType::JoinAccept | FrameType::JoinDeny => 2,
             FrameType::Msg | FrameType::MsgRead => 3,
             FrameType::InviteCreate => 5,
+            FrameType::Restore => 7,
             _ => 4,
         }
     }
@@ -973,6 +1154,11 @@ mod tests {
                     3 => serde_json::json!({"payload": "00", "msgID": pick_value}),
                     4 => Value::Null,
                     5 => serde_json::json!({"prime": "ff", "generator": "02"}),
+                    7 => serde_json::json!({
+                        "role": if pick_value % 2 == 0 { "host" } else { "guest" },
+                        "resumeToken": pick(&learned.tokens, pick_value),
+                        "proof": "p",
+                    }),
                     _ => serde_json::json!([pick_value]),
                 };
                 let text = encode(kind, Some(&sid), Some(&data));

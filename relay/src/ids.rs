@@ -50,6 +50,13 @@ impl ResumeToken {
         hex::encode(self.0)
     }
 
+    /// A token presented to restore a session the relay forgot.
+    pub fn from_wire(s: &str) -> Option<ResumeToken> {
+        let mut bytes = [0u8; 32];
+        hex::decode_to_slice(s, &mut bytes).ok()?;
+        Some(ResumeToken(bytes))
+    }
+
     /// Constant-time check of a presented token (the time taken reveals nothing about how much
     /// of it matched).
     pub fn matches(&self, presented: &str) -> bool {

@@ -21,9 +21,11 @@ mod connection;
 mod hub;
 mod ids;
 mod limiter;
+mod mailbox;
 mod outbox;
 mod server;
 
 pub use config::{RateLimit, RelayConfig};
 pub use hub::Stats;
+pub use mailbox::MailboxLimits;
 pub use server::{Relay, RelayHandle};

@@ -13,22 +13,21 @@ async fn both_members_resume_with_their_tokens() {
     assert_ne!(pair.host_token, pair.guest_token);
     pair.exchange("before").await;
 
-    // The guest goes away; a MSG meanwhile is refused with its msgID, not silently dropped.
+    // The guest goes away; a MSG meanwhile waits in its mailbox, and arrives when it is back.
     drop(pair.guest);
     pair.host.expect("PEER_OFFLINE").await;
     let sid = pair.sid.clone();
-    pair.host
-        .send(json!({"t": "MSG", "sid": sid, "data": {"payload": "00", "msgID": 41}}))
-        .await;
-    let refused = pair.host.expect_error("peer_offline").await;
-    assert_eq!(refused["data"]["msgID"], 41);
+    let waiting = format!(r#"{{"t":"MSG","sid":"{sid}","data":{{"payload":"00","msgID":41}}}}"#);
+    pair.host.send_text(&waiting).await;
+    assert_eq!(pair.host.expect("DELIVERED").await["data"]["msgID"], 41);
 
-    // It comes back with its token: it learns the host is online, the host learns it is back.
+    // It comes back with its token: it learns the host is online, then gets what waited.
     let mut guest = relay.client().await;
     guest
         .send(json!({"t": "REATTACH", "sid": sid, "data": {"resumeToken": pair.guest_token}}))
         .await;
     guest.expect("PEER_ONLINE").await;
+    assert_eq!(guest.recv_text().await, waiting);
     pair.host.expect("PEER_ONLINE").await;
     pair.guest = guest;
     pair.exchange("guest-back").await;
