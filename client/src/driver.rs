@@ -1,7 +1,7 @@
 //! The async driver: moves frames between the relay socket, the sans-IO handshake and session,
 //! stdin and stdout. All protocol decisions are made in `handshake` and `session`.
 
-use std::collections::BTreeMap;
+use std::collections::BTreeSet;
 use std::io::IsTerminal;
 use std::path::PathBuf;
 use std::time::Duration;
@@ -21,7 +21,7 @@ use crate::code::InviteCode;
 use crate::error::ClientError;
 use crate::handshake::{Guest, Host, Pairing, PairingError, Step};
 use crate::output::{Output, error_event};
-use crate::session::{Plain, ReceiveError, SendError, Session};
+use crate::session::{Plain, Receipt, ReceiveError, SendError, Session};
 
 /// How long to wait for the relay to accept the connection.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
@@ -363,12 +363,18 @@ async fn reattach(relay: &mut RelayLink, session: &Session) -> Result<bool, Clie
             Some(&data),
         ))
         .await?;
+    await_status(relay).await
+}
+
+/// The answer to `REATTACH` or `RESTORE`: `PEER_ONLINE` or `PEER_OFFLINE` (whether the peer is
+/// online), or the relay's refusal.
+async fn await_status(relay: &mut RelayLink) -> Result<bool, ClientError> {
     let deadline = Instant::now() + HANDSHAKE_STEP_TIMEOUT;
     loop {
         let frame = tokio::time::timeout_at(deadline, relay.recv())
             .await
             .map_err(|_| {
-                ClientError::ConnectionLost("the relay did not answer REATTACH".into())
+                ClientError::ConnectionLost("the relay did not answer in time".into())
             })??;
         let env = Envelope::parse(&frame)
             .map_err(|_| ClientError::Internal("the relay sent an unreadable frame".into()))?;
@@ -406,8 +412,8 @@ enum Paired {
 }
 
 /// Lines from stdin, read on a thread of their own (blocking reads, or the line editor on a
-/// terminal). The channel closes at end of input.
-fn spawn_input(output: &mut Output) -> mpsc::Receiver<String> {
+/// terminal). The channel closes at end of input. Also says whether a person is typing.
+fn spawn_input(output: &mut Output) -> (mpsc::Receiver<String>, bool) {
     let (tx, rx) = mpsc::channel(64);
     let interactive =
         !output.is_json() && std::io::stdin().is_terminal() && std::io::stdout().is_terminal();
@@ -441,52 +447,92 @@ fn spawn_input(output: &mut Output) -> mpsc::Receiver<String> {
             });
         }
     }
-    rx
+    (rx, interactive)
 }
 
-/// A message of ours the relay has not yet accepted: sent and awaiting `DELIVERED`, or held
-/// because the peer is offline.
-struct Pending {
-    frame: String,
-    sent: bool,
+/// Backoff between reconnection attempts: doubling from 100 ms to 5 s, with jitter so that
+/// many clients cut off at once do not all come back at the same instant.
+struct Backoff {
+    next: Duration,
 }
 
-/// Our messages not yet accepted by the relay, by sequence number: always (re)sent in order.
-#[derive(Default)]
-struct Outbox(BTreeMap<u64, Pending>);
+impl Backoff {
+    const FIRST: Duration = Duration::from_millis(100);
+    const MAX: Duration = Duration::from_secs(5);
 
-impl Outbox {
-    fn is_empty(&self) -> bool {
-        self.0.is_empty()
-    }
-
-    fn held(&self) -> usize {
-        self.0.values().filter(|p| !p.sent).count()
-    }
-
-    /// The relay could not hand `seq` over (peer offline): it and everything sent after it
-    /// wait for the peer, since the relay refuses those for the same reason.
-    fn hold_from(&mut self, seq: u64) {
-        for pending in self.0.range_mut(seq..).map(|(_, p)| p) {
-            pending.sent = false;
+    fn new() -> Backoff {
+        Backoff {
+            next: Backoff::FIRST,
         }
     }
 
-    /// Frames to (re)send now, in sequence order.
-    fn release(&mut self) -> Vec<String> {
-        self.0
-            .values_mut()
-            .filter(|p| !p.sent)
-            .map(|p| {
-                p.sent = true;
-                p.frame.clone()
-            })
-            .collect()
+    fn step(&mut self) -> Duration {
+        let base = self.next;
+        self.next = (self.next * 2).min(Backoff::MAX);
+        let jitter = rand::Rng::random_range(&mut rand::rng(), 0.8..1.2);
+        base.mul_f64(jitter)
+    }
+
+    fn reset(&mut self) {
+        self.next = Backoff::FIRST;
     }
 }
 
+/// Each side's first message is its Hello (part of pairing): not reported as chat.
+const HELLO_SEQ: u64 = 1;
+
+/// How often unacknowledged messages are sent again while the peer is online and no receipt
+/// has moved (a frame can be lost with a connection that dies).
+const RETRANSMIT_EVERY: Duration = Duration::from_secs(2);
+
+/// The next frame from the relay, or never when there is no connection.
+async fn next_frame(link: &mut Option<RelayLink>) -> Result<String, ClientError> {
+    match link {
+        Some(relay) => relay.recv().await,
+        None => std::future::pending().await,
+    }
+}
+
+/// Connects to the session's relay and takes our seat back: `REATTACH`, or `RESTORE` when
+/// the relay has forgotten the session (it restarted). Returns whether the peer is online.
+async fn attach(session: &Session) -> Result<(RelayLink, bool), ClientError> {
+    let mut relay = RelayLink::connect(session.relay_url()).await?;
+    match reattach(&mut relay, session).await {
+        Err(ClientError::ResumeRefused { code, .. }) if code == "session_unknown" => {
+            #[derive(serde::Serialize)]
+            struct Restore<'a> {
+                role: String,
+                #[serde(rename = "resumeToken")]
+                resume_token: &'a str,
+                proof: &'a str,
+            }
+            let data = Restore {
+                role: session.role().to_string(),
+                resume_token: session.resume_token().expose(),
+                proof: session.restore_proof().expose(),
+            };
+            relay
+                .send(encode(FrameType::Restore, Some(session.sid()), Some(&data)))
+                .await?;
+            let online = await_status(&mut relay).await?;
+            Ok((relay, online))
+        }
+        Ok(online) => Ok((relay, online)),
+        Err(e) => Err(e),
+    }
+}
+
+/// Sends every unacknowledged message again, in order.
+async fn resend_all(relay: &mut RelayLink, session: &Session) -> Result<(), ClientError> {
+    let frames: Vec<String> = session.unacked().map(|(_, f)| f.to_string()).collect();
+    for frame in frames {
+        relay.send(frame).await?;
+    }
+    Ok(())
+}
+
 async fn chat(
-    mut relay: RelayLink,
+    relay: RelayLink,
     mut session: Session,
     how: Paired,
     store: &Store,
@@ -496,6 +542,7 @@ async fn chat(
 ) -> Result<(), ClientError> {
     session.touch(now_secs());
     persist(store, state, &session)?;
+    let mut link = Some(relay);
     let mut peer_online = match how {
         Paired::Fresh => {
             output.emit(paired_event(&session));
@@ -512,32 +559,48 @@ async fn chat(
             peer_online
         }
     };
+    // Whatever was unacknowledged when we last stopped goes out again first.
+    if let Some(relay) = &mut link {
+        resend_all(relay, &session).await?;
+    }
 
-    let mut input = spawn_input(output);
+    let (mut input, interactive) = spawn_input(output);
+    // A person may quit once the relay holds everything (the outbox is saved and is sent
+    // again on the next resume); a script waits for the peer's receipts.
+    let wait_for_receipts = !interactive;
     let mut input_open = true;
-    let mut outbox = Outbox::default();
+    let mut accepted: BTreeSet<u64> = BTreeSet::new();
     let mut received: u64 = 0;
     let mut told_waiting = false;
+    let mut backoff = Backoff::new();
+    let mut reconnect_at = Instant::now();
+    let mut retransmit = tokio::time::interval(RETRANSMIT_EVERY);
+    retransmit.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut acked_at_last_tick = session.unacked().next().map(|(seq, _)| seq);
 
     loop {
-        // Done when everything typed has been read and taken by the relay, and (with
-        // --exit-after) the expected number of messages has arrived.
-        let want_exit = !input_open && opts.exit_after.is_none_or(|n| received >= n);
-        if want_exit && outbox.is_empty() {
-            relay.close().await;
+        let everything_out = if wait_for_receipts {
+            !session.has_unacked()
+        } else {
+            session.unacked().all(|(seq, _)| accepted.contains(&seq))
+        };
+        if !input_open && opts.exit_after.is_none_or(|n| received >= n) && everything_out {
+            if let Some(relay) = link.take() {
+                relay.close().await;
+            }
             return Ok(());
         }
-        if !input_open && !peer_online && outbox.held() > 0 && !told_waiting {
+        if !input_open && !everything_out && (!peer_online || link.is_none()) && !told_waiting {
             told_waiting = true;
-            let held = outbox.held();
-            output.emit(json!({"event": "waiting", "sid": session.sid(), "undelivered": held,
-                "message": format!("waiting for {} to come back to deliver {held} message(s); Ctrl-C gives up on them",
+            let waiting = session.unacked().count();
+            output.emit(json!({"event": "waiting", "sid": session.sid(), "undelivered": waiting,
+                "message": format!("waiting for {} to receive {waiting} message(s); Ctrl-C stops (they are kept and sent on the next resume)",
                     session.peer_name().unwrap_or("your peer"))}));
         }
         tokio::select! {
             line = input.recv(), if input_open => match line {
                 Some(text) => {
-                    let (seq, frame) = match session.seal(&Plain::Text { text }) {
+                    let (_, frame) = match session.seal(&Plain::Text { text }) {
                         Ok(sealed) => sealed,
                         Err(SendError::TooLong { max }) => {
                             output.emit(error_event("message_too_long", &SendError::TooLong { max }.to_string()));
@@ -545,28 +608,66 @@ async fn chat(
                         }
                         Err(e) => return Err(ClientError::Internal(e.to_string())),
                     };
-                    // Saved before sending: a sequence number is never used twice.
+                    // Saved (in the outbox) before it is sent: a sequence number is never used
+                    // twice, and the message survives a crash.
                     persist(store, state, &session)?;
-                    if peer_online {
-                        relay.send(frame.clone()).await?;
+                    if let Some(relay) = &mut link
+                        && let Err(e) = relay.send(frame).await
+                    {
+                        lost_relay(&mut link, &mut accepted, output, &e);
                     }
-                    outbox.0.insert(seq, Pending { frame, sent: peer_online });
                 }
                 None => input_open = false,
             },
-            frame = relay.recv() => {
-                let frame = frame?;
+            frame = next_frame(&mut link) => {
+                let frame = match frame {
+                    Ok(frame) => frame,
+                    Err(e) => {
+                        lost_relay(&mut link, &mut accepted, output, &e);
+                        reconnect_at = Instant::now() + backoff.step();
+                        continue;
+                    }
+                };
                 let Ok(env) = Envelope::parse(&frame) else { continue };
                 match env.kind {
                     FrameType::Msg => {
-                        if let Some((seq, text)) = receive(&mut session, &env, store, state, output)? {
-                            received += 1;
-                            output.emit(message_event(&session, seq, &text));
+                        let shown = receive(&mut session, &env, store, state, output)?;
+                        received += shown;
+                        if let Some(relay) = &mut link {
+                            let mut receipts = vec![Receipt::Delivered { upto: session.received_upto() }];
+                            if interactive && shown > 0 {
+                                receipts.push(Receipt::Read { upto: session.received_upto() });
+                            }
+                            for receipt in receipts {
+                                if let Ok(frame) = session.receipt(receipt) {
+                                    let _ = relay.send(frame).await;
+                                }
+                            }
                         }
                     }
+                    FrameType::MsgRead => match session.take_receipt(&env) {
+                        Ok(Some((Receipt::Delivered { .. }, newly))) => {
+                            if !newly.is_empty() {
+                                persist(store, state, &session)?;
+                                for seq in newly {
+                                    accepted.remove(&seq);
+                                    if seq != HELLO_SEQ {
+                                        output.emit(json!({"event": "delivered", "sid": session.sid(), "seq": seq}));
+                                    }
+                                }
+                            }
+                        }
+                        Ok(Some((Receipt::Read { upto }, _))) => {
+                            output.emit(json!({"event": "read", "sid": session.sid(), "upto": upto}));
+                        }
+                        Ok(None) => {}
+                        Err(e) => output.emit(error_event("rejected_receipt", &format!("a receipt was rejected: {e}"))),
+                    },
                     FrameType::Delivered => {
                         if let Some(seq) = msg_seq(&env)
-                            && outbox.0.remove(&seq).is_some()
+                            && session.unacked().any(|(s, _)| s == seq)
+                            && accepted.insert(seq)
+                            && seq != HELLO_SEQ
                         {
                             output.emit(json!({"event": "sent", "sid": session.sid(), "seq": seq}));
                         }
@@ -575,8 +676,9 @@ async fn chat(
                         peer_online = true;
                         told_waiting = false;
                         output.emit(json!({"event": "peer_online", "sid": session.sid(), "peer": session.peer_name()}));
-                        for frame in outbox.release() {
-                            relay.send(frame).await?;
+                        // What the peer's last connection had not yet written may be lost.
+                        if let Some(relay) = &mut link {
+                            resend_all(relay, &session).await?;
                         }
                     }
                     FrameType::PeerOffline => {
@@ -586,59 +688,84 @@ async fn chat(
                     FrameType::Error => {
                         let (code, message) = error_fields(&env);
                         match (msg_seq(&env), code.as_str()) {
-                            (Some(seq), "peer_offline" | "not_paired" | "mailbox_full") => {
-                                peer_online = false;
-                                outbox.hold_from(seq);
+                            // Not kept by the relay: it goes again when the peer is back.
+                            (Some(seq), "mailbox_full" | "peer_offline" | "not_paired") => {
+                                accepted.remove(&seq);
                             }
-                            // Refused for good (it will not get better by resending): say so.
-                            (Some(seq), _) => {
-                                outbox.0.remove(&seq);
-                                output.emit(error_event("refused_message",
-                                    &format!("message {seq} was refused by the relay: {message} ({code})")));
-                            }
+                            (Some(seq), _) => output.emit(error_event("refused_message",
+                                &format!("message {seq} was refused by the relay: {message} ({code})"))),
                             (None, "replaced") => return Err(ClientError::SessionTakenOver),
-                            (None, "not_member") => return Err(ClientError::ConnectionLost(
-                                "the relay no longer counts this client in the session".into())),
+                            (None, "not_member") => {
+                                // The relay lost our seat (e.g. it restarted under us): attach again.
+                                lost_relay(&mut link, &mut accepted, output,
+                                    &ClientError::ConnectionLost("the relay no longer counts this client in the session".into()));
+                                reconnect_at = Instant::now();
+                            }
                             (None, _) => output.emit(error_event(&code, &message)),
                         }
                     }
                     _ => {}
                 }
             }
+            () = tokio::time::sleep_until(reconnect_at), if link.is_none() => {
+                match attach(&session).await {
+                    Ok((mut relay, online)) => {
+                        backoff.reset();
+                        peer_online = online;
+                        told_waiting = false;
+                        output.emit(json!({"event": "relay_online", "sid": session.sid(), "peer_online": online}));
+                        resend_all(&mut relay, &session).await?;
+                        link = Some(relay);
+                    }
+                    // The relay answered and refused: trying again will not help.
+                    Err(e @ ClientError::ResumeRefused { .. }) => return Err(e),
+                    Err(_) => reconnect_at = Instant::now() + backoff.step(),
+                }
+            }
+            _ = retransmit.tick(), if link.is_some() && peer_online && session.has_unacked() => {
+                let oldest = session.unacked().next().map(|(seq, _)| seq);
+                if oldest == acked_at_last_tick
+                    && let Some(relay) = &mut link
+                {
+                    resend_all(relay, &session).await?;
+                }
+                acked_at_last_tick = oldest;
+            }
         }
     }
 }
 
-/// Handles a received `MSG`; returns `(seq, text)` for a chat line to show.
+/// The connection to the relay is gone: say so; the loop reconnects.
+fn lost_relay(
+    link: &mut Option<RelayLink>,
+    accepted: &mut BTreeSet<u64>,
+    output: &mut Output,
+    why: &ClientError,
+) {
+    *link = None;
+    accepted.clear();
+    output.emit(json!({"event": "relay_offline", "message": why.to_string()}));
+}
+
+/// Handles a received `MSG`: records what is now due, then shows it. Returns how many chat
+/// lines were shown.
 fn receive(
     session: &mut Session,
     env: &Envelope<'_>,
     store: &Store,
     state: &mut StateFile,
     output: &mut Output,
-) -> Result<Option<(u64, String)>, ClientError> {
+) -> Result<u64, ClientError> {
     // Late handshake notices (a repeated confirmation) carry a `kind`; they are not chat.
     #[derive(Deserialize)]
     struct Kind {
         kind: Option<String>,
     }
     if env.data::<Kind>().ok().and_then(|k| k.kind).is_some() {
-        return Ok(None);
+        return Ok(0);
     }
-    match session.open(env) {
-        Ok(incoming) => {
-            session.touch(now_secs());
-            let shown = match incoming.plain {
-                Plain::Hello { name } => {
-                    session.set_peer_name(name);
-                    None
-                }
-                Plain::Text { text } => Some((incoming.seq, text)),
-            };
-            // Recorded before it is shown: a crash never shows a message twice.
-            persist(store, state, session)?;
-            Ok(shown)
-        }
+    let received = match session.receive(env) {
+        Ok(received) => received,
         Err(e) => {
             let code = match e {
                 ReceiveError::Replayed { .. } => "replayed_message",
@@ -649,9 +776,29 @@ fn receive(
                 code,
                 &format!("a message was rejected and not shown: {e}"),
             ));
-            Ok(None)
+            return Ok(0);
+        }
+    };
+    if received.due.is_empty() {
+        return Ok(0);
+    }
+    session.touch(now_secs());
+    let mut lines = Vec::new();
+    for incoming in received.due {
+        match incoming.plain {
+            Plain::Hello { name } => session.set_peer_name(name),
+            Plain::Text { text } => lines.push((incoming.seq, text)),
         }
     }
+    // Recorded before shown: a crash never shows a message twice. The window between the
+    // commit (rename) and the print is a few system calls; the directory sync comes after.
+    state.upsert(session.record());
+    store.save_visible(state)?;
+    for (seq, text) in &lines {
+        output.emit(message_event(session, *seq, text));
+    }
+    store.sync_dir()?;
+    Ok(lines.len() as u64)
 }
 
 fn msg_seq(env: &Envelope<'_>) -> Option<u64> {

@@ -496,6 +496,7 @@ impl Host {
                     send_key: keys.host_to_guest.clone(),
                     recv_key: keys.guest_to_host.clone(),
                     safety_number: keys.safety_number.clone(),
+                    restore_proof: Secret::new(keys.restore_proof.clone()),
                     now: now_secs(),
                 });
                 let guest_confirm = keys.guest_confirm.clone();
@@ -717,6 +718,7 @@ impl Guest {
                     send_key: keys.guest_to_host.clone(),
                     recv_key: keys.host_to_guest.clone(),
                     safety_number: keys.safety_number.clone(),
+                    restore_proof: Secret::new(keys.restore_proof.clone()),
                     now: now_secs(),
                 });
                 let state = GuestState::AwaitAccept {

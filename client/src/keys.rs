@@ -27,6 +27,7 @@ pub const LABEL_CONFIRM_GUEST: &[u8] = b"parley/v1/confirm/guest";
 pub const LABEL_KEY_HOST_TO_GUEST: &[u8] = b"parley/v1/message-key/host-to-guest";
 pub const LABEL_KEY_GUEST_TO_HOST: &[u8] = b"parley/v1/message-key/guest-to-host";
 pub const LABEL_SAFETY_NUMBER: &[u8] = b"parley/v1/safety-number";
+pub const LABEL_RESTORE_PROOF: &[u8] = b"parley/v1/relay-restore-proof";
 
 /// Everything both sides saw during the handshake, in a fixed order (host first).
 pub struct Transcript<'a> {
@@ -116,6 +117,9 @@ pub struct SessionKeys {
     pub guest_confirm: Confirmation,
     /// 12 digits in three groups; equal on both sides iff they hold the same keys.
     pub safety_number: String,
+    /// What both members present to a restarted relay to re-create the session (hex). It
+    /// reveals nothing about the other keys.
+    pub restore_proof: String,
 }
 
 pub fn derive(dh_secret: &[u8], pake_key: &[u8], transcript_hash: &[u8; 32]) -> SessionKeys {
@@ -137,6 +141,7 @@ pub fn derive(dh_secret: &[u8], pake_key: &[u8], transcript_hash: &[u8; 32]) -> 
         host_confirm: Confirmation(expand32(LABEL_CONFIRM_HOST)),
         guest_confirm: Confirmation(expand32(LABEL_CONFIRM_GUEST)),
         safety_number: safety_number(u64::from_be_bytes(safety)),
+        restore_proof: hex::encode(expand32(LABEL_RESTORE_PROOF)),
     }
 }
 

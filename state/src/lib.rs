@@ -116,12 +116,26 @@ pub struct SessionRecord {
     /// The last sequence number we sent, and the highest one we accepted from the peer.
     pub send_seq: u64,
     pub recv_seq: u64,
-    /// Which of the `REPLAY_WINDOW` numbers below `recv_seq` were received (bit i: `recv_seq - 1 - i`).
+    /// Our messages the peer has not yet acknowledged end to end, as the exact `MSG` frames
+    /// sent (ciphertext only), oldest first: resent until acknowledged.
     #[serde(default)]
-    pub recv_window: u64,
+    pub outbox: Vec<OutboxEntry>,
+    /// The highest sequence number the peer acknowledged (it has everything up to it).
+    #[serde(default)]
+    pub peer_acked: u64,
+    /// Presented with `RESTORE` when a restarted relay has forgotten the session (hex).
+    #[serde(default)]
+    pub restore_proof: Secret,
     /// Unix seconds.
     pub created: u64,
     pub last_used: u64,
+}
+
+/// One unacknowledged message of ours.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct OutboxEntry {
+    pub seq: u64,
+    pub frame: String,
 }
 
 /// The whole file.
@@ -245,8 +259,16 @@ impl Store {
         Ok(self.load()?.unwrap_or_else(|| StateFile::new(&self.name)))
     }
 
-    /// Replaces the file atomically with `state`.
+    /// Replaces the file atomically with `state`, durably.
     pub fn save(&self, state: &StateFile) -> Result<(), StateError> {
+        self.save_visible(state)?;
+        self.sync_dir()
+    }
+
+    /// Replaces the file atomically with `state`: once this returns, any later process reads
+    /// the new content. Durable against a power cut only after [`Store::sync_dir`]; a caller
+    /// that must act right after the commit (print what it recorded) does so in between.
+    pub fn save_visible(&self, state: &StateFile) -> Result<(), StateError> {
         let mut bytes =
             Zeroizing::new(
                 serde_json::to_vec_pretty(state).map_err(|e| StateError::Corrupt {
@@ -268,14 +290,19 @@ impl Store {
                 .open(&tmp)?;
             file.write_all(&bytes)?;
             file.sync_all()?;
-            fs::rename(&tmp, &self.path)?;
-            // The rename is durable only once the directory entry is.
-            File::open(&self.dir)?.sync_all()
+            fs::rename(&tmp, &self.path)
         })();
         if written.is_err() {
             let _ = fs::remove_file(&tmp);
         }
         written.map_err(io_err(&self.path))
+    }
+
+    /// Makes the last rename durable (the directory entry itself).
+    pub fn sync_dir(&self) -> Result<(), StateError> {
+        File::open(&self.dir)
+            .and_then(|d| d.sync_all())
+            .map_err(io_err(&self.dir))
     }
 }
 
@@ -394,7 +421,12 @@ mod tests {
             recv_key: Secret::new("22".repeat(32)),
             send_seq: 3,
             recv_seq: 4,
-            recv_window: 0,
+            outbox: vec![OutboxEntry {
+                seq: 3,
+                frame: "{}".into(),
+            }],
+            peer_acked: 2,
+            restore_proof: Secret::new("cd".repeat(32)),
             created: 1,
             last_used: 2,
         }

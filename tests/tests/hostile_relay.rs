@@ -177,13 +177,14 @@ fn a_relay_that_alters_any_handshake_field_is_caught_on_both_sides() {
 #[test]
 fn tampered_and_replayed_messages_are_rejected_never_shown() {
     let relay = RelayProcess::start(&[]);
-    // Host to guest, after pairing: seq 2 ("one") gets a flipped bit; seq 3 ("two") is sent
-    // twice; seq 4 ("three") passes untouched.
-    let tamper: Tamper = Arc::new(|dir, text| {
+    // Host to guest, after pairing: the first copy of seq 2 ("one") gets a flipped bit; seq 3
+    // ("two") is sent twice every time it passes; seq 4 ("three") passes untouched.
+    let tampered_once = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let tamper: Tamper = Arc::new(move |dir, text| {
         let mut frame: Value = serde_json::from_str(text).unwrap();
         if dir == Toward::Relay && frame["t"] == "MSG" {
             match frame["data"]["msgID"].as_u64() {
-                Some(2) => {
+                Some(2) if !tampered_once.swap(true, std::sync::atomic::Ordering::SeqCst) => {
                     let payload = frame["data"]["payload"].as_str().unwrap().to_string();
                     frame["data"]["payload"] = json!(flip_last(&payload));
                     return vec![frame.to_string()];
@@ -202,7 +203,7 @@ fn tampered_and_replayed_messages_are_rejected_never_shown() {
         proxy.url(),
         bob_dir.path(),
         "bob",
-        &["--exit-after", "2", "join", &code],
+        &["--exit-after", "3", "join", &code],
     );
     alice.expect("paired");
     bob.expect("paired");
@@ -213,20 +214,21 @@ fn tampered_and_replayed_messages_are_rejected_never_shown() {
     bob.close_stdin();
     let (bob_status, events) = bob.wait();
     assert!(bob_status.success(), "{bob_status}: {events:?}");
-    assert_eq!(
-        texts(&events),
-        ["two", "three"],
-        "only authentic messages, each once"
-    );
-    let errors: Vec<&Value> = events.iter().filter(|e| e["event"] == "error").collect();
+    // The altered copy was refused and never shown; the sender's resend of the genuine one
+    // filled the gap; the duplicate was dropped. Everything once, in order.
+    assert_eq!(texts(&events), ["one", "two", "three"]);
     assert!(
-        errors.iter().any(|e| e["code"] == "rejected_message"),
+        events
+            .iter()
+            .any(|e| e["event"] == "error" && e["code"] == "rejected_message"),
         "{events:?}"
     );
-    assert!(
-        errors.iter().any(|e| e["code"] == "replayed_message"),
-        "{events:?}"
-    );
-    let (alice_status, _) = alice.wait();
-    assert!(alice_status.success());
+    let (alice_status, alice_events) = alice.wait();
+    assert!(alice_status.success(), "{alice_events:?}");
+    let delivered: Vec<u64> = alice_events
+        .iter()
+        .filter(|e| e["event"] == "delivered")
+        .map(|e| e["seq"].as_u64().unwrap())
+        .collect();
+    assert_eq!(delivered, [2, 3, 4], "end-to-end receipts reach the sender");
 }
