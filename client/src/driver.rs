@@ -494,11 +494,16 @@ async fn next_frame(link: &mut Option<RelayLink>) -> Result<String, ClientError>
 }
 
 /// Connects to the session's relay and takes our seat back: `REATTACH`, or `RESTORE` when
-/// the relay has forgotten the session (it restarted). Returns whether the peer is online.
+/// the relay has forgotten the session (it restarted) or holds it restored by the peer.
+/// Returns whether the peer is online.
 async fn attach(session: &Session) -> Result<(RelayLink, bool), ClientError> {
     let mut relay = RelayLink::connect(session.relay_url()).await?;
     match reattach(&mut relay, session).await {
-        Err(ClientError::ResumeRefused { code, .. }) if code == "session_unknown" => {
+        // Forgotten (the relay restarted), or re-created by the peer's RESTORE with our seat
+        // awaiting us: RESTORE with the proof.
+        Err(ClientError::ResumeRefused { code, .. })
+            if code == "session_unknown" || code == "token_invalid" =>
+        {
             #[derive(serde::Serialize)]
             struct Restore<'a> {
                 role: String,
@@ -522,11 +527,17 @@ async fn attach(session: &Session) -> Result<(RelayLink, bool), ClientError> {
     }
 }
 
-/// Sends every unacknowledged message again, in order.
-async fn resend_all(relay: &mut RelayLink, session: &Session) -> Result<(), ClientError> {
-    let frames: Vec<String> = session.unacked().map(|(_, f)| f.to_string()).collect();
-    for frame in frames {
+/// Sends what the send window allows beyond `sent_upto` (0: the whole window again), in
+/// order. An error means the connection is gone.
+async fn pump(
+    link: &mut Option<RelayLink>,
+    session: &Session,
+    sent_upto: &mut u64,
+) -> Result<(), ClientError> {
+    let Some(relay) = link else { return Ok(()) };
+    for (seq, frame) in session.window_after(*sent_upto) {
         relay.send(frame).await?;
+        *sent_upto = seq;
     }
     Ok(())
 }
@@ -541,7 +552,14 @@ async fn chat(
     output: &mut Output,
 ) -> Result<(), ClientError> {
     session.touch(now_secs());
-    persist(store, state, &session)?;
+    // What the last run recorded but may not have shown (it stopped in between): shown below,
+    // before the state forgets it.
+    let unshown = session.take_unshown();
+    let had_unshown = !unshown.is_empty();
+    if !had_unshown {
+        // Saved before anything is announced: "paired" means the session is stored.
+        persist(store, state, &session)?;
+    }
     let mut link = Some(relay);
     let mut peer_online = match how {
         Paired::Fresh => {
@@ -559,10 +577,17 @@ async fn chat(
             peer_online
         }
     };
-    // Whatever was unacknowledged when we last stopped goes out again first.
-    if let Some(relay) = &mut link {
-        resend_all(relay, &session).await?;
+    // (Not counted for --exit-after: the last run may have shown them already.)
+    let mut received: u64 = 0;
+    for (seq, text) in unshown {
+        output.emit(message_event(&session, seq, &text));
     }
+    if had_unshown {
+        persist(store, state, &session)?;
+    }
+    // Whatever was unacknowledged when we last stopped goes out again first.
+    let mut sent_upto = 0;
+    pump(&mut link, &session, &mut sent_upto).await?;
 
     let (mut input, interactive) = spawn_input(output);
     // A person may quit once the relay holds everything (the outbox is saved and is sent
@@ -570,7 +595,6 @@ async fn chat(
     let wait_for_receipts = !interactive;
     let mut input_open = true;
     let mut accepted: BTreeSet<u64> = BTreeSet::new();
-    let mut received: u64 = 0;
     let mut told_waiting = false;
     let mut backoff = Backoff::new();
     let mut reconnect_at = Instant::now();
@@ -600,21 +624,20 @@ async fn chat(
         tokio::select! {
             line = input.recv(), if input_open => match line {
                 Some(text) => {
-                    let (_, frame) = match session.seal(&Plain::Text { text }) {
-                        Ok(sealed) => sealed,
+                    match session.seal(&Plain::Text { text }) {
+                        Ok(_) => {}
                         Err(SendError::TooLong { max }) => {
                             output.emit(error_event("message_too_long", &SendError::TooLong { max }.to_string()));
                             continue;
                         }
                         Err(e) => return Err(ClientError::Internal(e.to_string())),
-                    };
+                    }
                     // Saved (in the outbox) before it is sent: a sequence number is never used
                     // twice, and the message survives a crash.
                     persist(store, state, &session)?;
-                    if let Some(relay) = &mut link
-                        && let Err(e) = relay.send(frame).await
-                    {
+                    if let Err(e) = pump(&mut link, &session, &mut sent_upto).await {
                         lost_relay(&mut link, &mut accepted, output, &e);
+                        reconnect_at = Instant::now() + backoff.step();
                     }
                 }
                 None => input_open = false,
@@ -649,6 +672,11 @@ async fn chat(
                         Ok(Some((Receipt::Delivered { .. }, newly))) => {
                             if !newly.is_empty() {
                                 persist(store, state, &session)?;
+                                // Receipts open the window: send what it now allows.
+                                if let Err(e) = pump(&mut link, &session, &mut sent_upto).await {
+                                    lost_relay(&mut link, &mut accepted, output, &e);
+                                    reconnect_at = Instant::now() + backoff.step();
+                                }
                                 for seq in newly {
                                     accepted.remove(&seq);
                                     if seq != HELLO_SEQ {
@@ -677,8 +705,10 @@ async fn chat(
                         told_waiting = false;
                         output.emit(json!({"event": "peer_online", "sid": session.sid(), "peer": session.peer_name()}));
                         // What the peer's last connection had not yet written may be lost.
-                        if let Some(relay) = &mut link {
-                            resend_all(relay, &session).await?;
+                        sent_upto = 0;
+                        if let Err(e) = pump(&mut link, &session, &mut sent_upto).await {
+                            lost_relay(&mut link, &mut accepted, output, &e);
+                            reconnect_at = Instant::now() + backoff.step();
                         }
                     }
                     FrameType::PeerOffline => {
@@ -691,6 +721,10 @@ async fn chat(
                             // Not kept by the relay: it goes again when the peer is back.
                             (Some(seq), "mailbox_full" | "peer_offline" | "not_paired") => {
                                 accepted.remove(&seq);
+                                if code == "mailbox_full" {
+                                    output.emit(json!({"event": "error", "code": "mailbox_full", "seq": seq,
+                                        "message": format!("message {seq} is not at the relay yet (the offline peer's mailbox is full); it is kept and sent when the peer is back")}));
+                                }
                             }
                             (Some(seq), _) => output.emit(error_event("refused_message",
                                 &format!("message {seq} was refused by the relay: {message} ({code})"))),
@@ -709,13 +743,17 @@ async fn chat(
             }
             () = tokio::time::sleep_until(reconnect_at), if link.is_none() => {
                 match attach(&session).await {
-                    Ok((mut relay, online)) => {
+                    Ok((relay, online)) => {
                         backoff.reset();
                         peer_online = online;
                         told_waiting = false;
                         output.emit(json!({"event": "relay_online", "sid": session.sid(), "peer_online": online}));
-                        resend_all(&mut relay, &session).await?;
                         link = Some(relay);
+                        sent_upto = 0;
+                        if let Err(e) = pump(&mut link, &session, &mut sent_upto).await {
+                            lost_relay(&mut link, &mut accepted, output, &e);
+                            reconnect_at = Instant::now() + backoff.step();
+                        }
                     }
                     // The relay answered and refused: trying again will not help.
                     Err(e @ ClientError::ResumeRefused { .. }) => return Err(e),
@@ -724,10 +762,12 @@ async fn chat(
             }
             _ = retransmit.tick(), if link.is_some() && peer_online && session.has_unacked() => {
                 let oldest = session.unacked().next().map(|(seq, _)| seq);
-                if oldest == acked_at_last_tick
-                    && let Some(relay) = &mut link
-                {
-                    resend_all(relay, &session).await?;
+                if oldest == acked_at_last_tick {
+                    sent_upto = 0;
+                    if let Err(e) = pump(&mut link, &session, &mut sent_upto).await {
+                        lost_relay(&mut link, &mut accepted, output, &e);
+                        reconnect_at = Instant::now() + backoff.step();
+                    }
                 }
                 acked_at_last_tick = oldest;
             }
@@ -790,14 +830,17 @@ fn receive(
             Plain::Text { text } => lines.push((incoming.seq, text)),
         }
     }
-    // Recorded before shown: a crash never shows a message twice. The window between the
-    // commit (rename) and the print is a few system calls; the directory sync comes after.
+    // Recorded, together with the lines themselves as not yet shown, before they are shown;
+    // then recorded as shown. A crash in between shows them at the next start (the same `seq`
+    // again, at worst, never a gap).
+    session.set_unshown(lines.clone());
     state.upsert(session.record());
     store.save_visible(state)?;
     for (seq, text) in &lines {
         output.emit(message_event(session, *seq, text));
     }
-    store.sync_dir()?;
+    session.set_unshown(Vec::new());
+    persist(store, state, session)?;
     Ok(lines.len() as u64)
 }
 

@@ -12,7 +12,7 @@
 use std::collections::BTreeMap;
 
 use parley_protocol::{Envelope, FrameType, encode};
-use parley_state::{OutboxEntry, Role, Secret, SessionRecord};
+use parley_state::{OutboxEntry, Role, Secret, SessionRecord, Unshown};
 use serde::{Deserialize, Serialize};
 use serde_json::value::RawValue;
 
@@ -44,6 +44,10 @@ pub struct Incoming {
     pub seq: u64,
     pub plain: Plain,
 }
+
+/// How many unacknowledged messages may be on their way at once; the rest wait for receipts,
+/// so that a burst (a resend after reconnecting, say) never overflows the relay's queue.
+pub const SEND_WINDOW: usize = 64;
 
 /// Messages that arrived ahead of a gap wait for it, in memory, up to this many.
 pub const MAX_EARLY: usize = 1024;
@@ -98,6 +102,8 @@ pub struct Session {
     outbox: BTreeMap<u64, String>,
     peer_acked: u64,
     early: BTreeMap<u64, Plain>,
+    /// Recorded but perhaps not shown yet (see [`Session::take_unshown`]).
+    unshown: Vec<(u64, String)>,
     safety_number: String,
     peer_name: Option<String>,
     created: u64,
@@ -149,6 +155,7 @@ impl Session {
             outbox: BTreeMap::new(),
             peer_acked: 0,
             early: BTreeMap::new(),
+            unshown: Vec::new(),
             safety_number: parts.safety_number,
             peer_name: None,
             created: parts.now,
@@ -190,6 +197,11 @@ impl Session {
             outbox,
             peer_acked: record.peer_acked,
             early: BTreeMap::new(),
+            unshown: record
+                .unshown
+                .iter()
+                .map(|u| (u.seq, u.text.expose().to_string()))
+                .collect(),
             safety_number: record.safety_number.clone(),
             peer_name: record.peer_name.clone(),
             created: record.created,
@@ -218,6 +230,14 @@ impl Session {
                 })
                 .collect(),
             peer_acked: self.peer_acked,
+            unshown: self
+                .unshown
+                .iter()
+                .map(|(seq, text)| Unshown {
+                    seq: *seq,
+                    text: Secret::new(text.clone()),
+                })
+                .collect(),
             restore_proof: self.restore_proof.clone(),
             created: self.created,
             last_used: self.last_used,
@@ -260,6 +280,17 @@ impl Session {
         self.last_used = now;
     }
 
+    /// Marks chat lines as recorded-but-not-yet-shown: saved with the next record, so that a
+    /// crash between recording and showing shows them at the next start instead of losing them.
+    pub fn set_unshown(&mut self, lines: Vec<(u64, String)>) {
+        self.unshown = lines;
+    }
+
+    /// What a previous run recorded but may not have shown; cleared (persist afterwards).
+    pub fn take_unshown(&mut self) -> Vec<(u64, String)> {
+        std::mem::take(&mut self.unshown)
+    }
+
     /// The highest sequence number received and recorded.
     pub fn received_upto(&self) -> u64 {
         self.recv_seq
@@ -299,6 +330,16 @@ impl Session {
         self.outbox
             .iter()
             .map(|(seq, frame)| (*seq, frame.as_str()))
+    }
+
+    /// The unacknowledged messages inside the send window numbered above `after`, in order.
+    pub fn window_after(&self, after: u64) -> Vec<(u64, String)> {
+        self.outbox
+            .iter()
+            .take(SEND_WINDOW)
+            .filter(|(seq, _)| **seq > after)
+            .map(|(seq, frame)| (*seq, frame.clone()))
+            .collect()
     }
 
     pub fn has_unacked(&self) -> bool {

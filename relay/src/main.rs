@@ -85,6 +85,18 @@ struct Args {
     #[arg(long, default_value_t = parley_protocol::limits::SESSIONS_CREATED_PER_ADDRESS_BURST)]
     sessions_created_per_address: u32,
 
+    /// Frames kept for an offline member, per seat (capped below --outbound-queue-frames).
+    #[arg(long, default_value_t = parley_protocol::limits::MAILBOX_FRAMES)]
+    mailbox_frames: usize,
+
+    /// Bytes kept for an offline member, per seat (capped below --outbound-queue-bytes).
+    #[arg(long, default_value_t = parley_protocol::limits::MAILBOX_BYTES)]
+    mailbox_bytes: usize,
+
+    /// Seconds a frame is kept for an offline member.
+    #[arg(long, default_value_t = parley_protocol::limits::MAILBOX_AGE.as_secs())]
+    mailbox_age_secs: u64,
+
     /// Accept REATTACH without a resume token, as the original relay did. Anyone who learns a
     /// session id can then take an empty seat in it: only for clients that predate tokens.
     #[arg(long)]
@@ -118,6 +130,12 @@ impl Args {
             sessions_created_per_address: RateLimit {
                 burst: self.sessions_created_per_address,
                 ..defaults.sessions_created_per_address
+            },
+            mailbox: parley_relay::MailboxLimits {
+                max_frames: self.mailbox_frames,
+                max_bytes: self.mailbox_bytes,
+                max_age: Duration::from_secs(self.mailbox_age_secs),
+                ..defaults.mailbox
             },
             allow_tokenless_reattach: self.allow_tokenless_reattach,
             ..defaults

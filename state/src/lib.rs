@@ -123,12 +123,23 @@ pub struct SessionRecord {
     /// The highest sequence number the peer acknowledged (it has everything up to it).
     #[serde(default)]
     pub peer_acked: u64,
+    /// Messages recorded as received but perhaps not yet shown (a crash between the two): shown
+    /// again at the next start. Cleared right after they are shown.
+    #[serde(default)]
+    pub unshown: Vec<Unshown>,
     /// Presented with `RESTORE` when a restarted relay has forgotten the session (hex).
     #[serde(default)]
     pub restore_proof: Secret,
     /// Unix seconds.
     pub created: u64,
     pub last_used: u64,
+}
+
+/// A received message between being recorded and being shown. The text is a secret.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Unshown {
+    pub seq: u64,
+    pub text: Secret,
 }
 
 /// One unacknowledged message of ours.
@@ -426,6 +437,7 @@ mod tests {
                 frame: "{}".into(),
             }],
             peer_acked: 2,
+            unshown: Vec::new(),
             restore_proof: Secret::new("cd".repeat(32)),
             created: 1,
             last_used: 2,

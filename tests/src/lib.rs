@@ -16,7 +16,7 @@ use std::time::{Duration, Instant};
 use serde_json::Value;
 
 /// The longest any single expected event may take.
-pub const STEP: Duration = Duration::from_secs(20);
+pub const STEP: Duration = Duration::from_secs(30);
 
 /// The binaries under test, built once per test process (a no-op when `cargo test --workspace`
 /// already built them).
@@ -64,8 +64,13 @@ pub struct RelayProcess {
 
 impl RelayProcess {
     pub fn start(extra_args: &[&str]) -> RelayProcess {
+        RelayProcess::start_at("127.0.0.1:0", extra_args)
+    }
+
+    /// On a given address (to restart a relay where its clients expect it).
+    pub fn start_at(listen: &str, extra_args: &[&str]) -> RelayProcess {
         let mut child = Command::new(&binaries().relay)
-            .args(["--listen", "127.0.0.1:0"])
+            .args(["--listen", listen])
             .args(extra_args)
             .env("RUST_LOG", "warn")
             .stdout(Stdio::piped())
@@ -86,6 +91,12 @@ impl RelayProcess {
 
     pub fn url(&self) -> &str {
         &self.url
+    }
+
+    /// SIGKILL: the relay forgets everything, as in a crash.
+    pub fn kill(mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
     }
 
     /// The relay's address, `127.0.0.1:PORT`.
@@ -132,6 +143,8 @@ pub struct Client {
     child: Child,
     stdin: Option<ChildStdin>,
     events: mpsc::Receiver<Value>,
+    /// Reads stdout until EOF; joined once the process is gone, so no event is missed.
+    reader: Option<std::thread::JoinHandle<()>>,
     /// Events read while looking for another one, in order.
     pub seen: Vec<Value>,
 }
@@ -152,7 +165,7 @@ impl Client {
             .unwrap();
         let stdout = child.stdout.take().unwrap();
         let (tx, events) = mpsc::channel();
-        std::thread::spawn(move || {
+        let reader = std::thread::spawn(move || {
             for line in BufReader::new(stdout).lines() {
                 let Ok(line) = line else { break };
                 let event: Value = serde_json::from_str(&line)
@@ -166,6 +179,7 @@ impl Client {
             stdin: child.stdin.take(),
             child,
             events,
+            reader: Some(reader),
             seen: Vec::new(),
         }
     }
@@ -210,18 +224,47 @@ impl Client {
             }
             std::thread::sleep(Duration::from_millis(10));
         };
-        let mut rest = std::mem::take(&mut self.seen);
-        // The reader thread ends at EOF; collect what it still holds.
-        while let Ok(event) = self.events.recv_timeout(Duration::from_millis(500)) {
-            rest.push(event);
+        (status, self.collect_rest())
+    }
+
+    /// After the process is gone: every event not taken yet, up to the end of its output.
+    fn collect_rest(&mut self) -> Vec<Value> {
+        if let Some(reader) = self.reader.take() {
+            let _ = reader.join();
         }
-        (status, rest)
+        let mut rest = std::mem::take(&mut self.seen);
+        rest.extend(self.events.try_iter());
+        rest
     }
 
     /// SIGKILL: no chance to clean up, like a crash or a power cut.
     pub fn kill(mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
+    }
+
+    /// SIGKILL, then every event it printed that was not taken yet.
+    pub fn kill_and_collect(mut self) -> Vec<Value> {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        self.collect_rest()
+    }
+
+    /// Waits up to `limit` for the process to exit; `None` if it is still running.
+    pub fn wait_up_to(&mut self, limit: Duration) -> Option<(ExitStatus, Vec<Value>)> {
+        self.stdin = None;
+        let deadline = Instant::now() + limit;
+        while Instant::now() < deadline {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                return Some((status, self.collect_rest()));
+            }
+            // Keep the pipe drained so a chatty client never blocks on stdout.
+            while let Ok(event) = self.events.try_recv() {
+                self.seen.push(event);
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        None
     }
 
     pub fn id(&self) -> u32 {

@@ -17,6 +17,15 @@ pub enum Toward {
 /// Decides what becomes of each text frame: the frames to pass on instead (empty to drop it).
 pub type Tamper = Arc<dyn Fn(Toward, &str) -> Vec<String> + Send + Sync>;
 
+/// Asked before each frame: `true` cuts that connection there and then (both TCP connections
+/// are dropped, the frame with them), as a failing network would.
+pub type Cut = Arc<dyn Fn() -> bool + Send + Sync>;
+
+/// Passes every frame on unchanged.
+pub fn honest() -> Tamper {
+    Arc::new(|_, text| vec![text.to_string()])
+}
+
 pub struct Proxy {
     url: String,
 }
@@ -24,6 +33,11 @@ pub struct Proxy {
 impl Proxy {
     /// Starts the proxy on its own thread and runtime; it lives until the test process ends.
     pub fn start(relay_url: &str, tamper: Tamper) -> Proxy {
+        Proxy::start_cutting(relay_url, tamper, Arc::new(|| false))
+    }
+
+    /// A proxy that also cuts connections whenever `cut` says so.
+    pub fn start_cutting(relay_url: &str, tamper: Tamper, cut: Cut) -> Proxy {
         let relay_url = relay_url.to_string();
         let (tx, rx) = std::sync::mpsc::channel();
         std::thread::spawn(move || {
@@ -38,7 +52,7 @@ impl Proxy {
                     let Ok((stream, _)) = listener.accept().await else {
                         return;
                     };
-                    let (relay_url, tamper) = (relay_url.clone(), tamper.clone());
+                    let (relay_url, tamper, cut) = (relay_url.clone(), tamper.clone(), cut.clone());
                     tokio::spawn(async move {
                         let Ok(client) = tokio_tungstenite::accept_async(stream).await else {
                             return;
@@ -47,7 +61,7 @@ impl Proxy {
                         else {
                             return;
                         };
-                        splice(client, relay, tamper).await;
+                        splice(client, relay, tamper, cut).await;
                     });
                 }
             });
@@ -63,7 +77,7 @@ impl Proxy {
     }
 }
 
-async fn splice<C, R>(client: C, relay: R, tamper: Tamper)
+async fn splice<C, R>(client: C, relay: R, tamper: Tamper, cut: Cut)
 where
     C: futures_util::Stream<Item = Result<Message, tokio_tungstenite::tungstenite::Error>>
         + futures_util::Sink<Message>
@@ -78,12 +92,14 @@ where
         tokio::select! {
             msg = client_rx.next() => {
                 let Some(Ok(Message::Text(text))) = msg else { break };
+                if cut() { return; }
                 for frame in tamper(Toward::Relay, text.as_str()) {
                     if relay_tx.send(Message::Text(frame.into())).await.is_err() { return; }
                 }
             }
             msg = relay_rx.next() => {
                 let Some(Ok(Message::Text(text))) = msg else { break };
+                if cut() { return; }
                 for frame in tamper(Toward::Client, text.as_str()) {
                     if client_tx.send(Message::Text(frame.into())).await.is_err() { return; }
                 }
