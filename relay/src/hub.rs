@@ -304,21 +304,7 @@ impl Hub {
     fn create_session(&self, conn: &mut ConnState) -> Result<(), Refusal> {
         self.prune_memberships(conn);
         self.check_membership_room(conn)?;
-        // Each session may soon hold a live invite code: one address may not fill the code space.
-        let now = Instant::now();
-        if !self.create_limiter.allows(conn.address, now) {
-            return Err(refuse(
-                ErrorCode::RateLimited,
-                "too many sessions created from this address; wait a minute and try again",
-            ));
-        }
-        self.create_limiter.charge(conn.address, now);
-        if self.sessions.len() >= self.config.max_sessions {
-            return Err(refuse(
-                ErrorCode::RelayFull,
-                "the relay holds its maximum number of sessions; try again later",
-            ));
-        }
+        self.admit_new_session(conn, self.sessions.len() >= self.config.max_sessions)?;
         let host = Seat::new(&conn.outbox, self.mailbox());
         let token = host.token_wire();
         let session = Session {
@@ -756,20 +742,7 @@ impl Hub {
                 session
             }
             Entry::Vacant(slot) => {
-                if relay_full {
-                    return Err(refuse(
-                        ErrorCode::RelayFull,
-                        "the relay holds its maximum number of sessions; try again later",
-                    ));
-                }
-                let now = Instant::now();
-                if !self.create_limiter.allows(conn.address, now) {
-                    return Err(refuse(
-                        ErrorCode::RateLimited,
-                        "too many sessions created from this address; wait a minute and try again",
-                    ));
-                }
-                self.create_limiter.charge(conn.address, now);
+                self.admit_new_session(conn, relay_full)?;
                 // Our seat gets the presented token; the other waits for its owner.
                 let seat = |owner: bool| Seat {
                     token: if owner {
@@ -940,6 +913,29 @@ impl Hub {
                 Err(not_member())
             }
         }
+    }
+
+    /// Whether a new session may be created for this connection (by `CREATE_SESSION` or
+    /// `RESTORE`): within the relay's cap, and within the address's allowance, which it
+    /// charges. Each session may soon hold a live invite code: one address may not fill the
+    /// code space. (`relay_full` is computed by the caller, before it locks any entry: `len`
+    /// visits every shard.)
+    fn admit_new_session(&self, conn: &ConnState, relay_full: bool) -> Result<(), Refusal> {
+        if relay_full {
+            return Err(refuse(
+                ErrorCode::RelayFull,
+                "the relay holds its maximum number of sessions; try again later",
+            ));
+        }
+        let now = Instant::now();
+        if !self.create_limiter.allows(conn.address, now) {
+            return Err(refuse(
+                ErrorCode::RateLimited,
+                "too many sessions created from this address; wait a minute and try again",
+            ));
+        }
+        self.create_limiter.charge(conn.address, now);
+        Ok(())
     }
 
     /// Drops memberships whose seat this connection no longer holds (taken over, or denied),
