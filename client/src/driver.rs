@@ -19,7 +19,7 @@ use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
 
 use crate::code::InviteCode;
 use crate::error::ClientError;
-use crate::handshake::{Guest, Host, Pairing, PairingError, Step};
+use crate::handshake::{Guest, Host, Pairing, PairingError, Step, error_fields, msg_kind};
 use crate::output::{Output, error_event};
 use crate::session::{Plain, Receipt, ReceiveError, SendError, Session};
 
@@ -388,19 +388,6 @@ async fn await_status(relay: &mut RelayLink) -> Result<bool, ClientError> {
             _ => {}
         }
     }
-}
-
-fn error_fields(env: &Envelope<'_>) -> (String, String) {
-    #[derive(Deserialize, Default)]
-    struct ErrorData {
-        code: Option<String>,
-        message: Option<String>,
-    }
-    let data: ErrorData = env.data().unwrap_or_default();
-    (
-        data.code.unwrap_or_else(|| "unknown".into()),
-        data.message.unwrap_or_default(),
-    )
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -797,11 +784,7 @@ fn receive(
     output: &mut Output,
 ) -> Result<u64, ClientError> {
     // Late handshake notices (a repeated confirmation) carry a `kind`; they are not chat.
-    #[derive(Deserialize)]
-    struct Kind {
-        kind: Option<String>,
-    }
-    if env.data::<Kind>().ok().and_then(|k| k.kind).is_some() {
+    if msg_kind(env).is_some() {
         return Ok(0);
     }
     let received = match session.receive(env) {

@@ -175,16 +175,22 @@ fn abort_frame(sid: &str) -> String {
 
 /// `ERROR` during pairing is fatal; `PING`s are for the driver; the rest is checked by state.
 fn relay_error(env: &Envelope<'_>) -> PairingError {
+    let (code, message) = error_fields(env);
+    PairingError::Relay { code, message }
+}
+
+/// `code` and `message` of a relay `ERROR`, with stand-ins for a malformed one.
+pub(crate) fn error_fields(env: &Envelope<'_>) -> (String, String) {
     #[derive(Deserialize, Default)]
     struct ErrorData {
         code: Option<String>,
         message: Option<String>,
     }
     let data: ErrorData = env.data().unwrap_or_default();
-    PairingError::Relay {
-        code: data.code.unwrap_or_else(|| "unknown".into()),
-        message: data.message.unwrap_or_else(|| "no reason given".into()),
-    }
+    (
+        data.code.unwrap_or_else(|| "unknown".into()),
+        data.message.unwrap_or_else(|| "no reason given".into()),
+    )
 }
 
 /// What both sides do with a frame before their state machine sees it: ignore the relay's
@@ -212,7 +218,7 @@ fn triage(text: &str) -> Result<Option<Envelope<'_>>, PairingError> {
 }
 
 /// `data.kind` of a `MSG`, if any.
-fn msg_kind(env: &Envelope<'_>) -> Option<String> {
+pub(crate) fn msg_kind(env: &Envelope<'_>) -> Option<String> {
     #[derive(Deserialize)]
     struct Kind {
         kind: Option<String>,
@@ -248,6 +254,35 @@ struct Common {
     dh: DhKeyPair,
     pake: Option<Spake2<Ed25519Group>>,
     pake_msg: Vec<u8>,
+}
+
+impl Common {
+    /// The session the agreed keys make, for `role`: its send key is its own direction's.
+    fn session(
+        &self,
+        role: Role,
+        sid: String,
+        sid_bytes: [u8; 16],
+        resume_token: Secret,
+        keys: &SessionKeys,
+    ) -> Session {
+        let (send_key, recv_key) = match role {
+            Role::Host => (&keys.host_to_guest, &keys.guest_to_host),
+            Role::Guest => (&keys.guest_to_host, &keys.host_to_guest),
+        };
+        Session::new(NewSession {
+            sid,
+            sid_bytes,
+            role,
+            relay_url: self.relay_url.clone(),
+            resume_token,
+            send_key: send_key.clone(),
+            recv_key: recv_key.clone(),
+            safety_number: keys.safety_number.clone(),
+            restore_proof: Secret::new(keys.restore_proof.clone()),
+            now: now_secs(),
+        })
+    }
 }
 
 fn now_secs() -> u64 {
@@ -487,18 +522,9 @@ impl Host {
                     Some(&sid),
                     Some(&json!({"clientID": client_id, "confirm": keys.host_confirm.to_hex()})),
                 );
-                let session = Session::new(NewSession {
-                    sid,
-                    sid_bytes,
-                    role: Role::Host,
-                    relay_url: self.common.relay_url.clone(),
-                    resume_token: token,
-                    send_key: keys.host_to_guest.clone(),
-                    recv_key: keys.guest_to_host.clone(),
-                    safety_number: keys.safety_number.clone(),
-                    restore_proof: Secret::new(keys.restore_proof.clone()),
-                    now: now_secs(),
-                });
+                let session = self
+                    .common
+                    .session(Role::Host, sid, sid_bytes, token, &keys);
                 let guest_confirm = keys.guest_confirm.clone();
                 Ok((
                     HostState::AwaitConfirm {
@@ -709,18 +735,9 @@ impl Guest {
                     guest_pake: &self.common.pake_msg,
                 };
                 let keys = agree(&self.common.dh, pake, &host_dh, &host_pake, &transcript)?;
-                let session = Session::new(NewSession {
-                    sid,
-                    sid_bytes,
-                    role: Role::Guest,
-                    relay_url: self.common.relay_url.clone(),
-                    resume_token: token,
-                    send_key: keys.guest_to_host.clone(),
-                    recv_key: keys.host_to_guest.clone(),
-                    safety_number: keys.safety_number.clone(),
-                    restore_proof: Secret::new(keys.restore_proof.clone()),
-                    now: now_secs(),
-                });
+                let session = self
+                    .common
+                    .session(Role::Guest, sid, sid_bytes, token, &keys);
                 let state = GuestState::AwaitAccept {
                     session: Box::new(session),
                     host_confirm: keys.host_confirm.clone(),
