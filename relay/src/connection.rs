@@ -1,12 +1,19 @@
 //! One client connection: the WebSocket handshake, then a loop that feeds received frames to
 //! the hub and writes the connection's outbox to the socket.
 //!
-//! One task per connection does both. Outbound frames are drained before the next inbound frame
-//! is read (`biased`), so a client that stops reading stops being read: its own replies cannot
-//! pile up, and frames its peer sends it fill its bounded outbox until it is dropped.
+//! One task per connection does both. Outbound frames are drained before the next batch of
+//! inbound frames is read (`biased`), so a client that stops reading stops being read: its own
+//! replies cannot pile up, and frames its peer sends it fill its bounded outbox until it is
+//! dropped.
+//!
+//! Costs are per batch, not per frame, wherever the load allows: every frame already received
+//! is handled before anything is written (a client that sends 32 frames in one write gets its
+//! 32 replies in one write too), and everything queued is written with one flush.
 
+use std::collections::VecDeque;
 use std::net::SocketAddr;
 use std::sync::Arc;
+use std::task::Poll;
 use std::time::Duration;
 
 use futures_util::{SinkExt, StreamExt};
@@ -23,9 +30,23 @@ use tokio_util::sync::CancellationToken;
 use crate::config::later;
 use crate::hub::{ConnState, ConnectionSlot, Hub};
 use crate::outbox::{ConnId, Outbox, OutboxReceiver};
+use crate::read_ahead::ReadAhead;
 
-/// Most frames written in one batch before the socket is flushed.
-const WRITE_BATCH: usize = 64;
+type Ws = WebSocketStream<ReadAhead<TcpStream>>;
+
+/// tungstenite's own read buffer, kept for the connection's life. Small, because it is paid by
+/// every idle connection; `ReadAhead` makes the socket reads large anyway.
+const READ_BUFFER_BYTES: usize = 1024;
+/// Frames are gathered up to this many bytes before a socket write (a flush writes the rest).
+/// The buffer grows only as far as it is used.
+const WRITE_BUFFER_BYTES: usize = 64 * 1024;
+/// Most frames handled from one wake-up before the outbox is written (fairness between
+/// connections on a worker thread, and a bound on the replies queued meanwhile).
+const READ_BATCH: usize = 64;
+/// How long a connection stops reading while its peer's queue is congested (see `outbox`),
+/// before it deems the peer stalled and carries on, so that a peer that has stopped reading is
+/// dropped as a slow consumer rather than holding its sender forever.
+const PEER_DRAIN_PATIENCE: Duration = Duration::from_secs(1);
 
 /// Why a connection ended (for the log; never contains client data).
 #[derive(Debug)]
@@ -51,15 +72,16 @@ pub async fn serve(
     let ws_config = WebSocketConfig::default()
         .max_message_size(Some(config.max_frame_bytes))
         .max_frame_size(Some(config.max_frame_bytes))
-        .read_buffer_size(8 * 1024)
-        .write_buffer_size(8 * 1024);
+        .read_buffer_size(READ_BUFFER_BYTES)
+        .write_buffer_size(WRITE_BUFFER_BYTES);
     let _ = stream.set_nodelay(true);
-    let ws = match timeout(
-        config.handshake_timeout,
-        tokio_tungstenite::accept_async_with_config(stream, Some(ws_config)),
-    )
-    .await
-    {
+    // Boxed: the handshake's state is large and needed only once; inline, it would size the
+    // connection's task for its whole life.
+    let handshake = Box::pin(tokio_tungstenite::accept_async_with_config(
+        ReadAhead::new(stream),
+        Some(ws_config),
+    ));
+    let ws = match timeout(config.handshake_timeout, handshake).await {
         Ok(Ok(ws)) => ws,
         Ok(Err(e)) => return tracing::debug!(conn = id, error = %e, "websocket handshake failed"),
         Err(_) => return tracing::debug!(conn = id, "websocket handshake timed out"),
@@ -96,7 +118,7 @@ impl Drop for Attached<'_> {
 async fn run(
     hub: &Hub,
     state: &mut ConnState,
-    mut ws: WebSocketStream<TcpStream>,
+    mut ws: Ws,
     mut outbound: OutboxReceiver,
     shutdown: &CancellationToken,
 ) -> Ending {
@@ -108,6 +130,8 @@ async fn run(
     );
     ping.set_missed_tick_behavior(MissedTickBehavior::Delay);
     let mut last_heard = Instant::now();
+    // The frames being written; swapped with the outbox's queue, so both keep their capacity.
+    let mut batch = VecDeque::new();
 
     loop {
         tokio::select! {
@@ -116,31 +140,56 @@ async fn run(
                 close(&mut ws, CloseCode::Away, "relay shutting down", config.shutdown_grace).await;
                 return Ending::Shutdown;
             }
-            () = outbox.killed() => return Ending::SlowConsumer,
-            Some(frame) = outbound.recv() => {
-                let written = write_batch(&mut ws, frame, &mut outbound, &outbox);
-                match timeout(config.write_timeout, written).await {
-                    Ok(Ok(())) => {}
-                    Ok(Err(ending)) => return ending,
-                    Err(_) => return Ending::WriteTimeout,
+            taken = outbound.next_batch(&mut batch) => {
+                if taken.is_err() {
+                    return Ending::SlowConsumer;
+                }
+                if let Err(ending) = write_out(&mut ws, &mut batch, &outbound, &outbox, config.write_timeout).await {
+                    return ending;
                 }
             }
             incoming = ws.next() => {
                 last_heard = Instant::now();
-                match incoming {
-                    Some(Ok(Message::Text(text))) => hub.handle(state, &text),
-                    Some(Ok(Message::Binary(bytes))) => match Utf8Bytes::try_from(bytes) {
-                        Ok(text) => hub.handle(state, &text),
-                        Err(_) => refuse_binary(&outbox),
-                    },
-                    Some(Ok(Message::Close(_))) | None => return Ending::ClientClosed,
-                    // Pings are answered by tungstenite itself; any traffic counts as life.
-                    Some(Ok(Message::Ping(_) | Message::Pong(_) | Message::Frame(_))) => {}
-                    Some(Err(WsError::Capacity(CapacityError::MessageTooLong { .. }))) => {
-                        reject_oversize(&mut ws, config.max_frame_bytes, config.write_timeout).await;
-                        return Ending::FrameTooLarge;
+                if let Some(ending) = receive(hub, state, &mut ws, incoming).await {
+                    return ending;
+                }
+                // Whatever else has already arrived, while the replies still fit easily.
+                for _ in 1..READ_BATCH {
+                    if outbox.queued_frames() >= outbox.max_frames() / 2 || state.has_congested_peer() {
+                        break;
                     }
-                    Some(Err(_)) => return Ending::Transport,
+                    let Poll::Ready(incoming) =
+                        std::future::poll_fn(|cx| Poll::Ready(ws.poll_next_unpin(cx))).await
+                    else {
+                        break;
+                    };
+                    if let Some(ending) = receive(hub, state, &mut ws, incoming).await {
+                        return ending;
+                    }
+                }
+                // Backpressure: read nothing more until the peer has caught up. Our own queue
+                // is still written meanwhile.
+                if let Some(peer) = state.take_congested_peer() {
+                    let drained = peer.drained(PEER_DRAIN_PATIENCE);
+                    tokio::pin!(drained);
+                    loop {
+                        tokio::select! {
+                            biased;
+                            () = shutdown.cancelled() => {
+                                close(&mut ws, CloseCode::Away, "relay shutting down", config.shutdown_grace).await;
+                                return Ending::Shutdown;
+                            }
+                            taken = outbound.next_batch(&mut batch) => {
+                                if taken.is_err() {
+                                    return Ending::SlowConsumer;
+                                }
+                                if let Err(ending) = write_out(&mut ws, &mut batch, &outbound, &outbox, config.write_timeout).await {
+                                    return ending;
+                                }
+                            }
+                            () = &mut drained => break,
+                        }
+                    }
                 }
             }
             _ = ping.tick() => {
@@ -154,28 +203,72 @@ async fn run(
     }
 }
 
-/// Writes `first` and whatever else is already queued, then flushes once: one syscall for a
-/// burst of frames instead of one each. Gives up as soon as the connection is marked dead.
-async fn write_batch(
-    ws: &mut WebSocketStream<TcpStream>,
-    first: Utf8Bytes,
-    outbound: &mut OutboxReceiver,
-    outbox: &Outbox,
-) -> Result<(), Ending> {
-    let write = async {
-        ws.feed(Message::Text(first)).await?;
-        for _ in 1..WRITE_BATCH {
-            let Some(frame) = outbound.try_recv() else {
-                break;
-            };
-            ws.feed(Message::Text(frame)).await?;
+/// Applies one received item; `Some` when the connection must end.
+async fn receive(
+    hub: &Hub,
+    state: &mut ConnState,
+    ws: &mut Ws,
+    incoming: Option<Result<Message, WsError>>,
+) -> Option<Ending> {
+    let config = hub.config();
+    match incoming {
+        Some(Ok(Message::Text(text))) => hub.handle(state, &text),
+        Some(Ok(Message::Binary(bytes))) => match Utf8Bytes::try_from(bytes) {
+            Ok(text) => hub.handle(state, &text),
+            Err(_) => refuse_binary(state.outbox()),
+        },
+        Some(Ok(Message::Close(_))) | None => return Some(Ending::ClientClosed),
+        // Pings are answered by tungstenite itself; any traffic counts as life.
+        Some(Ok(Message::Ping(_) | Message::Pong(_) | Message::Frame(_))) => {}
+        Some(Err(WsError::Capacity(CapacityError::MessageTooLong { .. }))) => {
+            reject_oversize(ws, config.max_frame_bytes, config.write_timeout).await;
+            return Some(Ending::FrameTooLarge);
         }
-        ws.flush().await
-    };
-    tokio::select! {
-        result = write => result.map_err(|_| Ending::Transport),
-        () = outbox.killed() => Err(Ending::SlowConsumer),
+        Some(Err(_)) => return Some(Ending::Transport),
     }
+    None
+}
+
+/// Writes `batch` out, within the write timeout, unless the connection is killed meanwhile.
+async fn write_out(
+    ws: &mut Ws,
+    batch: &mut VecDeque<Utf8Bytes>,
+    outbound: &OutboxReceiver,
+    outbox: &Outbox,
+    limit: Duration,
+) -> Result<(), Ending> {
+    let written = async {
+        tokio::select! {
+            result = write_batch(ws, batch, outbound) => result,
+            () = outbox.killed() => Err(Ending::SlowConsumer),
+        }
+    };
+    match timeout(limit, written).await {
+        Ok(result) => result,
+        Err(_) => Err(Ending::WriteTimeout),
+    }
+}
+
+/// Writes every frame of `batch`, then flushes once: one system call for a burst of frames
+/// instead of one each.
+async fn write_batch(
+    ws: &mut Ws,
+    batch: &mut VecDeque<Utf8Bytes>,
+    outbound: &OutboxReceiver,
+) -> Result<(), Ending> {
+    let mut bytes = 0;
+    let mut fed = Ok(());
+    while let Some(frame) = batch.pop_front() {
+        bytes += frame.len();
+        fed = ws.feed(Message::Text(frame)).await;
+        if fed.is_err() {
+            break;
+        }
+    }
+    // In tungstenite's write buffer now, or lost with the connection: off the bound.
+    outbound.written(bytes);
+    fed.map_err(|_| Ending::Transport)?;
+    ws.flush().await.map_err(|_| Ending::Transport)
 }
 
 fn refuse_binary(outbox: &Outbox) {
@@ -189,7 +282,7 @@ fn refuse_binary(outbox: &Outbox) {
 
 /// The oversized message cannot be skipped (its rest is still on the socket), so say why and
 /// close with 1009 "message too big".
-async fn reject_oversize(ws: &mut WebSocketStream<TcpStream>, max: usize, limit: Duration) {
+async fn reject_oversize(ws: &mut Ws, max: usize, limit: Duration) {
     let data = ErrorData {
         code: ErrorCode::FrameTooLarge.as_str().into(),
         message: format!(
@@ -203,12 +296,7 @@ async fn reject_oversize(ws: &mut WebSocketStream<TcpStream>, max: usize, limit:
     close(ws, CloseCode::Size, "frame too large", limit).await;
 }
 
-async fn close(
-    ws: &mut WebSocketStream<TcpStream>,
-    code: CloseCode,
-    reason: &'static str,
-    limit: Duration,
-) {
+async fn close(ws: &mut Ws, code: CloseCode, reason: &'static str, limit: Duration) {
     let frame = CloseFrame {
         code,
         reason: reason.into(),

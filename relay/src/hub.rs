@@ -135,6 +135,9 @@ pub struct ConnState {
     /// connection may have taken the seat over with the token), checked on every use.
     memberships: Vec<(SessionId, Role)>,
     join_failures: TokenBucket,
+    /// A peer whose queue a forward found congested: the connection reads nothing more until
+    /// it has drained (backpressure, see `outbox`).
+    congested_peer: Option<Outbox>,
 }
 
 impl ConnState {
@@ -144,7 +147,16 @@ impl ConnState {
             address: AddressKey::from(ip),
             memberships: Vec::new(),
             join_failures: TokenBucket::full(config.join_failures_per_connection, Instant::now()),
+            congested_peer: None,
         }
+    }
+
+    pub fn has_congested_peer(&self) -> bool {
+        self.congested_peer.is_some()
+    }
+
+    pub fn take_congested_peer(&mut self) -> Option<Outbox> {
+        self.congested_peer.take()
     }
 
     pub fn outbox(&self) -> &Outbox {
@@ -620,6 +632,9 @@ impl Hub {
         if let Some(online) = &peer.conn
             && online.push(frame.clone()).is_ok()
         {
+            if online.is_congested() {
+                conn.congested_peer = Some(online.clone());
+            }
             return Ok(());
         }
         // Offline, or being dropped as a slow consumer: keep it for the peer's return.

@@ -23,6 +23,7 @@ mod ids;
 mod limiter;
 mod mailbox;
 mod outbox;
+mod read_ahead;
 mod server;
 
 pub use config::{RateLimit, RelayConfig};

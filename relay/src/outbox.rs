@@ -5,95 +5,277 @@
 //! a slow socket. The queue is bounded by frames and by bytes; a push that would overflow it
 //! marks the connection as a slow consumer and asks its task to drop it, so a reader that
 //! never reads costs at most the bound, never more.
+//!
+//! It is a plain locked `VecDeque` and one waker rather than a channel: the connection's task
+//! takes everything queued in one lock and writes it as one batch, a pusher wakes the task
+//! only when the queue goes from empty to non-empty (so a burst of forwards costs one wake-up),
+//! and an idle connection holds one small allocation (a channel preallocates a block of slots).
+//!
+//! Backpressure: a queue a quarter full is *congested*. A connection whose forward found its
+//! peer congested stops reading (see `connection`) until the peer's task has written its
+//! queue out, for a while at most: a peer that makes no progress meanwhile is marked
+//! *stalled*, is not waited for again, and overflows its queue as before. A fast sender is thus
+//! slowed to its reader's pace instead of getting its reader dropped, while a reader that has
+//! stopped reading is still dropped, a little later.
 
-use std::sync::Arc;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::collections::VecDeque;
+use std::future::poll_fn;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::task::Poll;
 
-use tokio::sync::mpsc;
+use futures_util::task::AtomicWaker;
+use tokio::sync::Notify;
 use tokio_tungstenite::tungstenite::Utf8Bytes;
-use tokio_util::sync::CancellationToken;
 
 /// Identifies one accepted connection for the relay's lifetime.
 pub type ConnId = u64;
 
+struct Shared {
+    id: ConnId,
+    frames: Mutex<VecDeque<Utf8Bytes>>,
+    /// Bytes pushed and not yet handed to the socket (queued, or in the batch being written).
+    queued_bytes: AtomicUsize,
+    max_frames: usize,
+    max_bytes: usize,
+    killed: AtomicBool,
+    /// A sender waited for this queue to drain and it did not: nobody waits for it again
+    /// until it makes progress.
+    stalled: AtomicBool,
+    /// Wakes senders waiting for this queue to drain (each time a batch has been written).
+    drain: Notify,
+    /// The connection's task, waiting for frames or for being killed.
+    waker: AtomicWaker,
+}
+
+impl Shared {
+    /// The queue, even if a pusher panicked while holding it: a `VecDeque` push or swap leaves
+    /// it consistent, and the relay must not cascade one panic into every peer.
+    fn frames(&self) -> MutexGuard<'_, VecDeque<Utf8Bytes>> {
+        self.frames
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    fn kill(&self) {
+        self.killed.store(true, Ordering::Release);
+        self.waker.wake();
+        self.drain.notify_waiters();
+    }
+
+    fn congested(&self) -> bool {
+        self.queued_bytes.load(Ordering::Acquire) >= self.max_bytes / 4
+            || self.frames().len() >= self.max_frames / 4
+    }
+}
+
 /// The sending side, cloned into every session seat the connection holds.
 #[derive(Clone)]
-pub struct Outbox {
-    id: ConnId,
-    tx: mpsc::Sender<Utf8Bytes>,
-    queued_bytes: Arc<AtomicUsize>,
-    max_bytes: usize,
-    kill: CancellationToken,
-}
+pub struct Outbox(Arc<Shared>);
 
 /// The push did not fit: the connection is being dropped as a slow consumer.
 #[derive(Debug)]
 pub struct Overflow;
 
+/// The connection overflowed its queue and must be dropped.
+#[derive(Debug)]
+pub struct Killed;
+
 impl Outbox {
     pub fn new(id: ConnId, max_frames: usize, max_bytes: usize) -> (Outbox, OutboxReceiver) {
-        let (tx, rx) = mpsc::channel(max_frames.max(1));
-        let queued_bytes = Arc::new(AtomicUsize::new(0));
-        let outbox = Outbox {
+        let shared = Arc::new(Shared {
             id,
-            tx,
-            queued_bytes: queued_bytes.clone(),
+            frames: Mutex::new(VecDeque::new()),
+            queued_bytes: AtomicUsize::new(0),
+            max_frames: max_frames.max(1),
             max_bytes,
-            kill: CancellationToken::new(),
+            killed: AtomicBool::new(false),
+            stalled: AtomicBool::new(false),
+            drain: Notify::new(),
+            waker: AtomicWaker::new(),
+        });
+        let receiver = OutboxReceiver {
+            shared: shared.clone(),
         };
-        (outbox, OutboxReceiver { rx, queued_bytes })
+        (Outbox(shared), receiver)
     }
 
     pub fn id(&self) -> ConnId {
-        self.id
+        self.0.id
     }
 
     pub fn push(&self, frame: impl Into<Utf8Bytes>) -> Result<(), Overflow> {
+        let shared = &*self.0;
         // A connection already being dropped takes nothing more: its peer must hear
         // `peer_offline`, not `DELIVERED` for a frame that will never be written.
-        if self.kill.is_cancelled() {
+        if shared.killed.load(Ordering::Acquire) {
             return Err(Overflow);
         }
         let frame = frame.into();
         let len = frame.len();
-        let before = self.queued_bytes.fetch_add(len, Ordering::Relaxed);
-        if before + len > self.max_bytes || self.tx.try_send(frame).is_err() {
-            self.queued_bytes.fetch_sub(len, Ordering::Relaxed);
-            self.kill.cancel();
-            return Err(Overflow);
+        let before = shared.queued_bytes.fetch_add(len, Ordering::AcqRel);
+        let was_empty = {
+            let mut frames = shared.frames();
+            if before + len > shared.max_bytes || frames.len() >= shared.max_frames {
+                None
+            } else {
+                frames.push_back(frame);
+                Some(frames.len() == 1)
+            }
+        };
+        match was_empty {
+            None => {
+                shared.queued_bytes.fetch_sub(len, Ordering::AcqRel);
+                shared.kill();
+                Err(Overflow)
+            }
+            // The task takes the whole queue each time it is woken, so a non-empty queue means
+            // a wake-up is already on its way.
+            Some(true) => {
+                shared.waker.wake();
+                Ok(())
+            }
+            Some(false) => Ok(()),
         }
-        Ok(())
+    }
+
+    /// Frames waiting, not yet taken by the connection's task.
+    pub fn queued_frames(&self) -> usize {
+        self.0.frames().len()
+    }
+
+    /// The connection's queue bound, in frames.
+    pub fn max_frames(&self) -> usize {
+        self.0.max_frames
+    }
+
+    /// Whether a sender should wait for this queue to drain before reading more (see the
+    /// module's documentation).
+    pub fn is_congested(&self) -> bool {
+        let shared = &*self.0;
+        !shared.killed.load(Ordering::Acquire)
+            && !shared.stalled.load(Ordering::Acquire)
+            && shared.congested()
+    }
+
+    /// Resolves once this queue is no longer congested, or its connection is gone; marks it
+    /// stalled if that takes longer than `patience`.
+    pub async fn drained(&self, patience: std::time::Duration) {
+        let shared = &*self.0;
+        let wait = async {
+            loop {
+                let notified = shared.drain.notified();
+                tokio::pin!(notified);
+                notified.as_mut().enable();
+                if shared.killed.load(Ordering::Acquire) || !shared.congested() {
+                    return;
+                }
+                notified.await;
+            }
+        };
+        if tokio::time::timeout(patience, wait).await.is_err() {
+            shared.stalled.store(true, Ordering::Release);
+        }
     }
 
     /// Resolves once the connection must be dropped (its queue overflowed).
-    pub fn killed(&self) -> tokio_util::sync::WaitForCancellationFuture<'_> {
-        self.kill.cancelled()
+    pub async fn killed(&self) {
+        poll_fn(|cx| {
+            if self.0.killed.load(Ordering::Acquire) {
+                return Poll::Ready(());
+            }
+            self.0.waker.register(cx.waker());
+            if self.0.killed.load(Ordering::Acquire) {
+                Poll::Ready(())
+            } else {
+                Poll::Pending
+            }
+        })
+        .await;
     }
 }
 
 /// The receiving side, owned by the connection's task.
 pub struct OutboxReceiver {
-    rx: mpsc::Receiver<Utf8Bytes>,
-    queued_bytes: Arc<AtomicUsize>,
+    shared: Arc<Shared>,
 }
 
 impl OutboxReceiver {
-    pub async fn recv(&mut self) -> Option<Utf8Bytes> {
-        let frame = self.rx.recv().await?;
-        self.queued_bytes.fetch_sub(frame.len(), Ordering::Relaxed);
+    /// Waits for frames, then moves every queued frame into `batch` (which must be empty: it
+    /// is swapped with the queue, so both keep their capacity and no frame is copied).
+    /// Errs once the connection has been killed. The frames' bytes stay counted against the
+    /// bound until [`written`](Self::written) is called for them.
+    pub async fn next_batch(&mut self, batch: &mut VecDeque<Utf8Bytes>) -> Result<(), Killed> {
+        let shared = &*self.shared;
+        poll_fn(|cx| {
+            if shared.killed.load(Ordering::Acquire) {
+                return Poll::Ready(Err(Killed));
+            }
+            if take_all(shared, batch) {
+                return Poll::Ready(Ok(()));
+            }
+            // Registered before the second look: a push after it sees an empty queue and wakes us.
+            shared.waker.register(cx.waker());
+            if shared.killed.load(Ordering::Acquire) {
+                Poll::Ready(Err(Killed))
+            } else if take_all(shared, batch) {
+                Poll::Ready(Ok(()))
+            } else {
+                Poll::Pending
+            }
+        })
+        .await
+    }
+
+    /// Takes one queued frame, if any (tests look at what the hub queued, frame by frame).
+    #[cfg(test)]
+    pub fn try_recv(&mut self) -> Option<Utf8Bytes> {
+        let frame = self.shared.frames().pop_front()?;
+        self.written(frame.len());
         Some(frame)
     }
 
-    pub fn try_recv(&mut self) -> Option<Utf8Bytes> {
-        let frame = self.rx.try_recv().ok()?;
-        self.queued_bytes.fetch_sub(frame.len(), Ordering::Relaxed);
-        Some(frame)
+    /// Frees `bytes` of the bound: frames of that size have been handed to the socket.
+    pub fn written(&self, bytes: usize) {
+        let shared = &*self.shared;
+        shared.queued_bytes.fetch_sub(bytes, Ordering::AcqRel);
+        shared.stalled.store(false, Ordering::Release);
+        shared.drain.notify_waiters();
     }
+}
+
+impl Drop for OutboxReceiver {
+    /// The connection's task is gone: nothing will be written any more, so pushes fail and
+    /// nobody waits for a drain.
+    fn drop(&mut self) {
+        self.shared.kill();
+    }
+}
+
+fn take_all(shared: &Shared, batch: &mut VecDeque<Utf8Bytes>) -> bool {
+    let mut frames = shared.frames();
+    if frames.is_empty() {
+        return false;
+    }
+    if batch.is_empty() {
+        std::mem::swap(&mut *frames, batch);
+    } else {
+        batch.extend(frames.drain(..));
+    }
+    true
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn take(rx: &mut OutboxReceiver) -> Vec<String> {
+        let mut batch = VecDeque::new();
+        take_all(&rx.shared, &mut batch);
+        let bytes: usize = batch.iter().map(|f| f.len()).sum();
+        rx.written(bytes);
+        batch.iter().map(|f| f.as_str().to_string()).collect()
+    }
 
     #[test]
     fn overflow_by_frames_or_bytes_kills_the_connection() {
@@ -101,22 +283,48 @@ mod tests {
         assert!(outbox.push("a").is_ok());
         assert!(outbox.push("b").is_ok());
         assert!(outbox.push("c").is_err());
-        assert!(outbox.kill.is_cancelled());
+        assert!(outbox.0.killed.load(Ordering::Acquire));
 
         let (outbox, _rx2) = Outbox::new(2, 100, 10);
         assert!(outbox.push("12345").is_ok());
         assert!(outbox.push("123456").is_err());
-        assert!(outbox.kill.is_cancelled());
+        assert!(outbox.0.killed.load(Ordering::Acquire));
 
-        assert_eq!(rx.try_recv().as_deref(), Some("a"));
+        assert_eq!(take(&mut rx), ["a", "b"]);
     }
 
     #[test]
-    fn draining_frees_the_byte_budget() {
+    fn draining_frees_the_byte_budget_once_written() {
+        let (outbox, rx) = Outbox::new(1, 100, 10);
+        assert!(outbox.push("1234567890").is_ok());
+        let mut batch = VecDeque::new();
+        assert!(take_all(&rx.shared, &mut batch));
+        // Taken but not yet written: still counted.
+        assert!(outbox.push("1").is_err());
         let (outbox, mut rx) = Outbox::new(1, 100, 10);
         assert!(outbox.push("1234567890").is_ok());
-        assert!(rx.try_recv().is_some());
+        assert_eq!(take(&mut rx), ["1234567890"]);
         assert!(outbox.push("1234567890").is_ok());
-        assert!(!outbox.kill.is_cancelled());
+        assert!(!outbox.0.killed.load(Ordering::Acquire));
+    }
+
+    #[tokio::test]
+    async fn a_push_wakes_the_waiting_task_and_order_is_kept() {
+        let (outbox, mut rx) = Outbox::new(1, 100, 1000);
+        let pusher = outbox.clone();
+        let task = tokio::spawn(async move {
+            let mut batch = VecDeque::new();
+            let mut got = Vec::new();
+            while got.len() < 3 {
+                rx.next_batch(&mut batch).await.unwrap();
+                got.extend(batch.drain(..).map(|f| f.as_str().to_string()));
+            }
+            got
+        });
+        tokio::task::yield_now().await;
+        for f in ["1", "2", "3"] {
+            pusher.push(f).unwrap();
+        }
+        assert_eq!(task.await.unwrap(), ["1", "2", "3"]);
     }
 }
