@@ -36,7 +36,7 @@ type Ws = WebSocketStream<ReadAhead<TcpStream>>;
 
 /// tungstenite's own read buffer, kept for the connection's life. Small, because it is paid by
 /// every idle connection; `ReadAhead` makes the socket reads large anyway.
-const READ_BUFFER_BYTES: usize = 1024;
+const READ_BUFFER_BYTES: usize = 256;
 /// Frames are gathered up to this many bytes before a socket write (a flush writes the rest).
 /// The buffer grows only as far as it is used.
 const WRITE_BUFFER_BYTES: usize = 64 * 1024;
@@ -115,6 +115,9 @@ impl Drop for Attached<'_> {
     }
 }
 
+/// The connection's loop. Everything it awaits only now and then (writes, the backpressure
+/// wait, closing) is boxed: the task's own allocation, held by every idle connection, is then
+/// only as large as the idle state, not as the largest state it ever passes through.
 async fn run(
     hub: &Hub,
     state: &mut ConnState,
@@ -137,20 +140,20 @@ async fn run(
         tokio::select! {
             biased;
             () = shutdown.cancelled() => {
-                close(&mut ws, CloseCode::Away, "relay shutting down", config.shutdown_grace).await;
+                Box::pin(close(&mut ws, CloseCode::Away, "relay shutting down", config.shutdown_grace)).await;
                 return Ending::Shutdown;
             }
             taken = outbound.next_batch(&mut batch) => {
                 if taken.is_err() {
                     return Ending::SlowConsumer;
                 }
-                if let Err(ending) = write_out(&mut ws, &mut batch, &outbound, &outbox, config.write_timeout).await {
+                if let Err(ending) = Box::pin(write_out(&mut ws, &mut batch, &outbound, &outbox, config.write_timeout)).await {
                     return ending;
                 }
             }
             incoming = ws.next() => {
                 last_heard = Instant::now();
-                if let Some(ending) = receive(hub, state, &mut ws, incoming).await {
+                if let Some(ending) = Box::pin(receive(hub, state, &mut ws, incoming)).await {
                     return ending;
                 }
                 // Whatever else has already arrived, while the replies still fit easily.
@@ -163,27 +166,26 @@ async fn run(
                     else {
                         break;
                     };
-                    if let Some(ending) = receive(hub, state, &mut ws, incoming).await {
+                    if let Some(ending) = Box::pin(receive(hub, state, &mut ws, incoming)).await {
                         return ending;
                     }
                 }
                 // Backpressure: read nothing more until the peer has caught up. Our own queue
                 // is still written meanwhile.
                 if let Some(peer) = state.take_congested_peer() {
-                    let drained = peer.drained(PEER_DRAIN_PATIENCE);
-                    tokio::pin!(drained);
+                    let mut drained = Box::pin(peer.drained(PEER_DRAIN_PATIENCE));
                     loop {
                         tokio::select! {
                             biased;
                             () = shutdown.cancelled() => {
-                                close(&mut ws, CloseCode::Away, "relay shutting down", config.shutdown_grace).await;
+                                Box::pin(close(&mut ws, CloseCode::Away, "relay shutting down", config.shutdown_grace)).await;
                                 return Ending::Shutdown;
                             }
                             taken = outbound.next_batch(&mut batch) => {
                                 if taken.is_err() {
                                     return Ending::SlowConsumer;
                                 }
-                                if let Err(ending) = write_out(&mut ws, &mut batch, &outbound, &outbox, config.write_timeout).await {
+                                if let Err(ending) = Box::pin(write_out(&mut ws, &mut batch, &outbound, &outbox, config.write_timeout)).await {
                                     return ending;
                                 }
                             }
@@ -194,7 +196,7 @@ async fn run(
             }
             _ = ping.tick() => {
                 if last_heard.elapsed() >= config.idle_timeout {
-                    close(&mut ws, CloseCode::Away, "no traffic; connection considered dead", config.write_timeout).await;
+                    Box::pin(close(&mut ws, CloseCode::Away, "no traffic; connection considered dead", config.write_timeout)).await;
                     return Ending::Idle;
                 }
                 let _ = outbox.push(encode::<()>(FrameType::Ping, None, None));

@@ -97,6 +97,12 @@ struct Args {
     #[arg(long, default_value_t = parley_protocol::limits::MAILBOX_AGE.as_secs())]
     mailbox_age_secs: u64,
 
+    /// Threads that run connections (default: one per CPU). On a machine the relay shares with
+    /// other busy processes, 1 avoids handing work between threads: lower latency and CPU per
+    /// message (see BENCHMARKS.md).
+    #[arg(long, env = "PARLEY_WORKER_THREADS")]
+    worker_threads: Option<usize>,
+
     /// Accept REATTACH without a resume token, as the original relay did. Anyone who learns a
     /// session id can then take an empty seat in it: only for clients that predate tokens.
     #[arg(long)]
@@ -143,9 +149,22 @@ impl Args {
     }
 }
 
-#[tokio::main]
-async fn main() -> ExitCode {
+fn main() -> ExitCode {
     let args = Args::parse();
+    let mut runtime = tokio::runtime::Builder::new_multi_thread();
+    if let Some(n) = args.worker_threads {
+        runtime.worker_threads(n.max(1));
+    }
+    match runtime.enable_all().build() {
+        Ok(runtime) => runtime.block_on(serve(args)),
+        Err(e) => {
+            eprintln!("parley-relay: cannot start the runtime: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn serve(args: Args) -> ExitCode {
     tracing_subscriber::fmt()
         .with_env_filter(
             EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info")),
