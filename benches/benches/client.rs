@@ -1,0 +1,197 @@
+//! Client-side costs: DH, the whole pairing handshake (both sides in one process, through the
+//! sans-IO `Host`/`Guest`), PAKE + HKDF, AES-256-GCM, and saving the state file.
+//!
+//! `cargo bench -p parley-benches --bench client` (add `-- NAME` to run one group).
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::indexing_slicing)]
+
+use std::hint::black_box;
+
+use aes_gcm::aead::{AeadInOut, KeyInit};
+use aes_gcm::{Aes256Gcm, Nonce};
+use criterion::{Criterion, Throughput, criterion_group, criterion_main};
+use hkdf::Hkdf;
+use parley::dh::DhKeyPair;
+use parley::handshake::{Guest, Host, Step};
+use serde_json::{Value, json};
+use sha2::Sha256;
+use spake2::{Ed25519Group, Identity, Password, Spake2};
+
+fn dh(c: &mut Criterion) {
+    let mut g = c.benchmark_group("dh");
+    g.bench_function("keygen", |b| b.iter(|| DhKeyPair::generate().unwrap()));
+    let ours = DhKeyPair::generate().unwrap();
+    let theirs = DhKeyPair::generate().unwrap();
+    g.bench_function("shared_secret", |b| {
+        b.iter(|| ours.shared_secret(black_box(theirs.public())).unwrap())
+    });
+    g.finish();
+}
+
+/// PAKE (SPAKE2 over Ed25519, both sides) and the HKDF-SHA256 key schedule's shape.
+fn pake_hkdf(c: &mut Criterion) {
+    let mut g = c.benchmark_group("pake");
+    let host_id = Identity::new(b"parley/v1/host");
+    let guest_id = Identity::new(b"parley/v1/guest");
+    g.bench_function("spake2_one_side", |b| {
+        b.iter(|| {
+            let (a, msg_a) =
+                Spake2::<Ed25519Group>::start_a(&Password::new(b"123456"), &host_id, &guest_id);
+            let (_, msg_b) =
+                Spake2::<Ed25519Group>::start_b(&Password::new(b"123456"), &host_id, &guest_id);
+            black_box(&msg_a);
+            a.finish(&msg_b).unwrap()
+        })
+    });
+    g.bench_function("hkdf_schedule", |b| {
+        let dh_secret = [7u8; 256];
+        let pake_key = [9u8; 32];
+        let transcript = [1u8; 32];
+        b.iter(|| {
+            let mut ikm = Vec::with_capacity(288);
+            ikm.extend_from_slice(&dh_secret);
+            ikm.extend_from_slice(&pake_key);
+            let hkdf = Hkdf::<Sha256>::new(Some(&transcript), &ikm);
+            let mut out = [0u8; 32];
+            for label in [&b"a"[..], b"b", b"c", b"d", b"e", b"f"] {
+                hkdf.expand(label, &mut out).unwrap();
+                black_box(&out);
+            }
+        })
+    });
+    g.finish();
+}
+
+fn frame(t: &str, data: Value) -> String {
+    json!({"t": t, "sid": "ab".repeat(16), "data": data}).to_string()
+}
+
+fn sends(steps: Vec<Step>) -> Vec<Value> {
+    steps
+        .into_iter()
+        .filter_map(|s| match s {
+            Step::Send(text) => Some(serde_json::from_str(&text).unwrap()),
+            _ => None,
+        })
+        .collect()
+}
+
+/// One whole pairing, both sides, with the relay's part played in between (as
+/// client/src/handshake.rs's tests do). Each side does one keygen, one shared secret, SPAKE2,
+/// HKDF and the confirmations: half of this is "one handshake side".
+fn pair_in_process() {
+    let (mut host, _) = Host::start("ws://relay", "alice").unwrap();
+    let invite = sends(
+        host.handle(&frame("SESSION_CREATED", json!({"resumeToken": "aa"})))
+            .unwrap(),
+    );
+    let stored = invite[0]["data"].clone();
+    let steps = host
+        .handle(&frame(
+            "INVITE_CODE",
+            json!({"code": "123456", "expiresIn": 600}),
+        ))
+        .unwrap();
+    let code = steps
+        .into_iter()
+        .find_map(|s| match s {
+            Step::Invite { code, .. } => Some(code),
+            _ => None,
+        })
+        .unwrap();
+    let (mut guest, steps) = Guest::start(&code, "ws://relay", "bob").unwrap();
+    let join = sends(steps).remove(0);
+    let mut request = join["data"].clone();
+    request.as_object_mut().unwrap().remove("code");
+    request["clientID"] = json!("c1");
+    let mut joined = stored;
+    joined["resumeToken"] = json!("bb");
+    let accept = sends(host.handle(&frame("JOIN_REQUEST", request)).unwrap()).remove(0);
+    guest.handle(&frame("JOINED", joined)).unwrap();
+    let mut second = accept["data"].clone();
+    second.as_object_mut().unwrap().remove("clientID");
+    let confirm = sends(guest.handle(&frame("JOINED", second)).unwrap()).remove(0);
+    let host_steps = host.handle(&confirm.to_string()).unwrap();
+    let mut host_done = host_steps.iter().any(|s| matches!(s, Step::Paired(_)));
+    let hello = sends(host_steps);
+    let mut guest_done = false;
+    for h in hello {
+        let steps = guest.handle(&h.to_string()).unwrap();
+        guest_done |= steps.iter().any(|s| matches!(s, Step::Paired(_)));
+        for back in sends(steps) {
+            let steps = host.handle(&back.to_string()).unwrap();
+            host_done |= steps.iter().any(|s| matches!(s, Step::Paired(_)));
+        }
+    }
+    assert!(host_done && guest_done, "pairing did not complete");
+}
+
+fn handshake(c: &mut Criterion) {
+    let mut g = c.benchmark_group("handshake");
+    g.sample_size(30);
+    g.bench_function("both_sides_in_process", |b| b.iter(pair_in_process));
+    g.finish();
+}
+
+fn aes_gcm(c: &mut Criterion) {
+    let mut g = c.benchmark_group("aes_gcm");
+    let cipher = Aes256Gcm::new(&[3u8; 32].into());
+    let nonce = Nonce::from([5u8; 12]);
+    let aad = b"parley/v1 sid direction seq";
+    for size in [64usize, 1024, 16 * 1024, 64 * 1024] {
+        g.throughput(Throughput::Bytes(size as u64));
+        let mut buf = vec![0x42u8; size];
+        g.bench_function(format!("seal/{size}"), |b| {
+            b.iter(|| {
+                cipher
+                    .encrypt_inout_detached(&nonce, aad, buf.as_mut_slice().into())
+                    .unwrap()
+            })
+        });
+        let mut sealed = vec![0x42u8; size];
+        let tag = cipher
+            .encrypt_inout_detached(&nonce, aad, sealed.as_mut_slice().into())
+            .unwrap();
+        let mut work = sealed.clone();
+        g.bench_function(format!("open/{size}"), |b| {
+            b.iter(|| {
+                work.copy_from_slice(&sealed);
+                cipher
+                    .decrypt_inout_detached(&nonce, aad, work.as_mut_slice().into(), &tag)
+                    .unwrap()
+            })
+        });
+    }
+    g.finish();
+}
+
+/// `Store::save` (write, fsync, rename) of a state file with one session, the client's cost
+/// per state change. The record is built from JSON so that schema changes break it at run time
+/// with a clear message rather than at compile time.
+fn state_save(c: &mut Criterion) {
+    let dir = std::env::temp_dir().join(format!("parley-bench-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let store = parley_state::Store::open(&dir, "bench").unwrap();
+    let mut state = parley_state::StateFile::new("bench");
+    let record = json!({
+        "sid": "ab".repeat(16), "relay_url": "ws://127.0.0.1:9000", "role": "host",
+        "resume_token": "cd".repeat(32), "peer_name": "bob", "safety_number": "0264 5057 8817",
+        "send_key": "11".repeat(32), "recv_key": "22".repeat(32), "send_seq": 10,
+        "recv_seq": 12, "outbox": [], "peer_acked": 10, "unshown": [],
+        "restore_proof": "33".repeat(32), "created": 1, "last_used": 2
+    });
+    match serde_json::from_value(record) {
+        Ok(record) => state.upsert(record),
+        Err(e) => eprintln!("state_save: benching an empty state file ({e})"),
+    }
+    c.bench_function("state/save", |b| b.iter(|| store.save(&state).unwrap()));
+    drop(store);
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+// ---------------------------------------------------------------------------------------
+// RATCHET STEP: the Double Ratchet engineer adds `fn ratchet(c: &mut Criterion)` here (one
+// DH ratchet step, and one symmetric chain step), and lists it in `criterion_group!` below.
+// ---------------------------------------------------------------------------------------
+
+criterion_group!(benches, dh, pake_hkdf, handshake, aes_gcm, state_save);
+criterion_main!(benches);
