@@ -51,14 +51,15 @@ def main():
             wait_for(host, "paired")
             wait_for(guest, "paired")
             pair_ms.append((time.perf_counter() - t0) * 1000)
-            # Guest quits with one message queued for the host; host quits.
-            guest.stdin.write("hello from the guest\n"); guest.stdin.close()
+            # Both quit with nothing typed.
+            guest.stdin.close()
             host.stdin.close()
             host.wait(10); guest.wait(10)
             # The guest resumes and waits; the host resumes and is timed to its first message.
             g = client(url, state, f"g{i}", "resume", stdin=subprocess.PIPE)
             wait_for(g, "resumed")
-            g.stdin.write("second\n"); g.stdin.flush()
+            g.stdin.write("hello\n"); g.stdin.flush()
+            wait_for(g, "sent")  # the relay holds it for the host, which is offline
             t0 = time.perf_counter()
             h = client(url, state, f"h{i}", "resume", "--exit-after", "1")
             wait_for(h, "message")
