@@ -46,6 +46,7 @@ fn prime() -> BigUint {
 /// One side's key pair. The private exponent is zeroized on drop. (The transient `BigUint`
 /// copies num-bigint makes during exponentiation are not; the limitation is noted in
 /// protocol.md.)
+#[derive(Clone)]
 pub struct DhKeyPair {
     private: Zeroizing<[u8; PRIVATE_BYTES]>,
     public: [u8; ELEMENT_BYTES],
@@ -70,6 +71,11 @@ impl DhKeyPair {
             private,
             public: to_element(&y),
         }
+    }
+
+    /// The private exponent as hex, for the state file only.
+    pub fn private_hex(&self) -> Zeroizing<String> {
+        Zeroizing::new(hex::encode(self.private.as_ref()))
     }
 
     pub fn public(&self) -> &[u8; ELEMENT_BYTES] {
