@@ -823,7 +823,7 @@ fn receive(
             Plain::Unknown => output.emit(error_event(
                 "unknown_message",
                 &format!(
-                    "message {} is of a kind this parley does not know (a newer peer?); it was received but cannot be shown",
+                    "message {} authenticated but is not understood (a kind from a newer version, or malformed content); it was received but cannot be shown",
                     incoming.seq
                 ),
             )),

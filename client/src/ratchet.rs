@@ -22,6 +22,7 @@ use aes_gcm::Aes256Gcm;
 use aes_gcm::aead::{Aead, KeyInit, Payload};
 use hkdf::Hkdf;
 use hmac::{Hmac, Mac};
+use rand::TryRngCore;
 use sha2::Sha256;
 use zeroize::{Zeroize, ZeroizeOnDrop, Zeroizing};
 
@@ -36,6 +37,7 @@ pub const LABEL_MESSAGE_AEAD: &[u8] = b"parley/v1/ratchet/message-aead";
 
 /// `dh (256) || pn (u32 BE) || n (u32 BE)`.
 pub const HEADER_BYTES: usize = ELEMENT_BYTES + 8;
+pub const NONCE_BYTES: usize = 12;
 pub const TAG_BYTES: usize = 16;
 
 /// The most message keys one message may make the receiver skip (and so compute), and the most
@@ -121,20 +123,17 @@ struct Chain {
 }
 
 impl Chain {
-    fn start(key: [u8; 32]) -> Chain {
+    fn start(key: &[u8; 32]) -> Chain {
         Chain {
-            receipt: hmac(&key, LABEL_RECEIPT_KEY),
-            key,
+            receipt: *hmac(key, LABEL_RECEIPT_KEY),
+            key: *key,
         }
     }
 
     /// KDF_CK: the next message key, and the chain moves on (the old chain key is gone).
     fn step(&mut self) -> SecretKey {
-        let message_key = SecretKey::from_bytes(hmac(&self.key, LABEL_MESSAGE_KEY));
-        let mut next = hmac(&self.key, LABEL_CHAIN);
-        self.key.zeroize();
-        self.key = next;
-        next.zeroize();
+        let message_key = SecretKey::from_bytes(*hmac(&self.key, LABEL_MESSAGE_KEY));
+        self.key = *hmac(&self.key, LABEL_CHAIN);
         message_key
     }
 }
@@ -183,7 +182,7 @@ impl Ratchet {
             root,
             own,
             peer: Some(peer_key),
-            send: Some(Chain::start(chain)),
+            send: Some(Chain::start(&chain)),
             recv: None,
             send_n: 0,
             recv_n: 0,
@@ -212,8 +211,22 @@ impl Ratchet {
         }
     }
 
-    /// RatchetEncrypt: `header || ciphertext || tag`, associated data `ad || header`.
+    /// RatchetEncrypt: `header || nonce || ciphertext || tag`, associated data `ad || header`.
     pub fn encrypt(&mut self, plaintext: &[u8], ad: &[u8]) -> Result<Vec<u8>, RatchetError> {
+        let mut nonce = [0u8; NONCE_BYTES];
+        rand::rngs::OsRng
+            .try_fill_bytes(&mut nonce)
+            .map_err(|_| RatchetError::Random)?;
+        self.encrypt_with_nonce(plaintext, ad, &nonce)
+    }
+
+    /// [`Self::encrypt`] with a given nonce (test vectors only need this to be public).
+    pub fn encrypt_with_nonce(
+        &mut self,
+        plaintext: &[u8],
+        ad: &[u8],
+        nonce: &[u8; NONCE_BYTES],
+    ) -> Result<Vec<u8>, RatchetError> {
         let chain = self.send.as_mut().ok_or(RatchetError::NotReady)?;
         let next_n = self.send_n.checked_add(1).ok_or(RatchetError::Exhausted)?;
         let header = Header {
@@ -224,7 +237,7 @@ impl Ratchet {
         .to_bytes();
         let message_key = chain.step();
         self.send_n = next_n;
-        Ok(seal_message(&message_key, &header, plaintext, ad))
+        Ok(seal_message(&message_key, &header, nonce, plaintext, ad))
     }
 
     /// RatchetDecrypt, all or nothing: on any error the state is as it was.
@@ -239,9 +252,10 @@ impl Ratchet {
             return Ok(plaintext);
         }
         let mut next = self.clone();
-        if next.peer.as_ref() != Some(&header.dh) {
+        let new_peer_key = next.peer.as_ref() != Some(&header.dh);
+        if new_peer_key {
             next.skip_to(header.pn)?;
-            next.dh_step(&header.dh, new_key_pair)?;
+            next.start_receiving_chain(&header.dh)?;
         }
         if header.n < next.recv_n {
             return Err(RatchetError::KeyGone);
@@ -250,6 +264,11 @@ impl Ratchet {
         let message_key = next.recv.as_mut().ok_or(RatchetError::KeyGone)?.step();
         next.recv_n = next.recv_n.checked_add(1).ok_or(RatchetError::Exhausted)?;
         let plaintext = open_message(&message_key, message, ad)?;
+        // Only an authentic message earns the rest of the step (a key pair and a second
+        // exponentiation): a forged header costs the receiver one exponentiation, not three.
+        if new_peer_key {
+            next.start_sending_chain(new_key_pair)?;
+        }
         *self = next;
         Ok(plaintext)
     }
@@ -343,13 +362,8 @@ impl Ratchet {
         Ok(())
     }
 
-    /// DHRatchet: a new receiving chain from the peer's new key, then a new key pair of ours
-    /// and a new sending chain.
-    fn dh_step(
-        &mut self,
-        peer: &[u8; ELEMENT_BYTES],
-        new_key_pair: KeySource<'_>,
-    ) -> Result<(), RatchetError> {
+    /// DHRatchet, first half: a new receiving chain from the peer's new key.
+    fn start_receiving_chain(&mut self, peer: &[u8; ELEMENT_BYTES]) -> Result<(), RatchetError> {
         self.prev_send_n = self.send_n;
         self.send_n = 0;
         self.recv_n = 0;
@@ -360,22 +374,28 @@ impl Ratchet {
             .map_err(RatchetError::PeerKey)?;
         let (root, chain) = kdf_rk(&self.root, shared.as_ref());
         self.root = root;
-        self.recv = Some(Chain::start(chain));
+        self.recv = Some(Chain::start(&chain));
+        self.recv_steps = self.recv_steps.saturating_add(1);
+        let now = self.recv_steps;
+        self.skipped
+            .retain(|c| now.saturating_sub(c.step) < MAX_SKIPPED_AGE);
+        Ok(())
+    }
+
+    /// DHRatchet, second half: a new key pair of ours and a new sending chain.
+    fn start_sending_chain(&mut self, new_key_pair: KeySource<'_>) -> Result<(), RatchetError> {
+        let peer = self.peer.ok_or(RatchetError::NotReady)?;
         self.own = new_key_pair().map_err(|_| RatchetError::Random)?;
         let shared = self
             .own
-            .shared_secret(peer)
+            .shared_secret(&peer)
             .map_err(RatchetError::PeerKey)?;
         let (root, chain) = kdf_rk(&self.root, shared.as_ref());
         self.root = root;
         self.prev_send_receipt = self
             .send
-            .replace(Chain::start(chain))
+            .replace(Chain::start(&chain))
             .map(|old| SecretKey::from_bytes(old.receipt));
-        self.recv_steps = self.recv_steps.saturating_add(1);
-        let now = self.recv_steps;
-        self.skipped
-            .retain(|c| now.saturating_sub(c.step) < MAX_SKIPPED_AGE);
         Ok(())
     }
 
@@ -423,8 +443,8 @@ impl Ratchet {
     pub fn from_record(record: &parley_state::RatchetRecord) -> Result<Ratchet, &'static str> {
         let key = |hex_key: &str, what| SecretKey::from_hex(hex_key).ok_or(what);
         let bytes32 = |hex_key: &str, what| {
-            let mut out = [0u8; 32];
-            hex::decode_to_slice(hex_key, &mut out).map_err(|_| what)?;
+            let mut out = Zeroizing::new([0u8; 32]);
+            hex::decode_to_slice(hex_key, out.as_mut()).map_err(|_| what)?;
             Ok::<_, &'static str>(out)
         };
         let element = |hex_key: &str, what| {
@@ -435,13 +455,11 @@ impl Ratchet {
         };
         let chain = |c: &parley_state::ChainRecord| {
             Ok::<_, &'static str>(Chain {
-                key: bytes32(c.chain_key.expose(), "chain key")?,
-                receipt: bytes32(c.receipt_key.expose(), "receipt key")?,
+                key: *bytes32(c.chain_key.expose(), "chain key")?,
+                receipt: *bytes32(c.receipt_key.expose(), "receipt key")?,
             })
         };
-        let mut private = Zeroizing::new(bytes32(record.own_private.expose(), "ratchet key")?);
-        let own = DhKeyPair::from_private(*private);
-        private.zeroize();
+        let own = DhKeyPair::from_private(*bytes32(record.own_private.expose(), "ratchet key")?);
         let mut skipped = Vec::new();
         for c in &record.skipped {
             let mut keys = BTreeMap::new();
@@ -478,44 +496,36 @@ impl Ratchet {
     }
 }
 
-fn hmac(key: &[u8; 32], label: &[u8]) -> [u8; 32] {
+fn hmac(key: &[u8; 32], label: &[u8]) -> Zeroizing<[u8; 32]> {
     // HMAC takes keys of any length: new_from_slice cannot fail.
     let Ok(mut mac) = Hmac::<Sha256>::new_from_slice(key) else {
-        return [0; 32];
+        return Zeroizing::new([0; 32]);
     };
     mac.update(label);
-    mac.finalize().into_bytes().into()
+    Zeroizing::new(mac.finalize().into_bytes().into())
 }
 
 /// KDF_RK: HKDF-SHA256, salt = RK, IKM = the DH output, 64 bytes: the new RK, then a chain key.
-pub fn kdf_rk(root: &SecretKey, dh_output: &[u8]) -> (SecretKey, [u8; 32]) {
+pub fn kdf_rk(root: &SecretKey, dh_output: &[u8]) -> (SecretKey, Zeroizing<[u8; 32]>) {
     let hkdf = Hkdf::<Sha256>::new(Some(root.as_bytes()), dh_output);
     let mut out = Zeroizing::new([0u8; 64]);
     // 64 bytes is far below HKDF-SHA256's limit: expand cannot fail.
     let _ = hkdf.expand(LABEL_ROOT, out.as_mut());
     let (new_root, chain) = out.split_at(32);
-    let mut root_bytes = [0u8; 32];
-    let mut chain_bytes = [0u8; 32];
+    let mut root_bytes = Zeroizing::new([0u8; 32]);
+    let mut chain_bytes = Zeroizing::new([0u8; 32]);
     root_bytes.copy_from_slice(new_root);
     chain_bytes.copy_from_slice(chain);
-    let root = SecretKey::from_bytes(root_bytes);
-    root_bytes.zeroize();
-    (root, chain_bytes)
+    (SecretKey::from_bytes(*root_bytes), chain_bytes)
 }
 
-/// The AES-256-GCM key and nonce of one message key. Each message key encrypts exactly one
-/// message, so a nonce derived from it is never reused.
-fn message_aead(message_key: &SecretKey) -> (Aes256Gcm, [u8; 12]) {
+/// The AES-256-GCM key of one message key.
+fn message_aead(message_key: &SecretKey) -> Aes256Gcm {
     let hkdf = Hkdf::<Sha256>::new(None, message_key.as_bytes());
     let mut key = Zeroizing::new([0u8; 32]);
-    let mut nonce = [0u8; 12];
-    let mut out = Zeroizing::new([0u8; 44]);
-    // 44 bytes is far below HKDF-SHA256's limit: expand cannot fail.
-    let _ = hkdf.expand(LABEL_MESSAGE_AEAD, out.as_mut());
-    for (dst, src) in key.iter_mut().chain(nonce.iter_mut()).zip(out.iter()) {
-        *dst = *src;
-    }
-    (Aes256Gcm::new(&(*key).into()), nonce)
+    // 32 bytes is far below HKDF-SHA256's limit: expand cannot fail.
+    let _ = hkdf.expand(LABEL_MESSAGE_AEAD, key.as_mut());
+    Aes256Gcm::new(&(*key).into())
 }
 
 fn message_ad(ad: &[u8], header: &[u8]) -> Vec<u8> {
@@ -528,23 +538,25 @@ fn message_ad(ad: &[u8], header: &[u8]) -> Vec<u8> {
 fn seal_message(
     message_key: &SecretKey,
     header: &[u8; HEADER_BYTES],
+    nonce: &[u8; NONCE_BYTES],
     plaintext: &[u8],
     ad: &[u8],
 ) -> Vec<u8> {
-    let (cipher, nonce) = message_aead(message_key);
+    let cipher = message_aead(message_key);
     let aad = message_ad(ad, header);
     // Only fails for plaintexts over 64 GiB, far beyond any frame.
     let sealed = cipher
         .encrypt(
-            &nonce.into(),
+            &(*nonce).into(),
             Payload {
                 msg: plaintext,
                 aad: &aad,
             },
         )
         .unwrap_or_default();
-    let mut out = Vec::with_capacity(HEADER_BYTES + sealed.len());
+    let mut out = Vec::with_capacity(HEADER_BYTES + NONCE_BYTES + sealed.len());
     out.extend_from_slice(header);
+    out.extend_from_slice(nonce);
     out.extend_from_slice(&sealed);
     out
 }
@@ -554,17 +566,20 @@ fn open_message(
     message: &[u8],
     ad: &[u8],
 ) -> Result<Zeroizing<Vec<u8>>, RatchetError> {
-    let (header, sealed) = message
+    let (header, rest) = message
         .split_at_checked(HEADER_BYTES)
+        .ok_or(RatchetError::Malformed)?;
+    let (nonce, sealed) = rest
+        .split_first_chunk::<NONCE_BYTES>()
         .ok_or(RatchetError::Malformed)?;
     if sealed.len() < TAG_BYTES {
         return Err(RatchetError::Malformed);
     }
-    let (cipher, nonce) = message_aead(message_key);
+    let cipher = message_aead(message_key);
     let aad = message_ad(ad, header);
     cipher
         .decrypt(
-            &nonce.into(),
+            &(*nonce).into(),
             Payload {
                 msg: sealed,
                 aad: &aad,

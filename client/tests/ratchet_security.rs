@@ -117,22 +117,19 @@ fn a_stolen_state_file_reads_only_until_the_next_turn() {
     assert_eq!(deliver(&mut guest, &h4).unwrap(), ["h4 closed"]);
 
     // Everything after the step stays closed to the thief, whichever copy it starts from:
-    // the one it kept up to date, or a fresh copy of the stolen file.
-    for frame in [&g2, &h4, &h5] {
+    // the one it kept up to date, or a fresh copy of the stolen file. (Each attempt must fail
+    // outright: a message merely held for a gap would have been decrypted.)
+    for frame in [&h4, &h5] {
         for mut attempt in [load(&save(&thief)), load(&stolen)] {
-            let result = deliver(&mut attempt, frame);
+            let result = attempt.receive(&Envelope::parse(frame).unwrap());
             assert!(
-                matches!(result, Err(ReceiveError::Ratchet(_))) || result == Ok(vec![]),
+                matches!(result, Err(ReceiveError::Ratchet(_))),
                 "{result:?}"
-            );
-            assert!(
-                attempt.received_upto() <= 3,
-                "nothing after the step was read"
             );
         }
     }
-    // (g2 is the guest's own message: the thief, holding the guest's side, cannot read it
-    // either, since it needs the guest's new private key.)
+    // And the thief's copy still reads what it read before (the attempts themselves work).
+    assert_eq!(deliver(&mut load(&stolen), &h2).unwrap(), ["h2 readable"]);
 }
 
 /// Sends `n` lines from `from` to `to`, each acknowledged, and returns the largest saved state
@@ -231,12 +228,14 @@ fn crashes_anywhere_never_reuse_a_key_or_lose_a_message() {
             // Type a line (the guest only once it has heard from the host).
             0..=2 if typed[side] < N && (side == 0 || live[1].received_upto() > 0) => {
                 let line = format!("{side}-{}", typed[side]);
-                live[side].seal(&text(&line)).unwrap();
                 if roll(5) == 0 {
-                    // Crash before the save: the line was never sent, and is typed again.
+                    // Crash before the save: a different line was sealed under the same key
+                    // and is gone; the next frame must not collide with anything sent.
+                    live[side].seal(&text(&format!("{line} (lost)"))).unwrap();
                     live[side] = load(&disk[side]);
                     continue;
                 }
+                live[side].seal(&text(&line)).unwrap();
                 disk[side] = save(&live[side]);
                 typed[side] += 1;
             }

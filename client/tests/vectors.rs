@@ -97,10 +97,11 @@ fn exponent(first: u8) -> [u8; 32] {
     std::array::from_fn(|i| first.wrapping_add(i as u8))
 }
 
-/// Checks one message's parts: its header fields, then what follows the header.
+/// Checks one message's parts: its header fields, then what follows the header and nonce.
 fn check_message(name: &str, message: &[u8]) {
-    let (header, sealed) = Header::parse(message).unwrap();
-    assert_eq!(message.len(), HEADER_BYTES + sealed.len());
+    let (header, rest) = Header::parse(message).unwrap();
+    assert_eq!(message.len(), HEADER_BYTES + rest.len());
+    let sealed = &rest[12..];
     check(&format!("{name}.dh[0..16]"), &hex::encode(&header.dh[..16]));
     check(&format!("sha256({name}.dh)"), &sha(&header.dh));
     check(
@@ -129,8 +130,10 @@ fn ratchet_vectors() {
 
     let hello_host = br#"{"k":"hello","name":"host"}"#;
     let text = br#"{"k":"text","text":"hello"}"#;
-    let m1 = host.encrypt(hello_host, &h2g(1)).unwrap();
-    let m2 = host.encrypt(text, &h2g(2)).unwrap();
+    let m1 = host
+        .encrypt_with_nonce(hello_host, &h2g(1), &[0x01; 12])
+        .unwrap();
+    let m2 = host.encrypt_with_nonce(text, &h2g(2), &[0x02; 12]).unwrap();
     check_message("m1", &m1);
     check_message("m2", &m2);
 
@@ -149,7 +152,9 @@ fn ratchet_vectors() {
     check("guest RK after its step", guest.record().root_key.expose());
 
     let hello_guest = br#"{"k":"hello","name":"guest"}"#;
-    let g1 = guest.encrypt(hello_guest, &g2h(1)).unwrap();
+    let g1 = guest
+        .encrypt_with_nonce(hello_guest, &g2h(1), &[0x03; 12])
+        .unwrap();
     check_message("g1", &g1);
     let mut host_keys = [exponent(0x81)].into_iter();
     let mut host_source = || Ok(DhKeyPair::from_private(host_keys.next().unwrap()));
@@ -160,7 +165,9 @@ fn ratchet_vectors() {
     check("host RK after its step", host.record().root_key.expose());
 
     let again = br#"{"k":"text","text":"again"}"#;
-    let m3 = host.encrypt(again, &h2g(3)).unwrap();
+    let m3 = host
+        .encrypt_with_nonce(again, &h2g(3), &[0x04; 12])
+        .unwrap();
     check_message("m3", &m3);
     assert_eq!(
         *guest.decrypt(&m3, &h2g(3), &mut guest_source).unwrap(),
