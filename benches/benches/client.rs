@@ -164,34 +164,20 @@ fn aes_gcm(c: &mut Criterion) {
     g.finish();
 }
 
-/// `Store::save` (write, fsync, rename) of a state file with one session, the client's cost
-/// per state change. The record is built from JSON so that schema changes break it at run time
-/// with a clear message rather than at compile time.
+/// `Store::save` (write, fsync, rename) of a state file with one session, as a pairing leaves
+/// it (ratchet included): the client's cost per state change.
 fn state_save(c: &mut Criterion) {
     let dir = std::env::temp_dir().join(format!("parley-bench-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
     let store = parley_state::Store::open(&dir, "bench").unwrap();
     let mut state = parley_state::StateFile::new("bench");
-    let record = json!({
-        "sid": "ab".repeat(16), "relay_url": "ws://127.0.0.1:9000", "role": "host",
-        "resume_token": "cd".repeat(32), "peer_name": "bob", "safety_number": "0264 5057 8817",
-        "send_key": "11".repeat(32), "recv_key": "22".repeat(32), "send_seq": 10,
-        "recv_seq": 12, "outbox": [], "peer_acked": 10, "unshown": [],
-        "restore_proof": "33".repeat(32), "created": 1, "last_used": 2
-    });
-    match serde_json::from_value(record) {
-        Ok(record) => state.upsert(record),
-        Err(e) => eprintln!("state_save: benching an empty state file ({e})"),
-    }
+    state.upsert(parley_benches::sessions().0.record());
     c.bench_function("state/save", |b| b.iter(|| store.save(&state).unwrap()));
     drop(store);
     let _ = std::fs::remove_dir_all(&dir);
 }
 
-// ---------------------------------------------------------------------------------------
-// RATCHET STEP: the Double Ratchet engineer adds `fn ratchet(c: &mut Criterion)` here (one
-// DH ratchet step, and one symmetric chain step), and lists it in `criterion_group!` below.
-// ---------------------------------------------------------------------------------------
+// The Double Ratchet's costs are in benches/ratchet.rs.
 
 criterion_group!(benches, dh, pake_hkdf, handshake, aes_gcm, state_save);
 criterion_main!(benches);

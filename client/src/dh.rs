@@ -7,8 +7,9 @@
 //! fixed-length 256-byte big-endian strings on the wire and in the key schedule.
 //!
 //! The exponentiations use crypto-bigint's fixed-size Montgomery form (`MontyForm<U2048>`,
-//! `pow_bounded_exp` over the exponent's 256 bits): about three times as fast as num-bigint's
-//! general `modpow`, constant-time, and its temporaries live on the stack.
+//! `pow_bounded_exp` over the exponent's 256 bits): as fast as num-bigint's general `modpow`
+//! on the reference machine (BENCHMARKS.md), but constant-time, with its temporaries on the
+//! stack.
 
 use std::sync::OnceLock;
 
@@ -76,6 +77,7 @@ fn prime() -> BigUint {
 /// One side's key pair. The private exponent is zeroized on drop. (The transient `BigUint`
 /// copies num-bigint makes during exponentiation are not; the limitation is noted in
 /// protocol.md.)
+#[derive(Clone)]
 pub struct DhKeyPair {
     private: Zeroizing<[u8; PRIVATE_BYTES]>,
     public: [u8; ELEMENT_BYTES],
@@ -100,6 +102,11 @@ impl DhKeyPair {
             to_element(&BigUint::from(GENERATOR).modpow(&x, &prime()))
         });
         DhKeyPair { private, public }
+    }
+
+    /// The private exponent as hex, for the state file only.
+    pub fn private_hex(&self) -> Zeroizing<String> {
+        Zeroizing::new(hex::encode(self.private.as_ref()))
     }
 
     pub fn public(&self) -> &[u8; ELEMENT_BYTES] {

@@ -21,6 +21,7 @@ use crate::code::InviteCode;
 use crate::error::ClientError;
 use crate::handshake::{Guest, Host, Pairing, PairingError, Step, error_fields, msg_kind};
 use crate::output::{Output, error_event};
+use crate::ratchet::RatchetError;
 use crate::session::{Plain, Receipt, ReceiveError, SendError, Session};
 
 /// How long to wait for the relay to accept the connection.
@@ -791,8 +792,11 @@ fn receive(
         Ok(received) => received,
         Err(e) => {
             let code = match e {
-                ReceiveError::Replayed { .. } => "replayed_message",
-                ReceiveError::Crypto(_) => "rejected_message",
+                ReceiveError::Replayed { .. } | ReceiveError::Ratchet(RatchetError::KeyGone) => {
+                    "replayed_message"
+                }
+                ReceiveError::Ratchet(RatchetError::TooFarAhead { .. }) => "message_too_far_ahead",
+                ReceiveError::Crypto(_) | ReceiveError::Ratchet(_) => "rejected_message",
                 ReceiveError::Malformed | ReceiveError::Content => "malformed_message",
             };
             output.emit(error_event(
@@ -802,6 +806,11 @@ fn receive(
             return Ok(0);
         }
     };
+    if received.held {
+        // Decrypted ahead of a gap: its key is gone, so it must be on disk before anything
+        // else happens.
+        persist(store, state, session)?;
+    }
     if received.due.is_empty() {
         return Ok(0);
     }
@@ -811,6 +820,13 @@ fn receive(
         match incoming.plain {
             Plain::Hello { name } => session.set_peer_name(name),
             Plain::Text { text } => lines.push((incoming.seq, text)),
+            Plain::Unknown => output.emit(error_event(
+                "unknown_message",
+                &format!(
+                    "message {} authenticated but is not understood (a kind from a newer version, or malformed content); it was received but cannot be shown",
+                    incoming.seq
+                ),
+            )),
         }
     }
     // Recorded, together with the lines themselves as not yet shown, before they are shown;

@@ -27,6 +27,7 @@ use spake2::{Ed25519Group, Identity, Password, Spake2};
 use crate::code::InviteCode;
 use crate::dh::{DhError, DhKeyPair};
 use crate::keys::{self, SessionKeys, Transcript};
+use crate::ratchet::Ratchet;
 use crate::session::{NewSession, Plain, Session};
 
 pub const SPAKE2_ID_HOST: &[u8] = b"parley/v1/host";
@@ -75,6 +76,8 @@ pub enum PairingError {
     Incompatible(String),
     #[error("pairing failed: unexpected or malformed handshake frame ({0})")]
     Protocol(&'static str),
+    #[error("pairing failed: the operating system's random source failed")]
+    Random,
 }
 
 /// What the driver needs from either side of the handshake.
@@ -257,7 +260,9 @@ struct Common {
 }
 
 impl Common {
-    /// The session the agreed keys make, for `role`: its send key is its own direction's.
+    /// The session the agreed keys make, for `role`. The guest's handshake key pair is its
+    /// first ratchet key pair (Signal's Bob); the host (Alice) starts its ratchet with a fresh
+    /// key pair against it (`peer_dh`, already validated).
     fn session(
         &self,
         role: Role,
@@ -265,23 +270,28 @@ impl Common {
         sid_bytes: [u8; 16],
         resume_token: Secret,
         keys: &SessionKeys,
-    ) -> Session {
-        let (send_key, recv_key) = match role {
-            Role::Host => (&keys.host_to_guest, &keys.guest_to_host),
-            Role::Guest => (&keys.guest_to_host, &keys.host_to_guest),
+        peer_dh: &[u8],
+    ) -> Result<Session, PairingError> {
+        let root = keys.ratchet_root.clone();
+        let ratchet = match role {
+            Role::Host => {
+                let own = DhKeyPair::generate().map_err(|_| PairingError::Random)?;
+                Ratchet::initiator(root, own, peer_dh)
+                    .map_err(|_| PairingError::Protocol("ratchet start"))?
+            }
+            Role::Guest => Ratchet::responder(root, self.dh.clone()),
         };
-        Session::new(NewSession {
+        Ok(Session::new(NewSession {
             sid,
             sid_bytes,
             role,
             relay_url: self.relay_url.clone(),
             resume_token,
-            send_key: send_key.clone(),
-            recv_key: recv_key.clone(),
+            ratchet,
             safety_number: keys.safety_number.clone(),
             restore_proof: Secret::new(keys.restore_proof.clone()),
             now: now_secs(),
-        })
+        }))
     }
 }
 
@@ -344,7 +354,7 @@ impl Host {
         // replaced when INVITE_CODE arrives.
         let secret =
             InviteCode::with_new_secret("000000").map_err(|_| PairingError::Protocol("code"))?;
-        let dh = DhKeyPair::generate().map_err(PairingError::InvalidPeerKey)?;
+        let dh = DhKeyPair::generate().map_err(|_| PairingError::Random)?;
         let (pake, pake_msg) = Spake2::<Ed25519Group>::start_a(
             &Password::new(secret.secret().as_bytes()),
             &Identity::new(SPAKE2_ID_HOST),
@@ -510,10 +520,11 @@ impl Host {
                         host_pake: &self.common.pake_msg,
                         guest_pake: &guest_pake,
                     };
-                    agree(&self.common.dh, pake, &guest_dh, &guest_pake, &transcript)
+                    let keys = agree(&self.common.dh, pake, &guest_dh, &guest_pake, &transcript)?;
+                    Ok((keys, guest_dh))
                 });
-                let keys = match agreed {
-                    Ok(keys) => keys,
+                let (keys, guest_dh) = match agreed {
+                    Ok(agreed) => agreed,
                     // Tell the joiner, so it does not wait; the pairing is over either way.
                     Err(e) => return Err(self.fail_with(e, deny)),
                 };
@@ -522,9 +533,9 @@ impl Host {
                     Some(&sid),
                     Some(&json!({"clientID": client_id, "confirm": keys.host_confirm.to_hex()})),
                 );
-                let session = self
-                    .common
-                    .session(Role::Host, sid, sid_bytes, token, &keys);
+                let session =
+                    self.common
+                        .session(Role::Host, sid, sid_bytes, token, &keys, &guest_dh)?;
                 let guest_confirm = keys.guest_confirm.clone();
                 Ok((
                     HostState::AwaitConfirm {
@@ -643,7 +654,7 @@ impl Guest {
         relay_url: &str,
         name: &str,
     ) -> Result<(Guest, Vec<Step>), PairingError> {
-        let dh = DhKeyPair::generate().map_err(PairingError::InvalidPeerKey)?;
+        let dh = DhKeyPair::generate().map_err(|_| PairingError::Random)?;
         let (pake, pake_msg) = Spake2::<Ed25519Group>::start_b(
             &Password::new(code.secret().as_bytes()),
             &Identity::new(SPAKE2_ID_HOST),
@@ -735,9 +746,9 @@ impl Guest {
                     guest_pake: &self.common.pake_msg,
                 };
                 let keys = agree(&self.common.dh, pake, &host_dh, &host_pake, &transcript)?;
-                let session = self
-                    .common
-                    .session(Role::Guest, sid, sid_bytes, token, &keys);
+                let session =
+                    self.common
+                        .session(Role::Guest, sid, sid_bytes, token, &keys, &host_dh)?;
                 let state = GuestState::AwaitAccept {
                     session: Box::new(session),
                     host_confirm: keys.host_confirm.clone(),
@@ -819,7 +830,9 @@ fn open_hello(session: &mut Session, env: &Envelope<'_>) -> Result<(), PairingEr
             session.set_peer_name(name);
             Ok(())
         }
-        Plain::Text { .. } => Err(PairingError::Protocol("chat message before the hello")),
+        Plain::Text { .. } | Plain::Unknown => {
+            Err(PairingError::Protocol("chat message before the hello"))
+        }
     }
 }
 

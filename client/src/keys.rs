@@ -24,8 +24,7 @@ pub const PROTOCOL_VERSION: u32 = 1;
 pub const LABEL_TRANSCRIPT: &[u8] = b"parley/v1/transcript";
 pub const LABEL_CONFIRM_HOST: &[u8] = b"parley/v1/confirm/host";
 pub const LABEL_CONFIRM_GUEST: &[u8] = b"parley/v1/confirm/guest";
-pub const LABEL_KEY_HOST_TO_GUEST: &[u8] = b"parley/v1/message-key/host-to-guest";
-pub const LABEL_KEY_GUEST_TO_HOST: &[u8] = b"parley/v1/message-key/guest-to-host";
+pub const LABEL_RATCHET_ROOT: &[u8] = b"parley/v1/ratchet/initial-root";
 pub const LABEL_SAFETY_NUMBER: &[u8] = b"parley/v1/safety-number";
 pub const LABEL_RESTORE_PROOF: &[u8] = b"parley/v1/relay-restore-proof";
 
@@ -59,19 +58,20 @@ impl Transcript<'_> {
     }
 }
 
-/// A 256-bit AES-GCM key for one direction. Zeroized on drop; `Debug` prints nothing of it.
+/// A 256-bit symmetric key (root, chain, message or receipt key). Zeroized on drop; `Debug`
+/// prints nothing of it.
 #[derive(Clone, Zeroize, ZeroizeOnDrop, PartialEq, Eq)]
-pub struct MessageKey([u8; 32]);
+pub struct SecretKey([u8; 32]);
 
-impl MessageKey {
-    pub fn from_bytes(bytes: [u8; 32]) -> MessageKey {
-        MessageKey(bytes)
+impl SecretKey {
+    pub fn from_bytes(bytes: [u8; 32]) -> SecretKey {
+        SecretKey(bytes)
     }
 
-    pub fn from_hex(hex_key: &str) -> Option<MessageKey> {
+    pub fn from_hex(hex_key: &str) -> Option<SecretKey> {
         let mut bytes = [0u8; 32];
         hex::decode_to_slice(hex_key, &mut bytes).ok()?;
-        Some(MessageKey(bytes))
+        Some(SecretKey(bytes))
     }
 
     pub fn to_hex(&self) -> Zeroizing<String> {
@@ -83,9 +83,9 @@ impl MessageKey {
     }
 }
 
-impl std::fmt::Debug for MessageKey {
+impl std::fmt::Debug for SecretKey {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str("MessageKey(..)")
+        f.write_str("SecretKey(..)")
     }
 }
 
@@ -111,8 +111,8 @@ impl Confirmation {
 
 /// All keys of one session.
 pub struct SessionKeys {
-    pub host_to_guest: MessageKey,
-    pub guest_to_host: MessageKey,
+    /// The Double Ratchet's first root key (protocol.md 3.6).
+    pub ratchet_root: SecretKey,
     pub host_confirm: Confirmation,
     pub guest_confirm: Confirmation,
     /// 12 digits in three groups; equal on both sides iff they hold the same keys.
@@ -136,8 +136,7 @@ pub fn derive(dh_secret: &[u8], pake_key: &[u8], transcript_hash: &[u8; 32]) -> 
     let mut safety = [0u8; 8];
     let _ = hkdf.expand(LABEL_SAFETY_NUMBER, &mut safety);
     SessionKeys {
-        host_to_guest: MessageKey(expand32(LABEL_KEY_HOST_TO_GUEST)),
-        guest_to_host: MessageKey(expand32(LABEL_KEY_GUEST_TO_HOST)),
+        ratchet_root: SecretKey(expand32(LABEL_RATCHET_ROOT)),
         host_confirm: Confirmation(expand32(LABEL_CONFIRM_HOST)),
         guest_confirm: Confirmation(expand32(LABEL_CONFIRM_GUEST)),
         safety_number: safety_number(u64::from_be_bytes(safety)),
@@ -186,11 +185,10 @@ mod tests {
         ];
         for t in variants {
             let keys = derive(&[5; 256], &[6; 32], &t.hash());
-            assert!(keys.host_to_guest != reference.host_to_guest);
+            assert!(keys.ratchet_root != reference.ratchet_root);
         }
-        assert!(derive(&[9; 256], &[6; 32], &base.hash()).host_to_guest != reference.host_to_guest);
-        assert!(derive(&[5; 256], &[9; 32], &base.hash()).host_to_guest != reference.host_to_guest);
-        assert!(reference.host_to_guest != reference.guest_to_host);
+        assert!(derive(&[9; 256], &[6; 32], &base.hash()).ratchet_root != reference.ratchet_root);
+        assert!(derive(&[5; 256], &[9; 32], &base.hash()).ratchet_root != reference.ratchet_root);
     }
 
     #[test]

@@ -13,4 +13,5 @@ pub mod handshake;
 pub mod keys;
 pub mod message;
 pub mod output;
+pub mod ratchet;
 pub mod session;

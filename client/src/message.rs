@@ -1,15 +1,17 @@
-//! Message encryption: AES-256-GCM, one key per direction, payload `hex(IV(12) || tag(16) ||
-//! ciphertext)` as in the original system.
+//! AES-256-GCM with a random IV, payload `hex(IV(12) || tag(16) || ciphertext)` as in the
+//! original system: what receipts are sealed with (under their chain's receipt key, which seals
+//! many receipts, hence the random IV). Chat messages are sealed by the ratchet
+//! (`crate::ratchet`), whose keys each seal one message.
 //!
-//! The associated data binds the session, the direction and the sequence number, so a message
-//! replayed into another session, reflected back to its sender, or moved to another place in
-//! the stream fails authentication. The IV is 12 random bytes per message.
+//! The associated data binds the session, the direction and (for messages) the sequence
+//! number, so a frame replayed into another session, reflected back to its sender, or moved to
+//! another place in the stream fails authentication.
 
 use aes_gcm::aead::{AeadInOut, KeyInit};
 use aes_gcm::{Aes256Gcm, Nonce, Tag};
 use rand::TryRngCore;
 
-use crate::keys::MessageKey;
+use crate::keys::SecretKey;
 
 pub const IV_BYTES: usize = 12;
 pub const TAG_BYTES: usize = 16;
@@ -45,7 +47,7 @@ pub fn associated_data(sid: &[u8; 16], direction: Direction, seq: u64) -> Vec<u8
 }
 
 /// Encrypts with a fresh random IV.
-pub fn seal(key: &MessageKey, aad: &[u8], plaintext: &[u8]) -> Result<String, MessageError> {
+pub fn seal(key: &SecretKey, aad: &[u8], plaintext: &[u8]) -> Result<String, MessageError> {
     let mut iv = [0u8; IV_BYTES];
     rand::rngs::OsRng
         .try_fill_bytes(&mut iv)
@@ -54,7 +56,7 @@ pub fn seal(key: &MessageKey, aad: &[u8], plaintext: &[u8]) -> Result<String, Me
 }
 
 /// Encrypts with the given IV (test vectors only need this to be public).
-pub fn seal_with_iv(key: &MessageKey, iv: &[u8; IV_BYTES], aad: &[u8], plaintext: &[u8]) -> String {
+pub fn seal_with_iv(key: &SecretKey, iv: &[u8; IV_BYTES], aad: &[u8], plaintext: &[u8]) -> String {
     let cipher = Aes256Gcm::new(key.as_bytes().into());
     let mut out = vec![0u8; IV_BYTES + TAG_BYTES + plaintext.len()];
     let (head, body) = out.split_at_mut(IV_BYTES + TAG_BYTES);
@@ -71,7 +73,7 @@ pub fn seal_with_iv(key: &MessageKey, iv: &[u8; IV_BYTES], aad: &[u8], plaintext
 }
 
 /// Decrypts and authenticates a payload.
-pub fn open(key: &MessageKey, aad: &[u8], payload_hex: &str) -> Result<Vec<u8>, MessageError> {
+pub fn open(key: &SecretKey, aad: &[u8], payload_hex: &str) -> Result<Vec<u8>, MessageError> {
     let mut bytes = hex::decode(payload_hex).map_err(|_| MessageError::Malformed)?;
     if bytes.len() < IV_BYTES + TAG_BYTES {
         return Err(MessageError::Malformed);
@@ -91,8 +93,8 @@ pub fn open(key: &MessageKey, aad: &[u8], payload_hex: &str) -> Result<Vec<u8>, 
 mod tests {
     use super::*;
 
-    fn key(b: u8) -> MessageKey {
-        MessageKey::from_bytes([b; 32])
+    fn key(b: u8) -> SecretKey {
+        SecretKey::from_bytes([b; 32])
     }
 
     #[test]

@@ -1,12 +1,13 @@
-//! A paired session: keys and counters, and the delivery rules that make every message arrive
-//! exactly once and in order (protocol.md 3.6). Sans-IO: the caller persists the session (via
-//! [`Session::record`]) at the points each method documents, and moves the frames.
+//! A paired session: its ratchet and counters, and the delivery rules that make every message
+//! arrive exactly once and in order (protocol.md 3.6, 3.7). Sans-IO: the caller persists the
+//! session (via [`Session::record`]) at the points each method documents, and moves the frames.
 //!
 //! Sending: every message is sealed once with the next sequence number and kept in the
 //! outbox, as the exact frame, until the peer's end-to-end receipt covers it; the caller sends
 //! (and re-sends) [`Session::unacked`] in order. Receiving: messages are shown strictly in
-//! sequence order; one that arrives early waits (in memory) for the gap to fill, and one that
-//! arrives again is dropped. Receipts are cumulative ("everything up to N"), so a lost or
+//! sequence order; one that arrives early is decrypted (its key, like every key, is used once)
+//! and waits, recorded, for the gap to fill; one that arrives again is dropped unread.
+//! Receipts are cumulative ("everything up to N"), so a lost or
 //! replayed receipt does no harm.
 
 use std::collections::BTreeMap;
@@ -16,8 +17,9 @@ use parley_state::{OutboxEntry, Role, Secret, SessionRecord, Unshown};
 use serde::{Deserialize, Serialize};
 use serde_json::value::RawValue;
 
-use crate::keys::MessageKey;
+use crate::dh::DhKeyPair;
 use crate::message::{self, Direction, MessageError};
+use crate::ratchet::{Ratchet, RatchetError};
 
 /// What travels inside a `MSG`'s encryption. `k` names the kind; receivers ignore unknown fields.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -27,6 +29,10 @@ pub enum Plain {
     Hello { name: String },
     /// A chat line.
     Text { text: String },
+    /// A kind this version does not know (from a newer peer): received and counted, so the
+    /// stream goes on, but not shown.
+    #[serde(other)]
+    Unknown,
 }
 
 /// What travels inside a receipt (`MSG_READ`): everything up to `upto` was delivered (recorded
@@ -49,8 +55,10 @@ pub struct Incoming {
 /// so that a burst (a resend after reconnecting, say) never overflows the relay's queue.
 pub const SEND_WINDOW: usize = 64;
 
-/// Messages that arrived ahead of a gap wait for it, in memory, up to this many.
-pub const MAX_EARLY: usize = 1024;
+/// Messages that arrived ahead of a gap wait for it (recorded) if they are at most this far
+/// ahead; further ones are dropped unread, to come again. Twice the window: a conforming
+/// sender never gets further ahead than the window.
+pub const MAX_EARLY: u64 = 2 * SEND_WINDOW as u64;
 /// AAD label of receipts (messages use `message::AAD_LABEL`).
 pub const RECEIPT_AAD_LABEL: &[u8] = b"parley/v1/receipt";
 
@@ -65,6 +73,8 @@ pub enum SendError {
     Exhausted,
     #[error(transparent)]
     Crypto(#[from] MessageError),
+    #[error(transparent)]
+    Ratchet(#[from] RatchetError),
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -75,7 +85,9 @@ pub enum ReceiveError {
     Replayed { seq: u64 },
     #[error(transparent)]
     Crypto(#[from] MessageError),
-    #[error("message decrypted but its content is not understood")]
+    #[error(transparent)]
+    Ratchet(#[from] RatchetError),
+    #[error("receipt decrypted but its content is not understood")]
     Content,
 }
 
@@ -86,6 +98,9 @@ pub struct Received {
     pub due: Vec<Incoming>,
     /// It had been received before (a resend): nothing to show, but acknowledge again.
     pub duplicate: bool,
+    /// It arrived ahead of a gap and now waits for it: nothing to show, but persist (its key
+    /// is used up).
+    pub held: bool,
 }
 
 pub struct Session {
@@ -95,12 +110,12 @@ pub struct Session {
     relay_url: String,
     resume_token: Secret,
     restore_proof: Secret,
-    send_key: MessageKey,
-    recv_key: MessageKey,
+    ratchet: Ratchet,
     send_seq: u64,
     recv_seq: u64,
     outbox: BTreeMap<u64, String>,
     peer_acked: u64,
+    /// Decrypted ahead of a gap, waiting for it (recorded).
     early: BTreeMap<u64, Plain>,
     /// Recorded but perhaps not shown yet (see [`Session::take_unshown`]).
     unshown: Vec<(u64, String)>,
@@ -118,8 +133,7 @@ pub struct NewSession {
     pub relay_url: String,
     pub resume_token: Secret,
     pub restore_proof: Secret,
-    pub send_key: MessageKey,
-    pub recv_key: MessageKey,
+    pub ratchet: Ratchet,
     pub safety_number: String,
     pub now: u64,
 }
@@ -148,8 +162,7 @@ impl Session {
             relay_url: parts.relay_url,
             resume_token: parts.resume_token,
             restore_proof: parts.restore_proof,
-            send_key: parts.send_key,
-            recv_key: parts.recv_key,
+            ratchet: parts.ratchet,
             send_seq: 0,
             recv_seq: 0,
             outbox: BTreeMap::new(),
@@ -181,6 +194,15 @@ impl Session {
         {
             return Err(damaged("outbox"));
         }
+        let mut early = BTreeMap::new();
+        for held in &record.early {
+            let plain: Plain =
+                serde_json::from_str(held.text.expose()).map_err(|_| damaged("early messages"))?;
+            if held.seq <= record.recv_seq {
+                return Err(damaged("early messages"));
+            }
+            early.insert(held.seq, plain);
+        }
         Ok(Session {
             sid: record.sid.clone(),
             sid_bytes,
@@ -188,15 +210,12 @@ impl Session {
             relay_url: record.relay_url.clone(),
             resume_token: record.resume_token.clone(),
             restore_proof: record.restore_proof.clone(),
-            send_key: MessageKey::from_hex(record.send_key.expose())
-                .ok_or_else(|| damaged("send key"))?,
-            recv_key: MessageKey::from_hex(record.recv_key.expose())
-                .ok_or_else(|| damaged("receive key"))?,
+            ratchet: Ratchet::from_record(&record.ratchet).map_err(damaged)?,
             send_seq: record.send_seq,
             recv_seq: record.recv_seq,
             outbox,
             peer_acked: record.peer_acked,
-            early: BTreeMap::new(),
+            early,
             unshown: record
                 .unshown
                 .iter()
@@ -217,8 +236,7 @@ impl Session {
             resume_token: self.resume_token.clone(),
             peer_name: self.peer_name.clone(),
             safety_number: self.safety_number.clone(),
-            send_key: Secret::new(self.send_key.to_hex().to_string()),
-            recv_key: Secret::new(self.recv_key.to_hex().to_string()),
+            ratchet: self.ratchet.record(),
             send_seq: self.send_seq,
             recv_seq: self.recv_seq,
             outbox: self
@@ -236,6 +254,14 @@ impl Session {
                 .map(|(seq, text)| Unshown {
                     seq: *seq,
                     text: Secret::new(text.clone()),
+                })
+                .collect(),
+            early: self
+                .early
+                .iter()
+                .map(|(seq, plain)| Unshown {
+                    seq: *seq,
+                    text: Secret::new(serde_json::to_string(plain).unwrap_or_default()),
                 })
                 .collect(),
             restore_proof: self.restore_proof.clone(),
@@ -306,20 +332,23 @@ impl Session {
     // -----------------------------------------------------------------------------------------
     // Sending
 
-    /// Encrypts the next message and keeps it in the outbox. Persist before sending the
-    /// returned frame: a sequence number is then never used twice, and the message survives a
-    /// crash to be sent again.
+    /// Encrypts the next message with the next ratchet key and keeps it in the outbox.
+    /// Persist before sending the returned frame: a key and a sequence number are then never
+    /// used twice, and the message survives a crash to be sent again, byte for byte.
     pub fn seal(&mut self, plain: &Plain) -> Result<(u64, String), SendError> {
         let seq = self.send_seq.checked_add(1).ok_or(SendError::Exhausted)?;
         let plaintext = zeroize::Zeroizing::new(serde_json::to_vec(plain).unwrap_or_default());
         let aad = message::associated_data(&self.sid_bytes, self.directions().0, seq);
-        let payload = message::seal(&self.send_key, &aad, &plaintext)?;
+        // On a copy: a message refused below must not use up a key (the peer would skip it).
+        let mut ratchet = self.ratchet.clone();
+        let payload = hex::encode(ratchet.encrypt(&plaintext, &aad)?);
         let data = serde_json::json!({"msgID": seq, "payload": payload});
         let frame = encode(FrameType::Msg, Some(&self.sid), Some(&data));
         let max = parley_protocol::limits::MAX_FRAME_BYTES;
         if frame.len() > max {
             return Err(SendError::TooLong { max });
         }
+        self.ratchet = ratchet;
         self.send_seq = seq;
         self.outbox.insert(seq, frame.clone());
         Ok((seq, frame))
@@ -350,35 +379,42 @@ impl Session {
     // Receiving
 
     /// Authenticates and decrypts a `MSG` that must be the next in sequence (the handshake's
-    /// Hello). Only a message that passes every check moves the receive counter.
+    /// Hello). Only a message that passes every check moves the ratchet and the counter.
     pub fn open(&mut self, env: &Envelope<'_>) -> Result<Incoming, ReceiveError> {
-        let incoming = self.decrypt(env)?;
-        if incoming.seq != self.recv_seq + 1 {
-            return Err(ReceiveError::Replayed { seq: incoming.seq });
+        let (seq, payload) = parse_msg(env)?;
+        if seq != self.recv_seq + 1 {
+            return Err(ReceiveError::Replayed { seq });
         }
-        self.recv_seq = incoming.seq;
-        Ok(incoming)
+        let plain = self.decrypt(seq, &payload)?;
+        self.recv_seq = seq;
+        Ok(Incoming { seq, plain })
     }
 
     /// Takes a received `MSG`: returns the messages now due in order. Persist before showing
-    /// them (a crash then never shows one twice or skips one), then send [`Self::receipt`].
+    /// them (a crash then never shows one twice or skips one), or when `held`; then send
+    /// [`Self::receipt`].
     pub fn receive(&mut self, env: &Envelope<'_>) -> Result<Received, ReceiveError> {
-        let incoming = self.decrypt(env)?;
-        if incoming.seq <= self.recv_seq || self.early.contains_key(&incoming.seq) {
+        let (seq, payload) = parse_msg(env)?;
+        if seq <= self.recv_seq || self.early.contains_key(&seq) {
+            // Its key is gone: not even an attempt to decrypt.
             return Ok(Received {
-                due: Vec::new(),
                 duplicate: true,
+                ..Received::default()
             });
         }
-        if incoming.seq > self.recv_seq + 1 {
-            // Ahead of a gap: wait for it, within bounds; beyond them the sender resends.
-            if self.early.len() < MAX_EARLY {
-                self.early.insert(incoming.seq, incoming.plain);
-            }
+        if seq - self.recv_seq > MAX_EARLY {
             return Ok(Received::default());
         }
-        self.recv_seq = incoming.seq;
-        let mut due = vec![incoming];
+        let plain = self.decrypt(seq, &payload)?;
+        if seq > self.recv_seq + 1 {
+            self.early.insert(seq, plain);
+            return Ok(Received {
+                held: true,
+                ..Received::default()
+            });
+        }
+        self.recv_seq = seq;
+        let mut due = vec![Incoming { seq, plain }];
         while let Some(plain) = self.early.remove(&(self.recv_seq + 1)) {
             self.recv_seq += 1;
             due.push(Incoming {
@@ -388,34 +424,33 @@ impl Session {
         }
         Ok(Received {
             due,
-            duplicate: false,
+            ..Received::default()
         })
     }
 
-    fn decrypt(&self, env: &Envelope<'_>) -> Result<Incoming, ReceiveError> {
-        let data: MsgData = env.data().map_err(|_| ReceiveError::Malformed)?;
-        let seq = data.msg_id.ok_or(ReceiveError::Malformed)?;
-        let payload: &str = data
-            .payload
-            .and_then(|raw| serde_json::from_str::<&str>(raw.get()).ok())
-            .ok_or(ReceiveError::Malformed)?;
-        if seq == 0 {
-            return Err(ReceiveError::Malformed);
-        }
+    /// Moves the ratchet: only an authentic message does.
+    fn decrypt(&mut self, seq: u64, payload: &[u8]) -> Result<Plain, ReceiveError> {
         let aad = message::associated_data(&self.sid_bytes, self.directions().1, seq);
-        let plaintext = zeroize::Zeroizing::new(message::open(&self.recv_key, &aad, payload)?);
-        let plain: Plain = serde_json::from_slice(&plaintext).map_err(|_| ReceiveError::Content)?;
-        Ok(Incoming { seq, plain })
+        let plaintext = self
+            .ratchet
+            .decrypt(payload, &aad, &mut DhKeyPair::generate)?;
+        // Authentic but not understood: counted (its key is gone), not shown.
+        Ok(serde_json::from_slice(&plaintext).unwrap_or(Plain::Unknown))
     }
 
     // -----------------------------------------------------------------------------------------
     // Receipts
 
-    /// A `MSG_READ` frame carrying an encrypted receipt.
+    /// A `MSG_READ` frame carrying a receipt, sealed under the receipt key of the peer's
+    /// current chain (it uses up no message key, so it need not be persisted first).
     pub fn receipt(&self, receipt: Receipt) -> Result<String, SendError> {
+        let key = self
+            .ratchet
+            .receipt_key_to_send()
+            .ok_or(SendError::Ratchet(RatchetError::NotReady))?;
         let plaintext = serde_json::to_vec(&receipt).unwrap_or_default();
         let aad = receipt_aad(&self.sid_bytes, self.directions().0);
-        let sealed = message::seal(&self.send_key, &aad, &plaintext)?;
+        let sealed = message::seal(&key, &aad, &plaintext)?;
         Ok(encode(
             FrameType::MsgRead,
             Some(&self.sid),
@@ -438,7 +473,12 @@ impl Session {
             return Ok(None);
         };
         let aad = receipt_aad(&self.sid_bytes, self.directions().1);
-        let plaintext = message::open(&self.recv_key, &aad, &sealed)?;
+        let plaintext = self
+            .ratchet
+            .receipt_keys_to_accept()
+            .iter()
+            .find_map(|key| message::open(key, &aad, &sealed).ok())
+            .ok_or(ReceiveError::Crypto(MessageError::Authentication))?;
         let receipt: Receipt =
             serde_json::from_slice(&plaintext).map_err(|_| ReceiveError::Content)?;
         let mut newly = Vec::new();
@@ -455,6 +495,21 @@ impl Session {
     }
 }
 
+/// A `MSG`'s sequence number and decoded payload.
+fn parse_msg(env: &Envelope<'_>) -> Result<(u64, Vec<u8>), ReceiveError> {
+    let data: MsgData = env.data().map_err(|_| ReceiveError::Malformed)?;
+    let seq = data.msg_id.ok_or(ReceiveError::Malformed)?;
+    let payload = data
+        .payload
+        .and_then(|raw| serde_json::from_str::<&str>(raw.get()).ok())
+        .and_then(|hex_payload| hex::decode(hex_payload).ok())
+        .ok_or(ReceiveError::Malformed)?;
+    if seq == 0 {
+        return Err(ReceiveError::Malformed);
+    }
+    Ok((seq, payload))
+}
+
 fn receipt_aad(sid: &[u8; 16], direction: Direction) -> Vec<u8> {
     let mut aad = Vec::with_capacity(RECEIPT_AAD_LABEL.len() + 17);
     aad.extend_from_slice(RECEIPT_AAD_LABEL);
@@ -468,9 +523,16 @@ mod tests {
     use super::*;
 
     pub(crate) fn pair() -> (Session, Session) {
-        let k1 = [1u8; 32];
-        let k2 = [2u8; 32];
-        let make = |role, send: [u8; 32], recv: [u8; 32]| {
+        let root = crate::keys::SecretKey::from_bytes([1; 32]);
+        let guest_key = DhKeyPair::generate().unwrap();
+        let host_ratchet = Ratchet::initiator(
+            root.clone(),
+            DhKeyPair::generate().unwrap(),
+            guest_key.public(),
+        )
+        .unwrap();
+        let guest_ratchet = Ratchet::responder(root, guest_key);
+        let make = |role, ratchet| {
             Session::new(NewSession {
                 sid: "00112233445566778899aabbccddeeff".into(),
                 sid_bytes: [
@@ -481,13 +543,15 @@ mod tests {
                 relay_url: "ws://x".into(),
                 resume_token: Secret::new("t".into()),
                 restore_proof: Secret::new("p".into()),
-                send_key: MessageKey::from_bytes(send),
-                recv_key: MessageKey::from_bytes(recv),
+                ratchet,
                 safety_number: "0000 0000 0000".into(),
                 now: 0,
             })
         };
-        (make(Role::Host, k1, k2), make(Role::Guest, k2, k1))
+        (
+            make(Role::Host, host_ratchet),
+            make(Role::Guest, guest_ratchet),
+        )
     }
 
     fn text(t: &str) -> Plain {
@@ -605,13 +669,16 @@ mod tests {
         let (mut host, mut guest) = pair();
         let (_, frame) = host.seal(&text("two")).unwrap();
         assert!(
-            matches!(deliver(&mut host, &frame), Err(ReceiveError::Crypto(_))),
+            matches!(
+                deliver(&mut host, &frame),
+                Err(ReceiveError::Ratchet(RatchetError::Authentication))
+            ),
             "reflected"
         );
         let moved = frame.replace("\"msgID\":1", "\"msgID\":7");
         assert!(matches!(
             deliver(&mut guest, &moved),
-            Err(ReceiveError::Crypto(MessageError::Authentication))
+            Err(ReceiveError::Ratchet(RatchetError::Authentication))
         ));
         assert_eq!(
             shown(deliver(&mut guest, &frame).unwrap()),

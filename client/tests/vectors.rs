@@ -5,6 +5,7 @@
 use parley::dh::DhKeyPair;
 use parley::keys::{self, Transcript};
 use parley::message::{self, Direction};
+use parley::ratchet::{HEADER_BYTES, Header, Ratchet};
 use sha2::{Digest, Sha256};
 
 const DOCUMENT: &str = include_str!("../../protocol.md");
@@ -64,8 +65,7 @@ fn dh_vectors() {
     check("host_dh[0..16]", &hex::encode(&host.public()[..16]));
 }
 
-#[test]
-fn key_schedule_and_message_vectors() {
+fn session_keys() -> keys::SessionKeys {
     let host = DhKeyPair::from_private(host_private());
     let guest = DhKeyPair::from_private(guest_private());
     let shared = host.shared_secret(guest.public()).unwrap();
@@ -79,25 +79,117 @@ fn key_schedule_and_message_vectors() {
     };
     let t = transcript.hash();
     check("transcript_hash", &hex::encode(t));
-    let keys = keys::derive(shared.as_ref(), &PAKE_KEY, &t);
+    keys::derive(shared.as_ref(), &PAKE_KEY, &t)
+}
+
+#[test]
+fn key_schedule_vectors() {
+    let keys = session_keys();
     check("confirm_host", &keys.host_confirm.to_hex());
     check("confirm_guest", &keys.guest_confirm.to_hex());
-    check("key_host_to_guest", &keys.host_to_guest.to_hex());
-    check("key_guest_to_host", &keys.guest_to_host.to_hex());
+    check("ratchet_root", &keys.ratchet_root.to_hex());
     check("safety_number", &keys.safety_number);
+    check("restore_proof", &keys.restore_proof);
+}
 
-    let aad = message::associated_data(&SID, Direction::HostToGuest, 2);
-    check("aad", &hex::encode(&aad));
-    let iv: [u8; 12] = std::array::from_fn(|i| i as u8);
-    let payload = message::seal_with_iv(
-        &keys.host_to_guest,
-        &iv,
-        &aad,
-        br#"{"k":"text","text":"hello"}"#,
+/// 32 bytes counting up from `first`: the ratchet key pairs' private exponents.
+fn exponent(first: u8) -> [u8; 32] {
+    std::array::from_fn(|i| first.wrapping_add(i as u8))
+}
+
+/// Checks one message's parts: its header fields, then what follows the header and nonce.
+fn check_message(name: &str, message: &[u8]) {
+    let (header, rest) = Header::parse(message).unwrap();
+    assert_eq!(message.len(), HEADER_BYTES + rest.len());
+    let sealed = &rest[12..];
+    check(&format!("{name}.dh[0..16]"), &hex::encode(&header.dh[..16]));
+    check(&format!("sha256({name}.dh)"), &sha(&header.dh));
+    check(
+        &format!("{name}.pn,n"),
+        &format!("{},{}", header.pn, header.n),
     );
-    check("payload", &payload);
+    check(&format!("{name}.ciphertext||tag"), &hex::encode(sealed));
+}
+
+#[test]
+fn ratchet_vectors() {
+    let keys = session_keys();
+    let guest_handshake = DhKeyPair::from_private(guest_private());
+    let h2g = |seq| message::associated_data(&SID, Direction::HostToGuest, seq);
+    let g2h = |seq| message::associated_data(&SID, Direction::GuestToHost, seq);
+    check("aad(host to guest, 2)", &hex::encode(h2g(2)));
+
+    let mut host = Ratchet::initiator(
+        keys.ratchet_root.clone(),
+        DhKeyPair::from_private(exponent(0x41)),
+        guest_handshake.public(),
+    )
+    .unwrap();
+    let mut guest = Ratchet::responder(keys.ratchet_root.clone(), guest_handshake);
+    check("host RK after start", host.record().root_key.expose());
+
+    let hello_host = br#"{"k":"hello","name":"host"}"#;
+    let text = br#"{"k":"text","text":"hello"}"#;
+    let m1 = host
+        .encrypt_with_nonce(hello_host, &h2g(1), &[0x01; 12])
+        .unwrap();
+    let m2 = host.encrypt_with_nonce(text, &h2g(2), &[0x02; 12]).unwrap();
+    check_message("m1", &m1);
+    check_message("m2", &m2);
+
+    // The guest gets m2 first (m1's key is skipped), then m1.
+    let mut guest_keys = [exponent(0x61), exponent(0xa1)].into_iter();
+    let mut guest_source = || Ok(DhKeyPair::from_private(guest_keys.next().unwrap()));
     assert_eq!(
-        message::open(&keys.host_to_guest, &aad, &payload).unwrap(),
-        br#"{"k":"text","text":"hello"}"#
+        *guest.decrypt(&m2, &h2g(2), &mut guest_source).unwrap(),
+        text.to_vec()
     );
+    assert_eq!(guest.skipped_keys(), 1);
+    assert_eq!(
+        *guest.decrypt(&m1, &h2g(1), &mut guest_source).unwrap(),
+        hello_host.to_vec()
+    );
+    check("guest RK after its step", guest.record().root_key.expose());
+
+    let hello_guest = br#"{"k":"hello","name":"guest"}"#;
+    let g1 = guest
+        .encrypt_with_nonce(hello_guest, &g2h(1), &[0x03; 12])
+        .unwrap();
+    check_message("g1", &g1);
+    let mut host_keys = [exponent(0x81)].into_iter();
+    let mut host_source = || Ok(DhKeyPair::from_private(host_keys.next().unwrap()));
+    assert_eq!(
+        *host.decrypt(&g1, &g2h(1), &mut host_source).unwrap(),
+        hello_guest.to_vec()
+    );
+    check("host RK after its step", host.record().root_key.expose());
+
+    let again = br#"{"k":"text","text":"again"}"#;
+    let m3 = host
+        .encrypt_with_nonce(again, &h2g(3), &[0x04; 12])
+        .unwrap();
+    check_message("m3", &m3);
+    assert_eq!(
+        *guest.decrypt(&m3, &h2g(3), &mut guest_source).unwrap(),
+        again.to_vec()
+    );
+    check(
+        "guest RK after receiving m3",
+        guest.record().root_key.expose(),
+    );
+    check("m3 payload", &hex::encode(&m3));
+
+    // The guest's receipt for m3, under the receipt key of the host's current chain.
+    let receipt_key = guest.receipt_key_to_send().unwrap();
+    check("receipt key (host's chain of m3)", &receipt_key.to_hex());
+    let receipt_aad = [b"parley/v1/receipt".as_slice(), &SID, &[2]].concat();
+    let iv: [u8; 12] = std::array::from_fn(|i| i as u8);
+    let receipt = message::seal_with_iv(
+        &receipt_key,
+        &iv,
+        &receipt_aad,
+        br#"{"k":"delivered","upto":3}"#,
+    );
+    check("receipt", &receipt);
+    assert!(host.receipt_keys_to_accept().contains(&receipt_key));
 }

@@ -24,9 +24,10 @@ use std::path::{Path, PathBuf};
 use serde::{Deserialize, Serialize};
 use zeroize::Zeroizing;
 
-/// The schema this build writes. Files with a lower version are migrated on load; a higher
-/// version is refused (it was written by a newer parley).
-pub const SCHEMA_VERSION: u32 = 1;
+/// The schema this build writes. A higher version is refused (it was written by a newer
+/// parley); so is schema 1, whose sessions had one key per direction for their whole life and
+/// cannot be turned into a ratchet (protocol.md 3.8): their users pair again.
+pub const SCHEMA_VERSION: u32 = 2;
 
 /// Marks a file as ours, so that a stray JSON file is never mistaken for state.
 const FORMAT: &str = "parley-state";
@@ -47,6 +48,10 @@ pub enum StateError {
         "state file {path} has schema {found}, newer than this parley understands ({SCHEMA_VERSION}); upgrade parley"
     )]
     TooNew { path: PathBuf, found: u32 },
+    #[error(
+        "state file {path} has schema {found}, written by a parley without forward secrecy; its sessions cannot be resumed: move it away and pair again"
+    )]
+    TooOld { path: PathBuf, found: u32 },
     #[error("state `{name}` is in use by another parley process (lock {path} is held)")]
     Locked { name: String, path: PathBuf },
     #[error("invalid client name `{0}`: use 1-64 letters, digits, '-' or '_'")]
@@ -110,9 +115,9 @@ pub struct SessionRecord {
     /// The peer's name as it introduced itself (end-to-end), once known.
     pub peer_name: Option<String>,
     pub safety_number: String,
-    /// AES-256-GCM keys, hex: ours for sending, the peer's for receiving.
-    pub send_key: Secret,
-    pub recv_key: Secret,
+    /// The Double Ratchet's state (protocol.md 3.6): saved together with the counters and the
+    /// outbox, so a key is never used twice and the next message can always be decrypted.
+    pub ratchet: RatchetRecord,
     /// The last sequence number we sent, and the highest one we accepted from the peer.
     pub send_seq: u64,
     pub recv_seq: u64,
@@ -127,12 +132,60 @@ pub struct SessionRecord {
     /// again at the next start. Cleared right after they are shown.
     #[serde(default)]
     pub unshown: Vec<Unshown>,
+    /// Messages decrypted ahead of a gap (their keys are gone), waiting for it to fill; `text`
+    /// holds the decrypted content (JSON). Bounded by the client's early-message limit.
+    #[serde(default)]
+    pub early: Vec<Unshown>,
     /// Presented with `RESTORE` when a restarted relay has forgotten the session (hex).
     #[serde(default)]
     pub restore_proof: Secret,
     /// Unix seconds.
     pub created: u64,
     pub last_used: u64,
+}
+
+/// The Double Ratchet's state, every key as hex. Field names follow the Signal specification.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RatchetRecord {
+    /// RK.
+    pub root_key: Secret,
+    /// DHs: our current ratchet private exponent (the public key is recomputed from it).
+    pub own_private: Secret,
+    /// DHr: the peer's current ratchet public key, once known.
+    pub peer_public: Option<String>,
+    /// CKs and CKr, each with the receipt key of its chain.
+    pub send_chain: Option<ChainRecord>,
+    pub recv_chain: Option<ChainRecord>,
+    /// Ns, Nr, PN.
+    pub send_n: u32,
+    pub recv_n: u32,
+    pub prev_send_n: u32,
+    /// The receipt key of our previous sending chain: receipts for it may still be on the way.
+    pub prev_send_receipt_key: Option<Secret>,
+    /// Skipped message keys, oldest chain first.
+    pub skipped: Vec<SkippedChainRecord>,
+    /// How many receiving chains this side has started (the age unit for skipped keys).
+    pub recv_steps: u64,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ChainRecord {
+    pub chain_key: Secret,
+    pub receipt_key: Secret,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SkippedChainRecord {
+    pub peer_public: String,
+    /// The receiving chain count when this chain's keys were skipped.
+    pub step: u64,
+    pub keys: Vec<SkippedKeyRecord>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SkippedKeyRecord {
+    pub n: u32,
+    pub key: Secret,
 }
 
 /// A received message between being recorded and being shown. The text is a secret.
@@ -389,7 +442,12 @@ fn parse(bytes: &[u8], path: &Path, name: &str) -> Result<StateFile, StateError>
             found: schema,
         });
     }
-    // Schema 1 is the first; older schemas would be migrated here.
+    if schema < SCHEMA_VERSION {
+        return Err(StateError::TooOld {
+            path: path.into(),
+            found: schema,
+        });
+    }
     serde_json::from_slice(bytes).map_err(|e| corrupt(e.to_string()))
 }
 
@@ -428,8 +486,29 @@ mod tests {
             resume_token: Secret::new("ab".repeat(32)),
             peer_name: Some("bob".into()),
             safety_number: "1234 5678 9012".into(),
-            send_key: Secret::new("11".repeat(32)),
-            recv_key: Secret::new("22".repeat(32)),
+            ratchet: RatchetRecord {
+                root_key: Secret::new("11".repeat(32)),
+                own_private: Secret::new("22".repeat(32)),
+                peer_public: Some("33".repeat(256)),
+                send_chain: Some(ChainRecord {
+                    chain_key: Secret::new("44".repeat(32)),
+                    receipt_key: Secret::new("55".repeat(32)),
+                }),
+                recv_chain: None,
+                send_n: 3,
+                recv_n: 0,
+                prev_send_n: 0,
+                prev_send_receipt_key: None,
+                skipped: vec![SkippedChainRecord {
+                    peer_public: "66".repeat(256),
+                    step: 1,
+                    keys: vec![SkippedKeyRecord {
+                        n: 7,
+                        key: Secret::new("77".repeat(32)),
+                    }],
+                }],
+                recv_steps: 2,
+            },
             send_seq: 3,
             recv_seq: 4,
             outbox: vec![OutboxEntry {
@@ -438,6 +517,7 @@ mod tests {
             }],
             peer_acked: 2,
             unshown: Vec::new(),
+            early: Vec::new(),
             restore_proof: Secret::new("cd".repeat(32)),
             created: 1,
             last_used: 2,
@@ -501,11 +581,11 @@ mod tests {
         let path = state_path(&dir, "alice");
         let store = Store::open(&dir, "alice").unwrap();
         type Check = fn(&StateError) -> bool;
-        let cases: [(&str, Check); 5] = [
+        let cases: [(&str, Check); 6] = [
             ("{ not json", |e| matches!(e, StateError::Corrupt { .. })),
             ("[1,2,3]", |e| matches!(e, StateError::Foreign { .. })),
             (
-                r#"{"format":"parley-state","schema":1,"name":"mallory","sessions":[]}"#,
+                r#"{"format":"parley-state","schema":2,"name":"mallory","sessions":[]}"#,
                 |e| matches!(e, StateError::Foreign { .. }),
             ),
             (
@@ -513,7 +593,11 @@ mod tests {
                 |e| matches!(e, StateError::TooNew { found: 99, .. }),
             ),
             (
-                r#"{"format":"parley-state","schema":1,"name":"alice","sessions":[{"sid":1}]}"#,
+                r#"{"format":"parley-state","schema":1,"name":"alice","sessions":[]}"#,
+                |e| matches!(e, StateError::TooOld { found: 1, .. }),
+            ),
+            (
+                r#"{"format":"parley-state","schema":2,"name":"alice","sessions":[{"sid":1}]}"#,
                 |e| matches!(e, StateError::Corrupt { .. }),
             ),
         ];
@@ -545,7 +629,9 @@ mod tests {
     fn secrets_do_not_print() {
         let printed = format!("{:?}", record("s1"));
         assert!(!printed.contains(&"ab".repeat(32)));
-        assert!(!printed.contains(&"11".repeat(32)));
+        for secret in ["11", "22", "44", "55", "77"] {
+            assert!(!printed.contains(&secret.repeat(32)), "{secret}");
+        }
     }
 
     proptest::proptest! {
