@@ -177,19 +177,13 @@ impl Ratchet {
     ) -> Result<Ratchet, RatchetError> {
         let peer_key: [u8; ELEMENT_BYTES] = peer.try_into().map_err(|_| RatchetError::Malformed)?;
         let shared = own.shared_secret(peer).map_err(RatchetError::PeerKey)?;
-        let (root, chain) = kdf_rk(&root, shared.as_ref());
+        let (next_root, chain) = kdf_rk(&root, shared.as_ref());
+        // Bob's start, plus the half DH step Alice does before her first message.
         Ok(Ratchet {
-            root,
-            own,
+            root: next_root,
             peer: Some(peer_key),
             send: Some(Chain::start(&chain)),
-            recv: None,
-            send_n: 0,
-            recv_n: 0,
-            prev_send_n: 0,
-            prev_send_receipt: None,
-            skipped: Vec::new(),
-            recv_steps: 0,
+            ..Ratchet::responder(root, own)
         })
     }
 
@@ -302,10 +296,12 @@ impl Ratchet {
         message: &[u8],
         ad: &[u8],
     ) -> Result<Option<Zeroizing<Vec<u8>>>, RatchetError> {
-        let Some(index) = self.skipped.iter().position(|c| c.peer == header.dh) else {
-            return Ok(None);
-        };
-        let Some(chain) = self.skipped.get_mut(index) else {
+        let Some((index, chain)) = self
+            .skipped
+            .iter_mut()
+            .enumerate()
+            .find(|(_, c)| c.peer == header.dh)
+        else {
             return Ok(None);
         };
         let Some(key) = chain.keys.get(&header.n) else {

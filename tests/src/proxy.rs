@@ -88,24 +88,38 @@ where
 {
     let (mut client_tx, mut client_rx) = client.split();
     let (mut relay_tx, mut relay_rx) = relay.split();
+    // A side that can no longer be written to (it has hung up) is still read until its stream
+    // ends: a client's last frames before its Close, a final receipt say, must reach the relay
+    // even while frames toward that client are in flight, as they would without the proxy.
+    let (mut client_writable, mut relay_writable) = (true, true);
     loop {
         tokio::select! {
             msg = client_rx.next() => {
                 let Some(Ok(Message::Text(text))) = msg else { break };
                 if cut() { return; }
-                for frame in tamper(Toward::Relay, text.as_str()) {
-                    if relay_tx.send(Message::Text(frame.into())).await.is_err() { return; }
+                if relay_writable {
+                    relay_writable = pass(&mut relay_tx, tamper(Toward::Relay, text.as_str())).await;
                 }
             }
             msg = relay_rx.next() => {
                 let Some(Ok(Message::Text(text))) = msg else { break };
                 if cut() { return; }
-                for frame in tamper(Toward::Client, text.as_str()) {
-                    if client_tx.send(Message::Text(frame.into())).await.is_err() { return; }
+                if client_writable {
+                    client_writable = pass(&mut client_tx, tamper(Toward::Client, text.as_str())).await;
                 }
             }
         }
     }
     let _ = client_tx.close().await;
     let _ = relay_tx.close().await;
+}
+
+/// Sends `frames` in order; false once the sink has failed.
+async fn pass<S: futures_util::Sink<Message> + Unpin>(sink: &mut S, frames: Vec<String>) -> bool {
+    for frame in frames {
+        if sink.send(Message::Text(frame.into())).await.is_err() {
+            return false;
+        }
+    }
+    true
 }
