@@ -258,8 +258,17 @@ impl RelayLink {
         }
     }
 
+    /// The closing handshake, both halves: our Close, then whatever the relay still sends
+    /// until its Close (discarded). Leaving before the reply would leave those frames unread,
+    /// and the kernel would answer them with a reset that can cost the relay our own last
+    /// frames (a final receipt) still in its receive buffer.
     async fn close(mut self) {
-        let _ = tokio::time::timeout(Duration::from_secs(2), self.ws.close(None)).await;
+        let _ = tokio::time::timeout(Duration::from_secs(2), async {
+            if self.ws.close(None).await.is_ok() {
+                while let Some(Ok(_)) = self.ws.next().await {}
+            }
+        })
+        .await;
     }
 }
 
