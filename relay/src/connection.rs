@@ -219,7 +219,13 @@ async fn receive(
             Ok(text) => hub.handle(state, &text),
             Err(_) => refuse_binary(state.outbox()),
         },
-        Some(Ok(Message::Close(_))) | None => return Some(Ending::ClientClosed),
+        Some(Ok(Message::Close(_))) => {
+            // tungstenite has queued the Close reply; send it, so the client's closing
+            // handshake ends cleanly instead of waiting for the socket to drop.
+            let _ = timeout(config.write_timeout, ws.flush()).await;
+            return Some(Ending::ClientClosed);
+        }
+        None => return Some(Ending::ClientClosed),
         // Pings are answered by tungstenite itself; any traffic counts as life.
         Some(Ok(Message::Ping(_) | Message::Pong(_) | Message::Frame(_))) => {}
         Some(Err(WsError::Capacity(CapacityError::MessageTooLong { .. }))) => {

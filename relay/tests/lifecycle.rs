@@ -161,6 +161,23 @@ async fn shutdown_closes_every_connection_with_going_away() {
 }
 
 #[tokio::test]
+async fn a_client_close_is_answered_after_its_last_frames_are_relayed() {
+    let relay = TestRelay::start().await;
+    let mut pair = relay.pair().await;
+    let last = format!(
+        r#"{{"t":"MSG","sid":"{}","data":{{"payload":"ab","msgID":7}}}}"#,
+        pair.sid
+    );
+    pair.guest.send_text(&last).await;
+    // The frame sent just before the Close is relayed, and the Close is answered with one, so
+    // a client that waits for the answer (as the parley client does) leaves cleanly.
+    let reply = pair.guest.close_and_read_reply().await;
+    assert!(reply.is_ok(), "relay did not answer the close: {reply:?}");
+    assert_eq!(pair.host.recv_text().await, last);
+    pair.host.expect("PEER_OFFLINE").await;
+}
+
+#[tokio::test]
 async fn binary_serves_then_exits_cleanly_on_sigterm() {
     let mut child = Command::new(env!("CARGO_BIN_EXE_parley-relay"))
         .args(["--listen", "127.0.0.1:0"])

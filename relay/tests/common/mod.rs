@@ -234,6 +234,23 @@ impl TestClient {
         self.expect("PONG").await;
     }
 
+    /// Starts the closing handshake and returns the relay's answer: its Close frame, or the
+    /// error that ended the stream without one.
+    pub async fn close_and_read_reply(&mut self) -> Result<Option<CloseFrame>, String> {
+        self.ws.close(None).await.map_err(|e| e.to_string())?;
+        loop {
+            let msg = tokio::time::timeout(STEP, self.ws.next())
+                .await
+                .map_err(|_| "no answer to our close".to_string())?;
+            match msg {
+                Some(Ok(Message::Close(frame))) => return Ok(frame),
+                Some(Ok(_)) => {}
+                Some(Err(e)) => return Err(e.to_string()),
+                None => return Err("the stream ended without a close frame".into()),
+            }
+        }
+    }
+
     /// The connection ends: a close frame (returned) or the stream simply ending.
     pub async fn expect_closed(&mut self) -> Option<CloseFrame> {
         loop {
