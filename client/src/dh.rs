@@ -6,12 +6,13 @@
 //! key generation to one 256-bit modular exponentiation. Public keys and the shared secret are
 //! fixed-length 256-byte big-endian strings on the wire and in the key schedule.
 //!
-//! The exponentiations are OpenSSL's (libcrypto, through the `openssl` crate): `BN_mod_exp`
-//! with the exponent flagged `BN_FLG_CONSTTIME`, which takes OpenSSL's constant-time
-//! fixed-window Montgomery ladder (`BN_mod_exp_mont_consttime`, the one it uses for its own DH
-//! and RSA private keys; on x86-64 its `mulx`/`adx` assembly). That is about 0.3 ms per
-//! exponentiation on the reference machine, against 0.7 to 0.9 ms for crypto-bigint 0.6 (and
-//! 0.6 ms for 0.7), which brings one handshake side under 1 ms (BENCHMARKS.md). Its timing
+//! The exponentiations are OpenSSL's (libcrypto, through the `openssl` crate; built from source
+//! unless `OPENSSL_NO_VENDOR=1`, see client/Cargo.toml): `BN_mod_exp` with the exponent flagged
+//! `BN_FLG_CONSTTIME`, which takes OpenSSL's constant-time fixed-window exponentiation
+//! (`BN_mod_exp_mont_consttime`, the one it uses for its own DH and RSA private keys; on x86-64
+//! its `mulx`/`adx` assembly, with the table of powers read by a constant-time gather). That is
+//! about 0.28 ms per exponentiation on the reference machine, against 0.67 ms for crypto-bigint
+//! 0.6 (0.6 ms for 0.7), which brings one handshake side under 1 ms (BENCHMARKS.md). Its timing
 //! depends on the exponent only through its length in 64-bit words, which is 4 unless the top
 //! 64 random bits are all zero (odds 2^-64).
 //!
