@@ -11,7 +11,9 @@
 //! 32 replies in one write too), and everything queued is written with one flush.
 
 use std::collections::VecDeque;
+use std::future::Future;
 use std::net::SocketAddr;
+use std::pin::Pin;
 use std::sync::Arc;
 use std::task::Poll;
 use std::time::Duration;
@@ -135,6 +137,9 @@ async fn run(
     let mut last_heard = Instant::now();
     // The frames being written; swapped with the outbox's queue, so both keep their capacity.
     let mut batch = VecDeque::new();
+    // Set while reading is paused for a congested peer (see `outbox`): resolves once it has
+    // drained, or has been waited for long enough.
+    let mut peer_drain: Option<Pin<Box<dyn Future<Output = ()> + Send>>> = None;
 
     loop {
         tokio::select! {
@@ -151,7 +156,8 @@ async fn run(
                     return ending;
                 }
             }
-            incoming = ws.next() => {
+            () = drained(&mut peer_drain), if peer_drain.is_some() => peer_drain = None,
+            incoming = ws.next(), if peer_drain.is_none() => {
                 last_heard = Instant::now();
                 if let Some(ending) = Box::pin(receive(hub, state, &mut ws, incoming)).await {
                     return ending;
@@ -170,28 +176,10 @@ async fn run(
                         return ending;
                     }
                 }
-                // Backpressure: read nothing more until the peer has caught up. Our own queue
-                // is still written meanwhile.
+                // Backpressure: read nothing more until the peer has caught up (this arm
+                // is off meanwhile); our own queue is still written.
                 if let Some(peer) = state.take_congested_peer() {
-                    let mut drained = Box::pin(peer.drained(PEER_DRAIN_PATIENCE));
-                    loop {
-                        tokio::select! {
-                            biased;
-                            () = shutdown.cancelled() => {
-                                Box::pin(close(&mut ws, CloseCode::Away, "relay shutting down", config.shutdown_grace)).await;
-                                return Ending::Shutdown;
-                            }
-                            taken = outbound.next_batch(&mut batch) => {
-                                if taken.is_err() {
-                                    return Ending::SlowConsumer;
-                                }
-                                if let Err(ending) = Box::pin(write_out(&mut ws, &mut batch, &outbound, &outbox, config.write_timeout)).await {
-                                    return ending;
-                                }
-                            }
-                            () = &mut drained => break,
-                        }
-                    }
+                    peer_drain = Some(Box::pin(async move { peer.drained(PEER_DRAIN_PATIENCE).await }));
                 }
             }
             _ = ping.tick() => {
@@ -202,6 +190,13 @@ async fn run(
                 let _ = outbox.push(encode::<()>(FrameType::Ping, None, None));
             }
         }
+    }
+}
+
+/// Waits for the peer's drain, if one is awaited (its `select!` arm is off otherwise).
+async fn drained(wait: &mut Option<Pin<Box<dyn Future<Output = ()> + Send>>>) {
+    if let Some(wait) = wait {
+        wait.await;
     }
 }
 
