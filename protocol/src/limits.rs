@@ -19,6 +19,9 @@ pub const MAX_SESSIONS_PER_CONNECTION: usize = 16;
 /// Relay-wide caps.
 pub const MAX_SESSIONS: usize = 1_000_000;
 pub const MAX_CONNECTIONS: usize = 50_000;
+/// Connections from one address (IPv4, or IPv6 /64) at once, upgraded or not, so that one
+/// address cannot take every slot.
+pub const MAX_CONNECTIONS_PER_ADDRESS: usize = 1_024;
 /// Outbound queue per connection; a connection whose queue overflows is a slow consumer and is
 /// disconnected.
 pub const OUTBOUND_QUEUE_FRAMES: usize = 256;
@@ -46,5 +49,10 @@ pub const MAILBOX_BYTES: usize = 512 * 1024;
 pub const MAILBOX_AGE: Duration = Duration::from_secs(24 * 60 * 60);
 /// All mailboxes of a relay together.
 pub const MAILBOX_TOTAL_BYTES: usize = 256 * 1024 * 1024;
+/// What frames sent from one address (IPv4, or IPv6 /64) may hold of all mailboxes (and of
+/// pending `JOIN_REQUEST`s), so that a few addresses cannot fill everyone's.
+pub const MAILBOX_BYTES_PER_ADDRESS: usize = 4 * 1024 * 1024;
+/// Largest `JOIN` data (serialized bytes) the relay keeps for the host until it answers.
+pub const MAX_JOIN_DATA_BYTES: usize = MAX_INVITE_PARAMS_BYTES;
 /// Longest restore proof accepted (hex).
 pub const MAX_RESTORE_PROOF_CHARS: usize = 128;

@@ -1,10 +1,13 @@
 //! Everything an operator can tune. Defaults live in `parley_protocol::limits` so that the
 //! document and both ends agree on them.
 
+use std::io;
 use std::time::Duration;
 
 use parley_protocol::limits;
 use tokio::time::Instant;
+
+use crate::ids::RelaySecret;
 
 /// `at + after`, or a time so far ahead it never comes when that would overflow: an operator
 /// may configure "never" as a huge duration, and that must not panic.
@@ -32,6 +35,8 @@ pub struct RelayConfig {
     pub max_sessions_per_connection: usize,
     pub max_sessions: usize,
     pub max_connections: usize,
+    /// Connections from one address (IPv4, or IPv6 /64), counted from accept.
+    pub max_connections_per_address: usize,
     pub outbound_queue_frames: usize,
     pub outbound_queue_bytes: usize,
     pub write_timeout: Duration,
@@ -45,6 +50,12 @@ pub struct RelayConfig {
     pub handshake_timeout: Duration,
     /// Frames kept for an offline member (see `mailbox`).
     pub mailbox: crate::mailbox::MailboxLimits,
+    /// What frames from one address may hold of all mailboxes and pending join requests.
+    pub mailbox_bytes_per_address: usize,
+    /// Resume tokens are MACs under this secret: keep it across restarts and the relay takes
+    /// its sessions back from their members' tokens (see `ids`). A clone shares the secret,
+    /// so a relay started again with a clone of the configuration is the same relay.
+    pub secret: RelaySecret,
     /// Accept `REATTACH` without a resume token (the original client never had one). Anyone who
     /// learns a session id can then take an empty seat in it, so this is off by default.
     pub allow_tokenless_reattach: bool,
@@ -64,6 +75,7 @@ impl Default for RelayConfig {
             max_sessions_per_connection: limits::MAX_SESSIONS_PER_CONNECTION,
             max_sessions: limits::MAX_SESSIONS,
             max_connections: limits::MAX_CONNECTIONS,
+            max_connections_per_address: limits::MAX_CONNECTIONS_PER_ADDRESS,
             outbound_queue_frames: limits::OUTBOUND_QUEUE_FRAMES,
             outbound_queue_bytes: limits::OUTBOUND_QUEUE_BYTES,
             write_timeout: limits::WRITE_TIMEOUT,
@@ -88,9 +100,52 @@ impl Default for RelayConfig {
                 max_age: limits::MAILBOX_AGE,
                 total_bytes: limits::MAILBOX_TOTAL_BYTES,
             },
+            mailbox_bytes_per_address: limits::MAILBOX_BYTES_PER_ADDRESS,
+            secret: RelaySecret::random(),
             allow_tokenless_reattach: false,
             sweep_interval: Duration::from_secs(30),
             shutdown_grace: Duration::from_secs(2),
         }
+    }
+}
+
+impl RelayConfig {
+    /// Refuses what cannot work (a zero interval would make a timer panic, zero queues or
+    /// frames refuse everything); durations too large to add to the clock mean "never" and
+    /// are accepted (see [`later`]). Checked once, when the relay is bound.
+    pub fn validate(&self) -> io::Result<()> {
+        let invalid = |what: &str| {
+            Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                what.to_string(),
+            ))
+        };
+        for (name, value) in [
+            ("ping interval", self.ping_interval),
+            ("sweep interval", self.sweep_interval),
+            ("idle timeout", self.idle_timeout),
+            ("write timeout", self.write_timeout),
+            ("handshake timeout", self.handshake_timeout),
+        ] {
+            if value.is_zero() {
+                return invalid(&format!("the {name} must be more than zero"));
+            }
+        }
+        for (name, value) in [
+            ("frame size", self.max_frame_bytes),
+            ("outbound queue (frames)", self.outbound_queue_frames),
+            ("outbound queue (bytes)", self.outbound_queue_bytes),
+            ("connections per relay", self.max_connections),
+            ("connections per address", self.max_connections_per_address),
+            ("sessions per connection", self.max_sessions_per_connection),
+        ] {
+            if value == 0 {
+                return invalid(&format!("the {name} limit must be more than zero"));
+            }
+        }
+        if self.outbound_queue_bytes < self.max_frame_bytes.saturating_mul(2) {
+            return invalid("the outbound queue must hold at least two frames of the largest size");
+        }
+        Ok(())
     }
 }

@@ -20,6 +20,7 @@ use std::time::Duration;
 
 use futures_util::{SinkExt, StreamExt};
 use parley_protocol::{ErrorCode, FrameType, encode, payload::ErrorData};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::time::{Instant, MissedTickBehavior, timeout};
 use tokio_tungstenite::WebSocketStream;
@@ -30,7 +31,7 @@ use tokio_tungstenite::tungstenite::{Error as WsError, Message, Utf8Bytes};
 use tokio_util::sync::CancellationToken;
 
 use crate::config::later;
-use crate::hub::{ConnState, ConnectionSlot, Hub};
+use crate::hub::{ConnState, ConnectionSlot, Flow, Hub};
 use crate::outbox::{ConnId, Outbox, OutboxReceiver};
 use crate::read_ahead::ReadAhead;
 
@@ -95,11 +96,16 @@ pub async fn serve(
     );
     let mut attached = Attached {
         hub: &hub,
-        state: ConnState::new(outbox, peer.ip(), config),
+        state: hub.attach(outbox, peer.ip()),
     };
     tracing::debug!(conn = id, "connected");
-    let ending = run(&hub, &mut attached.state, ws, outbound, &shutdown).await;
+    let mut ws = ws;
+    let ending = run(&hub, &mut attached.state, &mut ws, outbound, &shutdown).await;
     drop(attached);
+    if matches!(ending, Ending::FrameTooLarge) {
+        // Off the hub already: the peer hears PEER_OFFLINE while we linger.
+        Box::pin(linger(&mut ws, LINGER_TIME)).await;
+    }
     drop(slot);
     tracing::debug!(conn = id, ?ending, "disconnected");
 }
@@ -123,7 +129,7 @@ impl Drop for Attached<'_> {
 async fn run(
     hub: &Hub,
     state: &mut ConnState,
-    mut ws: Ws,
+    ws: &mut Ws,
     mut outbound: OutboxReceiver,
     shutdown: &CancellationToken,
 ) -> Ending {
@@ -140,31 +146,37 @@ async fn run(
     // Set while reading is paused for a congested peer (see `outbox`): resolves once it has
     // drained, or has been waited for long enough.
     let mut peer_drain: Option<Pin<Box<dyn Future<Output = ()> + Send>>> = None;
+    // Mailboxed frames wait to be handed to us as our queue drains (see `Hub::hand_over`).
+    let mut hand_over_pending = false;
 
     loop {
         tokio::select! {
             biased;
             () = shutdown.cancelled() => {
-                Box::pin(close(&mut ws, CloseCode::Away, "relay shutting down", config.shutdown_grace)).await;
+                Box::pin(close(ws, CloseCode::Away, "relay shutting down", config.shutdown_grace)).await;
                 return Ending::Shutdown;
             }
             taken = outbound.next_batch(&mut batch) => {
                 if taken.is_err() {
                     return Ending::SlowConsumer;
                 }
-                if let Err(ending) = Box::pin(write_out(&mut ws, &mut batch, &outbound, &outbox, config.write_timeout)).await {
+                if let Err(ending) = Box::pin(write_out(ws, &mut batch, &outbound, &outbox, config.write_timeout)).await {
                     return ending;
+                }
+                if hand_over_pending {
+                    hand_over_pending = hub.hand_over(state).hand_over_pending;
                 }
             }
             () = drained(&mut peer_drain), if peer_drain.is_some() => peer_drain = None,
             incoming = ws.next(), if peer_drain.is_none() => {
                 last_heard = Instant::now();
-                if let Some(ending) = Box::pin(receive(hub, state, &mut ws, incoming)).await {
-                    return ending;
-                }
+                let mut flow = match Box::pin(receive(hub, state, ws, incoming)).await {
+                    Received::Flow(flow) => flow,
+                    Received::End(ending) => return ending,
+                };
                 // Whatever else has already arrived, while the replies still fit easily.
                 for _ in 1..READ_BATCH {
-                    if outbox.queued_frames() >= outbox.max_frames() / 2 || state.has_congested_peer() {
+                    if !outbox.has_room_for(0) || flow.wait_for.is_some() {
                         break;
                     }
                     let Poll::Ready(incoming) =
@@ -172,19 +184,21 @@ async fn run(
                     else {
                         break;
                     };
-                    if let Some(ending) = Box::pin(receive(hub, state, &mut ws, incoming)).await {
-                        return ending;
+                    match Box::pin(receive(hub, state, ws, incoming)).await {
+                        Received::Flow(next) => flow = flow.and(next),
+                        Received::End(ending) => return ending,
                     }
                 }
+                hand_over_pending |= flow.hand_over_pending;
                 // Backpressure: read nothing more until the peer has caught up (this arm
                 // is off meanwhile); our own queue is still written.
-                if let Some(peer) = state.take_congested_peer() {
+                if let Some(peer) = flow.wait_for {
                     peer_drain = Some(Box::pin(async move { peer.drained(PEER_DRAIN_PATIENCE).await }));
                 }
             }
             _ = ping.tick() => {
                 if last_heard.elapsed() >= config.idle_timeout {
-                    Box::pin(close(&mut ws, CloseCode::Away, "no traffic; connection considered dead", config.write_timeout)).await;
+                    Box::pin(close(ws, CloseCode::Away, "no traffic; connection considered dead", config.write_timeout)).await;
                     return Ending::Idle;
                 }
                 let _ = outbox.push(encode::<()>(FrameType::Ping, None, None));
@@ -200,36 +214,42 @@ async fn drained(wait: &mut Option<Pin<Box<dyn Future<Output = ()> + Send>>>) {
     }
 }
 
-/// Applies one received item; `Some` when the connection must end.
+/// What one received item led to.
+enum Received {
+    Flow(Flow),
+    End(Ending),
+}
+
+/// Applies one received item.
 async fn receive(
     hub: &Hub,
     state: &mut ConnState,
     ws: &mut Ws,
     incoming: Option<Result<Message, WsError>>,
-) -> Option<Ending> {
+) -> Received {
     let config = hub.config();
     match incoming {
-        Some(Ok(Message::Text(text))) => hub.handle(state, &text),
+        Some(Ok(Message::Text(text))) => return Received::Flow(hub.handle(state, &text)),
         Some(Ok(Message::Binary(bytes))) => match Utf8Bytes::try_from(bytes) {
-            Ok(text) => hub.handle(state, &text),
+            Ok(text) => return Received::Flow(hub.handle(state, &text)),
             Err(_) => refuse_binary(state.outbox()),
         },
         Some(Ok(Message::Close(_))) => {
             // tungstenite has queued the Close reply; send it, so the client's closing
             // handshake ends cleanly instead of waiting for the socket to drop.
             let _ = timeout(config.write_timeout, ws.flush()).await;
-            return Some(Ending::ClientClosed);
+            return Received::End(Ending::ClientClosed);
         }
-        None => return Some(Ending::ClientClosed),
+        None => return Received::End(Ending::ClientClosed),
         // Pings are answered by tungstenite itself; any traffic counts as life.
         Some(Ok(Message::Ping(_) | Message::Pong(_) | Message::Frame(_))) => {}
         Some(Err(WsError::Capacity(CapacityError::MessageTooLong { .. }))) => {
             reject_oversize(ws, config.max_frame_bytes, config.write_timeout).await;
-            return Some(Ending::FrameTooLarge);
+            return Received::End(Ending::FrameTooLarge);
         }
-        Some(Err(_)) => return Some(Ending::Transport),
+        Some(Err(_)) => return Received::End(Ending::Transport),
     }
-    None
+    Received::Flow(Flow::default())
 }
 
 /// Writes `batch` out, within the write timeout, unless the connection is killed meanwhile.
@@ -297,6 +317,30 @@ async fn reject_oversize(ws: &mut Ws, max: usize, limit: Duration) {
     let frame = encode(FrameType::Error, None, Some(&data));
     let _ = timeout(limit, ws.send(Message::Text(frame.into()))).await;
     close(ws, CloseCode::Size, "frame too large", limit).await;
+}
+
+/// Most bytes of an oversize message read and thrown away before the socket is dropped, and
+/// for how long at most.
+const LINGER_BYTES: usize = 4 * 1024 * 1024;
+const LINGER_TIME: Duration = Duration::from_secs(2);
+
+/// Ends our side of the stream and reads (and drops) what the client still sends, for a
+/// while: closing a socket with unread data makes the kernel answer with a reset, and a reset
+/// can destroy the `ERROR` and Close frames we just sent before the client has read them.
+async fn linger(ws: &mut Ws, limit: Duration) {
+    let stream = ws.get_mut();
+    let _ = timeout(limit, async {
+        let _ = stream.shutdown().await;
+        let mut buf = vec![0u8; 16 * 1024];
+        let mut left = LINGER_BYTES;
+        while left > 0 {
+            match stream.read(&mut buf).await {
+                Ok(0) | Err(_) => break,
+                Ok(n) => left = left.saturating_sub(n),
+            }
+        }
+    })
+    .await;
 }
 
 async fn close(ws: &mut Ws, code: CloseCode, reason: &'static str, limit: Duration) {

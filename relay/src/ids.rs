@@ -3,12 +3,17 @@
 
 use std::fmt;
 
+use hmac::{Hmac, Mac};
 use rand::Rng;
+use sha2::Sha256;
 use subtle::ConstantTimeEq;
+use zeroize::Zeroizing;
+
+use crate::hub::Role;
 
 /// 128 random bits, 32 lowercase hex digits on the wire.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub struct SessionId([u8; 16]);
+pub struct SessionId(pub(crate) [u8; 16]);
 
 impl SessionId {
     pub fn random() -> Self {
@@ -38,33 +43,95 @@ impl fmt::Display for SessionId {
     }
 }
 
-/// 256 random bits, 64 hex digits: a member's proof of its seat for `REATTACH`.
-pub struct ResumeToken([u8; 32]);
+/// The relay's own secret: resume tokens are MACs under it, so the relay stores none and can
+/// check any token it ever issued, even after a restart that forgot the session (as long as
+/// the secret is kept: `parley-relay --secret-file`). Zeroized on drop, never printed.
+#[derive(Clone)]
+pub struct RelaySecret(Zeroizing<[u8; 32]>);
+
+const TOKEN_LABEL: &[u8] = b"parley/v1/relay/resume-token";
+
+impl RelaySecret {
+    pub fn random() -> Self {
+        RelaySecret(Zeroizing::new(rand::rng().random()))
+    }
+
+    pub fn from_bytes(bytes: [u8; 32]) -> Self {
+        RelaySecret(Zeroizing::new(bytes))
+    }
+
+    /// `HMAC-SHA256(secret, label ‖ sid ‖ role ‖ nonce)`, first 24 bytes.
+    fn mac(&self, sid: SessionId, role: Role, nonce: &TokenNonce) -> [u8; 24] {
+        // HMAC takes keys of any length: this cannot fail.
+        let Ok(mut mac) = Hmac::<Sha256>::new_from_slice(self.0.as_slice()) else {
+            return [0u8; 24];
+        };
+        mac.update(TOKEN_LABEL);
+        mac.update(&sid.0);
+        mac.update(&[role.wire_byte()]);
+        mac.update(&nonce.0);
+        let full = mac.finalize().into_bytes();
+        let mut out = [0u8; 24];
+        out.copy_from_slice(full.get(..24).unwrap_or(&[0u8; 24]));
+        out
+    }
+
+    /// A new token for `role`'s seat in `sid`: a fresh nonce (the seat remembers it, so a
+    /// seat given to someone else later gets a token the earlier holder's does not match).
+    pub fn issue(&self, sid: SessionId, role: Role) -> ResumeToken {
+        let nonce = TokenNonce(rand::rng().random());
+        ResumeToken {
+            mac: self.mac(sid, role, &nonce),
+            nonce,
+        }
+    }
+
+    /// Which seat of `sid` a presented token was issued for, and its nonce; `None` for
+    /// anything this secret did not issue. Both roles are checked in constant time.
+    pub fn verify(&self, sid: SessionId, presented: &str) -> Option<(Role, TokenNonce)> {
+        let mut bytes = [0u8; 32];
+        hex::decode_to_slice(presented, &mut bytes).ok()?;
+        let (nonce, mac) = bytes.split_at(8);
+        let nonce = TokenNonce(nonce.try_into().ok()?);
+        let host = self.mac(sid, Role::Host, &nonce).ct_eq(mac);
+        let guest = self.mac(sid, Role::Guest, &nonce).ct_eq(mac);
+        if bool::from(host) {
+            Some((Role::Host, nonce))
+        } else if bool::from(guest) {
+            Some((Role::Guest, nonce))
+        } else {
+            None
+        }
+    }
+}
+
+impl fmt::Debug for RelaySecret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("RelaySecret(..)")
+    }
+}
+
+/// Tells tokens for the same seat apart (not secret: it travels in the token).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct TokenNonce([u8; 8]);
+
+/// 256 bits, 64 hex digits: a member's proof of its seat for `REATTACH`.
+pub struct ResumeToken {
+    nonce: TokenNonce,
+    mac: [u8; 24],
+}
 
 impl ResumeToken {
-    pub fn random() -> Self {
-        ResumeToken(rand::rng().random())
+    pub fn nonce(&self) -> TokenNonce {
+        self.nonce
     }
 
     pub fn to_wire(&self) -> String {
-        hex::encode(self.0)
-    }
-
-    /// A token presented to restore a session the relay forgot.
-    pub fn from_wire(s: &str) -> Option<ResumeToken> {
         let mut bytes = [0u8; 32];
-        hex::decode_to_slice(s, &mut bytes).ok()?;
-        Some(ResumeToken(bytes))
-    }
-
-    /// Constant-time check of a presented token (the time taken reveals nothing about how much
-    /// of it matched).
-    pub fn matches(&self, presented: &str) -> bool {
-        let mut bytes = [0u8; 32];
-        if hex::decode_to_slice(presented, &mut bytes).is_err() {
-            return false;
-        }
-        self.0.ct_eq(&bytes).into()
+        let (nonce, mac) = bytes.split_at_mut(8);
+        nonce.copy_from_slice(&self.nonce.0);
+        mac.copy_from_slice(&self.mac);
+        hex::encode(bytes)
     }
 }
 
@@ -139,12 +206,32 @@ mod tests {
     }
 
     #[test]
-    fn tokens_match_only_themselves() {
-        let token = ResumeToken::random();
-        assert!(token.matches(&token.to_wire()));
-        assert!(!token.matches(&ResumeToken::random().to_wire()));
-        assert!(!token.matches(""));
-        assert!(!token.matches("not hex"));
+    fn tokens_verify_for_their_seat_only() {
+        let secret = RelaySecret::random();
+        let sid = SessionId::random();
+        let host = secret.issue(sid, Role::Host);
+        let guest = secret.issue(sid, Role::Guest);
+        assert_eq!(host.to_wire().len(), 64);
+        assert_eq!(
+            secret.verify(sid, &host.to_wire()),
+            Some((Role::Host, host.nonce()))
+        );
+        assert_eq!(
+            secret.verify(sid, &guest.to_wire()),
+            Some((Role::Guest, guest.nonce()))
+        );
+        // Not for another session, not under another secret, not garbage.
+        assert_eq!(secret.verify(SessionId::random(), &host.to_wire()), None);
+        assert_eq!(RelaySecret::random().verify(sid, &host.to_wire()), None);
+        let mut flipped = host.to_wire().into_bytes();
+        flipped[63] = if flipped[63] == b'0' { b'1' } else { b'0' };
+        assert_eq!(
+            secret.verify(sid, &String::from_utf8(flipped).unwrap()),
+            None
+        );
+        for junk in ["", "not hex", &"0".repeat(64), &"0".repeat(66)] {
+            assert_eq!(secret.verify(sid, junk), None);
+        }
     }
 
     #[test]

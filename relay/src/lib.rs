@@ -16,6 +16,8 @@
     allow(clippy::unwrap_used, clippy::expect_used, clippy::indexing_slicing)
 )]
 
+mod budget;
+mod cmd;
 mod config;
 mod connection;
 mod hub;
@@ -28,5 +30,6 @@ mod server;
 
 pub use config::{RateLimit, RelayConfig};
 pub use hub::Stats;
+pub use ids::RelaySecret;
 pub use mailbox::MailboxLimits;
 pub use server::{Relay, RelayHandle};

@@ -1,18 +1,17 @@
 //! Frames kept for a member who is offline, delivered in order when it re-attaches.
 //!
-//! Bounded per seat by frames, bytes and age, and relay-wide by bytes. A frame that does not fit
-//! is refused to its sender (`mailbox_full`), never dropped silently; a frame that ages out is
-//! dropped, which the end-to-end layer covers: the sender keeps every message until the peer
-//! acknowledges it, and sends it again.
+//! Bounded per seat by frames, bytes and age, and by the relay's [`Budget`] (relay-wide and per
+//! sending address). A frame that does not fit is refused to its sender (`mailbox_full`), never
+//! dropped silently; a frame that ages out is dropped, which the end-to-end layer covers: the
+//! sender keeps every message until the peer acknowledges it, and sends it again.
 
 use std::collections::VecDeque;
-use std::sync::Arc;
-use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use tokio::time::Instant;
 use tokio_tungstenite::tungstenite::Utf8Bytes;
 
+use crate::budget::Charge;
 use crate::config::later;
 
 #[derive(Debug, Clone, Copy)]
@@ -27,72 +26,84 @@ pub struct MailboxLimits {
 #[derive(Debug)]
 pub struct MailboxFull;
 
+#[derive(Debug, Default)]
 pub struct Mailbox {
-    frames: VecDeque<(Utf8Bytes, Instant)>,
+    frames: VecDeque<Kept>,
     bytes: usize,
-    /// The relay-wide byte count, shared by every mailbox.
-    total: Arc<AtomicUsize>,
+}
+
+#[derive(Debug)]
+struct Kept {
+    frame: Utf8Bytes,
+    at: Instant,
+    /// Held against the budget until the frame leaves the mailbox.
+    _charge: Charge,
 }
 
 impl Mailbox {
-    pub fn new(total: Arc<AtomicUsize>) -> Mailbox {
-        Mailbox {
-            frames: VecDeque::new(),
-            bytes: 0,
-            total,
-        }
+    /// Whether a frame of `len` bytes fits this seat's bounds (the budget is checked by whoever
+    /// takes the charge).
+    pub fn has_room(&self, len: usize, limits: &MailboxLimits) -> bool {
+        self.frames.len() < limits.max_frames
+            && self
+                .bytes
+                .checked_add(len)
+                .is_some_and(|b| b <= limits.max_bytes)
     }
 
+    /// Keeps `frame`, already charged to the budget; refused if the seat's bounds are reached.
     pub fn push(
         &mut self,
         frame: Utf8Bytes,
+        charge: Charge,
         now: Instant,
         limits: &MailboxLimits,
     ) -> Result<(), MailboxFull> {
         let len = frame.len();
-        if self.frames.len() >= limits.max_frames || self.bytes + len > limits.max_bytes {
+        if !self.has_room(len, limits) {
             return Err(MailboxFull);
         }
-        let before = self.total.fetch_add(len, Ordering::AcqRel);
-        if before + len > limits.total_bytes {
-            self.total.fetch_sub(len, Ordering::AcqRel);
-            return Err(MailboxFull);
-        }
-        self.bytes += len;
-        self.frames.push_back((frame, now));
+        self.bytes = self.bytes.saturating_add(len);
+        self.frames.push_back(Kept {
+            frame,
+            at: now,
+            _charge: charge,
+        });
         Ok(())
     }
 
-    /// Everything kept, oldest first; the mailbox is empty afterwards.
-    pub fn take_all(&mut self) -> Vec<Utf8Bytes> {
-        self.total.fetch_sub(self.bytes, Ordering::AcqRel);
-        self.bytes = 0;
-        self.frames.drain(..).map(|(frame, _)| frame).collect()
+    pub fn is_empty(&self) -> bool {
+        self.frames.is_empty()
+    }
+
+    /// The oldest frame, if `fits` says it may go now; it leaves the mailbox (and the budget).
+    pub fn pop_if(&mut self, fits: impl FnOnce(&Utf8Bytes) -> bool) -> Option<Utf8Bytes> {
+        if !fits(&self.frames.front()?.frame) {
+            return None;
+        }
+        let kept = self.frames.pop_front()?;
+        self.bytes = self.bytes.saturating_sub(kept.frame.len());
+        Some(kept.frame)
     }
 
     /// Drops frames older than `max_age`.
     pub fn expire(&mut self, now: Instant, max_age: Duration) {
-        while let Some((frame, at)) = self.frames.front() {
-            if later(*at, max_age) > now {
+        while let Some(kept) = self.frames.front() {
+            if later(kept.at, max_age) > now {
                 break;
             }
-            let len = frame.len();
-            self.bytes -= len;
-            self.total.fetch_sub(len, Ordering::AcqRel);
+            self.bytes = self.bytes.saturating_sub(kept.frame.len());
             self.frames.pop_front();
         }
-    }
-}
-
-impl Drop for Mailbox {
-    fn drop(&mut self) {
-        self.total.fetch_sub(self.bytes, Ordering::AcqRel);
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::budget::Budget;
+    use crate::limiter::AddressKey;
+    use std::net::IpAddr;
 
     const LIMITS: MailboxLimits = MailboxLimits {
         max_frames: 3,
@@ -101,41 +112,48 @@ mod tests {
         total_bytes: 15,
     };
 
+    fn drain(m: &mut Mailbox) -> Vec<Utf8Bytes> {
+        std::iter::from_fn(|| m.pop_if(|_| true)).collect()
+    }
+
     #[test]
-    fn bounds_by_frames_bytes_and_relay_total_and_keeps_order() {
-        let total = Arc::new(AtomicUsize::new(0));
+    fn bounds_by_frames_and_bytes_keeps_order_and_frees_the_budget() {
+        let budget = Budget::new(15, 15);
+        let address = AddressKey::from(IpAddr::from([127, 0, 0, 1]));
         let now = Instant::now();
-        let mut a = Mailbox::new(total.clone());
-        assert!(a.push("1234".into(), now, &LIMITS).is_ok());
-        assert!(a.push("5678".into(), now, &LIMITS).is_ok());
-        assert!(a.push("abc".into(), now, &LIMITS).is_err(), "11 bytes > 10");
-        assert!(a.push("ab".into(), now, &LIMITS).is_ok());
-        assert!(a.push("c".into(), now, &LIMITS).is_err(), "4 frames > 3");
-        let mut b = Mailbox::new(total.clone());
-        assert!(b.push("12345".into(), now, &LIMITS).is_ok());
-        assert!(
-            b.push("6".into(), now, &LIMITS).is_err(),
-            "16 bytes relay-wide > 15"
-        );
+        let mut a = Mailbox::default();
+        let push = |m: &mut Mailbox, f: &'static str| {
+            let charge = budget.charge(address, f.len()).ok_or(MailboxFull)?;
+            m.push(f.into(), charge, now, &LIMITS)
+        };
+        assert!(push(&mut a, "1234").is_ok());
+        assert!(push(&mut a, "5678").is_ok());
+        assert!(push(&mut a, "abc").is_err(), "11 bytes > 10");
+        assert!(push(&mut a, "ab").is_ok());
+        assert!(push(&mut a, "c").is_err(), "4 frames > 3");
+        assert_eq!(budget.total(), 10, "refused frames gave their charge back");
+        // Only what `fits` allows leaves.
+        assert_eq!(a.pop_if(|f| f.len() < 4), None);
         assert_eq!(
-            a.take_all(),
+            drain(&mut a),
             vec![Utf8Bytes::from("1234"), "5678".into(), "ab".into()]
         );
-        assert_eq!(total.load(Ordering::Acquire), 5);
-        drop(b);
-        assert_eq!(total.load(Ordering::Acquire), 0);
+        assert!(a.is_empty());
+        assert_eq!(budget.total(), 0);
     }
 
     #[test]
     fn old_frames_expire() {
-        let total = Arc::new(AtomicUsize::new(0));
+        let budget = Budget::new(100, 100);
+        let address = AddressKey::from(IpAddr::from([127, 0, 0, 1]));
         let start = Instant::now();
-        let mut m = Mailbox::new(total.clone());
-        m.push("old".into(), start, &LIMITS).ok();
-        m.push("new".into(), start + Duration::from_secs(30), &LIMITS)
-            .ok();
+        let mut m = Mailbox::default();
+        for (f, at) in [("old", start), ("new", start + Duration::from_secs(30))] {
+            let charge = budget.charge(address, 3).unwrap();
+            m.push(f.into(), charge, at, &LIMITS).unwrap();
+        }
         m.expire(start + Duration::from_secs(61), LIMITS.max_age);
-        assert_eq!(m.take_all(), vec![Utf8Bytes::from("new")]);
-        assert_eq!(total.load(Ordering::Acquire), 0);
+        assert_eq!(budget.total(), 3);
+        assert_eq!(drain(&mut m), vec![Utf8Bytes::from("new")]);
     }
 }

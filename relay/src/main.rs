@@ -1,11 +1,14 @@
 //! The `parley-relay` binary: options, logging, signals. The relay itself is the library.
 
-use std::io::Write;
+mod secret_file;
+
+use std::io::{IsTerminal, Write};
+use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
 
 use clap::Parser;
-use parley_relay::{RateLimit, Relay, RelayConfig};
+use parley_relay::{RateLimit, Relay, RelayConfig, RelaySecret};
 use tracing_subscriber::EnvFilter;
 
 /// Parley's relay: pairs two clients by a short invite code and forwards their end-to-end
@@ -51,6 +54,11 @@ struct Args {
     #[arg(long, default_value_t = parley_protocol::limits::MAX_CONNECTIONS)]
     max_connections: usize,
 
+    /// Connections open at once from one address (IPv4, or IPv6 /64); further ones are closed
+    /// on accept.
+    #[arg(long, default_value_t = parley_protocol::limits::MAX_CONNECTIONS_PER_ADDRESS)]
+    max_connections_per_address: usize,
+
     /// Frames queued for one connection before it counts as a slow consumer and is dropped.
     #[arg(long, default_value_t = parley_protocol::limits::OUTBOUND_QUEUE_FRAMES)]
     outbound_queue_frames: usize,
@@ -93,6 +101,11 @@ struct Args {
     #[arg(long, default_value_t = parley_protocol::limits::MAILBOX_BYTES)]
     mailbox_bytes: usize,
 
+    /// Bytes that frames sent from one address (IPv4, or IPv6 /64) may hold in all mailboxes
+    /// together (and in join requests awaiting an answer).
+    #[arg(long, default_value_t = parley_protocol::limits::MAILBOX_BYTES_PER_ADDRESS)]
+    mailbox_bytes_per_address: usize,
+
     /// Seconds a frame is kept for an offline member.
     #[arg(long, default_value_t = parley_protocol::limits::MAILBOX_AGE.as_secs())]
     mailbox_age_secs: u64,
@@ -103,6 +116,14 @@ struct Args {
     #[arg(long, env = "PARLEY_WORKER_THREADS")]
     worker_threads: Option<usize>,
 
+    /// The relay's secret (64 hex digits), created (mode 0600) if missing. Resume tokens are
+    /// MACs under it: with the same file, a restarted relay takes every session back from its
+    /// members' tokens; a new secret ends them all. Every relay sharing sessions needs the same
+    /// file. Default: $STATE_DIRECTORY/secret under systemd, else parley-relay/secret in the
+    /// user's state (or local data) directory.
+    #[arg(long, env = "PARLEY_RELAY_SECRET_FILE")]
+    secret_file: Option<PathBuf>,
+
     /// Accept REATTACH without a resume token, as the original relay did. Anyone who learns a
     /// session id can then take an empty seat in it: only for clients that predate tokens.
     #[arg(long)]
@@ -110,9 +131,12 @@ struct Args {
 }
 
 impl Args {
-    fn config(&self) -> RelayConfig {
+    fn config(&self, secret: RelaySecret) -> RelayConfig {
         let defaults = RelayConfig::default();
         RelayConfig {
+            secret,
+            max_connections_per_address: self.max_connections_per_address,
+            mailbox_bytes_per_address: self.mailbox_bytes_per_address,
             max_frame_bytes: self.max_frame_bytes,
             invite_ttl: Duration::from_secs(self.invite_ttl_secs),
             session_idle_ttl: Duration::from_secs(self.session_idle_ttl_secs),
@@ -170,10 +194,33 @@ async fn serve(args: Args) -> ExitCode {
             EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info")),
         )
         .with_writer(std::io::stderr)
+        // Colour only for a person: a file or a log shipper gets plain text.
+        .with_ansi(std::io::stderr().is_terminal())
         .init();
 
-    let relay = match Relay::bind(&args.listen, args.config()).await {
+    let path = args.secret_file.clone().or_else(secret_file::default_path);
+    let secret = match &path {
+        Some(path) => match secret_file::load_or_create(path) {
+            Ok(secret) => secret,
+            Err(e) => {
+                eprintln!("parley-relay: {e}");
+                return ExitCode::from(2);
+            }
+        },
+        None => {
+            tracing::warn!(
+                "no place for the relay's secret (no state directory); sessions will not survive a restart: give --secret-file"
+            );
+            RelaySecret::random()
+        }
+    };
+    let config = args.config(secret);
+    let relay = match Relay::bind(&args.listen, config).await {
         Ok(relay) => relay,
+        Err(e) if e.kind() == std::io::ErrorKind::InvalidInput => {
+            eprintln!("parley-relay: {e}");
+            return ExitCode::from(2);
+        }
         Err(e) => {
             eprintln!("parley-relay: cannot listen on {}: {e}", args.listen);
             return ExitCode::from(2);

@@ -139,14 +139,18 @@ impl Outbox {
         }
     }
 
-    /// Frames waiting, not yet taken by the connection's task.
-    pub fn queued_frames(&self) -> usize {
-        self.0.frames().len()
-    }
-
-    /// The connection's queue bound, in frames.
-    pub fn max_frames(&self) -> usize {
-        self.0.max_frames
+    /// Whether a frame of `len` bytes may be queued now by someone who can also wait (a
+    /// mailbox hand-over, the batch read loop): the queue stays at most half full, by frames
+    /// and by bytes, so replies, pings and the peer's traffic always fit in the other half.
+    pub fn has_room_for(&self, len: usize) -> bool {
+        let shared = &*self.0;
+        !shared.killed.load(Ordering::Acquire)
+            && shared.frames().len() < shared.max_frames / 2
+            && shared
+                .queued_bytes
+                .load(Ordering::Acquire)
+                .saturating_add(len)
+                <= shared.max_bytes / 2
     }
 
     /// Whether a sender should wait for this queue to drain before reading more (see the

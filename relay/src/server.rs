@@ -34,7 +34,10 @@ impl RelayHandle {
 }
 
 impl Relay {
+    /// Binds the listener; refuses a configuration that cannot work (see
+    /// [`RelayConfig::validate`]) with `InvalidInput`.
     pub async fn bind(addr: impl ToSocketAddrs, config: RelayConfig) -> io::Result<Relay> {
+        config.validate()?;
         let listener = TcpListener::bind(addr).await?;
         Ok(Relay {
             listener,
@@ -81,8 +84,10 @@ impl Relay {
                     continue;
                 }
             };
-            let Some(slot) = hub.admit_connection() else {
-                tracing::warn!("connection refused: relay at max_connections");
+            let Some(slot) = hub.admit_connection(peer.ip()) else {
+                tracing::warn!(
+                    "connection refused: relay at max_connections, or its address at max_connections_per_address"
+                );
                 continue;
             };
             next_id += 1;
@@ -99,7 +104,10 @@ impl Relay {
         tracing::info!("shutting down");
         stop.cancel();
         tracker.close();
-        let grace = hub.config().shutdown_grace + Duration::from_millis(500);
+        let grace = hub
+            .config()
+            .shutdown_grace
+            .saturating_add(Duration::from_millis(500));
         if tokio::time::timeout(grace, tracker.wait()).await.is_err() {
             tracing::warn!("some connections did not close in time");
         }

@@ -117,7 +117,8 @@ async fn mailboxed_frames_age_out() {
 
 #[tokio::test]
 async fn a_restarted_relay_takes_the_session_back_from_its_members() {
-    let old = TestRelay::start().await;
+    let config = RelayConfig::default();
+    let old = TestRelay::with_config(config.clone()).await;
     let pair = old.pair().await;
     let (sid, host_token, guest_token) = (
         pair.sid.clone(),
@@ -126,36 +127,34 @@ async fn a_restarted_relay_takes_the_session_back_from_its_members() {
     );
     drop(pair);
     old.shutdown().await;
-    let proof = "c0ffee".repeat(10);
 
-    // The new relay has never heard of the session.
-    let relay = TestRelay::start().await;
+    // The relay comes back with its secret but no sessions: the host's token re-creates it.
+    let relay = TestRelay::with_config(config).await;
+    assert_eq!(relay.handle.stats().sessions, 0);
     let mut host = relay.client().await;
     host.send(json!({"t": "REATTACH", "sid": sid, "data": {"resumeToken": host_token}}))
-        .await;
-    host.expect_error("session_unknown").await;
-    host.send(json!({"t": "RESTORE", "sid": sid, "data": {"role": "host", "resumeToken": host_token, "proof": proof}}))
         .await;
     host.expect("PEER_OFFLINE").await;
     // Messages for the guest wait for it, as in any session.
     host.send_text(&msg(&sid, 7)).await;
     host.expect("DELIVERED").await;
 
-    // Someone without the proof cannot take the guest's seat; with a wrong token, not the host's.
+    // Nobody else gets the guest's seat, nor the host's.
     let mut intruder = relay.client().await;
     let bogus = "11".repeat(32);
     intruder
-        .send(json!({"t": "RESTORE", "sid": sid, "data": {"role": "guest", "resumeToken": bogus, "proof": "wrong"}}))
+        .send(json!({"t": "REATTACH", "sid": sid, "data": {"resumeToken": bogus}}))
         .await;
-    intruder.expect_error("restore_refused").await;
+    intruder.expect_error("token_invalid").await;
     intruder
-        .send(json!({"t": "RESTORE", "sid": sid, "data": {"role": "host", "resumeToken": bogus, "proof": proof}}))
+        .send(json!({"t": "RESTORE", "sid": sid, "data": {"role": "guest", "resumeToken": host_token}}))
         .await;
     intruder.expect_error("restore_refused").await;
 
+    // The guest's own token (RESTORE, as older clients send it, works like REATTACH).
     let mut guest = relay.client().await;
     guest
-        .send(json!({"t": "RESTORE", "sid": sid, "data": {"role": "guest", "resumeToken": guest_token, "proof": proof}}))
+        .send(json!({"t": "RESTORE", "sid": sid, "data": {"role": "guest", "resumeToken": guest_token, "proof": "ignored"}}))
         .await;
     guest.expect("PEER_ONLINE").await;
     assert_eq!(guest.recv_text().await, msg(&sid, 7));
@@ -164,15 +163,25 @@ async fn a_restarted_relay_takes_the_session_back_from_its_members() {
     guest
         .assert_delivers(&mut host, &sid, "restored-back")
         .await;
+}
 
-    // Later, a plain REATTACH with the same tokens works again.
-    drop(guest);
-    host.expect("PEER_OFFLINE").await;
-    let mut guest = relay.client().await;
-    guest
-        .send(json!({"t": "REATTACH", "sid": sid, "data": {"resumeToken": guest_token}}))
+#[tokio::test]
+async fn a_relay_that_lost_its_secret_says_so() {
+    let old = TestRelay::start().await;
+    let pair = old.pair().await;
+    let (sid, host_token) = (pair.sid.clone(), pair.host_token.clone());
+    drop(pair);
+    old.shutdown().await;
+
+    let relay = TestRelay::start().await;
+    let mut host = relay.client().await;
+    host.send(json!({"t": "REATTACH", "sid": sid, "data": {"resumeToken": host_token}}))
         .await;
-    guest.expect("PEER_ONLINE").await;
+    host.expect_error("session_unknown").await;
+    host.send(json!({"t": "RESTORE", "sid": sid, "data": {"role": "host", "resumeToken": host_token, "proof": "p"}}))
+        .await;
+    host.expect_error("restore_refused").await;
+    assert_eq!(relay.handle.stats().sessions, 0);
 }
 
 #[tokio::test]

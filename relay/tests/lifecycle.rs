@@ -62,10 +62,18 @@ async fn idle_sessions_and_their_invites_expire() {
         relay.handle.stats()
     );
 
+    // A member's token still brings it back (re-created, the other seat awaiting its owner),
+    // as after a relay restart; a token the relay never issued does not.
+    let mut stranger = relay.client().await;
+    stranger
+        .send(json!({"t": "REATTACH", "sid": sid, "data": {"resumeToken": "ab".repeat(32)}}))
+        .await;
+    stranger.expect_error("session_unknown").await;
     let mut back = relay.client().await;
     back.send(json!({"t": "REATTACH", "sid": sid, "data": {"resumeToken": token}}))
         .await;
-    back.expect_error("session_unknown").await;
+    back.expect("PEER_OFFLINE").await;
+    assert_eq!(relay.handle.stats().sessions, 1);
 }
 
 #[tokio::test]

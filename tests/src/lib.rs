@@ -56,21 +56,31 @@ pub fn binaries() -> &'static Binaries {
     })
 }
 
-/// A `parley-relay` process on a free port; killed when dropped.
+/// A `parley-relay` process on a free port, with its secret in a directory of its own;
+/// killed when dropped.
 pub struct RelayProcess {
     child: Child,
     url: String,
+    secret_dir: TempDir,
+}
+
+/// A relay that was killed: where it listened, and its secret, to start it again.
+pub struct StoppedRelay {
+    addr: String,
+    secret_dir: TempDir,
 }
 
 impl RelayProcess {
     pub fn start(extra_args: &[&str]) -> RelayProcess {
-        RelayProcess::start_at("127.0.0.1:0", extra_args)
+        RelayProcess::spawn("127.0.0.1:0", TempDir::new("relay"), extra_args)
     }
 
-    /// On a given address (to restart a relay where its clients expect it).
-    pub fn start_at(listen: &str, extra_args: &[&str]) -> RelayProcess {
+    fn spawn(listen: &str, secret_dir: TempDir, extra_args: &[&str]) -> RelayProcess {
+        let secret = secret_dir.path().join("secret");
         let mut child = Command::new(&binaries().relay)
             .args(["--listen", listen])
+            .arg("--secret-file")
+            .arg(&secret)
             .args(extra_args)
             .env("RUST_LOG", "warn")
             .stdout(Stdio::piped())
@@ -86,22 +96,36 @@ impl RelayProcess {
             .strip_prefix("listening on ")
             .expect("relay did not report its address")
             .to_string();
-        RelayProcess { child, url }
+        RelayProcess {
+            child,
+            url,
+            secret_dir,
+        }
     }
 
     pub fn url(&self) -> &str {
         &self.url
     }
 
-    /// SIGKILL: the relay forgets everything, as in a crash.
-    pub fn kill(mut self) {
+    /// SIGKILL: the relay forgets every session, as in a crash; it keeps its secret.
+    pub fn kill(mut self) -> StoppedRelay {
         let _ = self.child.kill();
         let _ = self.child.wait();
+        let addr = self.addr().to_string();
+        let secret_dir = std::mem::replace(&mut self.secret_dir, TempDir::new("relay-spent"));
+        StoppedRelay { addr, secret_dir }
     }
 
     /// The relay's address, `127.0.0.1:PORT`.
     pub fn addr(&self) -> &str {
         self.url.trim_start_matches("ws://")
+    }
+}
+
+impl StoppedRelay {
+    /// The same relay again: its address and its secret, but nothing in memory.
+    pub fn start_again(self, extra_args: &[&str]) -> RelayProcess {
+        RelayProcess::spawn(&self.addr, self.secret_dir, extra_args)
     }
 }
 

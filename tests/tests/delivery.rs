@@ -305,13 +305,13 @@ fn sigkill_and_offline_peers_lose_nothing() {
 #[test]
 fn a_relay_restart_mid_stream_loses_nothing() {
     let relay = RelayProcess::start(&[]);
-    let addr = relay.addr().to_string();
     let (alice, bob) = start(relay.url());
     std::thread::sleep(Duration::from_millis(200));
-    relay.kill();
+    let stopped = relay.kill();
     std::thread::sleep(Duration::from_millis(300));
-    // The same address, an empty memory: the clients RESTORE the session and resend.
-    let _relay = RelayProcess::start_at(&addr, &[]);
+    // The same address and secret, an empty memory: the clients' tokens re-create the
+    // session, and they resend what the lost mailboxes held.
+    let _relay = stopped.start_again(&[]);
     finish_and_check(alice, bob);
 }
 

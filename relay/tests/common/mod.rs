@@ -333,3 +333,56 @@ impl TestClient {
             .unwrap_or(Err(tokio_tungstenite::tungstenite::Error::ConnectionClosed))
     }
 }
+
+impl TestClient {
+    /// Sends several frames in one socket write, so the relay reads them in one batch.
+    pub async fn send_batch(&mut self, texts: &[String]) {
+        for text in texts {
+            self.ws
+                .feed(Message::Text(text.as_str().into()))
+                .await
+                .unwrap();
+        }
+        self.ws.flush().await.unwrap();
+    }
+}
+
+impl TestClient {
+    /// The next text frame (relay PINGs skipped), or why none came: for tests that count
+    /// failures instead of stopping at the first.
+    pub async fn try_recv(&mut self) -> Result<String, String> {
+        loop {
+            let msg = tokio::time::timeout(STEP, self.ws.next())
+                .await
+                .map_err(|_| "timed out waiting for a frame".to_string())?;
+            match msg {
+                Some(Ok(Message::Text(text))) if text.as_str() != r#"{"t":"PING"}"# => {
+                    return Ok(text.to_string());
+                }
+                Some(Ok(Message::Text(_) | Message::Ping(_) | Message::Pong(_))) => {}
+                Some(Ok(other)) => return Err(format!("expected a text frame, got {other:?}")),
+                Some(Err(e)) => return Err(e.to_string()),
+                None => return Err("the connection ended".into()),
+            }
+        }
+    }
+}
+
+impl TestRelay {
+    /// Like [`client_from`](Self::client_from), but the upgrade may be refused.
+    pub async fn try_client_from(
+        &self,
+        ip: [u8; 4],
+    ) -> Result<TestClient, tokio_tungstenite::tungstenite::Error> {
+        let socket = TcpSocket::new_v4().unwrap();
+        socket.bind(SocketAddr::new(IpAddr::from(ip), 0)).unwrap();
+        let stream = socket.connect(self.addr).await?;
+        let (ws, _) = tokio::time::timeout(
+            STEP,
+            tokio_tungstenite::client_async(&self.url(), MaybeTlsStream::Plain(stream)),
+        )
+        .await
+        .map_err(|_| tokio_tungstenite::tungstenite::Error::ConnectionClosed)??;
+        Ok(TestClient { ws })
+    }
+}

@@ -1,0 +1,126 @@
+//! Memory the relay keeps for clients beyond their connections (mailboxed frames, pending
+//! `JOIN_REQUEST`s), bounded relay-wide and per address, so that a few addresses cannot take
+//! what is shared by all.
+//!
+//! A [`Charge`] is the right to hold some bytes: taken before the bytes are stored, given back
+//! when it is dropped with them. Nothing else frees budget, so it cannot leak or be freed twice.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+
+use dashmap::DashMap;
+use dashmap::mapref::entry::Entry;
+
+use crate::limiter::AddressKey;
+
+pub struct Budget {
+    total: AtomicUsize,
+    max_total: usize,
+    per_address: DashMap<AddressKey, usize>,
+    max_per_address: usize,
+}
+
+/// Bytes held against the budget, for one address, until dropped.
+#[derive(Debug)]
+pub struct Charge {
+    budget: Arc<Budget>,
+    address: AddressKey,
+    bytes: usize,
+}
+
+impl std::fmt::Debug for Budget {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Budget")
+            .field("total", &self.total())
+            .finish_non_exhaustive()
+    }
+}
+
+impl Budget {
+    pub fn new(max_total: usize, max_per_address: usize) -> Arc<Budget> {
+        Arc::new(Budget {
+            total: AtomicUsize::new(0),
+            max_total,
+            per_address: DashMap::new(),
+            max_per_address,
+        })
+    }
+
+    /// Bytes held in all.
+    pub fn total(&self) -> usize {
+        self.total.load(Ordering::Relaxed)
+    }
+
+    /// Takes `bytes` for `address`, if both its share and the relay-wide total have room.
+    pub fn charge(self: &Arc<Self>, address: AddressKey, bytes: usize) -> Option<Charge> {
+        // The address's entry stays locked until its count is updated.
+        let entry = self.per_address.entry(address);
+        let held = match &entry {
+            Entry::Occupied(e) => *e.get(),
+            Entry::Vacant(_) => 0,
+        };
+        let after = held
+            .checked_add(bytes)
+            .filter(|after| *after <= self.max_per_address)?;
+        self.total
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |total| {
+                total.checked_add(bytes).filter(|t| *t <= self.max_total)
+            })
+            .ok()?;
+        match entry {
+            Entry::Occupied(mut e) => *e.get_mut() = after,
+            Entry::Vacant(v) => {
+                v.insert(after);
+            }
+        }
+        Some(Charge {
+            budget: self.clone(),
+            address,
+            bytes,
+        })
+    }
+}
+
+impl Drop for Charge {
+    fn drop(&mut self) {
+        let budget = &self.budget;
+        budget.total.fetch_sub(self.bytes, Ordering::AcqRel);
+        if let Entry::Occupied(mut held) = budget.per_address.entry(self.address) {
+            let left = held.get().saturating_sub(self.bytes);
+            if left == 0 {
+                held.remove();
+            } else {
+                *held.get_mut() = left;
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::net::IpAddr;
+
+    fn address(last: u8) -> AddressKey {
+        AddressKey::from(IpAddr::from([10, 0, 0, last]))
+    }
+
+    #[test]
+    fn bounded_per_address_and_in_all_and_given_back_on_drop() {
+        let budget = Budget::new(25, 10);
+        let a = budget.charge(address(1), 6).unwrap();
+        assert!(
+            budget.charge(address(1), 5).is_none(),
+            "11 > 10 for one address"
+        );
+        let a2 = budget.charge(address(1), 4).unwrap();
+        let b = budget.charge(address(2), 10).unwrap();
+        assert!(budget.charge(address(3), 6).is_none(), "26 > 25 in all");
+        let c = budget.charge(address(3), 5).unwrap();
+        assert_eq!(budget.total(), 25);
+        drop((a, a2, b, c));
+        assert_eq!(budget.total(), 0);
+        assert!(budget.per_address.is_empty(), "no entry left behind");
+        assert!(budget.charge(address(1), usize::MAX).is_none());
+    }
+}

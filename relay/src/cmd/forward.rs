@@ -1,0 +1,127 @@
+//! `MSG` and `MSG_READ`: the frame, byte for byte, to the other member of the session, or to
+//! its mailbox while it is away. A `MSG`'s sender then gets `DELIVERED` with its `msgID`.
+
+use parley_protocol::payload::{DeliveredData, MsgData};
+use parley_protocol::{Envelope, ErrorCode, FrameError, FrameType, encode};
+use tokio::time::Instant;
+use tokio_tungstenite::tungstenite::Utf8Bytes;
+
+use crate::budget::Budget;
+use crate::hub::{Change, ConnState, Connections, Flow, Hub, Role, Session};
+use crate::limiter::AddressKey;
+use crate::mailbox::MailboxLimits;
+use crate::outbox::Outbox;
+
+pub fn handle_msg(hub: &Hub, conn: &mut ConnState, env: &Envelope<'_>, frame: &Utf8Bytes) -> Flow {
+    let data = match env.data::<MsgData>() {
+        Ok(data) => data,
+        Err(e) => {
+            conn.send_error(env.sid(), &e, None);
+            return Flow::default();
+        }
+    };
+    let msg_id = match data.validate() {
+        Ok(id) => id,
+        Err(e) => {
+            conn.send_error(env.sid(), &e, data.echoable_id());
+            return Flow::default();
+        }
+    };
+    match handle(hub, conn, env, frame) {
+        Ok(flow) => {
+            let data = DeliveredData { msg_id };
+            conn.send(encode(FrameType::Delivered, env.sid(), Some(&data)));
+            flow
+        }
+        Err(e) => {
+            conn.send_error(env.sid(), &e, Some(msg_id));
+            Flow::default()
+        }
+    }
+}
+
+pub fn handle(
+    hub: &Hub,
+    conn: &mut ConnState,
+    env: &Envelope<'_>,
+    frame: &Utf8Bytes,
+) -> Result<Flow, FrameError> {
+    let address = conn.address;
+    let (_, delivery) = hub.member_update(conn, env, |session, role, _| {
+        if session.seat(role.other()).is_none() {
+            return Err(FrameError::new(
+                ErrorCode::NotPaired,
+                "nobody has joined this session yet",
+            ));
+        }
+        Ok(Forward {
+            frame,
+            to: role.other(),
+            from: address,
+            budget: &hub.budget,
+            limits: &hub.config.mailbox,
+        })
+    })?;
+    match delivery {
+        Delivery::Sent { congested } => Ok(Flow {
+            wait_for: congested,
+            hand_over_pending: false,
+        }),
+        Delivery::Kept => Ok(Flow::default()),
+        Delivery::MailboxFull => Err(FrameError::new(
+            ErrorCode::MailboxFull,
+            "your peer is offline and its mailbox is full; keep the message and send it again when the peer is back",
+        )),
+    }
+}
+
+struct Forward<'a> {
+    frame: &'a Utf8Bytes,
+    to: Role,
+    /// The sender's address, which the mailboxed frame is charged to.
+    from: AddressKey,
+    budget: &'a std::sync::Arc<Budget>,
+    limits: &'a MailboxLimits,
+}
+
+enum Delivery {
+    /// On the peer's queue; `congested` if that queue is filling up (backpressure).
+    Sent { congested: Option<Outbox> },
+    /// In the peer's mailbox.
+    Kept,
+    /// Neither: nothing changed.
+    MailboxFull,
+}
+
+impl Change for Forward<'_> {
+    type Output = Delivery;
+
+    fn apply(self, session: &mut Session, conns: &Connections) -> Delivery {
+        let Some(peer) = session.seat_mut(self.to) else {
+            return Delivery::MailboxFull; // ruled out by the decision
+        };
+        // Straight to the peer, unless what waited for it is still being handed over: then
+        // behind that, in order.
+        if peer.mailbox.is_empty()
+            && let Some(outbox) = peer.conn.and_then(|id| conns.get(id))
+            && outbox.push(self.frame.clone()).is_ok()
+        {
+            let congested = outbox.is_congested().then_some(outbox);
+            return Delivery::Sent { congested };
+        }
+        // Offline, or being dropped as a slow consumer: keep it for the peer's return.
+        if !peer.mailbox.has_room(self.frame.len(), self.limits) {
+            return Delivery::MailboxFull;
+        }
+        let Some(charge) = self.budget.charge(self.from, self.frame.len()) else {
+            return Delivery::MailboxFull;
+        };
+        match peer
+            .mailbox
+            .push(self.frame.clone(), charge, Instant::now(), self.limits)
+        {
+            Ok(()) => Delivery::Kept,
+            Err(_) => Delivery::MailboxFull,
+        }
+    }
+}

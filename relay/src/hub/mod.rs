@@ -1,0 +1,409 @@
+//! The relay's shared state and the connection-facing entry points: admit a connection, apply
+//! one of its frames (each frame kind in its own module under `cmd`), hand over mailboxes as
+//! its queue drains, forget it when it closes, and the periodic sweep.
+//!
+//! Everything here is synchronous: a frame is applied to the store and the resulting frames
+//! are pushed onto connections' bounded outboxes, without awaiting anything. The async code in
+//! `connection` only moves bytes between sockets and these calls, and acts on the [`Flow`]
+//! each call returns.
+
+mod session;
+mod store;
+
+use std::net::IpAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+
+use dashmap::DashMap;
+use dashmap::mapref::entry::Entry;
+use parley_protocol::payload::ErrorData;
+use parley_protocol::{Envelope, ErrorCode, FrameError, FrameType, encode};
+use serde_json::value::RawValue;
+use tokio::time::Instant;
+use tokio_tungstenite::tungstenite::Utf8Bytes;
+
+pub use session::Role;
+pub(crate) use session::{PendingJoin, Seat, Session};
+pub(crate) use store::{Change, Connections, Sessions};
+
+use crate::budget::Budget;
+use crate::cmd;
+use crate::config::{RelayConfig, later};
+use crate::ids::SessionId;
+use crate::limiter::{AddressKey, AddressLimiter, TokenBucket};
+use crate::outbox::Outbox;
+
+/// Per-connection state, owned by the connection's task and passed to every call.
+pub struct ConnState {
+    pub(crate) outbox: Outbox,
+    pub(crate) address: AddressKey,
+    /// Sessions this connection sits in. A cache: the seat's `conn` is the truth (another
+    /// connection may have taken the seat over with the token), checked on every use.
+    pub(crate) memberships: Vec<(SessionId, Role)>,
+    pub(crate) join_failures: TokenBucket,
+}
+
+impl ConnState {
+    pub fn outbox(&self) -> &Outbox {
+        &self.outbox
+    }
+
+    /// Queues a frame for this connection. On overflow the connection is already marked for
+    /// dropping, so there is nobody left to tell.
+    pub(crate) fn send(&self, frame: impl Into<Utf8Bytes>) {
+        let _ = self.outbox.push(frame);
+    }
+
+    pub(crate) fn send_error(&self, sid: Option<&str>, e: &FrameError, msg_id: Option<&RawValue>) {
+        self.send(error_frame(sid, e, msg_id));
+    }
+
+    pub(crate) fn role_in(&self, sid: SessionId) -> Option<Role> {
+        self.memberships
+            .iter()
+            .find(|(s, _)| *s == sid)
+            .map(|(_, r)| *r)
+    }
+
+    pub(crate) fn forget(&mut self, sid: SessionId) {
+        self.memberships.retain(|(s, _)| *s != sid);
+    }
+}
+
+/// What the connection's task should do about flow after a call, decided by the hub and
+/// acted on by the task (which owns the socket and the timers).
+#[derive(Default)]
+#[must_use]
+pub struct Flow {
+    /// A peer's queue is congested: read nothing more until it has drained (backpressure).
+    pub wait_for: Option<Outbox>,
+    /// Mailboxed frames are still waiting to be handed to this connection: call
+    /// [`Hub::hand_over`] again once its queue has room.
+    pub hand_over_pending: bool,
+}
+
+impl Flow {
+    pub fn and(self, other: Flow) -> Flow {
+        Flow {
+            wait_for: self.wait_for.or(other.wait_for),
+            hand_over_pending: self.hand_over_pending || other.hand_over_pending,
+        }
+    }
+}
+
+/// Counts for tests and operators.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Stats {
+    pub connections: usize,
+    pub sessions: usize,
+    pub invites: usize,
+    pub rate_limited_addresses: usize,
+    /// Bytes held in all mailboxes and pending join requests.
+    pub mailbox_bytes: usize,
+}
+
+pub struct Hub {
+    pub(crate) config: RelayConfig,
+    pub(crate) sessions: Sessions,
+    pub(crate) conns: Connections,
+    /// Failed `JOIN`s per address.
+    pub(crate) join_limiter: AddressLimiter,
+    /// Sessions created (or re-created) per address.
+    pub(crate) create_limiter: AddressLimiter,
+    pub(crate) budget: Arc<Budget>,
+    connections: AtomicUsize,
+    connections_per_address: DashMap<AddressKey, usize>,
+}
+
+/// One admitted connection; dropping it frees its place.
+pub struct ConnectionSlot {
+    hub: Arc<Hub>,
+    address: AddressKey,
+}
+
+impl Drop for ConnectionSlot {
+    fn drop(&mut self) {
+        let hub = &self.hub;
+        hub.connections.fetch_sub(1, Ordering::AcqRel);
+        if let Entry::Occupied(mut n) = hub.connections_per_address.entry(self.address) {
+            if *n.get() <= 1 {
+                n.remove();
+            } else {
+                *n.get_mut() -= 1;
+            }
+        }
+    }
+}
+
+impl Hub {
+    pub fn new(mut config: RelayConfig) -> Hub {
+        // A mailbox is handed over as its member's queue drains, so it need not fit that queue
+        // at once; but one frame always must.
+        config.mailbox.max_bytes = config.mailbox.max_bytes.max(config.max_frame_bytes);
+        Hub {
+            join_limiter: AddressLimiter::new(config.join_failures_per_address),
+            create_limiter: AddressLimiter::new(config.sessions_created_per_address),
+            budget: Budget::new(config.mailbox.total_bytes, config.mailbox_bytes_per_address),
+            config,
+            sessions: Sessions::default(),
+            conns: Connections::default(),
+            connections: AtomicUsize::new(0),
+            connections_per_address: DashMap::new(),
+        }
+    }
+
+    pub fn config(&self) -> &RelayConfig {
+        &self.config
+    }
+
+    pub fn stats(&self) -> Stats {
+        Stats {
+            connections: self.connections.load(Ordering::Relaxed),
+            sessions: self.sessions.len(),
+            invites: self.sessions.invite_count(),
+            rate_limited_addresses: self.join_limiter.len(),
+            mailbox_bytes: self.budget.total(),
+        }
+    }
+
+    /// Counts a new connection in, unless the relay is at `max_connections` or its address at
+    /// `max_connections_per_address`. The counts go down when the slot is dropped.
+    pub fn admit_connection(self: &Arc<Self>, ip: IpAddr) -> Option<ConnectionSlot> {
+        let address = AddressKey::from(ip);
+        let mut per_address = self.connections_per_address.entry(address).or_insert(0);
+        if *per_address >= self.config.max_connections_per_address {
+            return None;
+        }
+        let max = self.config.max_connections;
+        self.connections
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
+                (n < max).then_some(n + 1)
+            })
+            .ok()?;
+        *per_address += 1;
+        Some(ConnectionSlot {
+            hub: self.clone(),
+            address,
+        })
+    }
+
+    /// The state for a connection that has finished its upgrade; its outbox is reachable by
+    /// id from now until [`disconnect`](Self::disconnect).
+    pub fn attach(&self, outbox: Outbox, ip: IpAddr) -> ConnState {
+        self.conns.add(outbox.clone());
+        ConnState {
+            outbox,
+            address: AddressKey::from(ip),
+            memberships: Vec::new(),
+            join_failures: TokenBucket::full(
+                self.config.join_failures_per_connection,
+                Instant::now(),
+            ),
+        }
+    }
+
+    /// Applies one text frame from a connection. Never fails: a refused frame gets an `ERROR`
+    /// back on the same connection, which stays usable.
+    pub fn handle(&self, conn: &mut ConnState, frame: &Utf8Bytes) -> Flow {
+        let env = match Envelope::parse(frame.as_str()) {
+            Ok(env) => env,
+            Err(e) => {
+                conn.send_error(None, &e, None);
+                return Flow::default();
+            }
+        };
+        let result = match env.kind {
+            FrameType::CreateSession => cmd::create_session::handle(self, conn),
+            FrameType::InviteCreate => cmd::invite_create::handle(self, conn, &env),
+            FrameType::Join => cmd::join::handle(self, conn, &env),
+            FrameType::JoinAccept | FrameType::JoinDeny => {
+                cmd::join_answer::handle(self, conn, &env)
+            }
+            FrameType::Msg => return cmd::forward::handle_msg(self, conn, &env, frame),
+            FrameType::MsgRead => cmd::forward::handle(self, conn, &env, frame),
+            FrameType::Reattach | FrameType::Restore => cmd::reattach::handle(self, conn, &env),
+            FrameType::Ping => {
+                conn.send(encode::<()>(FrameType::Pong, None, None));
+                Ok(Flow::default())
+            }
+            FrameType::Pong => Ok(Flow::default()),
+            relay_only => Err(FrameError::new(
+                ErrorCode::UnknownType,
+                format!("{relay_only} is sent only by the relay"),
+            )),
+        };
+        result.unwrap_or_else(|e| {
+            tracing::debug!(frame = %env.kind, code = %e.code, "frame refused");
+            conn.send_error(env.sid(), &e, None);
+            Flow::default()
+        })
+    }
+
+    /// Moves mailboxed frames to this connection's queue while it has room (half of it, so
+    /// replies and pings always fit), for every seat it holds. Pending if any are left.
+    pub fn hand_over(&self, conn: &ConnState) -> Flow {
+        let mut flow = Flow::default();
+        for &(sid, role) in &conn.memberships {
+            let pending =
+                self.sessions
+                    .update(sid, &self.conns, |session| match session.seat(role) {
+                        Some(seat)
+                            if seat.held_by(conn.outbox.id()) && !seat.mailbox.is_empty() =>
+                        {
+                            Ok(cmd::reattach::HandOver {
+                                role,
+                                outbox: &conn.outbox,
+                            })
+                        }
+                        _ => Err(FrameError::new(
+                            ErrorCode::NotMember,
+                            "nothing to hand over",
+                        )),
+                    });
+            if let Some(Ok(true)) = pending {
+                flow.hand_over_pending = true;
+            }
+        }
+        flow
+    }
+
+    /// The connection closed: free its seats and tell the peers.
+    pub fn disconnect(&self, conn: &ConnState) {
+        let now = Instant::now();
+        let id = conn.outbox.id();
+        for &(sid, role) in &conn.memberships {
+            let _ = self.sessions.update(sid, &self.conns, |session| {
+                match session.seat(role) {
+                    Some(seat) if seat.held_by(id) => Ok(cmd::reattach::Leave { sid, role, now }),
+                    // Taken over by another connection meanwhile.
+                    _ => Err(FrameError::new(ErrorCode::NotMember, "seat not held")),
+                }
+            });
+        }
+        self.conns.remove(id);
+    }
+
+    /// Forgets expired invites, idle sessions and refilled rate-limit buckets.
+    pub fn sweep(&self, now: Instant) {
+        // A used or expired code is kept as a tombstone for one more TTL, so a late joiner hears
+        // "used" or "expired" rather than "unknown", and the number is not handed out again
+        // while people may still be reading it out.
+        let ttl = self.config.invite_ttl;
+        self.sessions
+            .retain_invites(|invite| later(invite.expires_at, ttl) > now);
+        self.sessions.retain(|session| {
+            // A session with both members known is kept long; one that nobody joined, or that
+            // was re-created and whose other member never came back, only while it could
+            // still be completed.
+            let ttl = if session.is_established() {
+                self.config.session_idle_ttl
+            } else {
+                self.config.unpaired_session_ttl
+            };
+            let keep = session
+                .idle_since
+                .is_none_or(|since| later(since, ttl) > now);
+            if keep {
+                let max_age = self.config.mailbox.max_age;
+                session.host.mailbox.expire(now, max_age);
+                if let Some(guest) = &mut session.guest {
+                    guest.mailbox.expire(now, max_age);
+                }
+            }
+            keep
+        });
+        self.join_limiter.sweep(now);
+        self.create_limiter.sweep(now);
+    }
+
+    /// Drops memberships whose seat this connection no longer holds (taken over, or denied),
+    /// so they neither count against the cap nor look like a seat held.
+    pub(crate) fn prune_memberships(&self, conn: &mut ConnState) {
+        let id = conn.outbox.id();
+        conn.memberships.retain(|(sid, role)| {
+            self.sessions
+                .read(*sid, |s| s.seat(*role).is_some_and(|seat| seat.held_by(id)))
+                .unwrap_or(false)
+        });
+    }
+
+    pub(crate) fn check_membership_room(&self, conn: &ConnState) -> Result<(), FrameError> {
+        if conn.memberships.len() >= self.config.max_sessions_per_connection {
+            return Err(FrameError::new(
+                ErrorCode::TooManySessions,
+                "this connection is in too many sessions; use another connection",
+            ));
+        }
+        Ok(())
+    }
+
+    /// Whether a new session may be created for this connection (by `CREATE_SESSION`, or
+    /// re-created from a token): within the relay's cap and the address's allowance. Only
+    /// checks: the caller charges the allowance once the session exists.
+    pub(crate) fn check_session_room(&self, conn: &ConnState) -> Result<(), FrameError> {
+        if self.sessions.len() >= self.config.max_sessions {
+            return Err(FrameError::new(
+                ErrorCode::RelayFull,
+                "the relay holds its maximum number of sessions; try again later",
+            ));
+        }
+        if !self.create_limiter.allows(conn.address, Instant::now()) {
+            return Err(FrameError::new(
+                ErrorCode::RateLimited,
+                "too many sessions created from this address; wait a minute and try again",
+            ));
+        }
+        Ok(())
+    }
+
+    /// Decides on and changes a session this connection is a member of, under one lock:
+    /// the session `sid` names, if this connection still holds its seat there (a seat taken
+    /// over by another connection is dropped from this connection's memberships here).
+    pub(crate) fn member_update<C: Change>(
+        &self,
+        conn: &mut ConnState,
+        env: &Envelope<'_>,
+        decide: impl FnOnce(&Session, Role, SessionId) -> Result<C, FrameError>,
+    ) -> Result<(SessionId, C::Output), FrameError> {
+        let sid = SessionId::parse(env.require_sid()?).ok_or_else(not_member)?;
+        let role = conn.role_in(sid).ok_or_else(not_member)?;
+        let id = conn.outbox.id();
+        let mut held = true;
+        let result = self.sessions.update(sid, &self.conns, |session| {
+            held = session.seat(role).is_some_and(|seat| seat.held_by(id));
+            if !held {
+                return Err(not_member());
+            }
+            decide(session, role, sid)
+        });
+        match result {
+            Some(Ok(output)) => Ok((sid, output)),
+            Some(Err(e)) if held => Err(e),
+            _ => {
+                conn.forget(sid);
+                Err(not_member())
+            }
+        }
+    }
+}
+
+pub(crate) fn not_member() -> FrameError {
+    FrameError::new(
+        ErrorCode::NotMember,
+        "you are not a member of this session; send REATTACH with your resume token first",
+    )
+}
+
+pub(crate) fn error_frame(sid: Option<&str>, e: &FrameError, msg_id: Option<&RawValue>) -> String {
+    // Echo the sid only when it has a session id's form: never reflect arbitrary input.
+    let sid = sid.filter(|s| SessionId::parse(s).is_some());
+    let data = ErrorData {
+        code: e.code.as_str().into(),
+        message: e.message.as_str().into(),
+        msg_id,
+    };
+    encode(FrameType::Error, sid, Some(&data))
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,179 @@
+//! Where session records and invites live, and the only ways to change them.
+//!
+//! This is the seam a shared store (several relays on one Redis) implements. Access is
+//! closure-scoped: no reference to a record escapes a call, so none can be held across an
+//! `.await`. Every change goes through [`Sessions::update`] or [`Sessions::insert`]: a
+//! *decide* step looks at the record (read-only) and either refuses or returns a [`Change`],
+//! whose `apply` is infallible. So a handler cannot mutate and then fail a later check: the
+//! checks are over before anything is written, and the record is locked from the first look
+//! to the last write. A store in Redis does the same with one `WATCH`/`MULTI` round (or a
+//! script) per update: the operations that must be atomic are exactly these updates (take a
+//! seat, push to a mailbox or a member, answer a join) plus [`Sessions::claim_invite`].
+//!
+//! Connections are not in the records: a seat names its connection by id, and the outboxes
+//! live in [`Connections`], which is this process's own.
+//!
+//! Locking: a session entry may be held while an invite entry or a connection entry is
+//! locked, never the other way round, so no lock-order cycle exists.
+
+use dashmap::DashMap;
+use dashmap::mapref::entry::Entry;
+use tokio::time::Instant;
+use tokio_tungstenite::tungstenite::Utf8Bytes;
+
+use super::session::{Invite, Session};
+use crate::ids::{InviteCode, SessionId};
+use crate::outbox::{ConnId, Outbox, Overflow};
+use parley_protocol::FrameError;
+
+/// What a handler has decided to do to a session, once every check has passed.
+pub trait Change {
+    type Output;
+    fn apply(self, session: &mut Session, conns: &Connections) -> Self::Output;
+}
+
+/// The outboxes of this process's connections, by id.
+#[derive(Default)]
+pub struct Connections(DashMap<ConnId, Outbox>);
+
+impl Connections {
+    pub fn add(&self, outbox: Outbox) {
+        self.0.insert(outbox.id(), outbox);
+    }
+
+    pub fn remove(&self, id: ConnId) {
+        self.0.remove(&id);
+    }
+
+    pub fn get(&self, id: ConnId) -> Option<Outbox> {
+        self.0.get(&id).map(|o| o.clone())
+    }
+
+    /// Queues a frame for a connection; `Err` if it is gone or being dropped as a slow
+    /// consumer.
+    pub fn push(&self, id: ConnId, frame: impl Into<Utf8Bytes>) -> Result<(), Overflow> {
+        match self.0.get(&id) {
+            Some(outbox) => outbox.push(frame),
+            None => Err(Overflow),
+        }
+    }
+}
+
+#[derive(Default)]
+pub struct Sessions {
+    map: DashMap<SessionId, Session>,
+    invites: DashMap<InviteCode, Invite>,
+}
+
+/// How many random codes to try before calling the code space full.
+const INVITE_CODE_ATTEMPTS: usize = 16;
+
+impl Sessions {
+    pub fn len(&self) -> usize {
+        self.map.len()
+    }
+
+    pub fn invite_count(&self) -> usize {
+        self.invites.len()
+    }
+
+    pub fn contains(&self, sid: SessionId) -> bool {
+        self.map.contains_key(&sid)
+    }
+
+    /// Looks at a session; `None` if the relay does not hold it.
+    pub fn read<R>(&self, sid: SessionId, f: impl FnOnce(&Session) -> R) -> Option<R> {
+        self.map.get(&sid).map(|s| f(&s))
+    }
+
+    /// Decides on the session, then applies the decision, under one lock. `None` if the relay
+    /// does not hold the session.
+    pub fn update<C: Change>(
+        &self,
+        sid: SessionId,
+        conns: &Connections,
+        decide: impl FnOnce(&Session) -> Result<C, FrameError>,
+    ) -> Option<Result<C::Output, FrameError>> {
+        let mut session = self.map.get_mut(&sid)?;
+        Some(decide(&session).map(|change| change.apply(&mut session, conns)))
+    }
+
+    /// Inserts a session under `sid` and applies `first` to it under the same lock; gives the
+    /// session back if `sid` is taken (someone was quicker).
+    pub fn insert<C: Change>(
+        &self,
+        sid: SessionId,
+        session: Session,
+        conns: &Connections,
+        first: C,
+    ) -> Result<C::Output, Box<Session>> {
+        match self.map.entry(sid) {
+            Entry::Occupied(_) => Err(Box::new(session)),
+            Entry::Vacant(slot) => {
+                let mut session = slot.insert(session);
+                Ok(first.apply(&mut session, conns))
+            }
+        }
+    }
+
+    /// Inserts a session under a fresh random id.
+    pub fn insert_new<C: Change>(
+        &self,
+        mut session: Session,
+        conns: &Connections,
+        first: impl Fn(SessionId) -> C,
+    ) -> (SessionId, C::Output) {
+        loop {
+            // 128 random bits: a collision is astronomically unlikely, but cheap to rule out.
+            let sid = SessionId::random();
+            match self.insert(sid, session, conns, first(sid)) {
+                Ok(output) => return (sid, output),
+                Err(back) => session = *back,
+            }
+        }
+    }
+
+    /// Keeps the sessions `keep` says to keep (the sweep).
+    pub fn retain(&self, mut keep: impl FnMut(&mut Session) -> bool) {
+        self.map.retain(|_, session| keep(session));
+    }
+
+    /// A new code for `sid`, live until `expires_at`; `None` if the code space is too full.
+    pub fn new_invite(&self, sid: SessionId, expires_at: Instant) -> Option<InviteCode> {
+        (0..INVITE_CODE_ATTEMPTS).find_map(|_| {
+            let code = InviteCode::random();
+            match self.invites.entry(code) {
+                Entry::Vacant(slot) => {
+                    slot.insert(Invite {
+                        sid,
+                        expires_at,
+                        used: false,
+                    });
+                    Some(code)
+                }
+                Entry::Occupied(_) => None,
+            }
+        })
+    }
+
+    /// Looks at an invite.
+    pub fn invite<R>(&self, code: InviteCode, f: impl FnOnce(&Invite) -> R) -> Option<R> {
+        self.invites.get(&code).map(|i| f(&i))
+    }
+
+    /// Spends a code if it is still live and unused: `true` only for the one caller that
+    /// spent it.
+    pub fn claim_invite(&self, code: InviteCode, now: Instant) -> bool {
+        match self.invites.get_mut(&code) {
+            Some(mut invite) if !invite.used && invite.expires_at > now => {
+                invite.used = true;
+                true
+            }
+            _ => false,
+        }
+    }
+
+    pub fn retain_invites(&self, mut keep: impl FnMut(&Invite) -> bool) {
+        self.invites.retain(|_, invite| keep(invite));
+    }
+}
