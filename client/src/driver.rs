@@ -49,7 +49,8 @@ pub enum Command {
 
 pub async fn run(command: Command, opts: Options) -> Result<(), ClientError> {
     let mut output = Output::new(opts.json);
-    let deadline = opts.timeout.map(|t| Instant::now() + t);
+    // A timeout too long for the clock (`--timeout` is any u64) means none.
+    let deadline = opts.timeout.and_then(|t| Instant::now().checked_add(t));
     let result = within(
         deadline,
         opts.timeout,
@@ -306,14 +307,20 @@ async fn pair(
     let mut steps = first;
     let mut stage = machine.stage();
     let mut deadline = Instant::now() + HANDSHAKE_STEP_TIMEOUT;
-    let mut invite_deadline = None;
+    // While waiting for a joiner: until the code expires, or (None) for as long as it takes.
+    let mut invite_deadline: Option<Option<Instant>> = None;
     loop {
         for step in steps.drain(..) {
             match step {
                 Step::Send(frame) => relay.send(frame).await?,
                 Step::Invite { code, expires_in } => {
-                    // A little grace: the relay's clock and ours started a moment apart.
-                    invite_deadline = Some(Instant::now() + Duration::from_secs(expires_in + 2));
+                    // A little grace: the relay's clock and ours started a moment apart. The
+                    // lifetime is the relay's number: one too large for the clock means the
+                    // code does not expire (the relay is the one that enforces it anyway).
+                    invite_deadline = Some(
+                        Instant::now()
+                            .checked_add(Duration::from_secs(expires_in.saturating_add(2))),
+                    );
                     output.emit(
                         json!({"event": "invite", "code": code.reveal(), "expires_in": expires_in}),
                     );
@@ -325,11 +332,15 @@ async fn pair(
             match invite_deadline.filter(|_| machine.waiting_for_joiner()) {
                 Some(at) => (at, PairingError::InviteExpired),
                 None => (
-                    deadline,
+                    Some(deadline),
                     PairingError::Protocol("the other side stopped answering during pairing"),
                 ),
             };
-        let frame = match tokio::time::timeout_at(wait_until, relay.recv()).await {
+        let received = match wait_until {
+            Some(at) => tokio::time::timeout_at(at, relay.recv()).await,
+            None => Ok(relay.recv().await),
+        };
+        let frame = match received {
             Ok(frame) => frame?,
             Err(_) => return Err(fail_pairing(relay, machine.take_farewell(), on_timeout).await),
         };
@@ -652,7 +663,7 @@ async fn chat(
                 match env.kind {
                     FrameType::Msg => {
                         let shown = receive(&mut session, &env, store, state, output)?;
-                        received += shown;
+                        received = received.saturating_add(shown);
                         if let Some(relay) = &mut link {
                             let mut receipts = vec![Receipt::Delivered { upto: session.received_upto() }];
                             if interactive && shown > 0 {
