@@ -384,12 +384,12 @@ async fn reattach(relay: &mut RelayLink, session: &Session) -> Result<bool, Clie
             Some(&data),
         ))
         .await?;
-    await_status(relay).await
+    await_status(relay, FrameType::Reattach).await
 }
 
 /// The answer to `REATTACH` or `RESTORE`: `PEER_ONLINE` or `PEER_OFFLINE` (whether the peer is
 /// online), or the relay's refusal.
-async fn await_status(relay: &mut RelayLink) -> Result<bool, ClientError> {
+async fn await_status(relay: &mut RelayLink, asked: FrameType) -> Result<bool, ClientError> {
     let deadline = Instant::now() + HANDSHAKE_STEP_TIMEOUT;
     loop {
         let frame = tokio::time::timeout_at(deadline, relay.recv())
@@ -397,8 +397,11 @@ async fn await_status(relay: &mut RelayLink) -> Result<bool, ClientError> {
             .map_err(|_| {
                 ClientError::ConnectionLost("the relay did not answer in time".into())
             })??;
-        let env = Envelope::parse(&frame)
-            .map_err(|_| ClientError::Internal("the relay sent an unreadable frame".into()))?;
+        let env = Envelope::parse(&frame).map_err(|e| {
+            ClientError::RelayProtocol(format!(
+                "it answered {asked} with an unreadable frame ({e})"
+            ))
+        })?;
         match env.kind {
             FrameType::PeerOnline => return Ok(true),
             FrameType::PeerOffline => return Ok(false),
@@ -527,7 +530,7 @@ async fn attach(session: &Session) -> Result<(RelayLink, bool), ClientError> {
             relay
                 .send(encode(FrameType::Restore, Some(session.sid()), Some(&data)))
                 .await?;
-            let online = await_status(&mut relay).await?;
+            let online = await_status(&mut relay, FrameType::Restore).await?;
             Ok((relay, online))
         }
         Ok(online) => Ok((relay, online)),
