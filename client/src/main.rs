@@ -123,7 +123,7 @@ fn main() -> ExitCode {
 
 fn options(cli: &Cli) -> Result<Options, ClientError> {
     let usage = |e: ClientError| {
-        eprintln!("parley: {e}");
+        eprintln!("parley: {}", parley::output::printable(&e.to_string()));
         e
     };
     let name = cli.name.clone().ok_or_else(|| {
