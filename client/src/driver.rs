@@ -7,6 +7,7 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use futures_util::{SinkExt, StreamExt};
+use parley_protocol::limits::MAX_FRAME_BYTES;
 use parley_protocol::{Envelope, FrameType, encode};
 use parley_state::{StateFile, Store};
 use serde::Deserialize;
@@ -15,6 +16,8 @@ use tokio::net::TcpStream;
 use tokio::sync::mpsc;
 use tokio::time::Instant;
 use tokio_tungstenite::tungstenite::Message;
+use tokio_tungstenite::tungstenite::error::{CapacityError, Error as WsError};
+use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
 use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
 
 use crate::code::InviteCode;
@@ -212,7 +215,13 @@ impl RelayLink {
             url: url.to_string(),
             reason,
         };
-        match tokio::time::timeout(CONNECT_TIMEOUT, tokio_tungstenite::connect_async(url)).await {
+        // The protocol's frame limit, not tungstenite's defaults (64 MiB messages, 16 MiB
+        // frames): a relay never has a reason to send more, so more is not read.
+        let config = WebSocketConfig::default()
+            .max_message_size(Some(MAX_FRAME_BYTES))
+            .max_frame_size(Some(MAX_FRAME_BYTES));
+        let connecting = tokio_tungstenite::connect_async_with_config(url, Some(config), false);
+        match tokio::time::timeout(CONNECT_TIMEOUT, connecting).await {
             Ok(Ok((ws, _))) => Ok(RelayLink { ws }),
             Ok(Err(e)) => Err(unreachable(e.to_string())),
             Err(_) => Err(unreachable(format!(
@@ -249,6 +258,12 @@ impl RelayLink {
                     )));
                 }
                 Some(Ok(_)) => {}
+                // The rest of that frame is still on the socket: the connection cannot go on.
+                Some(Err(WsError::Capacity(CapacityError::MessageTooLong { .. }))) => {
+                    return Err(ClientError::RelayProtocol(format!(
+                        "it sent a frame larger than the protocol's limit of {MAX_FRAME_BYTES} bytes"
+                    )));
+                }
                 Some(Err(e)) => return Err(ClientError::ConnectionLost(e.to_string())),
                 None => {
                     return Err(ClientError::ConnectionLost(
@@ -658,7 +673,15 @@ async fn chat(
                     Ok(frame) => frame,
                     Err(e) => {
                         lost_relay(&mut link, &mut accepted, output, &e);
-                        reconnect_at = Instant::now() + backoff.step();
+                        // A relay that broke the protocol (an oversize frame) is handled like
+                        // a cut: the stream cannot be resynchronised, the outboxes resend
+                        // whatever was lost. But it is likely to do it again right after the
+                        // next attach (which resets the backoff): wait the longest step.
+                        let wait = match e {
+                            ClientError::RelayProtocol(_) => Backoff::MAX,
+                            _ => backoff.step(),
+                        };
+                        reconnect_at = Instant::now() + wait;
                         continue;
                     }
                 };
