@@ -41,7 +41,14 @@ pub struct Options {
     pub exit_after: Option<u64>,
     /// Give up (exit code 6) if not done by then.
     pub timeout: Option<Duration>,
+    /// A relay connection that delivers no frame at all for this long is dead (we PING it
+    /// half-way through the silence first); see [`RelayLink::recv`].
+    pub idle_timeout: Duration,
 }
+
+/// The default of [`Options::idle_timeout`]: the relay's own idle limit. A live relay PINGs
+/// every 10 s (protocol.md 2.6), so a healthy connection is never silent that long.
+pub const IDLE_TIMEOUT: Duration = parley_protocol::limits::IDLE_TIMEOUT;
 
 pub enum Command {
     Host,
@@ -75,7 +82,7 @@ async fn run_command(
         Command::Sessions => list_sessions(opts, output),
         Command::Host | Command::Join(_) => {
             let (store, mut state) = open_state(opts, false)?;
-            let mut relay = RelayLink::connect(&opts.relay_url).await?;
+            let mut relay = RelayLink::connect(&opts.relay_url, opts.idle_timeout).await?;
             let session = match &command {
                 Command::Join(code) => pair_guest(&mut relay, code, opts, output).await?,
                 _ => pair_host(&mut relay, opts, output).await?,
@@ -94,7 +101,7 @@ async fn run_command(
         Command::Resume(sid) => {
             let (store, mut state) = open_state(opts, true)?;
             let session = Session::from_record(pick_session(&state, sid.as_deref())?)?;
-            let mut relay = RelayLink::connect(session.relay_url()).await?;
+            let mut relay = RelayLink::connect(session.relay_url(), opts.idle_timeout).await?;
             let peer_online = reattach(&mut relay, &session).await?;
             chat(
                 relay,
@@ -207,10 +214,15 @@ fn format_time(unix: u64) -> String {
 
 struct RelayLink {
     ws: WebSocketStream<MaybeTlsStream<TcpStream>>,
+    /// Liveness: when the last frame of any kind arrived, whether we have PINGed since, and
+    /// how long a silence means the connection is dead.
+    last_heard: Instant,
+    pinged: bool,
+    idle: Duration,
 }
 
 impl RelayLink {
-    async fn connect(url: &str) -> Result<RelayLink, ClientError> {
+    async fn connect(url: &str, idle: Duration) -> Result<RelayLink, ClientError> {
         let unreachable = |reason: String| ClientError::RelayUnreachable {
             url: url.to_string(),
             reason,
@@ -222,7 +234,12 @@ impl RelayLink {
             .max_frame_size(Some(MAX_FRAME_BYTES));
         let connecting = tokio_tungstenite::connect_async_with_config(url, Some(config), false);
         match tokio::time::timeout(CONNECT_TIMEOUT, connecting).await {
-            Ok(Ok((ws, _))) => Ok(RelayLink { ws }),
+            Ok(Ok((ws, _))) => Ok(RelayLink {
+                ws,
+                last_heard: Instant::now(),
+                pinged: false,
+                idle,
+            }),
             Ok(Err(e)) => Err(unreachable(e.to_string())),
             Err(_) => Err(unreachable(format!(
                 "no answer within {} s",
@@ -238,12 +255,46 @@ impl RelayLink {
             .map_err(|e| ClientError::ConnectionLost(e.to_string()))
     }
 
-    /// The next text frame. The relay's `PING`s are answered here and not returned.
+    /// The next text frame. The relay's `PING`s (any frame with `t` = `PING`) are answered
+    /// here and not returned.
+    ///
+    /// Liveness: a relay PINGs every 10 s, so silence means a dead relay or network path,
+    /// which TCP alone may not notice for hours. After half of `idle` without any frame we
+    /// send a `PING` of our own (the relay answers `PONG`); after `idle` without any frame
+    /// the connection is declared lost, and the caller reconnects as after any cut.
+    /// Cancel-safe: the liveness state lives in `self`, not in this future.
     async fn recv(&mut self) -> Result<String, ClientError> {
         loop {
-            match self.ws.next().await {
+            let wake = if self.pinged {
+                self.last_heard.checked_add(self.idle)
+            } else {
+                self.last_heard.checked_add(self.idle / 2)
+            };
+            let next = match wake {
+                Some(at) => match tokio::time::timeout_at(at, self.ws.next()).await {
+                    Ok(next) => next,
+                    Err(_) if self.pinged => {
+                        return Err(ClientError::ConnectionLost(format!(
+                            "no sign of life from the relay for {:.1} s",
+                            self.idle.as_secs_f64()
+                        )));
+                    }
+                    Err(_) => {
+                        self.pinged = true;
+                        self.send(encode::<()>(FrameType::Ping, None, None)).await?;
+                        continue;
+                    }
+                },
+                // A bound too large for the clock: no liveness check.
+                None => self.ws.next().await,
+            };
+            if let Some(Ok(_)) = &next {
+                self.last_heard = Instant::now();
+                self.pinged = false;
+            }
+            match next {
                 Some(Ok(Message::Text(text))) => {
-                    if text.as_str() == r#"{"t":"PING"}"# {
+                    if Envelope::parse(text.as_str()).is_ok_and(|env| env.kind == FrameType::Ping) {
                         self.send(encode::<()>(FrameType::Pong, None, None)).await?;
                         continue;
                     }
@@ -522,8 +573,8 @@ async fn next_frame(link: &mut Option<RelayLink>) -> Result<String, ClientError>
 /// Connects to the session's relay and takes our seat back: `REATTACH`, or `RESTORE` when
 /// the relay has forgotten the session (it restarted) or holds it restored by the peer.
 /// Returns whether the peer is online.
-async fn attach(session: &Session) -> Result<(RelayLink, bool), ClientError> {
-    let mut relay = RelayLink::connect(session.relay_url()).await?;
+async fn attach(session: &Session, idle: Duration) -> Result<(RelayLink, bool), ClientError> {
+    let mut relay = RelayLink::connect(session.relay_url(), idle).await?;
     match reattach(&mut relay, session).await {
         // Forgotten (the relay restarted), or re-created by the peer's RESTORE with our seat
         // awaiting us: RESTORE with the proof.
@@ -776,7 +827,7 @@ async fn chat(
                 }
             }
             () = tokio::time::sleep_until(reconnect_at), if link.is_none() => {
-                match attach(&session).await {
+                match attach(&session, opts.idle_timeout).await {
                     Ok((relay, online)) => {
                         backoff.reset();
                         peer_online = online;

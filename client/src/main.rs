@@ -62,6 +62,18 @@ struct Cli {
     #[arg(long, global = true, value_name = "SECS")]
     timeout: Option<u64>,
 
+    /// For tests: declare the relay connection dead after MS milliseconds without any frame
+    /// (a PING goes out half-way). Default: the relay's idle limit, 35 s.
+    #[arg(
+        long,
+        global = true,
+        hide = true,
+        env = "PARLEY_IDLE_TIMEOUT_MS",
+        value_name = "MS",
+        value_parser = clap::value_parser!(u64).range(100..)
+    )]
+    idle_timeout_ms: Option<u64>,
+
     #[command(subcommand)]
     command: Cmd,
 }
@@ -147,5 +159,8 @@ fn options(cli: &Cli) -> Result<Options, ClientError> {
         json: cli.json,
         exit_after: cli.exit_after,
         timeout: cli.timeout.map(Duration::from_secs),
+        idle_timeout: cli
+            .idle_timeout_ms
+            .map_or(driver::IDLE_TIMEOUT, Duration::from_millis),
     })
 }
