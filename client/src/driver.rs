@@ -81,7 +81,7 @@ async fn run_command(
     match command {
         Command::Sessions => list_sessions(opts, output),
         Command::Host | Command::Join(_) => {
-            let (store, mut state) = open_state(opts, false)?;
+            let (store, mut state) = open_state(opts, false, output)?;
             let mut relay = RelayLink::connect(&opts.relay_url, opts.idle_timeout).await?;
             let session = match &command {
                 Command::Join(code) => pair_guest(&mut relay, code, opts, output).await?,
@@ -99,7 +99,7 @@ async fn run_command(
             .await
         }
         Command::Resume(sid) => {
-            let (store, mut state) = open_state(opts, true)?;
+            let (store, mut state) = open_state(opts, true, output)?;
             let session = Session::from_record(pick_session(&state, sid.as_deref())?)?;
             let mut relay = RelayLink::connect(session.relay_url(), opts.idle_timeout).await?;
             let peer_online = reattach(&mut relay, &session).await?;
@@ -141,9 +141,15 @@ fn now_secs() -> u64 {
 // ---------------------------------------------------------------------------------------------
 // State
 
-fn open_state(opts: &Options, must_exist: bool) -> Result<(Store, StateFile), ClientError> {
+fn open_state(
+    opts: &Options,
+    must_exist: bool,
+    output: &mut Output,
+) -> Result<(Store, StateFile), ClientError> {
     let store = Store::open(&opts.state_dir, &opts.name)?;
-    let state = match store.load()? {
+    let (loaded, warnings) = store.load_with_warnings()?;
+    warn(output, &warnings);
+    let state = match loaded {
         Some(state) => state,
         None if must_exist => {
             return Err(parley_state::StateError::Missing {
@@ -155,6 +161,12 @@ fn open_state(opts: &Options, must_exist: bool) -> Result<(Store, StateFile), Cl
         None => StateFile::new(&opts.name),
     };
     Ok((store, state))
+}
+
+fn warn(output: &mut Output, warnings: &[parley_state::StateWarning]) {
+    for w in warnings {
+        output.emit(json!({"event": "warning", "code": w.code, "message": w.message}));
+    }
 }
 
 fn persist(store: &Store, state: &mut StateFile, session: &Session) -> Result<(), ClientError> {
@@ -184,7 +196,8 @@ fn pick_session<'a>(
 }
 
 fn list_sessions(opts: &Options, output: &mut Output) -> Result<(), ClientError> {
-    let state = parley_state::read_snapshot(&opts.state_dir, &opts.name)?;
+    let (state, warnings) = parley_state::read_snapshot_with_warnings(&opts.state_dir, &opts.name)?;
+    warn(output, &warnings);
     if state.sessions.is_empty() && !output.is_json() {
         output.emit(error_event("no_sessions", "no stored sessions"));
     }

@@ -24,7 +24,8 @@ The client exits 0 at end of input once everything typed has reached the relay, 
 Exit codes: 0 done; 1 internal error; 2 usage; 3 relay unreachable, connection lost,
 or the relay broke the protocol;
 4 pairing failed (wrong code, tampering, code unknown/used/expired, join denied);
-5 state file problem (missing, corrupt, foreign, locked by another process);
+5 state file problem (missing, corrupt, too large, not a regular file, foreign,
+locked by another process);
 6 --timeout reached; 7 the relay refused to resume the session (unknown session or token),
 or another device resumed it.";
 

@@ -37,6 +37,9 @@ impl Output {
     pub fn emit(&mut self, event: Value) {
         if self.json {
             self.write_line(event.to_string());
+        } else if event.get("event").and_then(Value::as_str) == Some("warning") {
+            // Warnings are not part of the conversation: one line on stderr.
+            eprintln!("parley: warning: {}", text(&event, "message"));
         } else if let Some(line) = human(&event) {
             self.write_line(line);
         }
