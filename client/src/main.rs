@@ -17,9 +17,12 @@ Examples:
   parley --name alice sessions
 
 Scripting: --json makes stdout one JSON object per line (events: invite, paired, resumed,
-message, sent, peer_online, peer_offline, error, session). Feed messages on stdin, one per line.
-The client exits 0 at end of input once everything typed has reached the relay, or, with
---exit-after N, once N messages have been received and everything typed has reached the relay.
+message, sent, delivered, read, relay_offline, relay_online, peer_online, peer_offline,
+waiting, error, warning, session). Feed messages on stdin, one per line. At end of input
+the client exits 0 once the peer has acknowledged everything typed (a `delivered` event for
+each), and, with --exit-after N, once N messages have been received too. Stopping earlier
+loses nothing: unacknowledged messages stay in the state file and go out on the next
+`resume`. (On a terminal, Ctrl-D quits as soon as the relay holds everything typed.)
 
 Exit codes: 0 done; 1 internal error; 2 usage; 3 relay unreachable, connection lost,
 or the relay broke the protocol;
