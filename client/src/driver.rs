@@ -984,3 +984,28 @@ fn message_event(session: &Session, seq: u64, text: &str) -> serde_json::Value {
         "local_time": now.format("%H:%M:%S").to_string(),
     })
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// protocol.md 3.7 ("Liveness") gives the client's bounds.
+    #[test]
+    fn protocol_md_states_the_liveness_bounds() {
+        const DOCUMENT: &str = include_str!("../../protocol.md");
+        let ping = format!(
+            "after {} s of\nsilence the client sends a `PING`",
+            (IDLE_TIMEOUT / 2).as_secs_f64()
+        );
+        let dead = format!(
+            "after {} s (the relay's own idle limit)",
+            IDLE_TIMEOUT.as_secs()
+        );
+        for stated in [ping, dead] {
+            assert!(
+                DOCUMENT.contains(&stated),
+                "protocol.md must say `{stated}`"
+            );
+        }
+    }
+}

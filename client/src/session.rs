@@ -566,6 +566,22 @@ mod tests {
         r.due.iter().map(|m| m.seq).collect()
     }
 
+    /// The numbers protocol.md 3.7 gives a stranger writing a client are this code's.
+    #[test]
+    fn protocol_md_states_the_window_and_the_early_bound() {
+        const DOCUMENT: &str = include_str!("../../protocol.md");
+        for stated in [
+            format!("at most {SEND_WINDOW} messages are in flight"),
+            format!("sends only the {SEND_WINDOW} oldest"),
+            format!("`N` > `H` + {MAX_EARLY}: dropped unread"),
+        ] {
+            assert!(
+                DOCUMENT.contains(&stated),
+                "protocol.md must say `{stated}`"
+            );
+        }
+    }
+
     #[test]
     fn messages_flow_both_ways_in_sequence() {
         let (mut host, mut guest) = pair();
