@@ -100,7 +100,13 @@ async fn run_command(
         }
         Command::Resume(sid) => {
             let (store, mut state) = open_state(opts, true, output)?;
-            let session = Session::from_record(pick_session(&state, sid.as_deref())?)?;
+            let session =
+                Session::from_record(pick_session(&state, sid.as_deref())?).map_err(|record| {
+                    ClientError::Damaged {
+                        path: store.path().to_path_buf(),
+                        record,
+                    }
+                })?;
             let mut relay = RelayLink::connect(session.relay_url(), opts.idle_timeout).await?;
             let peer_online = reattach(&mut relay, &session).await?;
             chat(

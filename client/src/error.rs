@@ -33,8 +33,11 @@ pub enum ClientError {
     Pairing(#[from] PairingError),
     #[error(transparent)]
     State(#[from] StateError),
-    #[error(transparent)]
-    Damaged(#[from] DamagedRecord),
+    #[error("state file {}: {record}; pair again (`host` or `join`)", path.display())]
+    Damaged {
+        path: std::path::PathBuf,
+        record: DamagedRecord,
+    },
     #[error("{0}")]
     Usage(String),
     #[error("timed out after {0} s (--timeout)")]
@@ -55,7 +58,7 @@ impl ClientError {
             ClientError::ConnectionLost(_) => "connection_lost",
             ClientError::RelayProtocol(_) => "relay_protocol",
             ClientError::Pairing(_) => "pairing_failed",
-            ClientError::State(_) | ClientError::Damaged(_) => "state",
+            ClientError::State(_) | ClientError::Damaged { .. } => "state",
             ClientError::Usage(_) => "usage",
             ClientError::Timeout(_) => "timeout",
             ClientError::ResumeRefused { .. } => "resume_refused",
@@ -70,7 +73,7 @@ impl ClientError {
             | ClientError::ConnectionLost(_)
             | ClientError::RelayProtocol(_) => exit::RELAY_UNREACHABLE,
             ClientError::Pairing(_) => exit::PAIRING_FAILED,
-            ClientError::State(_) | ClientError::Damaged(_) => exit::STATE,
+            ClientError::State(_) | ClientError::Damaged { .. } => exit::STATE,
             ClientError::Usage(_) => exit::USAGE,
             ClientError::Timeout(_) => exit::TIMEOUT,
             ClientError::ResumeRefused { .. } | ClientError::SessionTakenOver => {

@@ -75,3 +75,24 @@ fn a_state_file_others_can_read_is_used_with_a_warning() {
     let (_, events) = run_client("ws://127.0.0.1:1", dir.path(), "alice", &["sessions"]);
     assert!(events.iter().all(|e| e["event"] != "warning"), "{events:?}");
 }
+
+#[test]
+fn a_damaged_session_record_is_reported_with_the_file_it_is_in() {
+    let dir = TempDir::new("alice");
+    fabricate_session(dir.path(), "alice", "ws://127.0.0.1:1", "bob");
+    let path = dir.path().join("state-alice.json");
+    // Valid JSON of the right shape, but an outbox entry beyond what was ever sent.
+    let mut state: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(&path).unwrap()).unwrap();
+    state["sessions"][0]["outbox"] = serde_json::json!([{"seq": 99, "frame": "{}"}]);
+    std::fs::write(&path, state.to_string()).unwrap();
+    let (code, events) = run_client("ws://127.0.0.1:1", dir.path(), "alice", &["resume"]);
+    assert_eq!(code, Some(5), "{events:?}");
+    let last = events.last().unwrap();
+    assert_eq!(last["code"], "state", "{events:?}");
+    let message = last["message"].as_str().unwrap();
+    assert!(
+        message.contains(&*path.to_string_lossy()) && message.contains("outbox"),
+        "{message}"
+    );
+}
