@@ -267,11 +267,17 @@ impl RelayLink {
         }
     }
 
+    /// Sends one frame. A write that makes no progress for the liveness bound (the socket's
+    /// buffers are full: the relay or the path stopped reading) means the connection is dead,
+    /// like silence does in [`RelayLink::recv`].
     async fn send(&mut self, frame: String) -> Result<(), ClientError> {
-        self.ws
-            .send(Message::Text(frame.into()))
-            .await
-            .map_err(|e| ClientError::ConnectionLost(e.to_string()))
+        match tokio::time::timeout(self.idle, self.ws.send(Message::Text(frame.into()))).await {
+            Ok(sent) => sent.map_err(|e| ClientError::ConnectionLost(e.to_string())),
+            Err(_) => Err(ClientError::ConnectionLost(format!(
+                "the relay took no data for {:.1} s",
+                self.idle.as_secs_f64()
+            ))),
+        }
     }
 
     /// The next text frame. The relay's `PING`s (any frame with `t` = `PING`) are answered
@@ -994,6 +1000,38 @@ fn message_event(session: &Session, seq: u64, text: &str) -> serde_json::Value {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A relay (or path) that stops reading: writes block once the socket buffers are full.
+    /// They must fail within the liveness bound, not wait for ever (the chat loop would hang
+    /// in the middle of a resend).
+    #[tokio::test]
+    async fn a_relay_that_stops_reading_is_given_up_on_not_waited_for() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        tokio::spawn(async move {
+            let (stream, _) = listener.accept().await.unwrap();
+            let _ws = tokio_tungstenite::accept_async(stream).await.unwrap();
+            std::future::pending::<()>().await;
+        });
+        let idle = Duration::from_millis(500);
+        let mut link = RelayLink::connect(&format!("ws://{addr}"), idle)
+            .await
+            .unwrap();
+        let frame = "x".repeat(60_000);
+        let failed = tokio::time::timeout(Duration::from_secs(30), async {
+            loop {
+                if let Err(e) = link.send(frame.clone()).await {
+                    return e;
+                }
+            }
+        })
+        .await
+        .expect("a write to a relay that stopped reading blocked for ever");
+        assert!(
+            matches!(&failed, ClientError::ConnectionLost(m) if m.contains("took no data")),
+            "{failed}"
+        );
+    }
 
     /// protocol.md 3.7 ("Liveness") gives the client's bounds.
     #[test]
