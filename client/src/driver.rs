@@ -7,6 +7,7 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use futures_util::{SinkExt, StreamExt};
+use parley_protocol::limits::MAX_FRAME_BYTES;
 use parley_protocol::{Envelope, FrameType, encode};
 use parley_state::{StateFile, Store};
 use serde::Deserialize;
@@ -15,6 +16,8 @@ use tokio::net::TcpStream;
 use tokio::sync::mpsc;
 use tokio::time::Instant;
 use tokio_tungstenite::tungstenite::Message;
+use tokio_tungstenite::tungstenite::error::{CapacityError, Error as WsError};
+use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
 use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
 
 use crate::code::InviteCode;
@@ -38,7 +41,14 @@ pub struct Options {
     pub exit_after: Option<u64>,
     /// Give up (exit code 6) if not done by then.
     pub timeout: Option<Duration>,
+    /// A relay connection that delivers no frame at all for this long is dead (we PING it
+    /// half-way through the silence first); see [`RelayLink::recv`].
+    pub idle_timeout: Duration,
 }
+
+/// The default of [`Options::idle_timeout`]: the relay's own idle limit. A live relay PINGs
+/// every 10 s (protocol.md 2.6), so a healthy connection is never silent that long.
+pub const IDLE_TIMEOUT: Duration = parley_protocol::limits::IDLE_TIMEOUT;
 
 pub enum Command {
     Host,
@@ -49,7 +59,8 @@ pub enum Command {
 
 pub async fn run(command: Command, opts: Options) -> Result<(), ClientError> {
     let mut output = Output::new(opts.json);
-    let deadline = opts.timeout.map(|t| Instant::now() + t);
+    // A timeout too long for the clock (`--timeout` is any u64) means none.
+    let deadline = opts.timeout.and_then(|t| Instant::now().checked_add(t));
     let result = within(
         deadline,
         opts.timeout,
@@ -70,8 +81,8 @@ async fn run_command(
     match command {
         Command::Sessions => list_sessions(opts, output),
         Command::Host | Command::Join(_) => {
-            let (store, mut state) = open_state(opts, false)?;
-            let mut relay = RelayLink::connect(&opts.relay_url).await?;
+            let (store, mut state) = open_state(opts, false, output)?;
+            let mut relay = RelayLink::connect(&opts.relay_url, opts.idle_timeout).await?;
             let session = match &command {
                 Command::Join(code) => pair_guest(&mut relay, code, opts, output).await?,
                 _ => pair_host(&mut relay, opts, output).await?,
@@ -88,9 +99,15 @@ async fn run_command(
             .await
         }
         Command::Resume(sid) => {
-            let (store, mut state) = open_state(opts, true)?;
-            let session = Session::from_record(pick_session(&state, sid.as_deref())?)?;
-            let mut relay = RelayLink::connect(session.relay_url()).await?;
+            let (store, mut state) = open_state(opts, true, output)?;
+            let session =
+                Session::from_record(pick_session(&state, sid.as_deref())?).map_err(|record| {
+                    ClientError::Damaged {
+                        path: store.path().to_path_buf(),
+                        record,
+                    }
+                })?;
+            let mut relay = RelayLink::connect(session.relay_url(), opts.idle_timeout).await?;
             let peer_online = reattach(&mut relay, &session).await?;
             chat(
                 relay,
@@ -130,9 +147,15 @@ fn now_secs() -> u64 {
 // ---------------------------------------------------------------------------------------------
 // State
 
-fn open_state(opts: &Options, must_exist: bool) -> Result<(Store, StateFile), ClientError> {
+fn open_state(
+    opts: &Options,
+    must_exist: bool,
+    output: &mut Output,
+) -> Result<(Store, StateFile), ClientError> {
     let store = Store::open(&opts.state_dir, &opts.name)?;
-    let state = match store.load()? {
+    let (loaded, warnings) = store.load_with_warnings()?;
+    warn(output, &warnings);
+    let state = match loaded {
         Some(state) => state,
         None if must_exist => {
             return Err(parley_state::StateError::Missing {
@@ -144,6 +167,12 @@ fn open_state(opts: &Options, must_exist: bool) -> Result<(Store, StateFile), Cl
         None => StateFile::new(&opts.name),
     };
     Ok((store, state))
+}
+
+fn warn(output: &mut Output, warnings: &[parley_state::StateWarning]) {
+    for w in warnings {
+        output.emit(json!({"event": "warning", "code": w.code, "message": w.message}));
+    }
 }
 
 fn persist(store: &Store, state: &mut StateFile, session: &Session) -> Result<(), ClientError> {
@@ -173,7 +202,8 @@ fn pick_session<'a>(
 }
 
 fn list_sessions(opts: &Options, output: &mut Output) -> Result<(), ClientError> {
-    let state = parley_state::read_snapshot(&opts.state_dir, &opts.name)?;
+    let (state, warnings) = parley_state::read_snapshot_with_warnings(&opts.state_dir, &opts.name)?;
+    warn(output, &warnings);
     if state.sessions.is_empty() && !output.is_json() {
         output.emit(error_event("no_sessions", "no stored sessions"));
     }
@@ -203,16 +233,32 @@ fn format_time(unix: u64) -> String {
 
 struct RelayLink {
     ws: WebSocketStream<MaybeTlsStream<TcpStream>>,
+    /// Liveness: when the last frame of any kind arrived, whether we have PINGed since, and
+    /// how long a silence means the connection is dead.
+    last_heard: Instant,
+    pinged: bool,
+    idle: Duration,
 }
 
 impl RelayLink {
-    async fn connect(url: &str) -> Result<RelayLink, ClientError> {
+    async fn connect(url: &str, idle: Duration) -> Result<RelayLink, ClientError> {
         let unreachable = |reason: String| ClientError::RelayUnreachable {
             url: url.to_string(),
             reason,
         };
-        match tokio::time::timeout(CONNECT_TIMEOUT, tokio_tungstenite::connect_async(url)).await {
-            Ok(Ok((ws, _))) => Ok(RelayLink { ws }),
+        // The protocol's frame limit, not tungstenite's defaults (64 MiB messages, 16 MiB
+        // frames): a relay never has a reason to send more, so more is not read.
+        let config = WebSocketConfig::default()
+            .max_message_size(Some(MAX_FRAME_BYTES))
+            .max_frame_size(Some(MAX_FRAME_BYTES));
+        let connecting = tokio_tungstenite::connect_async_with_config(url, Some(config), false);
+        match tokio::time::timeout(CONNECT_TIMEOUT, connecting).await {
+            Ok(Ok((ws, _))) => Ok(RelayLink {
+                ws,
+                last_heard: Instant::now(),
+                pinged: false,
+                idle,
+            }),
             Ok(Err(e)) => Err(unreachable(e.to_string())),
             Err(_) => Err(unreachable(format!(
                 "no answer within {} s",
@@ -221,19 +267,59 @@ impl RelayLink {
         }
     }
 
+    /// Sends one frame. A write that makes no progress for the liveness bound (the socket's
+    /// buffers are full: the relay or the path stopped reading) means the connection is dead,
+    /// like silence does in [`RelayLink::recv`].
     async fn send(&mut self, frame: String) -> Result<(), ClientError> {
-        self.ws
-            .send(Message::Text(frame.into()))
-            .await
-            .map_err(|e| ClientError::ConnectionLost(e.to_string()))
+        match tokio::time::timeout(self.idle, self.ws.send(Message::Text(frame.into()))).await {
+            Ok(sent) => sent.map_err(|e| ClientError::ConnectionLost(e.to_string())),
+            Err(_) => Err(ClientError::ConnectionLost(format!(
+                "the relay took no data for {:.1} s",
+                self.idle.as_secs_f64()
+            ))),
+        }
     }
 
-    /// The next text frame. The relay's `PING`s are answered here and not returned.
+    /// The next text frame. The relay's `PING`s (any frame with `t` = `PING`) are answered
+    /// here and not returned.
+    ///
+    /// Liveness: a relay PINGs every 10 s, so silence means a dead relay or network path,
+    /// which TCP alone may not notice for hours. After half of `idle` without any frame we
+    /// send a `PING` of our own (the relay answers `PONG`); after `idle` without any frame
+    /// the connection is declared lost, and the caller reconnects as after any cut.
+    /// Cancel-safe: the liveness state lives in `self`, not in this future.
     async fn recv(&mut self) -> Result<String, ClientError> {
         loop {
-            match self.ws.next().await {
+            let wake = if self.pinged {
+                self.last_heard.checked_add(self.idle)
+            } else {
+                self.last_heard.checked_add(self.idle / 2)
+            };
+            let next = match wake {
+                Some(at) => match tokio::time::timeout_at(at, self.ws.next()).await {
+                    Ok(next) => next,
+                    Err(_) if self.pinged => {
+                        return Err(ClientError::ConnectionLost(format!(
+                            "no sign of life from the relay for {:.1} s",
+                            self.idle.as_secs_f64()
+                        )));
+                    }
+                    Err(_) => {
+                        self.pinged = true;
+                        self.send(encode::<()>(FrameType::Ping, None, None)).await?;
+                        continue;
+                    }
+                },
+                // A bound too large for the clock: no liveness check.
+                None => self.ws.next().await,
+            };
+            if let Some(Ok(_)) = &next {
+                self.last_heard = Instant::now();
+                self.pinged = false;
+            }
+            match next {
                 Some(Ok(Message::Text(text))) => {
-                    if text.as_str() == r#"{"t":"PING"}"# {
+                    if Envelope::parse(text.as_str()).is_ok_and(|env| env.kind == FrameType::Ping) {
                         self.send(encode::<()>(FrameType::Pong, None, None)).await?;
                         continue;
                     }
@@ -248,6 +334,12 @@ impl RelayLink {
                     )));
                 }
                 Some(Ok(_)) => {}
+                // The rest of that frame is still on the socket: the connection cannot go on.
+                Some(Err(WsError::Capacity(CapacityError::MessageTooLong { .. }))) => {
+                    return Err(ClientError::RelayProtocol(format!(
+                        "it sent a frame larger than the protocol's limit of {MAX_FRAME_BYTES} bytes"
+                    )));
+                }
                 Some(Err(e)) => return Err(ClientError::ConnectionLost(e.to_string())),
                 None => {
                     return Err(ClientError::ConnectionLost(
@@ -306,14 +398,20 @@ async fn pair(
     let mut steps = first;
     let mut stage = machine.stage();
     let mut deadline = Instant::now() + HANDSHAKE_STEP_TIMEOUT;
-    let mut invite_deadline = None;
+    // While waiting for a joiner: until the code expires, or (None) for as long as it takes.
+    let mut invite_deadline: Option<Option<Instant>> = None;
     loop {
         for step in steps.drain(..) {
             match step {
                 Step::Send(frame) => relay.send(frame).await?,
                 Step::Invite { code, expires_in } => {
-                    // A little grace: the relay's clock and ours started a moment apart.
-                    invite_deadline = Some(Instant::now() + Duration::from_secs(expires_in + 2));
+                    // A little grace: the relay's clock and ours started a moment apart. The
+                    // lifetime is the relay's number: one too large for the clock means the
+                    // code does not expire (the relay is the one that enforces it anyway).
+                    invite_deadline = Some(
+                        Instant::now()
+                            .checked_add(Duration::from_secs(expires_in.saturating_add(2))),
+                    );
                     output.emit(
                         json!({"event": "invite", "code": code.reveal(), "expires_in": expires_in}),
                     );
@@ -325,11 +423,15 @@ async fn pair(
             match invite_deadline.filter(|_| machine.waiting_for_joiner()) {
                 Some(at) => (at, PairingError::InviteExpired),
                 None => (
-                    deadline,
+                    Some(deadline),
                     PairingError::Protocol("the other side stopped answering during pairing"),
                 ),
             };
-        let frame = match tokio::time::timeout_at(wait_until, relay.recv()).await {
+        let received = match wait_until {
+            Some(at) => tokio::time::timeout_at(at, relay.recv()).await,
+            None => Ok(relay.recv().await),
+        };
+        let frame = match received {
             Ok(frame) => frame?,
             Err(_) => return Err(fail_pairing(relay, machine.take_farewell(), on_timeout).await),
         };
@@ -373,12 +475,12 @@ async fn reattach(relay: &mut RelayLink, session: &Session) -> Result<bool, Clie
             Some(&data),
         ))
         .await?;
-    await_status(relay).await
+    await_status(relay, FrameType::Reattach).await
 }
 
 /// The answer to `REATTACH` or `RESTORE`: `PEER_ONLINE` or `PEER_OFFLINE` (whether the peer is
 /// online), or the relay's refusal.
-async fn await_status(relay: &mut RelayLink) -> Result<bool, ClientError> {
+async fn await_status(relay: &mut RelayLink, asked: FrameType) -> Result<bool, ClientError> {
     let deadline = Instant::now() + HANDSHAKE_STEP_TIMEOUT;
     loop {
         let frame = tokio::time::timeout_at(deadline, relay.recv())
@@ -386,8 +488,11 @@ async fn await_status(relay: &mut RelayLink) -> Result<bool, ClientError> {
             .map_err(|_| {
                 ClientError::ConnectionLost("the relay did not answer in time".into())
             })??;
-        let env = Envelope::parse(&frame)
-            .map_err(|_| ClientError::Internal("the relay sent an unreadable frame".into()))?;
+        let env = Envelope::parse(&frame).map_err(|e| {
+            ClientError::RelayProtocol(format!(
+                "it answered {asked} with an unreadable frame ({e})"
+            ))
+        })?;
         match env.kind {
             FrameType::PeerOnline => return Ok(true),
             FrameType::PeerOffline => return Ok(false),
@@ -493,8 +598,8 @@ async fn next_frame(link: &mut Option<RelayLink>) -> Result<String, ClientError>
 /// Connects to the session's relay and takes our seat back: `REATTACH`, or `RESTORE` when
 /// the relay has forgotten the session (it restarted) or holds it restored by the peer.
 /// Returns whether the peer is online.
-async fn attach(session: &Session) -> Result<(RelayLink, bool), ClientError> {
-    let mut relay = RelayLink::connect(session.relay_url()).await?;
+async fn attach(session: &Session, idle: Duration) -> Result<(RelayLink, bool), ClientError> {
+    let mut relay = RelayLink::connect(session.relay_url(), idle).await?;
     match reattach(&mut relay, session).await {
         // Forgotten (the relay restarted), or re-created by the peer's RESTORE with our seat
         // awaiting us: RESTORE with the proof.
@@ -516,7 +621,7 @@ async fn attach(session: &Session) -> Result<(RelayLink, bool), ClientError> {
             relay
                 .send(encode(FrameType::Restore, Some(session.sid()), Some(&data)))
                 .await?;
-            let online = await_status(&mut relay).await?;
+            let online = await_status(&mut relay, FrameType::Restore).await?;
             Ok((relay, online))
         }
         Ok(online) => Ok((relay, online)),
@@ -644,7 +749,15 @@ async fn chat(
                     Ok(frame) => frame,
                     Err(e) => {
                         lost_relay(&mut link, &mut accepted, output, &e);
-                        reconnect_at = Instant::now() + backoff.step();
+                        // A relay that broke the protocol (an oversize frame) is handled like
+                        // a cut: the stream cannot be resynchronised, the outboxes resend
+                        // whatever was lost. But it is likely to do it again right after the
+                        // next attach (which resets the backoff): wait the longest step.
+                        let wait = match e {
+                            ClientError::RelayProtocol(_) => Backoff::MAX,
+                            _ => backoff.step(),
+                        };
+                        reconnect_at = Instant::now() + wait;
                         continue;
                     }
                 };
@@ -652,7 +765,7 @@ async fn chat(
                 match env.kind {
                     FrameType::Msg => {
                         let shown = receive(&mut session, &env, store, state, output)?;
-                        received += shown;
+                        received = received.saturating_add(shown);
                         if let Some(relay) = &mut link {
                             let mut receipts = vec![Receipt::Delivered { upto: session.received_upto() }];
                             if interactive && shown > 0 {
@@ -739,7 +852,7 @@ async fn chat(
                 }
             }
             () = tokio::time::sleep_until(reconnect_at), if link.is_none() => {
-                match attach(&session).await {
+                match attach(&session, opts.idle_timeout).await {
                     Ok((relay, online)) => {
                         backoff.reset();
                         peer_online = online;
@@ -882,4 +995,61 @@ fn message_event(session: &Session, seq: u64, text: &str) -> serde_json::Value {
         "time": now.to_utc().to_rfc3339_opts(chrono::SecondsFormat::Millis, true),
         "local_time": now.format("%H:%M:%S").to_string(),
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A relay (or path) that stops reading: writes block once the socket buffers are full.
+    /// They must fail within the liveness bound, not wait for ever (the chat loop would hang
+    /// in the middle of a resend).
+    #[tokio::test]
+    async fn a_relay_that_stops_reading_is_given_up_on_not_waited_for() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        tokio::spawn(async move {
+            let (stream, _) = listener.accept().await.unwrap();
+            let _ws = tokio_tungstenite::accept_async(stream).await.unwrap();
+            std::future::pending::<()>().await;
+        });
+        let idle = Duration::from_millis(500);
+        let mut link = RelayLink::connect(&format!("ws://{addr}"), idle)
+            .await
+            .unwrap();
+        let frame = "x".repeat(60_000);
+        let failed = tokio::time::timeout(Duration::from_secs(30), async {
+            loop {
+                if let Err(e) = link.send(frame.clone()).await {
+                    return e;
+                }
+            }
+        })
+        .await
+        .expect("a write to a relay that stopped reading blocked for ever");
+        assert!(
+            matches!(&failed, ClientError::ConnectionLost(m) if m.contains("took no data")),
+            "{failed}"
+        );
+    }
+
+    /// protocol.md 3.7 ("Liveness") gives the client's bounds.
+    #[test]
+    fn protocol_md_states_the_liveness_bounds() {
+        const DOCUMENT: &str = include_str!("../../protocol.md");
+        let ping = format!(
+            "after {} s of\nsilence the client sends a `PING`",
+            (IDLE_TIMEOUT / 2).as_secs_f64()
+        );
+        let dead = format!(
+            "after {} s (the relay's own idle limit)",
+            IDLE_TIMEOUT.as_secs()
+        );
+        for stated in [ping, dead] {
+            assert!(
+                DOCUMENT.contains(&stated),
+                "protocol.md must say `{stated}`"
+            );
+        }
+    }
 }

@@ -26,12 +26,18 @@ pub enum ClientError {
     RelayUnreachable { url: String, reason: String },
     #[error("lost the connection to the relay: {0}")]
     ConnectionLost(String),
+    /// The relay said something the protocol does not allow (a relay problem: exit 3).
+    #[error("the relay broke the protocol: {0}; check the relay URL, or try another relay")]
+    RelayProtocol(String),
     #[error(transparent)]
     Pairing(#[from] PairingError),
     #[error(transparent)]
     State(#[from] StateError),
-    #[error(transparent)]
-    Damaged(#[from] DamagedRecord),
+    #[error("state file {}: {record}; pair again (`host` or `join`)", path.display())]
+    Damaged {
+        path: std::path::PathBuf,
+        record: DamagedRecord,
+    },
     #[error("{0}")]
     Usage(String),
     #[error("timed out after {0} s (--timeout)")]
@@ -50,8 +56,9 @@ impl ClientError {
         match self {
             ClientError::RelayUnreachable { .. } => "relay_unreachable",
             ClientError::ConnectionLost(_) => "connection_lost",
+            ClientError::RelayProtocol(_) => "relay_protocol",
             ClientError::Pairing(_) => "pairing_failed",
-            ClientError::State(_) | ClientError::Damaged(_) => "state",
+            ClientError::State(_) | ClientError::Damaged { .. } => "state",
             ClientError::Usage(_) => "usage",
             ClientError::Timeout(_) => "timeout",
             ClientError::ResumeRefused { .. } => "resume_refused",
@@ -62,11 +69,11 @@ impl ClientError {
 
     pub fn exit_code(&self) -> ExitCode {
         ExitCode::from(match self {
-            ClientError::RelayUnreachable { .. } | ClientError::ConnectionLost(_) => {
-                exit::RELAY_UNREACHABLE
-            }
+            ClientError::RelayUnreachable { .. }
+            | ClientError::ConnectionLost(_)
+            | ClientError::RelayProtocol(_) => exit::RELAY_UNREACHABLE,
             ClientError::Pairing(_) => exit::PAIRING_FAILED,
-            ClientError::State(_) | ClientError::Damaged(_) => exit::STATE,
+            ClientError::State(_) | ClientError::Damaged { .. } => exit::STATE,
             ClientError::Usage(_) => exit::USAGE,
             ClientError::Timeout(_) => exit::TIMEOUT,
             ClientError::ResumeRefused { .. } | ClientError::SessionTakenOver => {

@@ -1118,6 +1118,28 @@ mod tests {
 mod abort_tests {
     use super::*;
 
+    const DOCUMENT: &str = include_str!("../../protocol.md");
+
+    /// protocol.md 3.2 shows Parley's own frames: each is a frame, and the abort is exactly
+    /// what this code sends (msgID included: the relay requires one).
+    #[test]
+    fn protocol_md_shows_the_frames_parley_sends() {
+        let block: Vec<&str> = DOCUMENT
+            .split("Parley's frames, in the order of a successful pairing")
+            .nth(1)
+            .and_then(|rest| rest.split("```json\n").nth(1))
+            .and_then(|rest| rest.split("```").next())
+            .unwrap()
+            .lines()
+            .collect();
+        assert!(block.len() >= 15, "{block:?}");
+        for line in &block {
+            Envelope::parse(line).unwrap_or_else(|e| panic!("{line}: {e}"));
+        }
+        let abort = abort_frame("7f1c0d2e9a4b3c5d6e7f8091a2b3c4d5");
+        assert!(block.contains(&abort.as_str()), "{abort}");
+    }
+
     #[test]
     fn a_guest_failing_after_joined_tells_the_host() {
         let code: InviteCode = "123456-654321".parse().unwrap();

@@ -17,13 +17,18 @@ Examples:
   parley --name alice sessions
 
 Scripting: --json makes stdout one JSON object per line (events: invite, paired, resumed,
-message, sent, peer_online, peer_offline, error, session). Feed messages on stdin, one per line.
-The client exits 0 at end of input once everything typed has reached the relay, or, with
---exit-after N, once N messages have been received and everything typed has reached the relay.
+message, sent, delivered, read, relay_offline, relay_online, peer_online, peer_offline,
+waiting, error, warning, session). Feed messages on stdin, one per line. At end of input
+the client exits 0 once the peer has acknowledged everything typed (a `delivered` event for
+each), and, with --exit-after N, once N messages have been received too. Stopping earlier
+loses nothing: unacknowledged messages stay in the state file and go out on the next
+`resume`. (On a terminal, Ctrl-D quits as soon as the relay holds everything typed.)
 
-Exit codes: 0 done; 1 internal error; 2 usage; 3 relay unreachable or connection lost;
+Exit codes: 0 done; 1 internal error; 2 usage; 3 relay unreachable, connection lost,
+or the relay broke the protocol;
 4 pairing failed (wrong code, tampering, code unknown/used/expired, join denied);
-5 state file problem (missing, corrupt, foreign, locked by another process);
+5 state file problem (missing, corrupt, too large, not a regular file, foreign,
+locked by another process);
 6 --timeout reached; 7 the relay refused to resume the session (unknown session or token),
 or another device resumed it.";
 
@@ -60,6 +65,18 @@ struct Cli {
     /// Give up with exit code 6 after SECS seconds.
     #[arg(long, global = true, value_name = "SECS")]
     timeout: Option<u64>,
+
+    /// For tests: declare the relay connection dead after MS milliseconds without any frame
+    /// (a PING goes out half-way). Default: the relay's idle limit, 35 s.
+    #[arg(
+        long,
+        global = true,
+        hide = true,
+        env = "PARLEY_IDLE_TIMEOUT_MS",
+        value_name = "MS",
+        value_parser = clap::value_parser!(u64).range(100..)
+    )]
+    idle_timeout_ms: Option<u64>,
 
     #[command(subcommand)]
     command: Cmd,
@@ -122,7 +139,7 @@ fn main() -> ExitCode {
 
 fn options(cli: &Cli) -> Result<Options, ClientError> {
     let usage = |e: ClientError| {
-        eprintln!("parley: {e}");
+        eprintln!("parley: {}", parley::output::printable(&e.to_string()));
         e
     };
     let name = cli.name.clone().ok_or_else(|| {
@@ -146,5 +163,8 @@ fn options(cli: &Cli) -> Result<Options, ClientError> {
         json: cli.json,
         exit_after: cli.exit_after,
         timeout: cli.timeout.map(Duration::from_secs),
+        idle_timeout: cli
+            .idle_timeout_ms
+            .map_or(driver::IDLE_TIMEOUT, Duration::from_millis),
     })
 }

@@ -37,6 +37,9 @@ impl Output {
     pub fn emit(&mut self, event: Value) {
         if self.json {
             self.write_line(event.to_string());
+        } else if event.get("event").and_then(Value::as_str) == Some("warning") {
+            // Warnings are not part of the conversation: one line on stderr.
+            eprintln!("parley: warning: {}", text(&event, "message"));
         } else if let Some(line) = human(&event) {
             self.write_line(line);
         }
@@ -59,13 +62,17 @@ fn text(event: &Value, key: &str) -> String {
 }
 
 /// Text from the peer or the relay, made safe to print on a terminal: control characters
-/// (newlines and escape sequences that could fake a line or rewrite the screen) and bidi
-/// overrides become U+FFFD. JSON output needs none of this: serde escapes control characters.
+/// (C0 including ESC, DEL, and C1 including CSI: newlines and escape sequences that could
+/// fake a line or rewrite the screen), Unicode line and paragraph separators, and bidi
+/// overrides, isolates and marks become U+FFFD. JSON output needs none of this: serde escapes
+/// control characters.
 pub fn printable(s: &str) -> String {
     s.chars()
         .map(|c| {
-            let bidi = matches!(c, '\u{202A}'..='\u{202E}' | '\u{2066}'..='\u{2069}');
-            if c.is_control() || bidi {
+            let bidi = matches!(c, '\u{202A}'..='\u{202E}' | '\u{2066}'..='\u{2069}'
+                | '\u{200E}' | '\u{200F}' | '\u{061C}');
+            let separator = matches!(c, '\u{2028}' | '\u{2029}');
+            if c.is_control() || bidi || separator {
                 '\u{FFFD}'
             } else {
                 c
@@ -118,7 +125,11 @@ fn human(event: &Value) -> Option<String> {
             "{}  {:<5}  peer {:<12}  created {}  last used {}  safety {}",
             text(event, "sid"),
             text(event, "role"),
-            event.get("peer").and_then(Value::as_str).unwrap_or("?"),
+            // The peer's self-chosen name: sanitised like every peer-controlled string.
+            event
+                .get("peer")
+                .and_then(Value::as_str)
+                .map_or_else(|| "?".to_string(), printable),
             text(event, "created"),
             text(event, "last_used"),
             text(event, "safety_number"),
@@ -147,5 +158,74 @@ mod tests {
         );
         let error = json!({"event": "error", "message": "bad\r\nfake"});
         assert_eq!(human(&error).unwrap(), "! bad\u{FFFD}\u{FFFD}fake");
+    }
+
+    /// Every event a person sees, with every string field hostile: nothing but the lines the
+    /// template itself breaks may come out, and no control or bidi character at all.
+    #[test]
+    fn no_human_rendering_prints_a_peer_or_relay_controlled_string_raw() {
+        const EVIL: &str =
+            "x\u{1b}[2J\u{1b}]0;t\u{7}\u{9b}31m\u{85}\r\n\u{202e}\u{2028}\u{2029}\u{200f}y";
+        let fields = [
+            "sid",
+            "peer",
+            "role",
+            "relay",
+            "created",
+            "last_used",
+            "safety_number",
+            "code",
+            "message",
+            "from",
+            "text",
+            "local_time",
+            "time",
+        ];
+        let event = |kind: &str, value: &str| {
+            let mut event = serde_json::Map::new();
+            event.insert("event".into(), json!(kind));
+            for field in fields {
+                event.insert(field.into(), json!(value));
+            }
+            event.insert("expires_in".into(), json!(600));
+            event.insert("peer_online".into(), json!(true));
+            Value::Object(event)
+        };
+        let kinds = [
+            "invite",
+            "paired",
+            "resumed",
+            "message",
+            "sent",
+            "delivered",
+            "read",
+            "relay_offline",
+            "relay_online",
+            "peer_online",
+            "peer_offline",
+            "waiting",
+            "error",
+            "warning",
+            "session",
+        ];
+        for kind in kinds {
+            let benign = human(&event(kind, "x"));
+            let hostile = human(&event(kind, EVIL));
+            assert_eq!(benign.is_some(), hostile.is_some(), "{kind}");
+            let (Some(benign), Some(hostile)) = (benign, hostile) else {
+                continue;
+            };
+            for c in hostile.chars() {
+                let unsafe_char = (c.is_control() && c != '\n')
+                    || matches!(c, '\u{202A}'..='\u{202E}' | '\u{2066}'..='\u{2069}'
+                        | '\u{200E}' | '\u{200F}' | '\u{061C}' | '\u{2028}' | '\u{2029}');
+                assert!(!unsafe_char, "{kind}: U+{:04X} in {hostile:?}", c as u32);
+            }
+            assert_eq!(
+                hostile.matches('\n').count(),
+                benign.matches('\n').count(),
+                "{kind}: {hostile:?}"
+            );
+        }
     }
 }

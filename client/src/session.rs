@@ -382,7 +382,7 @@ impl Session {
     /// Hello). Only a message that passes every check moves the ratchet and the counter.
     pub fn open(&mut self, env: &Envelope<'_>) -> Result<Incoming, ReceiveError> {
         let (seq, payload) = parse_msg(env)?;
-        if seq != self.recv_seq + 1 {
+        if Some(seq) != self.recv_seq.checked_add(1) {
             return Err(ReceiveError::Replayed { seq });
         }
         let plain = self.decrypt(seq, &payload)?;
@@ -406,7 +406,8 @@ impl Session {
             return Ok(Received::default());
         }
         let plain = self.decrypt(seq, &payload)?;
-        if seq > self.recv_seq + 1 {
+        // (`seq > recv_seq` here, so the difference cannot underflow.)
+        if seq - self.recv_seq > 1 {
             self.early.insert(seq, plain);
             return Ok(Received {
                 held: true,
@@ -415,12 +416,11 @@ impl Session {
         }
         self.recv_seq = seq;
         let mut due = vec![Incoming { seq, plain }];
-        while let Some(plain) = self.early.remove(&(self.recv_seq + 1)) {
-            self.recv_seq += 1;
-            due.push(Incoming {
-                seq: self.recv_seq,
-                plain,
-            });
+        while let Some(next) = self.recv_seq.checked_add(1)
+            && let Some(plain) = self.early.remove(&next)
+        {
+            self.recv_seq = next;
+            due.push(Incoming { seq: next, plain });
         }
         Ok(Received {
             due,
@@ -566,6 +566,22 @@ mod tests {
         r.due.iter().map(|m| m.seq).collect()
     }
 
+    /// The numbers protocol.md 3.7 gives a stranger writing a client are this code's.
+    #[test]
+    fn protocol_md_states_the_window_and_the_early_bound() {
+        const DOCUMENT: &str = include_str!("../../protocol.md");
+        for stated in [
+            format!("at most {SEND_WINDOW} messages are in flight"),
+            format!("sends only the {SEND_WINDOW} oldest"),
+            format!("`N` > `H` + {MAX_EARLY}: dropped unread"),
+        ] {
+            assert!(
+                DOCUMENT.contains(&stated),
+                "protocol.md must say `{stated}`"
+            );
+        }
+    }
+
     #[test]
     fn messages_flow_both_ways_in_sequence() {
         let (mut host, mut guest) = pair();
@@ -701,6 +717,29 @@ mod tests {
         record.send_seq = u64::MAX;
         let mut exhausted = Session::from_record(&record).unwrap();
         assert_eq!(exhausted.seal(&text("x")), Err(SendError::Exhausted));
+    }
+
+    /// Sequence numbers come from the peer (and the state file): at the top of the range the
+    /// counters must stop cleanly, not overflow.
+    #[test]
+    fn sequence_numbers_at_the_end_of_the_range_do_not_overflow() {
+        let (mut host, guest) = pair();
+        let mut record = host.record();
+        record.send_seq = u64::MAX - 1;
+        record.peer_acked = u64::MAX - 1;
+        host = Session::from_record(&record).unwrap();
+        let (seq, last) = host.seal(&text("last")).unwrap();
+        assert_eq!(seq, u64::MAX);
+        let mut record = guest.record();
+        record.recv_seq = u64::MAX - 1;
+        let mut guest = Session::from_record(&record).unwrap();
+        assert_eq!(shown(deliver(&mut guest, &last).unwrap()), [u64::MAX]);
+        assert!(deliver(&mut guest, &last).unwrap().duplicate);
+        // The handshake's `open` with nothing left to receive.
+        let mut record = guest.record();
+        record.recv_seq = u64::MAX;
+        let mut full = Session::from_record(&record).unwrap();
+        assert!(full.open(&Envelope::parse(&last).unwrap()).is_err());
     }
 
     #[test]

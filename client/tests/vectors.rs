@@ -3,6 +3,7 @@
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::indexing_slicing)]
 
 use parley::dh::DhKeyPair;
+use parley::handshake::{SPAKE2_ID_GUEST, SPAKE2_ID_HOST};
 use parley::keys::{self, Transcript};
 use parley::message::{self, Direction};
 use parley::ratchet::{HEADER_BYTES, Header, Ratchet};
@@ -192,4 +193,73 @@ fn ratchet_vectors() {
     );
     check("receipt", &receipt);
     assert!(host.receipt_keys_to_accept().contains(&receipt_key));
+}
+
+/// Hands the spake2 crate a fixed scalar where it asks for randomness: it reads 64 bytes and
+/// reduces them, little-endian, modulo the group order; the scalar's 32 little-endian bytes
+/// followed by 32 zero bytes therefore give exactly that scalar (it is below the order).
+struct FixedScalar {
+    bytes: [u8; 64],
+    at: usize,
+}
+
+impl FixedScalar {
+    /// `scalar` as big-endian hex, the way protocol.md writes it.
+    fn new(scalar_be_hex: &str) -> FixedScalar {
+        let mut bytes = [0u8; 64];
+        let mut le = hex::decode(scalar_be_hex).unwrap();
+        assert_eq!(le.len(), 32);
+        le.reverse();
+        bytes[..32].copy_from_slice(&le);
+        FixedScalar { bytes, at: 0 }
+    }
+}
+
+impl rand_core_06::RngCore for FixedScalar {
+    fn next_u32(&mut self) -> u32 {
+        rand_core_06::impls::next_u32_via_fill(self)
+    }
+    fn next_u64(&mut self) -> u64 {
+        rand_core_06::impls::next_u64_via_fill(self)
+    }
+    fn fill_bytes(&mut self, dest: &mut [u8]) {
+        let end = self.at + dest.len();
+        dest.copy_from_slice(&self.bytes[self.at..end]);
+        self.at = end;
+    }
+    fn try_fill_bytes(&mut self, dest: &mut [u8]) -> Result<(), rand_core_06::Error> {
+        self.fill_bytes(dest);
+        Ok(())
+    }
+}
+
+impl rand_core_06::CryptoRng for FixedScalar {}
+
+/// SPAKE2 (3.4) with fixed scalars: the messages each side sends and the key both get.
+#[test]
+fn spake2_vectors() {
+    use spake2::{Ed25519Group, Identity, Password, Spake2};
+    const HOST_SCALAR: &str = "0111111111111111111111111111111111111111111111111111111111111111";
+    const GUEST_SCALAR: &str = "0222222222222222222222222222222222222222222222222222222222222222";
+    check("spake2 password", "553108");
+    check("spake2 host scalar x", HOST_SCALAR);
+    check("spake2 guest scalar y", GUEST_SCALAR);
+    let password = Password::new(b"553108");
+    let (host, host_msg) = Spake2::<Ed25519Group>::start_a_with_rng(
+        &password,
+        &Identity::new(SPAKE2_ID_HOST),
+        &Identity::new(SPAKE2_ID_GUEST),
+        FixedScalar::new(HOST_SCALAR),
+    );
+    let (guest, guest_msg) = Spake2::<Ed25519Group>::start_b_with_rng(
+        &password,
+        &Identity::new(SPAKE2_ID_HOST),
+        &Identity::new(SPAKE2_ID_GUEST),
+        FixedScalar::new(GUEST_SCALAR),
+    );
+    check("spake2 host message", &hex::encode(&host_msg));
+    check("spake2 guest message", &hex::encode(&guest_msg));
+    let key = host.finish(&guest_msg).unwrap();
+    assert_eq!(key, guest.finish(&host_msg).unwrap());
+    check("spake2 key", &hex::encode(&key));
 }

@@ -18,7 +18,7 @@
 
 use std::fmt;
 use std::fs::{self, File, OpenOptions, TryLockError};
-use std::io::{self, Write};
+use std::io::{self, Read, Write};
 use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
@@ -32,8 +32,13 @@ pub const SCHEMA_VERSION: u32 = 2;
 /// Marks a file as ours, so that a stray JSON file is never mistaken for state.
 const FORMAT: &str = "parley-state";
 
-/// Longest state file this loader reads; anything larger is not ours.
+/// Longest state file this loader reads; anything larger is not ours. (A session's record
+/// is bounded by its outbox and skipped keys: a few MiB at the very most.)
 const MAX_STATE_BYTES: u64 = 64 * 1024 * 1024;
+
+/// Permission bits that let the group or others read or write the file.
+#[cfg(unix)]
+const SHARED_MODE_BITS: u32 = 0o066;
 
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
@@ -56,8 +61,24 @@ pub enum StateError {
     Locked { name: String, path: PathBuf },
     #[error("invalid client name `{0}`: use 1-64 letters, digits, '-' or '_'")]
     BadName(String),
+    #[error(
+        "state file {path} is {what}, not a regular file; it was left untouched: move it away (parley keeps a plain file there)"
+    )]
+    NotRegular { path: PathBuf, what: &'static str },
+    #[error(
+        "state file {path} is too large (over {MAX_STATE_BYTES} bytes) to be a parley state file; it was left untouched: move it away"
+    )]
+    TooLarge { path: PathBuf },
     #[error("state I/O on {path}: {source}")]
     Io { path: PathBuf, source: io::Error },
+}
+
+/// Something wrong with a state file that does not stop it being used.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StateWarning {
+    /// Stable, for scripts: `state_permissions`.
+    pub code: &'static str,
+    pub message: String,
 }
 
 fn io_err(path: &Path) -> impl FnOnce(io::Error) -> StateError + '_ {
@@ -315,7 +336,16 @@ impl Store {
 
     /// The current state, or `None` when there is no file yet.
     pub fn load(&self) -> Result<Option<StateFile>, StateError> {
-        read_file(&self.path, &self.name)
+        Ok(self.load_with_warnings()?.0)
+    }
+
+    /// As [`Store::load`], with what is wrong with the file but does not stop its use (it is
+    /// readable or writable by others).
+    pub fn load_with_warnings(&self) -> Result<(Option<StateFile>, Vec<StateWarning>), StateError> {
+        match read_file(&self.path, &self.name)? {
+            Some((state, warnings)) => Ok((Some(state), warnings)),
+            None => Ok((None, Vec::new())),
+        }
     }
 
     /// The current state, or a new empty one when there is no file yet.
@@ -373,6 +403,14 @@ impl Store {
 /// Reads the state of `name` without taking the lock (for listing): the file is replaced by
 /// rename, so a reader sees either the old or the new content, whole.
 pub fn read_snapshot(dir: &Path, name: &str) -> Result<StateFile, StateError> {
+    Ok(read_snapshot_with_warnings(dir, name)?.0)
+}
+
+/// As [`read_snapshot`], with the warnings of [`Store::load_with_warnings`].
+pub fn read_snapshot_with_warnings(
+    dir: &Path,
+    name: &str,
+) -> Result<(StateFile, Vec<StateWarning>), StateError> {
     validate_name(name)?;
     read_file(&state_path(dir, name), name)?.ok_or_else(|| StateError::Missing {
         name: name.into(),
@@ -380,10 +418,22 @@ pub fn read_snapshot(dir: &Path, name: &str) -> Result<StateFile, StateError> {
     })
 }
 
-fn read_file(path: &Path, name: &str) -> Result<Option<StateFile>, StateError> {
-    let file = match File::open(path) {
+/// Reads the state file, if there is one: only a regular file (not through a symbolic link,
+/// never waiting on a FIFO or reading a device), at most `MAX_STATE_BYTES`. Every check is on
+/// the file actually opened, not on the path, so nothing swapped in between can slip through.
+fn read_file(
+    path: &Path,
+    name: &str,
+) -> Result<Option<(StateFile, Vec<StateWarning>)>, StateError> {
+    let file = match open_for_reading(path) {
         Ok(file) => file,
         Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
+        Err(e) if is_symlink_refusal(&e) => {
+            return Err(StateError::NotRegular {
+                path: path.into(),
+                what: "a symbolic link",
+            });
+        }
         Err(e) => {
             return Err(StateError::Io {
                 path: path.into(),
@@ -391,15 +441,95 @@ fn read_file(path: &Path, name: &str) -> Result<Option<StateFile>, StateError> {
             });
         }
     };
-    let len = file.metadata().map_err(io_err(path))?.len();
-    if len > MAX_STATE_BYTES {
-        return Err(StateError::Foreign {
+    let metadata = file.metadata().map_err(io_err(path))?;
+    if !metadata.is_file() {
+        return Err(StateError::NotRegular {
             path: path.into(),
-            name: name.into(),
+            what: file_kind(&metadata),
         });
     }
-    let bytes = Zeroizing::new(fs::read(path).map_err(io_err(path))?);
-    parse(&bytes, path, name).map(Some)
+    if metadata.len() > MAX_STATE_BYTES {
+        return Err(StateError::TooLarge { path: path.into() });
+    }
+    // Bounded even if the file grows after the check above.
+    let mut bytes = Zeroizing::new(Vec::new());
+    file.take(MAX_STATE_BYTES.saturating_add(1))
+        .read_to_end(&mut bytes)
+        .map_err(io_err(path))?;
+    if u64::try_from(bytes.len()).unwrap_or(u64::MAX) > MAX_STATE_BYTES {
+        return Err(StateError::TooLarge { path: path.into() });
+    }
+    let state = parse(&bytes, path, name)?;
+    Ok(Some((state, permission_warnings(path, &metadata))))
+}
+
+/// Opens without following a symbolic link in the last component, and without blocking on a
+/// FIFO (which would wait for a writer for ever).
+fn open_for_reading(path: &Path) -> io::Result<File> {
+    let mut options = OpenOptions::new();
+    options.read(true);
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::OpenOptionsExt;
+        options.custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK);
+    }
+    options.open(path)
+}
+
+/// What `open` with `O_NOFOLLOW` says when the path is a symbolic link.
+fn is_symlink_refusal(e: &io::Error) -> bool {
+    #[cfg(unix)]
+    {
+        e.raw_os_error() == Some(libc::ELOOP)
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = e;
+        false
+    }
+}
+
+fn file_kind(metadata: &fs::Metadata) -> &'static str {
+    let kind = metadata.file_type();
+    if kind.is_dir() {
+        return "a directory";
+    }
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::FileTypeExt;
+        if kind.is_fifo() {
+            return "a FIFO";
+        }
+        if kind.is_char_device() || kind.is_block_device() {
+            return "a device";
+        }
+        if kind.is_socket() {
+            return "a socket";
+        }
+    }
+    "a special file"
+}
+
+/// The file holds keys and tokens: say so if the group or others may read or write it.
+fn permission_warnings(path: &Path, metadata: &fs::Metadata) -> Vec<StateWarning> {
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        let mode = metadata.permissions().mode() & 0o7777;
+        if mode & SHARED_MODE_BITS != 0 {
+            return vec![StateWarning {
+                code: "state_permissions",
+                message: format!(
+                    "state file {} can be read or written by other users (mode {mode:04o}); it holds your keys: run `chmod 600 {}`",
+                    path.display(),
+                    path.display()
+                ),
+            }];
+        }
+    }
+    #[cfg(not(unix))]
+    let _ = (path, metadata);
+    Vec::new()
 }
 
 /// Checks, in order: JSON at all, ours at all, a schema we understand, then the full shape.
@@ -553,6 +683,20 @@ mod tests {
             let mode = fs::metadata(store.path()).unwrap().permissions().mode();
             assert_eq!(mode & 0o777, 0o600);
         }
+        // A file others can read is used, with a warning; the next save makes it private.
+        #[cfg(unix)]
+        {
+            use std::os::unix::fs::PermissionsExt;
+            fs::set_permissions(store.path(), fs::Permissions::from_mode(0o644)).unwrap();
+            let (loaded, warnings) = store.load_with_warnings().unwrap();
+            assert_eq!(loaded, Some(state.clone()));
+            assert_eq!(warnings.len(), 1);
+            assert_eq!(warnings[0].code, "state_permissions");
+            store.save(&state).unwrap();
+            let mode = fs::metadata(store.path()).unwrap().permissions().mode();
+            assert_eq!(mode & 0o777, 0o600);
+            assert!(store.load_with_warnings().unwrap().1.is_empty());
+        }
         // No temporary file is left behind.
         let leftovers: Vec<_> = fs::read_dir(&dir)
             .unwrap()
@@ -612,6 +756,98 @@ mod tests {
                 "file must be left untouched"
             );
         }
+    }
+
+    /// Loads on a thread: a loader that blocks (opening a FIFO) fails the test instead of
+    /// hanging it.
+    #[cfg(unix)]
+    fn load_within(dir: &Path, limit: std::time::Duration) -> Result<StateError, String> {
+        let dir = dir.to_path_buf();
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let store = Store::open(&dir, "alice").unwrap();
+            let _ = tx.send(store.load().map(|_| ()));
+        });
+        match rx.recv_timeout(limit) {
+            Ok(Err(e)) => Ok(e),
+            Ok(Ok(())) => Err("loaded".into()),
+            Err(_) => Err(format!("still loading after {limit:?}")),
+        }
+    }
+
+    #[cfg(unix)]
+    #[test]
+    fn only_a_regular_file_is_read_never_through_a_symlink_nor_a_fifo() {
+        use std::time::Duration;
+        let dir = tempdir();
+        let path = state_path(&dir, "alice");
+        // A symlink to a perfectly good state file: refused all the same (the loader opens
+        // with O_NOFOLLOW, so a link swapped in cannot point it anywhere).
+        let real = dir.join("real.json");
+        let mut state = StateFile::new("alice");
+        state.upsert(record("s1"));
+        fs::write(&real, serde_json::to_vec(&state).unwrap()).unwrap();
+        std::os::unix::fs::symlink(&real, &path).unwrap();
+        let err = load_within(&dir, Duration::from_secs(5)).unwrap();
+        let message = err.to_string();
+        assert!(
+            message.contains("symbolic link") && message.contains(&*path.to_string_lossy()),
+            "{message}"
+        );
+        // A FIFO: opening it must not wait for a writer.
+        fs::remove_file(&path).unwrap();
+        let made = std::process::Command::new("mkfifo")
+            .arg(&path)
+            .status()
+            .unwrap();
+        assert!(made.success());
+        let message = load_within(&dir, Duration::from_secs(5))
+            .unwrap()
+            .to_string();
+        assert!(
+            message.contains("FIFO") && message.contains("not a regular file"),
+            "{message}"
+        );
+        // A symlink to /dev/zero (endless): refused before a byte is read.
+        fs::remove_file(&path).unwrap();
+        std::os::unix::fs::symlink("/dev/zero", &path).unwrap();
+        let message = load_within(&dir, Duration::from_secs(5))
+            .unwrap()
+            .to_string();
+        assert!(message.contains("symbolic link"), "{message}");
+        // The files are left alone.
+        assert!(
+            fs::symlink_metadata(&path)
+                .unwrap()
+                .file_type()
+                .is_symlink()
+        );
+    }
+
+    #[test]
+    fn an_oversize_file_gets_its_own_error_naming_it() {
+        let dir = tempdir();
+        let path = state_path(&dir, "alice");
+        let store = Store::open(&dir, "alice").unwrap();
+        // Sparse: costs no disk.
+        File::create(&path)
+            .unwrap()
+            .set_len(MAX_STATE_BYTES + 1)
+            .unwrap();
+        let message = store.load().unwrap_err().to_string();
+        assert!(
+            message.contains("too large") && message.contains(&*path.to_string_lossy()),
+            "{message}"
+        );
+        // At the limit it is read (and then found not to be JSON).
+        File::create(&path)
+            .unwrap()
+            .set_len(MAX_STATE_BYTES)
+            .unwrap();
+        assert!(matches!(
+            store.load().unwrap_err(),
+            StateError::Corrupt { .. }
+        ));
     }
 
     #[test]

@@ -4,6 +4,7 @@
 //! Every wait is bounded (`STEP`), so a broken build fails a test instead of hanging it.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::indexing_slicing)]
 
+pub mod fake_relay;
 pub mod proxy;
 
 use std::io::{BufRead, BufReader, Write};
@@ -176,7 +177,19 @@ pub struct Client {
 impl Client {
     /// `parley --json --relay URL --state-dir DIR --name NAME ARGS...`
     pub fn spawn(relay_url: &str, state_dir: &Path, name: &str, args: &[&str]) -> Client {
+        Client::spawn_with_env(relay_url, state_dir, name, args, &[])
+    }
+
+    /// As [`Client::spawn`], with extra environment variables.
+    pub fn spawn_with_env(
+        relay_url: &str,
+        state_dir: &Path,
+        name: &str,
+        args: &[&str],
+        env: &[(&str, &str)],
+    ) -> Client {
         let mut child = Command::new(&binaries().client)
+            .envs(env.iter().copied())
             .arg("--json")
             .args(["--relay", relay_url, "--name", name])
             .arg("--state-dir")
@@ -322,4 +335,79 @@ pub fn run_client(
     let client = Client::spawn(relay_url, state_dir, name, args);
     let (status, events) = client.wait();
     (status.code(), events)
+}
+
+/// What a `parley` run in human mode (no `--json`) printed.
+pub struct HumanRun {
+    pub code: Option<i32>,
+    pub stdout: String,
+    pub stderr: String,
+}
+
+/// Runs `parley --relay URL --state-dir DIR --name NAME ARGS...` without `--json`, stdin
+/// closed, to completion (killed after `STEP`).
+pub fn run_human(relay_url: &str, state_dir: &Path, name: &str, args: &[&str]) -> HumanRun {
+    let mut child = Command::new(&binaries().client)
+        .args(["--relay", relay_url, "--name", name])
+        .arg("--state-dir")
+        .arg(state_dir)
+        .args(args)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + STEP;
+    while child.try_wait().unwrap().is_none() {
+        if Instant::now() > deadline {
+            let _ = child.kill();
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let out = child.wait_with_output().unwrap();
+    HumanRun {
+        code: out.status.code(),
+        stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
+        stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+    }
+}
+
+/// Writes a state file for `name` in `dir` holding one freshly made session (host side) whose
+/// relay is `relay_url` and whose peer called itself `peer_name`: what a pairing would have
+/// left, without running one. Returns the session id.
+pub fn fabricate_session(dir: &Path, name: &str, relay_url: &str, peer_name: &str) -> String {
+    use parley::dh::DhKeyPair;
+    use parley::keys::SecretKey;
+    use parley::ratchet::Ratchet;
+    use parley::session::{NewSession, Session};
+    use parley_state::{Role, Secret, StateFile, Store};
+
+    let sid = "0123456789abcdef0123456789abcdef".to_string();
+    let peer = DhKeyPair::generate().unwrap();
+    let ratchet = Ratchet::initiator(
+        SecretKey::from_bytes([7; 32]),
+        DhKeyPair::generate().unwrap(),
+        peer.public(),
+    )
+    .unwrap();
+    let mut session = Session::new(NewSession {
+        sid: sid.clone(),
+        sid_bytes: [
+            0x01, 0x23, 0x45, 0x67, 0x89, 0xab, 0xcd, 0xef, 0x01, 0x23, 0x45, 0x67, 0x89, 0xab,
+            0xcd, 0xef,
+        ],
+        role: Role::Host,
+        relay_url: relay_url.into(),
+        resume_token: Secret::new("ab".repeat(32)),
+        restore_proof: Secret::new("cd".repeat(32)),
+        ratchet,
+        safety_number: "0000 1111 2222".into(),
+        now: 1_700_000_000,
+    });
+    session.set_peer_name(peer_name.into());
+    let store = Store::open(dir, name).unwrap();
+    let mut state = StateFile::new(name);
+    state.upsert(session.record());
+    store.save(&state).unwrap();
+    sid
 }
