@@ -767,11 +767,19 @@ impl Guest {
                 #[derive(Deserialize)]
                 struct Accepted {
                     confirm: Option<String>,
+                    /// The member's token (protocol.md 2.2): it replaces the joiner's, and
+                    /// only it lets a relay that forgot the session re-create it.
+                    #[serde(rename = "resumeToken")]
+                    resume_token: Option<String>,
                 }
                 let accepted: Accepted =
                     env.data().map_err(|_| PairingError::Protocol("JOINED"))?;
                 if !host_confirm.matches_hex(accepted.confirm.as_deref().unwrap_or_default()) {
                     return Err(PairingError::ConfirmationFailed);
+                }
+                let mut session = session;
+                if let Some(token) = accepted.resume_token {
+                    session.replace_resume_token(Secret::new(token));
                 }
                 let data = json!({"msgID": KIND_CONFIRM, "kind": KIND_CONFIRM, "payload": guest_confirm.to_hex()});
                 let confirm = encode(FrameType::Msg, Some(session.sid()), Some(&data));
@@ -966,6 +974,8 @@ mod tests {
         }
         let mut second = accept["data"].clone();
         second.as_object_mut().unwrap().remove("clientID");
+        // The relay gives the accepted guest its member's token.
+        second["resumeToken"] = json!("member");
         let confirm = match guest.handle(&frame("JOINED", second)) {
             Ok(steps) => sends(steps).remove(0),
             Err(e) => {
@@ -1032,6 +1042,11 @@ mod tests {
         let Outcome { host, guest } = run(Tamper::None);
         let (mut host, mut guest) = (host.unwrap(), guest.unwrap());
         assert_eq!(host.safety_number(), guest.safety_number());
+        assert_eq!(
+            guest.resume_token().expose(),
+            "member",
+            "the member's token from the second JOINED replaced the joiner's"
+        );
         assert_eq!(guest.peer_name(), Some("alice"));
         assert_eq!(host.peer_name(), Some("bob"));
         let (_, frame) = guest.seal(&Plain::Text { text: "hi".into() }).unwrap();

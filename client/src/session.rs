@@ -286,6 +286,12 @@ impl Session {
         &self.resume_token
     }
 
+    /// The relay's member token, given when the host accepted us (it replaces the joiner's
+    /// token from `JOIN`).
+    pub fn replace_resume_token(&mut self, token: Secret) {
+        self.resume_token = token;
+    }
+
     pub fn restore_proof(&self) -> &Secret {
         &self.restore_proof
     }

@@ -15,6 +15,8 @@ use crate::limiter::AddressKey;
 
 pub struct Budget {
     total: AtomicUsize,
+    /// Charges outstanding (frames held).
+    held: AtomicUsize,
     max_total: usize,
     per_address: DashMap<AddressKey, usize>,
     max_per_address: usize,
@@ -40,6 +42,7 @@ impl Budget {
     pub fn new(max_total: usize, max_per_address: usize) -> Arc<Budget> {
         Arc::new(Budget {
             total: AtomicUsize::new(0),
+            held: AtomicUsize::new(0),
             max_total,
             per_address: DashMap::new(),
             max_per_address,
@@ -49,6 +52,11 @@ impl Budget {
     /// Bytes held in all.
     pub fn total(&self) -> usize {
         self.total.load(Ordering::Relaxed)
+    }
+
+    /// Charges outstanding.
+    pub fn held(&self) -> usize {
+        self.held.load(Ordering::Relaxed)
     }
 
     /// Takes `bytes` for `address`, if both its share and the relay-wide total have room.
@@ -73,6 +81,7 @@ impl Budget {
                 v.insert(after);
             }
         }
+        self.held.fetch_add(1, Ordering::AcqRel);
         Some(Charge {
             budget: self.clone(),
             address,
@@ -85,6 +94,7 @@ impl Drop for Charge {
     fn drop(&mut self) {
         let budget = &self.budget;
         budget.total.fetch_sub(self.bytes, Ordering::AcqRel);
+        budget.held.fetch_sub(1, Ordering::AcqRel);
         if let Entry::Occupied(mut held) = budget.per_address.entry(self.address) {
             let left = held.get().saturating_sub(self.bytes);
             if left == 0 {
@@ -118,6 +128,7 @@ mod tests {
         assert!(budget.charge(address(3), 6).is_none(), "26 > 25 in all");
         let c = budget.charge(address(3), 5).unwrap();
         assert_eq!(budget.total(), 25);
+        assert_eq!(budget.held(), 4);
         drop((a, a2, b, c));
         assert_eq!(budget.total(), 0);
         assert!(budget.per_address.is_empty(), "no entry left behind");

@@ -8,6 +8,7 @@ use parley_protocol::limits;
 use tokio::time::Instant;
 
 use crate::ids::RelaySecret;
+use crate::tls::Tls;
 
 /// `at + after`, or a time so far ahead it never comes when that would overflow: an operator
 /// may configure "never" as a huge duration, and that must not panic.
@@ -63,6 +64,14 @@ pub struct RelayConfig {
     pub sweep_interval: Duration,
     /// On shutdown, how long connections get to receive their close frame.
     pub shutdown_grace: Duration,
+    /// On shutdown, how long the relay goes on serving (health checks answering 503, so that
+    /// a load balancer stops sending new clients) before it closes connections.
+    pub drain_time: Duration,
+    /// Serve `wss://` with this certificate (reloadable: [`crate::RelayHandle::reload_tls`]).
+    pub tls: Option<std::sync::Arc<Tls>>,
+    /// Connections from these networks are reverse proxies: the client address (for limits
+    /// and logs) is the one their `Forwarded`/`X-Forwarded-For` header names.
+    pub trusted_proxies: Vec<ipnet::IpNet>,
 }
 
 impl Default for RelayConfig {
@@ -105,6 +114,9 @@ impl Default for RelayConfig {
             allow_tokenless_reattach: false,
             sweep_interval: Duration::from_secs(30),
             shutdown_grace: Duration::from_secs(2),
+            drain_time: Duration::ZERO,
+            tls: None,
+            trusted_proxies: Vec::new(),
         }
     }
 }
@@ -142,6 +154,10 @@ impl RelayConfig {
             if value == 0 {
                 return invalid(&format!("the {name} limit must be more than zero"));
             }
+        }
+        // Half a queue is what a mailbox hand-over may fill: a frame at least.
+        if self.outbound_queue_frames < 2 {
+            return invalid("the outbound queue must hold at least 2 frames");
         }
         if self.outbound_queue_bytes < self.max_frame_bytes.saturating_mul(2) {
             return invalid("the outbound queue must hold at least two frames of the largest size");

@@ -12,30 +12,33 @@
 
 use std::collections::VecDeque;
 use std::future::Future;
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::Poll;
 use std::time::Duration;
 
 use futures_util::{SinkExt, StreamExt};
-use parley_protocol::{ErrorCode, FrameType, encode, payload::ErrorData};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use parley_protocol::{ErrorCode, FrameError, FrameType, encode, payload::ErrorData};
+use tokio::io::{AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::time::{Instant, MissedTickBehavior, timeout};
 use tokio_tungstenite::WebSocketStream;
 use tokio_tungstenite::tungstenite::error::CapacityError;
 use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
-use tokio_tungstenite::tungstenite::protocol::{CloseFrame, WebSocketConfig};
+use tokio_tungstenite::tungstenite::protocol::{CloseFrame, Role, WebSocketConfig};
 use tokio_tungstenite::tungstenite::{Error as WsError, Message, Utf8Bytes};
 use tokio_util::sync::CancellationToken;
 
-use crate::config::later;
+use crate::config::{RelayConfig, later};
+use crate::http;
 use crate::hub::{ConnState, ConnectionSlot, Flow, Hub};
+use crate::metrics::Metrics;
 use crate::outbox::{ConnId, Outbox, OutboxReceiver};
 use crate::read_ahead::ReadAhead;
+use crate::tls::Transport;
 
-type Ws = WebSocketStream<ReadAhead<TcpStream>>;
+type Ws = WebSocketStream<ReadAhead<Transport>>;
 
 /// tungstenite's own read buffer, kept for the connection's life. Small, because it is paid by
 /// every idle connection; `ReadAhead` makes the socket reads large anyway.
@@ -65,29 +68,18 @@ enum Ending {
 
 pub async fn serve(
     hub: Arc<Hub>,
-    slot: ConnectionSlot,
+    mut slot: ConnectionSlot,
     id: ConnId,
     stream: TcpStream,
     peer: SocketAddr,
     shutdown: CancellationToken,
 ) {
     let config = hub.config();
-    let ws_config = WebSocketConfig::default()
-        .max_message_size(Some(config.max_frame_bytes))
-        .max_frame_size(Some(config.max_frame_bytes))
-        .read_buffer_size(READ_BUFFER_BYTES)
-        .write_buffer_size(WRITE_BUFFER_BYTES);
     let _ = stream.set_nodelay(true);
-    // Boxed: the handshake's state is large and needed only once; inline, it would size the
+    // Boxed: the opening's state is large and needed only once; inline, it would size the
     // connection's task for its whole life.
-    let handshake = Box::pin(tokio_tungstenite::accept_async_with_config(
-        ReadAhead::new(stream),
-        Some(ws_config),
-    ));
-    let ws = match timeout(config.handshake_timeout, handshake).await {
-        Ok(Ok(ws)) => ws,
-        Ok(Err(e)) => return tracing::debug!(conn = id, error = %e, "websocket handshake failed"),
-        Err(_) => return tracing::debug!(conn = id, "websocket handshake timed out"),
+    let Some((mut ws, client)) = Box::pin(open(&hub, &mut slot, stream, peer)).await else {
+        return;
     };
     let (outbox, outbound) = Outbox::new(
         id,
@@ -96,18 +88,135 @@ pub async fn serve(
     );
     let mut attached = Attached {
         hub: &hub,
-        state: hub.attach(outbox, peer.ip()),
+        state: hub.attach(outbox, client),
     };
     tracing::debug!(conn = id, "connected");
-    let mut ws = ws;
     let ending = run(&hub, &mut attached.state, &mut ws, outbound, &shutdown).await;
     drop(attached);
+    if matches!(ending, Ending::SlowConsumer | Ending::WriteTimeout) {
+        hub.metrics().slow_consumer();
+    }
     if matches!(ending, Ending::FrameTooLarge) {
         // Off the hub already: the peer hears PEER_OFFLINE while we linger.
         Box::pin(linger(&mut ws, LINGER_TIME)).await;
     }
     drop(slot);
     tracing::debug!(conn = id, ?ending, "disconnected");
+}
+
+fn ws_config(config: &RelayConfig) -> WebSocketConfig {
+    WebSocketConfig::default()
+        .max_message_size(Some(config.max_frame_bytes))
+        .max_frame_size(Some(config.max_frame_bytes))
+        .read_buffer_size(READ_BUFFER_BYTES)
+        .write_buffer_size(WRITE_BUFFER_BYTES)
+}
+
+/// Everything before the WebSocket: TLS if configured, then the HTTP request, answered here
+/// unless it is an upgrade (see `http`). The connection and the address it counts for, or
+/// `None` once it has been answered or has failed.
+async fn open(
+    hub: &Hub,
+    slot: &mut ConnectionSlot,
+    stream: TcpStream,
+    peer: SocketAddr,
+) -> Option<(Ws, IpAddr)> {
+    let config = hub.config();
+    let opening = async {
+        let transport = match &config.tls {
+            Some(tls) => match tls.acceptor().accept(stream).await {
+                Ok(tls) => Transport::Tls(Box::new(tls)),
+                Err(e) => {
+                    hub.metrics().failed_tls_handshake();
+                    tracing::debug!(error = %e, "TLS handshake failed");
+                    return None;
+                }
+            },
+            None => Transport::Plain(stream),
+        };
+        let mut stream = ReadAhead::new(transport);
+        let (head, end) = match http::read_head(&mut stream).await {
+            Ok(read) => read,
+            Err(e) => {
+                hub.metrics().failed_upgrade();
+                tracing::debug!(error = %e, "reading the HTTP request failed");
+                return None;
+            }
+        };
+        let Some(end) = end else {
+            hub.metrics().failed_upgrade();
+            if head.len() > http::MAX_HEAD_BYTES {
+                answer(&mut stream, http::Status::HeadersTooLarge).await;
+            }
+            return None;
+        };
+        let (request_head, rest) = head.split_at(end.min(head.len()));
+        match http::parse(request_head, peer.ip(), &config.trusted_proxies, false) {
+            http::Request::Upgrade {
+                accept_key,
+                forwarded_for,
+            } => {
+                if hub.is_draining() {
+                    hub.metrics().failed_upgrade();
+                    answer(&mut stream, http::Status::ServiceUnavailable).await;
+                    return None;
+                }
+                let client = forwarded_for.unwrap_or(peer.ip());
+                if !slot.assign(client) {
+                    hub.metrics().refused_connection();
+                    answer(&mut stream, http::Status::ServiceUnavailable).await;
+                    return None;
+                }
+                let written = async {
+                    stream
+                        .write_all(&http::upgrade_response(&accept_key))
+                        .await?;
+                    stream.flush().await
+                };
+                if written.await.is_err() {
+                    hub.metrics().failed_upgrade();
+                    return None;
+                }
+                stream.unread(rest);
+                let ws =
+                    WebSocketStream::from_raw_socket(stream, Role::Server, Some(ws_config(config)))
+                        .await;
+                Some((ws, client))
+            }
+            http::Request::Health => {
+                hub.metrics().plain_http_request();
+                let status = if hub.is_draining() {
+                    http::Status::ServiceUnavailable
+                } else {
+                    http::Status::Ok
+                };
+                answer(&mut stream, status).await;
+                None
+            }
+            http::Request::Metrics => None,
+            http::Request::Refuse(status) => {
+                hub.metrics().plain_http_request();
+                answer(&mut stream, status).await;
+                None
+            }
+        }
+    };
+    match timeout(config.handshake_timeout, opening).await {
+        Ok(opened) => opened,
+        Err(_) => {
+            hub.metrics().failed_upgrade();
+            tracing::debug!("connection timed out before its WebSocket upgrade");
+            None
+        }
+    }
+}
+
+/// A short plain answer, then the connection is closed.
+async fn answer<S: AsyncWrite + Unpin>(stream: &mut S, status: http::Status) {
+    let _ = stream
+        .write_all(&http::response(status, "text/plain; charset=utf-8", None))
+        .await;
+    let _ = stream.shutdown().await;
 }
 
 /// Frees the connection's seats when it ends, however it ends (a panic included), so that no
@@ -160,7 +269,7 @@ async fn run(
                 if taken.is_err() {
                     return Ending::SlowConsumer;
                 }
-                if let Err(ending) = Box::pin(write_out(ws, &mut batch, &outbound, &outbox, config.write_timeout)).await {
+                if let Err(ending) = Box::pin(write_out(ws, &mut batch, &outbound, &outbox, hub.metrics(), config.write_timeout)).await {
                     return ending;
                 }
                 if hand_over_pending {
@@ -230,9 +339,16 @@ async fn receive(
     let config = hub.config();
     match incoming {
         Some(Ok(Message::Text(text))) => return Received::Flow(hub.handle(state, &text)),
-        Some(Ok(Message::Binary(bytes))) => match Utf8Bytes::try_from(bytes) {
+        Some(Ok(Message::Binary(bytes))) => match Utf8Bytes::try_from(bytes.clone()) {
             Ok(text) => return Received::Flow(hub.handle(state, &text)),
-            Err(_) => refuse_binary(state.outbox()),
+            Err(_) => {
+                hub.metrics().frame_received(None, bytes.len());
+                let e = FrameError::new(
+                    ErrorCode::MalformedJson,
+                    "binary frame is not UTF-8 text; frames are JSON text",
+                );
+                state.send_error(None, &e, None);
+            }
         },
         Some(Ok(Message::Close(_))) => {
             // tungstenite has queued the Close reply; send it, so the client's closing
@@ -244,6 +360,7 @@ async fn receive(
         // Pings are answered by tungstenite itself; any traffic counts as life.
         Some(Ok(Message::Ping(_) | Message::Pong(_) | Message::Frame(_))) => {}
         Some(Err(WsError::Capacity(CapacityError::MessageTooLong { .. }))) => {
+            hub.metrics().error_sent(ErrorCode::FrameTooLarge);
             reject_oversize(ws, config.max_frame_bytes, config.write_timeout).await;
             return Received::End(Ending::FrameTooLarge);
         }
@@ -258,11 +375,12 @@ async fn write_out(
     batch: &mut VecDeque<Utf8Bytes>,
     outbound: &OutboxReceiver,
     outbox: &Outbox,
+    metrics: &Metrics,
     limit: Duration,
 ) -> Result<(), Ending> {
     let written = async {
         tokio::select! {
-            result = write_batch(ws, batch, outbound) => result,
+            result = write_batch(ws, batch, outbound, metrics) => result,
             () = outbox.killed() => Err(Ending::SlowConsumer),
         }
     };
@@ -278,10 +396,12 @@ async fn write_batch(
     ws: &mut Ws,
     batch: &mut VecDeque<Utf8Bytes>,
     outbound: &OutboxReceiver,
+    metrics: &Metrics,
 ) -> Result<(), Ending> {
-    let mut bytes = 0;
+    let (mut frames, mut bytes) = (0, 0);
     let mut fed = Ok(());
     while let Some(frame) = batch.pop_front() {
+        frames += 1;
         bytes += frame.len();
         fed = ws.feed(Message::Text(frame)).await;
         if fed.is_err() {
@@ -290,17 +410,9 @@ async fn write_batch(
     }
     // In tungstenite's write buffer now, or lost with the connection: off the bound.
     outbound.written(bytes);
+    metrics.written(frames, bytes);
     fed.map_err(|_| Ending::Transport)?;
     ws.flush().await.map_err(|_| Ending::Transport)
-}
-
-fn refuse_binary(outbox: &Outbox) {
-    let data = ErrorData {
-        code: ErrorCode::MalformedJson.as_str().into(),
-        message: "binary frame is not UTF-8 text; frames are JSON text".into(),
-        msg_id: None,
-    };
-    let _ = outbox.push(encode(FrameType::Error, None, Some(&data)));
 }
 
 /// The oversized message cannot be skipped (its rest is still on the socket), so say why and

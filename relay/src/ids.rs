@@ -60,15 +60,15 @@ impl RelaySecret {
         RelaySecret(Zeroizing::new(bytes))
     }
 
-    /// `HMAC-SHA256(secret, label ‖ sid ‖ role ‖ nonce)`, first 24 bytes.
-    fn mac(&self, sid: SessionId, role: Role, nonce: &TokenNonce) -> [u8; 24] {
+    /// `HMAC-SHA256(secret, label ‖ sid ‖ role ‖ stage ‖ nonce)`, first 24 bytes.
+    fn mac(&self, sid: SessionId, role: Role, stage: Stage, nonce: &TokenNonce) -> [u8; 24] {
         // HMAC takes keys of any length: this cannot fail.
         let Ok(mut mac) = Hmac::<Sha256>::new_from_slice(self.0.as_slice()) else {
             return [0u8; 24];
         };
         mac.update(TOKEN_LABEL);
         mac.update(&sid.0);
-        mac.update(&[role.wire_byte()]);
+        mac.update(&[role.wire_byte(), stage as u8]);
         mac.update(&nonce.0);
         let full = mac.finalize().into_bytes();
         let mut out = [0u8; 24];
@@ -78,30 +78,32 @@ impl RelaySecret {
 
     /// A new token for `role`'s seat in `sid`: a fresh nonce (the seat remembers it, so a
     /// seat given to someone else later gets a token the earlier holder's does not match).
-    pub fn issue(&self, sid: SessionId, role: Role) -> ResumeToken {
+    pub fn issue(&self, sid: SessionId, role: Role, stage: Stage) -> ResumeToken {
         let nonce = TokenNonce(rand::rng().random());
         ResumeToken {
-            mac: self.mac(sid, role, &nonce),
+            mac: self.mac(sid, role, stage, &nonce),
             nonce,
         }
     }
 
-    /// Which seat of `sid` a presented token was issued for, and its nonce; `None` for
-    /// anything this secret did not issue. Both roles are checked in constant time.
-    pub fn verify(&self, sid: SessionId, presented: &str) -> Option<(Role, TokenNonce)> {
+    /// Which seat of `sid` a presented token was issued for, at which stage, with its nonce;
+    /// `None` for anything this secret did not issue. Every kind is checked in constant time.
+    pub fn verify(&self, sid: SessionId, presented: &str) -> Option<Verified> {
         let mut bytes = [0u8; 32];
         hex::decode_to_slice(presented, &mut bytes).ok()?;
         let (nonce, mac) = bytes.split_at(8);
         let nonce = TokenNonce(nonce.try_into().ok()?);
-        let host = self.mac(sid, Role::Host, &nonce).ct_eq(mac);
-        let guest = self.mac(sid, Role::Guest, &nonce).ct_eq(mac);
-        if bool::from(host) {
-            Some((Role::Host, nonce))
-        } else if bool::from(guest) {
-            Some((Role::Guest, nonce))
-        } else {
-            None
+        let mut found = None;
+        for (role, stage) in [
+            (Role::Host, Stage::Member),
+            (Role::Guest, Stage::Member),
+            (Role::Guest, Stage::Joiner),
+        ] {
+            if bool::from(self.mac(sid, role, stage, &nonce).ct_eq(mac)) {
+                found = Some(Verified { role, stage, nonce });
+            }
         }
+        found
     }
 }
 
@@ -109,6 +111,24 @@ impl fmt::Debug for RelaySecret {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str("RelaySecret(..)")
     }
+}
+
+/// How far its holder has come: a joiner's token (issued at `JOIN`, before the host answered)
+/// only takes back the seat it was issued for while the relay holds the session; a member's
+/// (the host's, or the guest's from `JOIN_ACCEPT` on) also re-creates a forgotten session.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(u8)]
+pub enum Stage {
+    Member = 1,
+    Joiner = 2,
+}
+
+/// What a presented token proves.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Verified {
+    pub role: Role,
+    pub stage: Stage,
+    pub nonce: TokenNonce,
 }
 
 /// Tells tokens for the same seat apart (not secret: it travels in the token).
@@ -209,16 +229,22 @@ mod tests {
     fn tokens_verify_for_their_seat_only() {
         let secret = RelaySecret::random();
         let sid = SessionId::random();
-        let host = secret.issue(sid, Role::Host);
-        let guest = secret.issue(sid, Role::Guest);
+        let host = secret.issue(sid, Role::Host, Stage::Member);
+        let guest = secret.issue(sid, Role::Guest, Stage::Member);
+        let joiner = secret.issue(sid, Role::Guest, Stage::Joiner);
         assert_eq!(host.to_wire().len(), 64);
+        let verified = |role, stage, nonce| Some(Verified { role, stage, nonce });
         assert_eq!(
             secret.verify(sid, &host.to_wire()),
-            Some((Role::Host, host.nonce()))
+            verified(Role::Host, Stage::Member, host.nonce())
         );
         assert_eq!(
             secret.verify(sid, &guest.to_wire()),
-            Some((Role::Guest, guest.nonce()))
+            verified(Role::Guest, Stage::Member, guest.nonce())
+        );
+        assert_eq!(
+            secret.verify(sid, &joiner.to_wire()),
+            verified(Role::Guest, Stage::Joiner, joiner.nonce())
         );
         // Not for another session, not under another secret, not garbage.
         assert_eq!(secret.verify(SessionId::random(), &host.to_wire()), None);

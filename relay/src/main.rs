@@ -8,7 +8,7 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use clap::Parser;
-use parley_relay::{RateLimit, Relay, RelayConfig, RelaySecret};
+use parley_relay::{IpNet, RateLimit, Relay, RelayConfig, RelaySecret, Tls};
 use tracing_subscriber::EnvFilter;
 
 /// Parley's relay: pairs two clients by a short invite code and forwards their end-to-end
@@ -16,8 +16,11 @@ use tracing_subscriber::EnvFilter;
 /// plaintext.
 ///
 /// Logs go to stderr; RUST_LOG sets the level (default "info"). Once listening, the relay prints
-/// one line to stdout, `listening on ws://ADDR`, so scripts can use `--listen 127.0.0.1:0`.
-/// SIGINT or SIGTERM closes every connection with "going away" and exits 0.
+/// one line to stdout, `listening on ws://ADDR` (or `wss://`), then `metrics on http://ADDR`
+/// if asked to serve them, so scripts can use `--listen 127.0.0.1:0`. GET /healthz on the
+/// relay's port answers 200 while it serves. SIGINT or SIGTERM drains (`/healthz` answers 503,
+/// new connections are refused, for --drain-secs), then closes every connection with "going
+/// away" and exits 0. SIGHUP reloads the TLS certificate and key.
 #[derive(Debug, Parser)]
 #[command(name = "parley-relay", version)]
 struct Args {
@@ -93,11 +96,12 @@ struct Args {
     #[arg(long, default_value_t = parley_protocol::limits::SESSIONS_CREATED_PER_ADDRESS_BURST)]
     sessions_created_per_address: u32,
 
-    /// Frames kept for an offline member, per seat (capped below --outbound-queue-frames).
+    /// Frames kept for an offline member, per seat (handed over as its queue drains when it
+    /// comes back).
     #[arg(long, default_value_t = parley_protocol::limits::MAILBOX_FRAMES)]
     mailbox_frames: usize,
 
-    /// Bytes kept for an offline member, per seat (capped below --outbound-queue-bytes).
+    /// Bytes kept for an offline member, per seat (at least one frame's worth).
     #[arg(long, default_value_t = parley_protocol::limits::MAILBOX_BYTES)]
     mailbox_bytes: usize,
 
@@ -124,6 +128,34 @@ struct Args {
     #[arg(long, env = "PARLEY_RELAY_SECRET_FILE")]
     secret_file: Option<PathBuf>,
 
+    /// Serve wss:// with this PEM certificate chain (leaf first); needs --tls-key.
+    #[arg(long, env = "PARLEY_TLS_CERT", requires = "tls_key")]
+    tls_cert: Option<PathBuf>,
+
+    /// The PEM private key (PKCS#8, PKCS#1 RSA or SEC1 EC) for --tls-cert.
+    #[arg(long, env = "PARLEY_TLS_KEY", requires = "tls_cert")]
+    tls_key: Option<PathBuf>,
+
+    /// Serve GET /metrics (Prometheus) and /healthz on this address, plain HTTP. Off by
+    /// default: keep it on a private address.
+    #[arg(long, env = "PARLEY_METRICS_LISTEN")]
+    metrics_listen: Option<String>,
+
+    /// A reverse proxy's address or network (CIDR), repeatable: for connections from it, the
+    /// client address (for limits and logs) is the one its Forwarded or X-Forwarded-For
+    /// header names. From anyone else those headers are ignored.
+    #[arg(long, value_name = "CIDR")]
+    trusted_proxy: Vec<String>,
+
+    /// Seconds to go on serving after SIGTERM, with /healthz answering 503, before closing
+    /// connections (give your load balancer's health-check interval).
+    #[arg(long, default_value_t = 0)]
+    drain_secs: u64,
+
+    /// Log format: "text" (colour only on a terminal) or "json" (one object per line).
+    #[arg(long, default_value = "text", value_parser = ["text", "json"])]
+    log_format: String,
+
     /// Accept REATTACH without a resume token, as the original relay did. Anyone who learns a
     /// session id can then take an empty seat in it: only for clients that predate tokens.
     #[arg(long)]
@@ -131,10 +163,18 @@ struct Args {
 }
 
 impl Args {
-    fn config(&self, secret: RelaySecret) -> RelayConfig {
+    fn config(
+        &self,
+        secret: RelaySecret,
+        tls: Option<std::sync::Arc<Tls>>,
+        trusted_proxies: Vec<IpNet>,
+    ) -> RelayConfig {
         let defaults = RelayConfig::default();
         RelayConfig {
             secret,
+            tls,
+            trusted_proxies,
+            drain_time: Duration::from_secs(self.drain_secs),
             max_connections_per_address: self.max_connections_per_address,
             mailbox_bytes_per_address: self.mailbox_bytes_per_address,
             max_frame_bytes: self.max_frame_bytes,
@@ -189,14 +229,43 @@ fn main() -> ExitCode {
 }
 
 async fn serve(args: Args) -> ExitCode {
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info")),
-        )
-        .with_writer(std::io::stderr)
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+    let logs = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    if args.log_format == "json" {
+        logs.json().init();
+    } else {
         // Colour only for a person: a file or a log shipper gets plain text.
-        .with_ansi(std::io::stderr().is_terminal())
-        .init();
+        logs.with_ansi(std::io::stderr().is_terminal()).init();
+    }
+
+    let mut trusted_proxies = Vec::new();
+    for text in &args.trusted_proxy {
+        // A bare address is a network of one.
+        let net = text
+            .parse::<IpNet>()
+            .or_else(|_| text.parse::<std::net::IpAddr>().map(IpNet::from));
+        match net {
+            Ok(net) => trusted_proxies.push(net),
+            Err(_) => {
+                eprintln!(
+                    "parley-relay: --trusted-proxy {text:?} is not an address or a network like 10.0.0.0/8"
+                );
+                return ExitCode::from(2);
+            }
+        }
+    }
+    let tls = match (&args.tls_cert, &args.tls_key) {
+        (Some(cert), Some(key)) => match Tls::load(cert, key) {
+            Ok(tls) => Some(std::sync::Arc::new(tls)),
+            Err(e) => {
+                eprintln!("parley-relay: TLS: {e}");
+                return ExitCode::from(2);
+            }
+        },
+        _ => None,
+    };
 
     let path = args.secret_file.clone().or_else(secret_file::default_path);
     let secret = match &path {
@@ -214,8 +283,9 @@ async fn serve(args: Args) -> ExitCode {
             RelaySecret::random()
         }
     };
-    let config = args.config(secret);
-    let relay = match Relay::bind(&args.listen, config).await {
+    let scheme = if tls.is_some() { "wss" } else { "ws" };
+    let config = args.config(secret, tls, trusted_proxies);
+    let mut relay = match Relay::bind(&args.listen, config).await {
         Ok(relay) => relay,
         Err(e) if e.kind() == std::io::ErrorKind::InvalidInput => {
             eprintln!("parley-relay: {e}");
@@ -226,14 +296,29 @@ async fn serve(args: Args) -> ExitCode {
             return ExitCode::from(2);
         }
     };
+    let metrics_addr = match &args.metrics_listen {
+        Some(addr) => match relay.bind_metrics(addr).await {
+            Ok(bound) => Some(bound),
+            Err(e) => {
+                eprintln!("parley-relay: cannot serve metrics on {addr}: {e}");
+                return ExitCode::from(2);
+            }
+        },
+        None => None,
+    };
     match relay.local_addr() {
         Ok(addr) => {
             let mut out = std::io::stdout().lock();
-            let _ = writeln!(out, "listening on ws://{addr}");
+            let _ = writeln!(out, "listening on {scheme}://{addr}");
+            if let Some(metrics) = metrics_addr {
+                let _ = writeln!(out, "metrics on http://{metrics}");
+            }
             let _ = out.flush();
         }
         Err(e) => eprintln!("parley-relay: listening, but cannot read the bound address: {e}"),
     }
+    let handle = relay.handle();
+    tokio::spawn(reload_on_sighup(handle));
     tracing::info!(
         allow_tokenless_reattach = args.allow_tokenless_reattach,
         "relay started"
@@ -267,5 +352,21 @@ async fn shutdown_signal() {
     #[cfg(not(unix))]
     {
         let _ = tokio::signal::ctrl_c().await;
+    }
+}
+
+/// SIGHUP: load the TLS certificate and key again (after a renewal); a bad file keeps the old.
+async fn reload_on_sighup(relay: parley_relay::RelayHandle) {
+    use tokio::signal::unix::{SignalKind, signal};
+    let Ok(mut hangups) = signal(SignalKind::hangup()) else {
+        return;
+    };
+    while hangups.recv().await.is_some() {
+        match relay.reload_tls() {
+            Ok(()) => tracing::info!("TLS certificate reloaded"),
+            Err(e) => {
+                tracing::error!(error = %e, "TLS certificate not reloaded; the old one stays in use")
+            }
+        }
     }
 }

@@ -39,6 +39,20 @@ impl<S> ReadAhead<S> {
         }
     }
 
+    /// Puts bytes back in front of whatever is pending: read too early (the HTTP request
+    /// head was read in chunks), they are handed on first.
+    pub fn unread(&mut self, bytes: &[u8]) {
+        if bytes.is_empty() {
+            return;
+        }
+        let rest = self.pending.get(self.consumed..).unwrap_or_default();
+        let mut pending = Vec::with_capacity(bytes.len() + rest.len());
+        pending.extend_from_slice(bytes);
+        pending.extend_from_slice(rest);
+        self.pending = pending;
+        self.consumed = 0;
+    }
+
     /// Copies what is pending into `buf`; false if nothing was.
     fn hand_on_pending(&mut self, buf: &mut ReadBuf<'_>) -> bool {
         let rest = self.pending.get(self.consumed..).unwrap_or_default();

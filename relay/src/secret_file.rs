@@ -42,7 +42,8 @@ enum Problem {
 fn read(path: &Path) -> Result<RelaySecret, Problem> {
     let file = OpenOptions::new()
         .read(true)
-        .custom_flags(libc_o_nofollow())
+        // A symlink planted at the secret's path is refused, not followed.
+        .custom_flags(libc::O_NOFOLLOW)
         .open(path);
     let mut file = match file {
         Ok(file) => file,
@@ -83,27 +84,27 @@ fn create(path: &Path) -> Result<RelaySecret, String> {
         fs::create_dir_all(dir).map_err(|e| fail("make the directory of", e))?;
     }
     let bytes: [u8; 32] = rand::rng().random();
-    let mut file = OpenOptions::new()
+    // Written whole under a temporary name, then linked into place: a crash leaves either no
+    // secret or a complete one, and a relay started at the same moment cannot be overwritten.
+    let temporary = path.with_extension(format!("tmp-{}", std::process::id()));
+    let written = OpenOptions::new()
         .write(true)
         .create_new(true)
         .mode(0o600)
-        .open(path)
-        .map_err(|e| fail("create", e))?;
-    file.write_all(format!("{}\n", hex::encode(bytes)).as_bytes())
-        .and_then(|()| file.sync_all())
-        .map_err(|e| fail("write", e))?;
+        .open(&temporary)
+        .and_then(|mut file| {
+            file.write_all(format!("{}\n", hex::encode(bytes)).as_bytes())?;
+            file.sync_all()
+        })
+        .and_then(|()| fs::hard_link(&temporary, path));
+    let _ = fs::remove_file(&temporary);
+    if let Err(e) = written {
+        if e.kind() == io::ErrorKind::AlreadyExists {
+            // Another relay made it first: use that one.
+            return read(path).map_err(|_| fail("read", e));
+        }
+        return Err(fail("write", e));
+    }
     tracing::info!(path = %path.display(), "created a new relay secret");
     Ok(RelaySecret::from_bytes(bytes))
-}
-
-/// `O_NOFOLLOW`: a symlink planted at the secret's path is refused, not followed.
-fn libc_o_nofollow() -> i32 {
-    #[cfg(target_os = "linux")]
-    {
-        0o400000
-    }
-    #[cfg(not(target_os = "linux"))]
-    {
-        0x0100
-    }
 }

@@ -54,7 +54,13 @@ async fn original_client_flow_works_unchanged() {
     }
 
     alice.send(json!({"t": "JOIN_ACCEPT", "sid": sid, "data": {"clientID": client_id, "publicKey": "a1a1"}})).await;
-    let accepted = bob.expect("JOINED").await;
+    let mut accepted = bob.expect("JOINED").await;
+    // The original client reads `publicKey`; the member's token beside it is Parley's.
+    let token = accepted["data"]
+        .as_object_mut()
+        .unwrap()
+        .remove("resumeToken");
+    assert!(token.is_some_and(|t| t.as_str().is_some_and(|t| t.len() == 64)));
     assert_eq!(
         accepted,
         json!({"t": "JOINED", "sid": sid, "data": {"publicKey": "a1a1"}})

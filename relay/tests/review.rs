@@ -401,3 +401,90 @@ async fn a_config_that_cannot_work_is_refused_at_bind() {
     drop(c);
     relay.shutdown().await;
 }
+
+// Found in review of the reshape: a token-less REATTACH (compatibility option) from a
+// connection that holds one seat must not take the other one too.
+#[tokio::test]
+async fn a_tokenless_reattach_cannot_take_a_second_seat() {
+    let relay = TestRelay::with_config(RelayConfig {
+        allow_tokenless_reattach: true,
+        ..RelayConfig::default()
+    })
+    .await;
+    let mut pair = relay.pair().await;
+    drop(pair.guest);
+    pair.host.expect("PEER_OFFLINE").await;
+    let sid = pair.sid.clone();
+    pair.host
+        .send(json!({"t": "REATTACH", "sid": sid, "data": {}}))
+        .await;
+    pair.host.expect_error("already_member").await;
+    let mut guest = relay.client().await;
+    guest
+        .send(json!({"t": "REATTACH", "sid": sid, "data": {"resumeToken": pair.guest_token}}))
+        .await;
+    guest.expect("PEER_ONLINE").await;
+}
+
+// Found in review: the token a joiner gets at JOIN, before the host answers, neither
+// re-creates a forgotten session nor takes a seat awaiting its owner; the member's token
+// from the second JOINED does.
+#[tokio::test]
+async fn a_joiners_token_is_not_a_members() {
+    let config = RelayConfig::default();
+    let old = TestRelay::with_config(config.clone()).await;
+    let mut host = old.client().await;
+    let (sid, host_token) = host.create_session().await;
+    let code = host.invite(&sid).await;
+    let mut joiner = old.client().await;
+    joiner
+        .send(json!({"t": "JOIN", "data": {"code": code}}))
+        .await;
+    let joiner_token = joiner.expect("JOINED").await["data"]["resumeToken"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    // While the relay holds the session, the joiner's token takes its own seat back.
+    drop(joiner);
+    let mut joiner = old.client().await;
+    joiner
+        .send(json!({"t": "REATTACH", "sid": sid, "data": {"resumeToken": joiner_token}}))
+        .await;
+    joiner.expect("PEER_ONLINE").await;
+    drop((host, joiner));
+    let relay = restarted(old, &config).await;
+
+    // After a restart it re-creates nothing...
+    let mut joiner = relay.client().await;
+    joiner
+        .send(json!({"t": "REATTACH", "sid": sid, "data": {"resumeToken": joiner_token}}))
+        .await;
+    joiner.expect_error("session_unknown").await;
+    // ...and does not take the guest seat the host's token left awaiting its owner.
+    let mut host = relay.client().await;
+    host.send(json!({"t": "REATTACH", "sid": sid, "data": {"resumeToken": host_token}}))
+        .await;
+    host.expect("PEER_OFFLINE").await;
+    joiner
+        .send(json!({"t": "REATTACH", "sid": sid, "data": {"resumeToken": joiner_token}}))
+        .await;
+    joiner.expect_error("token_invalid").await;
+    host.expect_nothing_pending().await;
+}
+
+// (A member back online whose mailbox is still being handed over is not refused as offline:
+// hub::tests::a_member_back_online_is_not_refused_as_offline_while_its_mailbox_drains, where
+// the queue can be held still.)
+
+#[tokio::test]
+async fn a_queue_too_small_for_a_hand_over_is_refused_at_bind() {
+    let config = RelayConfig {
+        outbound_queue_frames: 1,
+        ..RelayConfig::default()
+    };
+    let err = Relay::bind("127.0.0.1:0", config)
+        .await
+        .err()
+        .expect("refused");
+    assert!(err.to_string().contains("2 frames"), "{err}");
+}

@@ -5,6 +5,7 @@
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::indexing_slicing)]
 
 pub mod fake_relay;
+pub mod pki;
 pub mod proxy;
 
 use std::io::{BufRead, BufReader, Write};

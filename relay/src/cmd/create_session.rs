@@ -6,7 +6,7 @@ use parley_protocol::{FrameError, FrameType, encode};
 use tokio::time::Instant;
 
 use crate::hub::{Change, ConnState, Connections, Flow, Hub, Role, Seat, Session};
-use crate::ids::TokenNonce;
+use crate::ids::{Stage, TokenNonce};
 
 pub fn handle(hub: &Hub, conn: &mut ConnState) -> Result<Flow, FrameError> {
     hub.prune_memberships(conn);
@@ -22,7 +22,7 @@ pub fn handle(hub: &Hub, conn: &mut ConnState) -> Result<Flow, FrameError> {
         idle_since: None,
     };
     let (sid, token) = hub.sessions.insert_new(session, &hub.conns, |sid| {
-        IssueHostToken(hub.config.secret.issue(sid, Role::Host))
+        IssueHostToken(hub.config.secret.issue(sid, Role::Host, Stage::Member))
     });
     hub.create_limiter.charge(conn.address, Instant::now());
     conn.memberships.push((sid, Role::Host));

@@ -60,6 +60,10 @@ pub fn handle(
             from: address,
             budget: &hub.budget,
             limits: &hub.config.mailbox,
+            queue: (
+                hub.config.outbound_queue_frames,
+                hub.config.outbound_queue_bytes,
+            ),
         })
     })?;
     match delivery {
@@ -67,7 +71,10 @@ pub fn handle(
             wait_for: congested,
             hand_over_pending: false,
         }),
-        Delivery::Kept => Ok(Flow::default()),
+        Delivery::Kept { wait_for } => Ok(Flow {
+            wait_for,
+            hand_over_pending: false,
+        }),
         Delivery::MailboxFull => Err(FrameError::new(
             ErrorCode::MailboxFull,
             "your peer is offline and its mailbox is full; keep the message and send it again when the peer is back",
@@ -82,13 +89,16 @@ struct Forward<'a> {
     from: AddressKey,
     budget: &'a std::sync::Arc<Budget>,
     limits: &'a MailboxLimits,
+    /// The outbound queue's bounds (frames, bytes).
+    queue: (usize, usize),
 }
 
 enum Delivery {
     /// On the peer's queue; `congested` if that queue is filling up (backpressure).
     Sent { congested: Option<Outbox> },
-    /// In the peer's mailbox.
-    Kept,
+    /// In the peer's mailbox; if the peer is online (its mailbox is being handed over), the
+    /// sender waits for the peer's queue to drain (backpressure).
+    Kept { wait_for: Option<Outbox> },
     /// Neither: nothing changed.
     MailboxFull,
 }
@@ -109,8 +119,19 @@ impl Change for Forward<'_> {
             let congested = outbox.is_congested().then_some(outbox);
             return Delivery::Sent { congested };
         }
-        // Offline, or being dropped as a slow consumer: keep it for the peer's return.
-        if !peer.mailbox.has_room(self.frame.len(), self.limits) {
+        // Offline, or being dropped as a slow consumer: keep it for the peer's return. An
+        // online peer whose mailbox is still being handed over may hold a queue's worth more:
+        // `mailbox_full` means "offline and full", and the sender is slowed down instead.
+        let online = peer.conn.and_then(|id| conns.get(id));
+        let limits = match &online {
+            Some(_) => MailboxLimits {
+                max_frames: self.limits.max_frames.saturating_add(self.queue.0),
+                max_bytes: self.limits.max_bytes.saturating_add(self.queue.1),
+                ..*self.limits
+            },
+            None => *self.limits,
+        };
+        if !peer.mailbox.has_room(self.frame.len(), &limits) {
             return Delivery::MailboxFull;
         }
         let Some(charge) = self.budget.charge(self.from, self.frame.len()) else {
@@ -118,9 +139,9 @@ impl Change for Forward<'_> {
         };
         match peer
             .mailbox
-            .push(self.frame.clone(), charge, Instant::now(), self.limits)
+            .push(self.frame.clone(), charge, Instant::now(), &limits)
         {
-            Ok(()) => Delivery::Kept,
+            Ok(()) => Delivery::Kept { wait_for: online },
             Err(_) => Delivery::MailboxFull,
         }
     }

@@ -12,7 +12,7 @@ use crate::budget::Charge;
 use crate::hub::{
     Change, ConnState, Connections, Flow, Hub, PendingJoin, Role, Seat, Session, Sessions,
 };
-use crate::ids::{InviteCode, SessionId};
+use crate::ids::{InviteCode, SessionId, Stage};
 
 pub fn handle(hub: &Hub, conn: &mut ConnState, env: &Envelope<'_>) -> Result<Flow, FrameError> {
     let now = Instant::now();
@@ -69,7 +69,8 @@ pub fn handle(hub: &Hub, conn: &mut ConnState, env: &Envelope<'_>) -> Result<Flo
         ));
     }
 
-    let token = hub.config.secret.issue(sid, Role::Guest);
+    // A joiner's token until the host accepts (see `ids::Stage`).
+    let token = hub.config.secret.issue(sid, Role::Guest, Stage::Joiner);
     let guest = Seat::new(Some(token.nonce()), Some(conn.outbox.id()));
     // To the host: everything the joiner sent except the code, plus who it is.
     rest.set_string("clientID", &guest.client_id.to_string());

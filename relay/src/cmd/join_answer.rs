@@ -1,10 +1,13 @@
 //! `JOIN_ACCEPT` -> `JOINED` (second), `JOIN_DENY` -> `JOIN_DENIED` (and the joiner loses its
 //! seat): the host's answer to a `JOIN_REQUEST`, carried to the joiner named by `clientID`.
+//! An accepted joiner is a member: the second `JOINED` carries its member's token, which
+//! replaces the joiner's token it got at `JOIN`.
 
 use parley_protocol::payload::OpaqueData;
 use parley_protocol::{Envelope, ErrorCode, FrameError, FrameType, encode};
 
 use crate::hub::{Change, ConnState, Connections, Flow, Hub, Role, Session};
+use crate::ids::{Stage, TokenNonce};
 
 pub fn handle(hub: &Hub, conn: &mut ConnState, env: &Envelope<'_>) -> Result<Flow, FrameError> {
     let accept = env.kind == FrameType::JoinAccept;
@@ -19,6 +22,7 @@ pub fn handle(hub: &Hub, conn: &mut ConnState, env: &Envelope<'_>) -> Result<Flo
     } else {
         FrameType::JoinDenied
     };
+    let secret = &hub.config.secret;
     let (sid, delivered) = hub.member_update(conn, env, |session, role, sid| {
         if role != Role::Host {
             return Err(FrameError::new(
@@ -39,8 +43,13 @@ pub fn handle(hub: &Hub, conn: &mut ConnState, env: &Envelope<'_>) -> Result<Flo
         if accept && guest.conn.is_none() {
             return Err(peer_offline());
         }
+        let token = accept.then(|| secret.issue(sid, Role::Guest, Stage::Member));
+        let mut rest = rest.clone();
+        if let Some(token) = &token {
+            rest.set_string("resumeToken", &token.to_wire());
+        }
         Ok(Answer {
-            accept,
+            member_nonce: token.map(|t| t.nonce()),
             frame: encode(answer, Some(&sid.to_string()), Some(&rest)),
         })
     })?;
@@ -61,7 +70,8 @@ fn peer_offline() -> FrameError {
 }
 
 struct Answer {
-    accept: bool,
+    /// Set for an accept: the nonce of the member's token the joiner is given.
+    member_nonce: Option<TokenNonce>,
     frame: String,
 }
 
@@ -72,12 +82,15 @@ impl Change for Answer {
     fn apply(self, session: &mut Session, conns: &Connections) -> bool {
         let to = session.guest.as_ref().and_then(|g| g.conn);
         let delivered = to.is_some_and(|id| conns.push(id, self.frame).is_ok());
-        if self.accept && !delivered {
-            return false;
-        }
         session.pending_join = None;
-        if !self.accept {
-            session.guest = None;
+        match (self.member_nonce, delivered) {
+            (Some(_), false) => return false,
+            (Some(nonce), true) => {
+                if let Some(guest) = &mut session.guest {
+                    guest.token_nonce = Some(nonce);
+                }
+            }
+            (None, _) => session.guest = None,
         }
         true
     }

@@ -12,20 +12,24 @@ use parley_protocol::{Envelope, ErrorCode, FrameError, FrameType, encode, limits
 use tokio::time::Instant;
 
 use crate::hub::{Change, ConnState, Connections, Flow, Hub, Role, Seat, Session, error_frame};
-use crate::ids::{SessionId, TokenNonce};
+use crate::ids::{SessionId, Stage, TokenNonce, Verified};
+use crate::metrics::Metrics;
 use crate::outbox::Outbox;
 
 /// What the frame asks for.
 struct Request {
     sid: SessionId,
     /// `None`: a token-less `REATTACH` (compatibility option).
-    seat: Option<(Role, TokenNonce)>,
+    token: Option<Verified>,
     restore: bool,
 }
 
 pub fn handle(hub: &Hub, conn: &mut ConnState, env: &Envelope<'_>) -> Result<Flow, FrameError> {
-    let request = parse(hub, env)?;
-    let Request { sid, seat, restore } = request;
+    let Request {
+        sid,
+        token,
+        restore,
+    } = parse(hub, env)?;
     let refused = |e: FrameError| {
         if restore {
             FrameError::new(
@@ -39,8 +43,8 @@ pub fn handle(hub: &Hub, conn: &mut ConnState, env: &Envelope<'_>) -> Result<Flo
     hub.prune_memberships(conn);
     // One connection, one seat per session.
     let held = conn.role_in(sid);
-    if let (Some(held), Some((role, _))) = (held, seat)
-        && held != role
+    if let Some(held) = held
+        && token.is_none_or(|t| t.role != held)
     {
         return Err(FrameError::new(
             ErrorCode::AlreadyMember,
@@ -56,19 +60,24 @@ pub fn handle(hub: &Hub, conn: &mut ConnState, env: &Envelope<'_>) -> Result<Flo
         role,
         nonce,
         outbox: &conn.outbox,
-        tokenless: seat.is_none(),
+        metrics: &hub.metrics,
     };
-    let decided = hub.sessions.update(sid, &hub.conns, |session| {
-        let (role, nonce) = match seat {
-            Some((role, nonce)) => {
-                let mine = session.seat(role).filter(|s| s.accepts(nonce));
-                if mine.is_none() {
+    let decide = |session: &Session| {
+        let (role, nonce) = match token {
+            Some(t) => {
+                let seat = session.seat(t.role);
+                let mine = match t.stage {
+                    Stage::Member => seat.is_some_and(|s| s.accepts(t.nonce)),
+                    // Not accepted yet: only the very seat it was issued for.
+                    Stage::Joiner => seat.is_some_and(|s| s.token_nonce == Some(t.nonce)),
+                };
+                if !mine {
                     return Err(refused(FrameError::new(
                         ErrorCode::TokenInvalid,
                         "this token's seat has been given to someone else",
                     )));
                 }
-                (role, Some(nonce))
+                (t.role, Some(t.nonce))
             }
             None => {
                 let empty = [Role::Host, Role::Guest].into_iter().find(|r| {
@@ -86,13 +95,14 @@ pub fn handle(hub: &Hub, conn: &mut ConnState, env: &Envelope<'_>) -> Result<Flo
             }
         };
         Ok(take(role, nonce))
-    });
-    let (role, pending) = match decided {
+    };
+    let (role, pending) = match hub.sessions.update(sid, &hub.conns, decide) {
         Some(result) => result?,
         None => {
-            // The relay does not hold the session: re-create it from this member's token.
-            let Some((role, nonce)) = seat else {
-                return Err(session_unknown());
+            // The relay does not hold the session: re-create it from a member's token.
+            let member = token.filter(|t| t.stage == Stage::Member);
+            let Some(Verified { role, nonce, .. }) = member else {
+                return Err(refused(session_unknown()));
             };
             hub.check_session_room(conn)?;
             let session = Session {
@@ -103,25 +113,25 @@ pub fn handle(hub: &Hub, conn: &mut ConnState, env: &Envelope<'_>) -> Result<Flo
                 pending_join: None,
                 idle_since: None,
             };
-            let taken = hub
+            match hub
                 .sessions
-                .insert(sid, session, &hub.conns, take(role, Some(nonce)));
-            let Ok(taken) = taken else {
-                // Someone re-created it meanwhile: try once more, as for a known session.
-                return Err(FrameError::new(
-                    ErrorCode::SessionUnknown,
-                    "the session was being re-created by its other member; send this again",
-                ));
-            };
-            hub.create_limiter.charge(conn.address, Instant::now());
-            tracing::info!(session = %sid.tag(), ?role, "session re-created from a token");
-            taken
+                .insert(sid, session, &hub.conns, take(role, Some(nonce)))
+            {
+                Ok(taken) => {
+                    hub.create_limiter.charge(conn.address, Instant::now());
+                    tracing::info!(session = %sid.tag(), ?role, "session re-created from a token");
+                    taken
+                }
+                // The other member re-created it meanwhile: join it like any held session.
+                Err(_) => hub
+                    .sessions
+                    .update(sid, &hub.conns, decide)
+                    .ok_or_else(|| refused(session_unknown()))??,
+            }
         }
     };
-    if held.is_none() {
-        conn.forget(sid);
-        conn.memberships.push((sid, role));
-    }
+    conn.forget(sid);
+    conn.memberships.push((sid, role));
     tracing::info!(session = %sid.tag(), ?role, "member reattached");
     Ok(Flow {
         wait_for: None,
@@ -156,9 +166,9 @@ fn parse(hub: &Hub, env: &Envelope<'_>) -> Result<Request, FrameError> {
                 "must be at most 128 characters",
             ));
         }
-        let seat = secret
+        let token = secret
             .verify(sid, &token)
-            .filter(|(r, _)| *r == role)
+            .filter(|t| t.role == role)
             .ok_or_else(|| {
                 FrameError::new(
                     ErrorCode::RestoreRefused,
@@ -167,13 +177,13 @@ fn parse(hub: &Hub, env: &Envelope<'_>) -> Result<Request, FrameError> {
             })?;
         return Ok(Request {
             sid,
-            seat: Some(seat),
+            token: Some(token),
             restore: true,
         });
     }
     let sid = SessionId::parse(env.require_sid()?).ok_or_else(session_unknown)?;
     let ReattachData { resume_token } = env.data()?;
-    let seat = match resume_token {
+    let token = match resume_token {
         Some(token) => Some(secret.verify(sid, &token).ok_or_else(|| {
             if hub.sessions.contains(sid) {
                 FrameError::new(
@@ -194,7 +204,7 @@ fn parse(hub: &Hub, env: &Envelope<'_>) -> Result<Request, FrameError> {
     };
     Ok(Request {
         sid,
-        seat,
+        token,
         restore: false,
     })
 }
@@ -211,9 +221,10 @@ fn session_unknown() -> FrameError {
 struct TakeSeat<'a> {
     sid: SessionId,
     role: Role,
+    /// The token's nonce; `None` for a token-less `REATTACH`.
     nonce: Option<TokenNonce>,
     outbox: &'a Outbox,
-    tokenless: bool,
+    metrics: &'a Metrics,
 }
 
 impl Change for TakeSeat<'_> {
@@ -227,7 +238,7 @@ impl Change for TakeSeat<'_> {
         let Some(seat) = session.seat_mut(self.role) else {
             return (self.role, false); // ruled out by the decision
         };
-        if seat.token_nonce.is_none() && !self.tokenless {
+        if seat.token_nonce.is_none() {
             seat.token_nonce = self.nonce;
         }
         if let Some(old) = seat.conn.replace(id).filter(|old| *old != id) {
@@ -235,6 +246,7 @@ impl Change for TakeSeat<'_> {
                 ErrorCode::Replaced,
                 "another connection resumed this seat with its token",
             );
+            self.metrics.error_sent(e.code);
             let _ = conns.push(old, error_frame(Some(&sid), &e, None));
         }
         session.idle_since = None;

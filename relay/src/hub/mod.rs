@@ -12,7 +12,7 @@ mod store;
 
 use std::net::IpAddr;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 
 use dashmap::DashMap;
 use dashmap::mapref::entry::Entry;
@@ -31,6 +31,7 @@ use crate::cmd;
 use crate::config::{RelayConfig, later};
 use crate::ids::SessionId;
 use crate::limiter::{AddressKey, AddressLimiter, TokenBucket};
+use crate::metrics::Metrics;
 use crate::outbox::Outbox;
 
 /// Per-connection state, owned by the connection's task and passed to every call.
@@ -41,6 +42,7 @@ pub struct ConnState {
     /// connection may have taken the seat over with the token), checked on every use.
     pub(crate) memberships: Vec<(SessionId, Role)>,
     pub(crate) join_failures: TokenBucket,
+    pub(crate) metrics: Arc<Metrics>,
 }
 
 impl ConnState {
@@ -55,6 +57,7 @@ impl ConnState {
     }
 
     pub(crate) fn send_error(&self, sid: Option<&str>, e: &FrameError, msg_id: Option<&RawValue>) {
+        self.metrics.error_sent(e.code);
         self.send(error_frame(sid, e, msg_id));
     }
 
@@ -111,21 +114,55 @@ pub struct Hub {
     /// Sessions created (or re-created) per address.
     pub(crate) create_limiter: AddressLimiter,
     pub(crate) budget: Arc<Budget>,
+    pub(crate) metrics: Arc<Metrics>,
     connections: AtomicUsize,
     connections_per_address: DashMap<AddressKey, usize>,
+    /// Set on shutdown: health checks answer 503 and new connections are refused.
+    draining: AtomicBool,
+}
+
+/// Sessions by state, for the metrics.
+pub struct SessionStates {
+    /// Nobody has joined yet.
+    pub unpaired: usize,
+    pub paired: usize,
+    /// Re-created from one member's token; the other has not come back yet.
+    pub awaiting_member: usize,
 }
 
 /// One admitted connection; dropping it frees its place.
 pub struct ConnectionSlot {
     hub: Arc<Hub>,
-    address: AddressKey,
+    /// The address charged: `None` while the connection comes from a trusted proxy and has not
+    /// said whom for yet.
+    address: Option<AddressKey>,
+}
+
+impl ConnectionSlot {
+    /// Charges the connection to the client a trusted proxy named (or to the proxy itself),
+    /// within that address's allowance; `false` if it has none left. A slot already charged
+    /// to an address stays with it.
+    pub fn assign(&mut self, ip: IpAddr) -> bool {
+        if self.address.is_some() {
+            return true;
+        }
+        let address = AddressKey::from(ip);
+        if !self.hub.charge_address(address) {
+            return false;
+        }
+        self.address = Some(address);
+        true
+    }
 }
 
 impl Drop for ConnectionSlot {
     fn drop(&mut self) {
         let hub = &self.hub;
         hub.connections.fetch_sub(1, Ordering::AcqRel);
-        if let Entry::Occupied(mut n) = hub.connections_per_address.entry(self.address) {
+        let Some(address) = self.address else {
+            return;
+        };
+        if let Entry::Occupied(mut n) = hub.connections_per_address.entry(address) {
             if *n.get() <= 1 {
                 n.remove();
             } else {
@@ -147,13 +184,44 @@ impl Hub {
             config,
             sessions: Sessions::default(),
             conns: Connections::default(),
+            metrics: Arc::default(),
             connections: AtomicUsize::new(0),
             connections_per_address: DashMap::new(),
+            draining: AtomicBool::new(false),
         }
     }
 
     pub fn config(&self) -> &RelayConfig {
         &self.config
+    }
+
+    pub fn metrics(&self) -> &Metrics {
+        &self.metrics
+    }
+
+    pub fn start_draining(&self) {
+        self.draining.store(true, Ordering::Release);
+    }
+
+    pub fn is_draining(&self) -> bool {
+        self.draining.load(Ordering::Acquire)
+    }
+
+    pub fn session_states(&self) -> SessionStates {
+        let mut states = SessionStates {
+            unpaired: 0,
+            paired: 0,
+            awaiting_member: 0,
+        };
+        self.sessions.for_each(|session| {
+            let counter = match &session.guest {
+                None => &mut states.unpaired,
+                Some(_) if session.is_established() => &mut states.paired,
+                Some(_) => &mut states.awaiting_member,
+            };
+            *counter += 1;
+        });
+        states
     }
 
     pub fn stats(&self) -> Stats {
@@ -167,24 +235,36 @@ impl Hub {
     }
 
     /// Counts a new connection in, unless the relay is at `max_connections` or its address at
-    /// `max_connections_per_address`. The counts go down when the slot is dropped.
+    /// `max_connections_per_address`. A connection from a trusted proxy is charged to an
+    /// address only once it has said whom it is for ([`ConnectionSlot::assign`]). The counts
+    /// go down when the slot is dropped.
     pub fn admit_connection(self: &Arc<Self>, ip: IpAddr) -> Option<ConnectionSlot> {
-        let address = AddressKey::from(ip);
-        let mut per_address = self.connections_per_address.entry(address).or_insert(0);
-        if *per_address >= self.config.max_connections_per_address {
-            return None;
-        }
+        let from_proxy = self
+            .config
+            .trusted_proxies
+            .iter()
+            .any(|net| net.contains(&ip));
         let max = self.config.max_connections;
         self.connections
             .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
                 (n < max).then_some(n + 1)
             })
             .ok()?;
-        *per_address += 1;
-        Some(ConnectionSlot {
+        let mut slot = ConnectionSlot {
             hub: self.clone(),
-            address,
-        })
+            address: None,
+        };
+        // (A refused one gives its relay-wide place back as it drops.)
+        (from_proxy || slot.assign(ip)).then_some(slot)
+    }
+
+    fn charge_address(&self, address: AddressKey) -> bool {
+        let mut n = self.connections_per_address.entry(address).or_insert(0);
+        if *n >= self.config.max_connections_per_address {
+            return false;
+        }
+        *n += 1;
+        true
     }
 
     /// The state for a connection that has finished its upgrade; its outbox is reachable by
@@ -199,6 +279,7 @@ impl Hub {
                 self.config.join_failures_per_connection,
                 Instant::now(),
             ),
+            metrics: self.metrics.clone(),
         }
     }
 
@@ -208,10 +289,12 @@ impl Hub {
         let env = match Envelope::parse(frame.as_str()) {
             Ok(env) => env,
             Err(e) => {
+                self.metrics.frame_received(None, frame.len());
                 conn.send_error(None, &e, None);
                 return Flow::default();
             }
         };
+        self.metrics.frame_received(Some(env.kind), frame.len());
         let result = match env.kind {
             FrameType::CreateSession => cmd::create_session::handle(self, conn),
             FrameType::InviteCreate => cmd::invite_create::handle(self, conn, &env),

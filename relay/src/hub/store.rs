@@ -133,6 +133,13 @@ impl Sessions {
         }
     }
 
+    /// Looks at every session in turn (the metrics).
+    pub fn for_each(&self, mut f: impl FnMut(&Session)) {
+        for entry in &self.map {
+            f(entry.value());
+        }
+    }
+
     /// Keeps the sessions `keep` says to keep (the sweep).
     pub fn retain(&self, mut keep: impl FnMut(&mut Session) -> bool) {
         self.map.retain(|_, session| keep(session));

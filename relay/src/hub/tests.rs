@@ -167,3 +167,86 @@ proptest! {
         prop_assert_eq!(hub.stats().mailbox_bytes, 0, "every charge was given back");
     }
 }
+
+impl Client {
+    fn send(&mut self, hub: &Hub, frame: Value) -> Flow {
+        hub.handle(&mut self.state, &Utf8Bytes::from(frame.to_string()))
+    }
+
+    fn take(&mut self) -> Vec<Value> {
+        std::iter::from_fn(|| self.rx.try_recv())
+            .map(|f| serde_json::from_str(f.as_str()).unwrap())
+            .collect()
+    }
+}
+
+/// A paired host and guest, their sid and the guest's member token.
+fn paired(hub: &Hub) -> (Client, Client, String, String) {
+    let (mut host, mut guest) = (client(hub, 1), client(hub, 2));
+    let _ = host.send(hub, serde_json::json!({"t": "CREATE_SESSION"}));
+    let sid = host.take()[0]["sid"].as_str().unwrap().to_string();
+    let _ = host.send(hub, serde_json::json!({"t": "INVITE_CREATE", "sid": sid}));
+    let code = host.take()[0]["data"]["code"].clone();
+    let _ = guest.send(
+        hub,
+        serde_json::json!({"t": "JOIN", "data": {"code": code}}),
+    );
+    let client_id = host.take()[0]["data"]["clientID"].clone();
+    guest.take();
+    let _ = host.send(
+        hub,
+        serde_json::json!({"t": "JOIN_ACCEPT", "sid": sid, "data": {"clientID": client_id}}),
+    );
+    let token = guest.take()[0]["data"]["resumeToken"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    (host, guest, sid, token)
+}
+
+#[test]
+fn a_member_back_online_is_not_refused_as_offline_while_its_mailbox_drains() {
+    let mut config = RelayConfig::default();
+    config.mailbox.max_frames = 10;
+    let hub = Hub::new(config);
+    let (mut host, guest, sid, token) = paired(&hub);
+    hub.disconnect(&guest.state);
+    drop(guest);
+    let msg = |i: usize| serde_json::json!({"t": "MSG", "sid": sid, "data": {"payload": "00", "msgID": i}});
+    for i in 0..10 {
+        let _ = host.send(&hub, msg(i));
+    }
+    assert!(host.take().iter().all(|f| f["t"] != "ERROR"));
+
+    // Back, on a connection whose queue takes 8 frames: half of it is handed over at once.
+    let (outbox, rx) = Outbox::new(3, 8, 1 << 20);
+    let mut guest = Client {
+        state: hub.attach(outbox, IpAddr::from([127, 0, 0, 1])),
+        rx,
+    };
+    let flow = guest.send(
+        &hub,
+        serde_json::json!({"t": "REATTACH", "sid": sid, "data": {"resumeToken": token}}),
+    );
+    assert!(flow.hand_over_pending);
+    let first = guest.take();
+    assert_eq!(first.len(), 4, "{first:?}");
+    // The host goes on sending: kept behind what waits, never refused as "offline".
+    for i in 10..16 {
+        let _ = host.send(&hub, msg(i));
+    }
+    let answers = host.take();
+    assert!(answers.iter().all(|f| f["t"] != "ERROR"), "{answers:?}");
+    // As the guest's queue drains, the rest follows, in order.
+    let mut got: Vec<Value> = first.into_iter().skip(1).collect();
+    for _ in 0..10 {
+        let _ = hub.hand_over(&guest.state);
+        got.extend(guest.take());
+    }
+    let ids: Vec<u64> = got
+        .iter()
+        .filter(|f| f["t"] == "MSG")
+        .map(|f| f["data"]["msgID"].as_u64().unwrap())
+        .collect();
+    assert_eq!(ids, (0..16).collect::<Vec<u64>>());
+}

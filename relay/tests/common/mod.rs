@@ -133,11 +133,22 @@ impl Pair {
         let client_id = request["data"]["clientID"].as_str().unwrap().to_string();
         let joined = guest.expect("JOINED").await;
         assert_eq!(joined["sid"], sid.as_str());
-        let guest_token = joined["data"]["resumeToken"].as_str().unwrap().to_string();
-        assert_eq!(guest_token.len(), 64);
-        host.send(json!({"t": "JOIN_ACCEPT", "sid": sid, "data": {"clientID": client_id, "publicKey": "aa", "confirm": "c1"}}))
+        let joiner_token = joined["data"]["resumeToken"].as_str().unwrap().to_string();
+        assert_eq!(joiner_token.len(), 64);
+        host.send(json!({"t": "JOIN_ACCEPT", "sid": sid, "data": {"clientID": client_id, "publicKey": "aa", "confirm": "c1", "resumeToken": "forged by the host"}}))
             .await;
-        let accepted = guest.expect("JOINED").await;
+        let mut accepted = guest.expect("JOINED").await;
+        // The member's token replaces the joiner's; the host's own fields pass untouched.
+        let guest_token = accepted["data"]["resumeToken"]
+            .as_str()
+            .unwrap()
+            .to_string();
+        assert_eq!(guest_token.len(), 64);
+        assert_ne!(guest_token, joiner_token);
+        accepted["data"]
+            .as_object_mut()
+            .unwrap()
+            .remove("resumeToken");
         assert_eq!(
             accepted["data"],
             json!({"publicKey": "aa", "confirm": "c1"})

@@ -1,0 +1,76 @@
+//! Certificates made at test time (rcgen): a private CA, server certificates it signs (valid,
+//! expired, for another name), and PEM files for `--tls-cert`/`--tls-key`/`--ca-file`.
+
+use std::path::{Path, PathBuf};
+
+use rcgen::{
+    BasicConstraints, CertificateParams, DnType, IsCa, Issuer, KeyPair, KeyUsagePurpose,
+    date_time_ymd,
+};
+
+/// A certificate authority of our own.
+pub struct TestCa {
+    issuer: Issuer<'static, KeyPair>,
+    /// The CA certificate, PEM.
+    pub pem: String,
+}
+
+/// A server certificate and key, written out as PEM files.
+pub struct ServerCert {
+    pub cert: PathBuf,
+    pub key: PathBuf,
+    /// The certificate's DER, to tell which one a server presented.
+    pub der: Vec<u8>,
+}
+
+/// How long a server certificate is valid.
+pub enum Validity {
+    Now,
+    Expired,
+}
+
+impl TestCa {
+    pub fn new(name: &str) -> TestCa {
+        let mut params = CertificateParams::new(Vec::<String>::new()).unwrap();
+        params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        params.distinguished_name.push(DnType::CommonName, name);
+        params.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
+        let key = KeyPair::generate().unwrap();
+        let cert = params.self_signed(&key).unwrap();
+        TestCa {
+            pem: cert.pem(),
+            issuer: Issuer::new(params, key),
+        }
+    }
+
+    /// Writes the CA certificate to `dir/NAME` (for `--ca-file`).
+    pub fn write(&self, dir: &Path, name: &str) -> PathBuf {
+        let path = dir.join(name);
+        std::fs::write(&path, &self.pem).unwrap();
+        path
+    }
+
+    /// A server certificate for `names` (DNS names or IP addresses), written to
+    /// `dir/TAG.crt` and `dir/TAG.key`.
+    pub fn server(&self, dir: &Path, tag: &str, names: &[&str], validity: Validity) -> ServerCert {
+        let mut params =
+            CertificateParams::new(names.iter().map(|n| n.to_string()).collect::<Vec<_>>())
+                .unwrap();
+        params.distinguished_name.push(DnType::CommonName, names[0]);
+        if let Validity::Expired = validity {
+            params.not_before = date_time_ymd(2020, 1, 1);
+            params.not_after = date_time_ymd(2021, 1, 1);
+        }
+        let key = KeyPair::generate().unwrap();
+        let cert = params.signed_by(&key, &self.issuer).unwrap();
+        let cert_path = dir.join(format!("{tag}.crt"));
+        let key_path = dir.join(format!("{tag}.key"));
+        std::fs::write(&cert_path, cert.pem()).unwrap();
+        std::fs::write(&key_path, key.serialize_pem()).unwrap();
+        ServerCert {
+            cert: cert_path,
+            key: key_path,
+            der: cert.der().to_vec(),
+        }
+    }
+}
