@@ -11,9 +11,10 @@
 //! Long run: `SOAK_FRAMES=1000000 cargo test --release -p parley-relay --test soak -- --nocapture`.
 //! Knobs: `SOAK_SEED` (replay; printed at the start), `SOAK_FRAMES` (default 20,000),
 //! `SOAK_CONNS` (fuzzing connections, default 4), `SOAK_BATCH` (frames between healthy-pair
-//! checks, default 1,000), `SOAK_MAX_SECS` (time cap on the fuzzing, default 120),
-//! `SOAK_MAX_RSS_GROWTH_MIB` (default 64), `SOAK_SETTLE_SECS` (extra wait before the last RSS
-//! reading, so that the relay's sweep runs; default 0). FUZZING.md has the long run's figures.
+//! checks, default 1,000), `SOAK_MAX_SECS` (time cap on the fuzzing, default 120 s plus 1 s per
+//! 500 frames), `SOAK_MAX_RSS_GROWTH_MIB` (default 64 MiB plus 1 MiB per 5,000 frames), `SOAK_SETTLE_SECS` (extra wait before
+//! the last RSS reading, so that the relay's sweep runs; default 45 s above 100,000 frames,
+//! else 0). FUZZING.md has the long run's figures.
 //!
 //! The seed fixes what the generator chooses; the values it learns from the relay (session
 //! ids, tokens, codes) are new random ones on every run, and the connections run concurrently,
@@ -151,14 +152,20 @@ fn env_u64(name: &str, default: u64) -> u64 {
 impl Settings {
     fn from_env() -> Settings {
         let seed = env_u64("SOAK_SEED", rand::rng().random());
+        let frames = env_u64("SOAK_FRAMES", 20_000);
         Settings {
             seed,
-            frames: env_u64("SOAK_FRAMES", 20_000),
+            frames,
             conns: usize::try_from(env_u64("SOAK_CONNS", 4)).unwrap().max(1),
             batch: env_u64("SOAK_BATCH", 1_000).max(1),
-            max_secs: env_u64("SOAK_MAX_SECS", 120),
-            max_rss_growth_mib: env_u64("SOAK_MAX_RSS_GROWTH_MIB", 64),
-            settle_secs: env_u64("SOAK_SETTLE_SECS", 0),
+            // Far above what the frames need on a slow machine (about 5,000 a second in a
+            // debug build); a cap, not a target.
+            max_secs: env_u64("SOAK_MAX_SECS", 120 + frames / 500),
+            // Generous: the relay's live state between two sweeps, plus what the allocator
+            // keeps, is about 100 MiB in the 1,000,000-frame run (FUZZING.md).
+            max_rss_growth_mib: env_u64("SOAK_MAX_RSS_GROWTH_MIB", 64 + frames / 5_000),
+            // Long runs wait out the relay's 30-second sweep before the last RSS reading.
+            settle_secs: env_u64("SOAK_SETTLE_SECS", if frames > 100_000 { 45 } else { 0 }),
         }
     }
 }
@@ -1647,7 +1654,18 @@ impl FuzzConn {
             match got {
                 Ok(Some(Event::Closed(how))) => {
                     Shared::count(&self.shared.endings, format!("{category}: {how}"));
-                    if expect == Expect::TooLarge && how != "frame_too_large, close 1009" {
+                    // FUZZING.md finding F1: when the relay closes a connection whose
+                    // receive window is full, with the rest of the oversize message unread,
+                    // the kernel resets it and its ERROR and close frame never arrive. Known
+                    // and counted in the table ("oversize: error: ... reset"); the soak stays
+                    // strict about every other outcome. `oversize_is_answered_even_when_the_
+                    // client_is_behind` below reproduces it.
+                    let known_f1 =
+                        how.contains("Connection reset by peer") && !how.contains("close");
+                    if expect == Expect::TooLarge
+                        && how != "frame_too_large, close 1009"
+                        && !known_f1
+                    {
                         self.find(
                             "oversize handling",
                             format!("after an oversize frame: {how} (want ERROR frame_too_large, then close 1009)"),
@@ -2094,7 +2112,14 @@ async fn fuzz_soak_against_the_relay_binary() {
         settings.conns
     );
     let categories: BTreeMap<&str, u64> = shared.categories.lock().unwrap().clone();
-    print_table("frames sent, by category", &categories);
+    let total: u64 = categories.values().sum();
+    if total < settings.frames {
+        println!(
+            "time cap of {} s reached: {total} of {} frames sent",
+            settings.max_secs, settings.frames
+        );
+    }
+    print_table(&format!("{total} frames sent, by category"), &categories);
     let answers = shared.answers.lock().unwrap().clone();
     print_table("frames received by the fuzzers, by type", &answers);
     let endings = shared.endings.lock().unwrap().clone();
@@ -2118,6 +2143,17 @@ async fn fuzz_soak_against_the_relay_binary() {
             .map(|(f, r, d)| format!("{f}:{r}KiB/{d}fd"))
             .collect();
         println!("curve (frames:RSS/fds): {}", points.join(" "));
+        // A leak grows with the frames; live state and the allocator's high-water mark level
+        // off. The last third of the run shows which.
+        let third = &curve[curve.len() * 2 / 3..];
+        if let (Some(first), Some(last)) = (third.first(), third.last()) {
+            println!(
+                "RSS over the last third ({} to {} frames): {:+} KiB",
+                first.0,
+                last.0,
+                i128::from(last.1) - i128::from(first.1)
+            );
+        }
     }
 
     let mut problems: Vec<String> = Vec::new();
@@ -2273,4 +2309,56 @@ fn the_answer_checker_refuses_what_the_protocol_does_not_allow() {
             panic!("refused {}: {e}", abbreviate(text.as_bytes()));
         }
     }
+}
+
+/// FUZZING.md finding F1, reduced: a client that is behind on reading (its receive window is
+/// full) sends an oversize frame. protocol.md 1 promises `ERROR frame_too_large`, then close
+/// 1009; what arrives is part of the earlier answers and a TCP reset: the relay closes the
+/// socket with the rest of the oversize message unread, so the kernel sends RST and drops
+/// whatever the relay had queued, the ERROR and the close frame included.
+#[tokio::test]
+#[ignore = "FUZZING.md finding F1: ERROR frame_too_large and close 1009 lost to a TCP reset"]
+async fn oversize_is_answered_even_when_the_client_is_behind() {
+    let relay = RelayProcess::start();
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    socket.set_recv_buffer_size(4096).unwrap();
+    let stream = socket.connect(relay.addr).await.unwrap();
+    let (mut ws, _) = tokio_tungstenite::client_async(relay.url(), MaybeTlsStream::Plain(stream))
+        .await
+        .unwrap();
+    // 1,000 PINGs, unread: their PONGs fill our receive buffer and wait in the relay's send
+    // queue. (Far below the relay's outbound bound, so it goes on reading.)
+    for _ in 0..1_000 {
+        ws.feed(Message::Text(r#"{"t":"PING"}"#.into()))
+            .await
+            .unwrap();
+    }
+    ws.flush().await.unwrap();
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let big = format!(
+        r#"{{"t":"MSG","sid":"{}","data":{{"msgID":"big","payload":"{}"}}}}"#,
+        "0".repeat(32),
+        "a".repeat(70_000)
+    );
+    ws.send(Message::Text(big.into())).await.unwrap();
+    let mut pongs = 0;
+    let mut too_large = false;
+    let close = loop {
+        match timeout(STEP, ws.next()).await.expect("no answer") {
+            Some(Ok(Message::Text(t))) if t.as_str() == r#"{"t":"PONG"}"# => pongs += 1,
+            Some(Ok(Message::Text(t))) => {
+                assert!(t.contains(r#""code":"frame_too_large""#), "{t}");
+                too_large = true;
+            }
+            Some(Ok(Message::Close(frame))) => break frame.map(|f| u16::from(f.code)),
+            Some(Ok(_)) => {}
+            Some(Err(e)) => {
+                panic!("after {pongs} of 1000 PONGs, frame_too_large seen: {too_large}: {e}")
+            }
+            None => panic!("after {pongs} of 1000 PONGs: stream ended without a close frame"),
+        }
+    };
+    assert_eq!(pongs, 1_000, "answers to the frames before were lost");
+    assert!(too_large, "no ERROR frame_too_large");
+    assert_eq!(close, Some(1009));
 }
