@@ -11,10 +11,10 @@
 //! Long run: `SOAK_FRAMES=1000000 cargo test --release -p parley-relay --test soak -- --nocapture`.
 //! Knobs: `SOAK_SEED` (replay; printed at the start), `SOAK_FRAMES` (default 20,000),
 //! `SOAK_CONNS` (fuzzing connections, default 4), `SOAK_BATCH` (frames between healthy-pair
-//! checks, default 1,000), `SOAK_MAX_SECS` (time cap on the fuzzing, default 120 s plus 1 s per
-//! 500 frames), `SOAK_MAX_RSS_GROWTH_MIB` (default 64 MiB plus 1 MiB per 5,000 frames), `SOAK_SETTLE_SECS` (extra wait before
-//! the last RSS reading, so that the relay's sweep runs; default 45 s above 100,000 frames,
-//! else 0). FUZZING.md has the long run's figures.
+//! checks, default 1,000), `SOAK_MAX_SECS` (time cap on the fuzzing, default 120 s plus 1 s
+//! per 500 frames), `SOAK_MAX_RSS_GROWTH_MIB` (default 64 MiB plus 1 MiB per 5,000 frames),
+//! `SOAK_SETTLE_SECS` (extra wait before the last RSS reading, so that the relay's sweep
+//! runs; default 45 s above 100,000 frames, else 0). FUZZING.md has the long run's figures.
 //!
 //! The seed fixes what the generator chooses; the values it learns from the relay (session
 //! ids, tokens, codes) are new random ones on every run, and the connections run concurrently,
