@@ -20,8 +20,11 @@ cargo build --release --locked -p parley-relay
 # Flags the harness needs, none of which changes a default that matters to the scenarios:
 # every connection comes from 127.0.0.1, so the per-address session allowance is lifted; S4
 # sends 64 KiB payloads as 128 KiB of hex, over the default 64 KiB frame limit.
+# S3 holds 10,000 connections from that one address: the per-address connection cap is
+# lifted too. The relay's secret goes in the sitting's folder.
 RELAY="$PWD/target/release/parley-relay $RELAY_FLAGS --listen 127.0.0.1:{PORT} \
---sessions-created-per-address 1000000 --max-frame-bytes 262144"
+--sessions-created-per-address 1000000 --max-frame-bytes 262144 \
+--max-connections-per-address 1000000 --secret-file $PWD/$SITTING/relay.secret"
 
 NAME=go "$HARNESS/run.sh" go "$@" | tee "$SITTING/go.jsonl"
 NAME=parley "$HARNESS/run.sh" "$RELAY" "$@" | tee "$SITTING/parley.jsonl"

@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use futures_util::{SinkExt, StreamExt};
 use parley_e2e::TempDir;
-use parley_e2e::pki::{TestCa, Validity};
+use parley_e2e::pki::{TestCa, Validity, client_config};
 use parley_relay::{IpNet, RateLimit, Relay, RelayConfig, RelayHandle, Tls};
 use rustls::pki_types::ServerName;
 use serde_json::{Value, json};
@@ -63,20 +63,6 @@ impl Running {
 
 type Ws<S> = WebSocketStream<S>;
 
-fn tls_client(ca_pem: &str) -> tokio_rustls::TlsConnector {
-    let mut roots = rustls::RootCertStore::empty();
-    for cert in rustls_pki_types::pem::PemObject::pem_slice_iter(ca_pem.as_bytes()) {
-        roots.add(cert.unwrap()).unwrap();
-    }
-    let provider = Arc::new(rustls::crypto::ring::default_provider());
-    let config = rustls::ClientConfig::builder_with_provider(provider)
-        .with_safe_default_protocol_versions()
-        .unwrap()
-        .with_root_certificates(roots)
-        .with_no_client_auth();
-    tokio_rustls::TlsConnector::from(Arc::new(config))
-}
-
 /// A `wss://localhost` connection trusting `ca_pem`; also returns the certificate it got.
 async fn wss(
     addr: SocketAddr,
@@ -84,7 +70,7 @@ async fn wss(
 ) -> Result<(Ws<tokio_rustls::client::TlsStream<TcpStream>>, Vec<u8>), String> {
     let tcp = TcpStream::connect(addr).await.map_err(|e| e.to_string())?;
     let name = ServerName::try_from("localhost").unwrap();
-    let tls = tls_client(ca_pem)
+    let tls = tokio_rustls::TlsConnector::from(client_config(ca_pem))
         .connect(name, tcp)
         .await
         .map_err(|e| e.to_string())?;
