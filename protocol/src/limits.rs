@@ -22,6 +22,9 @@ pub const MAX_CONNECTIONS: usize = 50_000;
 /// Connections from one address (IPv4, or IPv6 /64) at once, upgraded or not, so that one
 /// address cannot take every slot.
 pub const MAX_CONNECTIONS_PER_ADDRESS: usize = 1_024;
+/// Of those, connections still in their TLS handshake or HTTP request (a slow opening holds
+/// its slot for up to `HANDSHAKE_TIMEOUT`).
+pub const MAX_PENDING_PER_ADDRESS: usize = 64;
 /// Outbound queue per connection; a connection whose queue overflows is a slow consumer and is
 /// disconnected.
 pub const OUTBOUND_QUEUE_FRAMES: usize = 256;

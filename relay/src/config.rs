@@ -72,6 +72,12 @@ pub struct RelayConfig {
     /// Connections from these networks are reverse proxies: the client address (for limits
     /// and logs) is the one their `Forwarded`/`X-Forwarded-For` header names.
     pub trusted_proxies: Vec<ipnet::IpNet>,
+    /// The header those proxies write the client's address in (the other is ignored).
+    pub forwarded_header: crate::http::ForwardedHeader,
+    /// Connections from one address (not a trusted proxy) that have not finished their
+    /// upgrade yet: a slow or silent opening holds a slot for the handshake time limit, so
+    /// this is kept far below `max_connections_per_address`.
+    pub max_pending_per_address: usize,
 }
 
 impl Default for RelayConfig {
@@ -117,6 +123,8 @@ impl Default for RelayConfig {
             drain_time: Duration::ZERO,
             tls: None,
             trusted_proxies: Vec::new(),
+            forwarded_header: crate::http::ForwardedHeader::XForwardedFor,
+            max_pending_per_address: limits::MAX_PENDING_PER_ADDRESS,
         }
     }
 }
@@ -149,6 +157,10 @@ impl RelayConfig {
             ("outbound queue (bytes)", self.outbound_queue_bytes),
             ("connections per relay", self.max_connections),
             ("connections per address", self.max_connections_per_address),
+            (
+                "opening connections per address",
+                self.max_pending_per_address,
+            ),
             ("sessions per connection", self.max_sessions_per_connection),
         ] {
             if value == 0 {

@@ -15,6 +15,7 @@ use std::future::Future;
 use std::net::{IpAddr, SocketAddr};
 use std::pin::Pin;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU8, Ordering};
 use std::task::Poll;
 use std::time::Duration;
 
@@ -114,7 +115,7 @@ fn ws_config(config: &RelayConfig) -> WebSocketConfig {
 
 /// Everything before the WebSocket: TLS if configured, then the HTTP request, answered here
 /// unless it is an upgrade (see `http`). The connection and the address it counts for, or
-/// `None` once it has been answered or has failed.
+/// `None` once it has been answered or has failed. The handshake time limit covers all of it.
 async fn open(
     hub: &Hub,
     slot: &mut ConnectionSlot,
@@ -122,11 +123,14 @@ async fn open(
     peer: SocketAddr,
 ) -> Option<(Ws, IpAddr)> {
     let config = hub.config();
+    // How far the opening got, for the metrics if the time limit cuts it short.
+    let stage = AtomicU8::new(Stage::Tls as u8);
     let opening = async {
         let transport = match &config.tls {
             Some(tls) => match tls.acceptor().accept(stream).await {
                 Ok(tls) => Transport::Tls(Box::new(tls)),
                 Err(e) => {
+                    stage.store(Stage::Counted as u8, Ordering::Relaxed);
                     hub.metrics().failed_tls_handshake();
                     tracing::debug!(error = %e, "TLS handshake failed");
                     return None;
@@ -134,37 +138,44 @@ async fn open(
             },
             None => Transport::Plain(stream),
         };
+        stage.store(Stage::Request as u8, Ordering::Relaxed);
         let mut stream = ReadAhead::new(transport);
         let (head, end) = match http::read_head(&mut stream).await {
             Ok(read) => read,
             Err(e) => {
+                stage.store(Stage::Counted as u8, Ordering::Relaxed);
                 hub.metrics().failed_upgrade();
                 tracing::debug!(error = %e, "reading the HTTP request failed");
                 return None;
             }
         };
+        stage.store(Stage::Counted as u8, Ordering::Relaxed);
         let Some(end) = end else {
             hub.metrics().failed_upgrade();
             if head.len() > http::MAX_HEAD_BYTES {
-                answer(&mut stream, http::Status::HeadersTooLarge).await;
+                answer(&mut stream, http::Status::HeadersTooLarge, false).await;
             }
             return None;
         };
         let (request_head, rest) = head.split_at(end.min(head.len()));
-        match http::parse(request_head, peer.ip(), &config.trusted_proxies, false) {
+        let proxies = http::Proxies {
+            trusted: &config.trusted_proxies,
+            header: config.forwarded_header,
+        };
+        match http::parse(request_head, peer.ip(), proxies, false) {
             http::Request::Upgrade {
                 accept_key,
                 forwarded_for,
             } => {
                 if hub.is_draining() {
                     hub.metrics().failed_upgrade();
-                    answer(&mut stream, http::Status::ServiceUnavailable).await;
+                    answer(&mut stream, http::Status::ServiceUnavailable, false).await;
                     return None;
                 }
-                let client = forwarded_for.unwrap_or(peer.ip());
+                let client = forwarded_for.unwrap_or(peer.ip()).to_canonical();
                 if !slot.assign(client) {
                     hub.metrics().refused_connection();
-                    answer(&mut stream, http::Status::ServiceUnavailable).await;
+                    answer(&mut stream, http::Status::ServiceUnavailable, false).await;
                     return None;
                 }
                 let written = async {
@@ -183,39 +194,55 @@ async fn open(
                         .await;
                 Some((ws, client))
             }
-            http::Request::Health => {
+            http::Request::Health { head_only } => {
                 hub.metrics().plain_http_request();
                 let status = if hub.is_draining() {
                     http::Status::ServiceUnavailable
                 } else {
                     http::Status::Ok
                 };
-                answer(&mut stream, status).await;
+                answer(&mut stream, status, head_only).await;
                 None
             }
             http::Request::Metrics => None,
             http::Request::Refuse(status) => {
                 hub.metrics().plain_http_request();
-                answer(&mut stream, status).await;
+                answer(&mut stream, status, false).await;
                 None
             }
         }
     };
-    match timeout(config.handshake_timeout, opening).await {
-        Ok(opened) => opened,
+    let opened = timeout(config.handshake_timeout, opening).await;
+    match opened {
+        Ok(Some(opened)) => {
+            slot.upgraded();
+            Some(opened)
+        }
+        Ok(None) => None,
         Err(_) => {
-            hub.metrics().failed_upgrade();
+            match stage.load(Ordering::Relaxed) {
+                s if s == Stage::Tls as u8 => hub.metrics().failed_tls_handshake(),
+                s if s == Stage::Request as u8 => hub.metrics().failed_upgrade(),
+                _ => {} // counted already, when it was answered
+            }
             tracing::debug!("connection timed out before its WebSocket upgrade");
             None
         }
     }
 }
 
+/// How far a connection's opening got.
+#[repr(u8)]
+enum Stage {
+    Tls,
+    Request,
+    Counted,
+}
+
 /// A short plain answer, then the connection is closed.
-async fn answer<S: AsyncWrite + Unpin>(stream: &mut S, status: http::Status) {
-    let _ = stream
-        .write_all(&http::response(status, "text/plain; charset=utf-8", None))
-        .await;
+async fn answer<S: AsyncWrite + Unpin>(stream: &mut S, status: http::Status, head_only: bool) {
+    let response = http::response(status, "text/plain; charset=utf-8", None, head_only);
+    let _ = stream.write_all(&response).await;
     let _ = stream.shutdown().await;
 }
 

@@ -33,6 +33,7 @@ mod server;
 mod tls;
 
 pub use config::{RateLimit, RelayConfig};
+pub use http::ForwardedHeader;
 pub use hub::Stats;
 pub use ids::RelaySecret;
 pub use ipnet::IpNet;

@@ -102,6 +102,47 @@ impl AddressLimiter {
     }
 }
 
+/// How many of something each address holds at once, within a cap (connections, openings).
+pub struct AddressCounts {
+    max: usize,
+    held: DashMap<AddressKey, usize>,
+}
+
+impl AddressCounts {
+    pub fn new(max: usize) -> Self {
+        AddressCounts {
+            max,
+            held: DashMap::new(),
+        }
+    }
+
+    /// One more for `key`, unless it holds `max` already.
+    pub fn try_add(&self, key: AddressKey) -> bool {
+        let mut n = self.held.entry(key).or_insert(0);
+        if *n >= self.max {
+            return false;
+        }
+        *n += 1;
+        true
+    }
+
+    /// One fewer for `key`; an address that holds none is forgotten.
+    pub fn remove(&self, key: AddressKey) {
+        if let dashmap::mapref::entry::Entry::Occupied(mut n) = self.held.entry(key) {
+            if *n.get() <= 1 {
+                n.remove();
+            } else {
+                *n.get_mut() -= 1;
+            }
+        }
+    }
+
+    #[cfg(test)]
+    pub fn len(&self) -> usize {
+        self.held.len()
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -141,6 +182,22 @@ mod tests {
             AddressKey::from(mapped),
             AddressKey::from(IpAddr::from([127, 0, 0, 1]))
         );
+    }
+
+    #[test]
+    fn address_counts_are_capped_and_forget_empty_addresses() {
+        let counts = AddressCounts::new(2);
+        let key = AddressKey::from(IpAddr::from([10, 0, 0, 1]));
+        assert!(counts.try_add(key));
+        assert!(counts.try_add(key));
+        assert!(!counts.try_add(key));
+        counts.remove(key);
+        assert!(counts.try_add(key));
+        counts.remove(key);
+        counts.remove(key);
+        assert_eq!(counts.len(), 0);
+        counts.remove(key);
+        assert_eq!(counts.len(), 0);
     }
 
     #[test]

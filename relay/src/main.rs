@@ -147,6 +147,16 @@ struct Args {
     #[arg(long, value_name = "CIDR")]
     trusted_proxy: Vec<String>,
 
+    /// The header your trusted proxies write the client's address in: "x-forwarded-for"
+    /// (nginx, Caddy, HAProxy) or "forwarded" (RFC 7239). Only that one is read.
+    #[arg(long, default_value = "x-forwarded-for", value_parser = ["x-forwarded-for", "forwarded"])]
+    forwarded_header: String,
+
+    /// Connections from one address (IPv4, or IPv6 /64) still in their TLS handshake or HTTP
+    /// request; further ones are closed on accept.
+    #[arg(long, default_value_t = parley_protocol::limits::MAX_PENDING_PER_ADDRESS)]
+    max_pending_per_address: usize,
+
     /// Seconds to go on serving after SIGTERM, with /healthz answering 503, before closing
     /// connections (give your load balancer's health-check interval).
     #[arg(long, default_value_t = 0)]
@@ -174,6 +184,12 @@ impl Args {
             secret,
             tls,
             trusted_proxies,
+            forwarded_header: if self.forwarded_header == "forwarded" {
+                parley_relay::ForwardedHeader::Forwarded
+            } else {
+                parley_relay::ForwardedHeader::XForwardedFor
+            },
+            max_pending_per_address: self.max_pending_per_address,
             drain_time: Duration::from_secs(self.drain_secs),
             max_connections_per_address: self.max_connections_per_address,
             mailbox_bytes_per_address: self.mailbox_bytes_per_address,
@@ -229,6 +245,10 @@ fn main() -> ExitCode {
 }
 
 async fn serve(args: Args) -> ExitCode {
+    // Before anything slow: a SIGHUP (a certificate renewal's reload) that arrives while the
+    // relay starts must not kill it with the default action.
+    #[cfg(unix)]
+    let hangups = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()).ok();
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
     let logs = tracing_subscriber::fmt()
         .with_env_filter(filter)
@@ -318,7 +338,10 @@ async fn serve(args: Args) -> ExitCode {
         Err(e) => eprintln!("parley-relay: listening, but cannot read the bound address: {e}"),
     }
     let handle = relay.handle();
-    tokio::spawn(reload_on_sighup(handle));
+    #[cfg(unix)]
+    if let Some(hangups) = hangups {
+        tokio::spawn(reload_on_sighup(handle, hangups));
+    }
     tracing::info!(
         allow_tokenless_reattach = args.allow_tokenless_reattach,
         "relay started"
@@ -356,14 +379,17 @@ async fn shutdown_signal() {
 }
 
 /// SIGHUP: load the TLS certificate and key again (after a renewal); a bad file keeps the old.
-async fn reload_on_sighup(relay: parley_relay::RelayHandle) {
-    use tokio::signal::unix::{SignalKind, signal};
-    let Ok(mut hangups) = signal(SignalKind::hangup()) else {
-        return;
-    };
+#[cfg(unix)]
+async fn reload_on_sighup(
+    relay: parley_relay::RelayHandle,
+    mut hangups: tokio::signal::unix::Signal,
+) {
     while hangups.recv().await.is_some() {
         match relay.reload_tls() {
             Ok(()) => tracing::info!("TLS certificate reloaded"),
+            Err(e) if e.kind() == std::io::ErrorKind::Unsupported => {
+                tracing::info!("SIGHUP: nothing to reload (no TLS)")
+            }
             Err(e) => {
                 tracing::error!(error = %e, "TLS certificate not reloaded; the old one stays in use")
             }

@@ -230,7 +230,7 @@ impl Collector for RelayCollector {
         counter(
             &mut e,
             "refused_connections",
-            "Connections closed on accept: the relay or the address at its connection limit",
+            "Connections refused (closed on accept, or answered 503 at the upgrade): the relay or the address at a connection limit",
             load(&m.refused_connections),
         )?;
         counter(
@@ -253,12 +253,14 @@ impl Collector for RelayCollector {
         )?;
 
         let process = crate::process::sample();
-        counter(
-            &mut e,
+        let cpu = ConstCounter::new(process.cpu_seconds);
+        let d = e.encode_descriptor(
             "process_cpu_seconds",
-            "CPU time used by the relay process (user and system), in whole seconds",
-            process.cpu_seconds,
+            "CPU time used by the relay process (user and system)",
+            None,
+            cpu.metric_type(),
         )?;
+        cpu.encode(d)?;
         gauge(
             &mut e,
             "process_resident_memory_bytes",

@@ -4,7 +4,7 @@
 use std::fs;
 
 pub struct Sample {
-    pub cpu_seconds: u64,
+    pub cpu_seconds: f64,
     pub rss_bytes: u64,
     pub open_fds: u64,
 }
@@ -15,7 +15,7 @@ const TICKS_PER_SECOND: u64 = 100;
 
 pub fn sample() -> Sample {
     Sample {
-        cpu_seconds: cpu_ticks().unwrap_or(0) / TICKS_PER_SECOND,
+        cpu_seconds: cpu_ticks().unwrap_or(0) as f64 / TICKS_PER_SECOND as f64,
         rss_bytes: rss_kib().unwrap_or(0).saturating_mul(1024),
         open_fds: fs::read_dir("/proc/self/fd").map_or(0, |d| d.count() as u64),
     }

@@ -158,6 +158,8 @@ impl Relay {
                     continue;
                 }
             };
+            // An IPv4 client on a dual-stack socket is its IPv4 address, for limits and logs.
+            let peer = SocketAddr::new(peer.ip().to_canonical(), peer.port());
             let Some(slot) = hub.admit_connection(peer.ip()) else {
                 hub.metrics().refused_connection();
                 tracing::warn!(
@@ -197,20 +199,32 @@ async fn serve_metrics(
     let answered = async {
         let (head, end) = http::read_head(&mut stream).await?;
         let end = end.ok_or_else(|| io::Error::other("no complete request head"))?;
-        let response = match http::parse(head.get(..end).unwrap_or_default(), peer.ip(), &[], true)
-        {
+        let nobody = http::Proxies {
+            trusted: &[],
+            header: http::ForwardedHeader::default(),
+        };
+        let head = head.get(..end).unwrap_or_default();
+        let response = match http::parse(head, peer.ip(), nobody, true) {
             http::Request::Metrics => match metrics::encode(&registry) {
-                Ok(text) => http::response(http::Status::Ok, metrics::CONTENT_TYPE, Some(&text)),
-                Err(_) => http::response(http::Status::ServiceUnavailable, "text/plain", None),
+                Ok(text) => {
+                    http::response(http::Status::Ok, metrics::CONTENT_TYPE, Some(&text), false)
+                }
+                Err(_) => {
+                    http::response(http::Status::ServiceUnavailable, "text/plain", None, false)
+                }
             },
-            http::Request::Health if hub.is_draining() => {
-                http::response(http::Status::ServiceUnavailable, "text/plain", None)
+            http::Request::Health { head_only } => {
+                let status = if hub.is_draining() {
+                    http::Status::ServiceUnavailable
+                } else {
+                    http::Status::Ok
+                };
+                http::response(status, "text/plain", None, head_only)
             }
-            http::Request::Health => http::response(http::Status::Ok, "text/plain", None),
             http::Request::Upgrade { .. } => {
-                http::response(http::Status::NotFound, "text/plain", None)
+                http::response(http::Status::NotFound, "text/plain", None, false)
             }
-            http::Request::Refuse(status) => http::response(status, "text/plain", None),
+            http::Request::Refuse(status) => http::response(status, "text/plain", None, false),
         };
         stream.write_all(&response).await?;
         stream.shutdown().await

@@ -488,3 +488,50 @@ async fn a_queue_too_small_for_a_hand_over_is_refused_at_bind() {
         .expect("refused");
     assert!(err.to_string().contains("2 frames"), "{err}");
 }
+
+// Found in review of the front door: connections that never finish their opening (a TLS
+// handshake or an HTTP request trickled slowly) are capped per address, far below its
+// connection cap, so a few addresses cannot hold every slot of the relay.
+#[tokio::test]
+async fn slow_openings_are_capped_per_address() {
+    let relay = TestRelay::with_config(RelayConfig {
+        max_pending_per_address: 2,
+        ..RelayConfig::default()
+    })
+    .await;
+    let silent = |ip: [u8; 4]| {
+        let addr = relay.addr;
+        async move {
+            let socket = tokio::net::TcpSocket::new_v4().unwrap();
+            socket
+                .bind(std::net::SocketAddr::new(std::net::IpAddr::from(ip), 0))
+                .unwrap();
+            socket.connect(addr).await.unwrap()
+        }
+    };
+    let held = [silent([127, 0, 0, 11]).await, silent([127, 0, 0, 11]).await];
+    let deadline = tokio::time::Instant::now() + STEP;
+    while relay.handle.stats().connections < 2 {
+        assert!(tokio::time::Instant::now() < deadline);
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert!(
+        relay.try_client_from([127, 0, 0, 11]).await.is_err(),
+        "a third opening from the address is refused"
+    );
+    let mut other = relay.client_from([127, 0, 0, 12]).await;
+    other.expect_nothing_pending().await;
+    drop(held);
+    let deadline = tokio::time::Instant::now() + STEP;
+    loop {
+        if let Ok(mut c) = relay.try_client_from([127, 0, 0, 11]).await {
+            c.expect_nothing_pending().await;
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "never admitted again"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}

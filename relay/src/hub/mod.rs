@@ -14,8 +14,6 @@ use std::net::IpAddr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 
-use dashmap::DashMap;
-use dashmap::mapref::entry::Entry;
 use parley_protocol::payload::ErrorData;
 use parley_protocol::{Envelope, ErrorCode, FrameError, FrameType, encode};
 use serde_json::value::RawValue;
@@ -30,7 +28,7 @@ use crate::budget::Budget;
 use crate::cmd;
 use crate::config::{RelayConfig, later};
 use crate::ids::SessionId;
-use crate::limiter::{AddressKey, AddressLimiter, TokenBucket};
+use crate::limiter::{AddressCounts, AddressKey, AddressLimiter, TokenBucket};
 use crate::metrics::Metrics;
 use crate::outbox::Outbox;
 
@@ -116,7 +114,9 @@ pub struct Hub {
     pub(crate) budget: Arc<Budget>,
     pub(crate) metrics: Arc<Metrics>,
     connections: AtomicUsize,
-    connections_per_address: DashMap<AddressKey, usize>,
+    connections_per_address: AddressCounts,
+    /// Connections per address that have not finished their upgrade yet.
+    openings_per_address: AddressCounts,
     /// Set on shutdown: health checks answer 503 and new connections are refused.
     draining: AtomicBool,
 }
@@ -136,6 +136,8 @@ pub struct ConnectionSlot {
     /// The address charged: `None` while the connection comes from a trusted proxy and has not
     /// said whom for yet.
     address: Option<AddressKey>,
+    /// Charged as an opening (not upgraded yet) to this address, until [`Self::upgraded`].
+    opening: Option<AddressKey>,
 }
 
 impl ConnectionSlot {
@@ -147,27 +149,27 @@ impl ConnectionSlot {
             return true;
         }
         let address = AddressKey::from(ip);
-        if !self.hub.charge_address(address) {
+        if !self.hub.connections_per_address.try_add(address) {
             return false;
         }
         self.address = Some(address);
         true
     }
+
+    /// The connection is a WebSocket now: it no longer counts as an opening.
+    pub fn upgraded(&mut self) {
+        if let Some(address) = self.opening.take() {
+            self.hub.openings_per_address.remove(address);
+        }
+    }
 }
 
 impl Drop for ConnectionSlot {
     fn drop(&mut self) {
-        let hub = &self.hub;
-        hub.connections.fetch_sub(1, Ordering::AcqRel);
-        let Some(address) = self.address else {
-            return;
-        };
-        if let Entry::Occupied(mut n) = hub.connections_per_address.entry(address) {
-            if *n.get() <= 1 {
-                n.remove();
-            } else {
-                *n.get_mut() -= 1;
-            }
+        self.upgraded();
+        self.hub.connections.fetch_sub(1, Ordering::AcqRel);
+        if let Some(address) = self.address {
+            self.hub.connections_per_address.remove(address);
         }
     }
 }
@@ -181,12 +183,13 @@ impl Hub {
             join_limiter: AddressLimiter::new(config.join_failures_per_address),
             create_limiter: AddressLimiter::new(config.sessions_created_per_address),
             budget: Budget::new(config.mailbox.total_bytes, config.mailbox_bytes_per_address),
+            connections_per_address: AddressCounts::new(config.max_connections_per_address),
+            openings_per_address: AddressCounts::new(config.max_pending_per_address),
             config,
             sessions: Sessions::default(),
             conns: Connections::default(),
             metrics: Arc::default(),
             connections: AtomicUsize::new(0),
-            connections_per_address: DashMap::new(),
             draining: AtomicBool::new(false),
         }
     }
@@ -238,33 +241,33 @@ impl Hub {
     /// `max_connections_per_address`. A connection from a trusted proxy is charged to an
     /// address only once it has said whom it is for ([`ConnectionSlot::assign`]). The counts
     /// go down when the slot is dropped.
+    ///
+    /// An address (not a trusted proxy) may also hold only `max_pending_per_address`
+    /// connections that have not finished their upgrade: slow openings cost little each but
+    /// hold their slot for the handshake time limit.
     pub fn admit_connection(self: &Arc<Self>, ip: IpAddr) -> Option<ConnectionSlot> {
-        let from_proxy = self
-            .config
-            .trusted_proxies
-            .iter()
-            .any(|net| net.contains(&ip));
+        let from_proxy = crate::http::trusted(&self.config.trusted_proxies, ip);
         let max = self.config.max_connections;
         self.connections
             .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
                 (n < max).then_some(n + 1)
             })
             .ok()?;
+        // From here on, a refused slot gives back what it holds as it drops.
         let mut slot = ConnectionSlot {
             hub: self.clone(),
             address: None,
+            opening: None,
         };
-        // (A refused one gives its relay-wide place back as it drops.)
-        (from_proxy || slot.assign(ip)).then_some(slot)
-    }
-
-    fn charge_address(&self, address: AddressKey) -> bool {
-        let mut n = self.connections_per_address.entry(address).or_insert(0);
-        if *n >= self.config.max_connections_per_address {
-            return false;
+        if from_proxy {
+            return Some(slot);
         }
-        *n += 1;
-        true
+        let address = AddressKey::from(ip);
+        if !self.openings_per_address.try_add(address) {
+            return None;
+        }
+        slot.opening = Some(address);
+        slot.assign(ip).then_some(slot)
     }
 
     /// The state for a connection that has finished its upgrade; its outbox is reachable by
