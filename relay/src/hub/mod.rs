@@ -21,7 +21,7 @@ use tokio::time::Instant;
 use tokio_tungstenite::tungstenite::Utf8Bytes;
 
 pub use session::Role;
-pub(crate) use session::{PendingJoin, Seat, Session};
+pub(crate) use session::{PendingJoin, Seat, Session, SessionState};
 pub(crate) use store::{Change, Connections, Sessions};
 
 use crate::budget::Budget;
@@ -211,20 +211,11 @@ impl Hub {
     }
 
     pub fn session_states(&self) -> SessionStates {
-        let mut states = SessionStates {
-            unpaired: 0,
-            paired: 0,
-            awaiting_member: 0,
-        };
-        self.sessions.for_each(|session| {
-            let counter = match &session.guest {
-                None => &mut states.unpaired,
-                Some(_) if session.is_established() => &mut states.paired,
-                Some(_) => &mut states.awaiting_member,
-            };
-            *counter += 1;
-        });
-        states
+        SessionStates {
+            unpaired: self.sessions.count(SessionState::Unpaired),
+            paired: self.sessions.count(SessionState::Paired),
+            awaiting_member: self.sessions.count(SessionState::AwaitingMember),
+        }
     }
 
     pub fn stats(&self) -> Stats {

@@ -119,9 +119,28 @@ impl Session {
     /// Paired, with both members known: nobody joined yet, or a seat of a re-created session
     /// still awaits its owner, both mean the session is not worth keeping long when idle.
     pub fn is_established(&self) -> bool {
-        self.host.token_nonce.is_some()
-            && self.guest.as_ref().is_some_and(|g| g.token_nonce.is_some())
+        self.state() == SessionState::Paired
     }
+
+    pub fn state(&self) -> SessionState {
+        match &self.guest {
+            None => SessionState::Unpaired,
+            Some(guest) if self.host.token_nonce.is_some() && guest.token_nonce.is_some() => {
+                SessionState::Paired
+            }
+            Some(_) => SessionState::AwaitingMember,
+        }
+    }
+}
+
+/// Where a session is in its life, for the metrics.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SessionState {
+    /// Nobody has joined yet.
+    Unpaired = 0,
+    Paired = 1,
+    /// Re-created from one member's token; the other has not come back yet.
+    AwaitingMember = 2,
 }
 
 pub struct Invite {

@@ -21,7 +21,9 @@ use dashmap::mapref::entry::Entry;
 use tokio::time::Instant;
 use tokio_tungstenite::tungstenite::Utf8Bytes;
 
-use super::session::{Invite, Session};
+use std::sync::atomic::{AtomicUsize, Ordering};
+
+use super::session::{Invite, Session, SessionState};
 use crate::ids::{InviteCode, SessionId};
 use crate::outbox::{ConnId, Outbox, Overflow};
 use parley_protocol::FrameError;
@@ -63,6 +65,8 @@ impl Connections {
 pub struct Sessions {
     map: DashMap<SessionId, Session>,
     invites: DashMap<InviteCode, Invite>,
+    /// Sessions by [`SessionState`], kept as they change (a scrape must not walk the map).
+    by_state: [AtomicUsize; 3],
 }
 
 /// How many random codes to try before calling the code space full.
@@ -75,6 +79,38 @@ impl Sessions {
 
     pub fn invite_count(&self) -> usize {
         self.invites.len()
+    }
+
+    /// How many sessions are in `state`.
+    pub fn count(&self, state: SessionState) -> usize {
+        self.by_state
+            .get(state as usize)
+            .map_or(0, |n| n.load(Ordering::Relaxed))
+    }
+
+    /// The counts by walking every session: what [`Self::count`] must always equal.
+    #[cfg(test)]
+    pub fn count_by_walking(&self, state: SessionState) -> usize {
+        self.map.iter().filter(|s| s.state() == state).count()
+    }
+
+    fn counted(&self, state: SessionState, up: bool) {
+        if let Some(n) = self.by_state.get(state as usize) {
+            if up {
+                n.fetch_add(1, Ordering::Relaxed);
+            } else {
+                n.fetch_sub(1, Ordering::Relaxed);
+            }
+        }
+    }
+
+    /// Moves a session's count from `before` to its state now.
+    fn recount(&self, before: SessionState, session: &Session) {
+        let after = session.state();
+        if after != before {
+            self.counted(before, false);
+            self.counted(after, true);
+        }
     }
 
     pub fn contains(&self, sid: SessionId) -> bool {
@@ -95,7 +131,14 @@ impl Sessions {
         decide: impl FnOnce(&Session) -> Result<C, FrameError>,
     ) -> Option<Result<C::Output, FrameError>> {
         let mut session = self.map.get_mut(&sid)?;
-        Some(decide(&session).map(|change| change.apply(&mut session, conns)))
+        let before = session.state();
+        let change = match decide(&session) {
+            Ok(change) => change,
+            Err(e) => return Some(Err(e)),
+        };
+        let output = change.apply(&mut session, conns);
+        self.recount(before, &session);
+        Some(Ok(output))
     }
 
     /// Inserts a session under `sid` and applies `first` to it under the same lock; gives the
@@ -110,8 +153,12 @@ impl Sessions {
         match self.map.entry(sid) {
             Entry::Occupied(_) => Err(Box::new(session)),
             Entry::Vacant(slot) => {
+                let before = session.state();
+                self.counted(before, true);
                 let mut session = slot.insert(session);
-                Ok(first.apply(&mut session, conns))
+                let output = first.apply(&mut session, conns);
+                self.recount(before, &session);
+                Ok(output)
             }
         }
     }
@@ -133,16 +180,15 @@ impl Sessions {
         }
     }
 
-    /// Looks at every session in turn (the metrics).
-    pub fn for_each(&self, mut f: impl FnMut(&Session)) {
-        for entry in &self.map {
-            f(entry.value());
-        }
-    }
-
     /// Keeps the sessions `keep` says to keep (the sweep).
     pub fn retain(&self, mut keep: impl FnMut(&mut Session) -> bool) {
-        self.map.retain(|_, session| keep(session));
+        self.map.retain(|_, session| {
+            let kept = keep(session);
+            if !kept {
+                self.counted(session.state(), false);
+            }
+            kept
+        });
     }
 
     /// A new code for `sid`, live until `expires_at`; `None` if the code space is too full.

@@ -154,6 +154,10 @@ proptest! {
                 drain_and_check(c, &mut learned);
             }
             prop_assert!(hub.stats().sessions <= 6);
+            // The state counts follow every change.
+            for state in [SessionState::Unpaired, SessionState::Paired, SessionState::AwaitingMember] {
+                prop_assert_eq!(hub.sessions.count(state), hub.sessions.count_by_walking(state));
+            }
         }
         for c in &clients {
             hub.disconnect(&c.state);
@@ -165,6 +169,8 @@ proptest! {
         prop_assert_eq!(hub.stats().sessions, 0);
         prop_assert_eq!(hub.stats().invites, 0);
         prop_assert_eq!(hub.stats().mailbox_bytes, 0, "every charge was given back");
+        let states = hub.session_states();
+        prop_assert_eq!(states.unpaired + states.paired + states.awaiting_member, 0);
     }
 }
 
