@@ -103,7 +103,16 @@ impl Dialer {
             Ok(Err(e)) => Err(self.classify(url, e)),
             Err(_) => Err(ClientError::RelayUnreachable {
                 url: url.to_string(),
-                reason: format!("no answer within {} s", CONNECT_TIMEOUT.as_secs()),
+                reason: format!(
+                    "no answer within {} s{}",
+                    CONNECT_TIMEOUT.as_secs(),
+                    if is_wss(url) {
+                        " (a relay without TLS does not answer a wss:// client: if it serves \
+                         ws://, use a ws:// URL)"
+                    } else {
+                        ""
+                    }
+                ),
             }),
         }
     }
@@ -165,6 +174,12 @@ impl Dialer {
             (None, WsError::Tls(TlsError::InvalidDnsName)) => {
                 unreachable("its host is not a name a TLS certificate can be checked for".into())
             }
+            // A TLS relay answers a plaintext handshake with bytes that are not HTTP.
+            (None, WsError::Protocol(_) | WsError::HttpFormat(_)) if !is_wss(url) => {
+                unreachable(format!(
+                    "{e}; it does not answer as a ws:// relay: if it serves TLS, use a wss:// URL"
+                ))
+            }
             _ => unreachable(e.to_string()),
         }
     }
@@ -225,6 +240,23 @@ fn certificate_problem(e: &CertificateError, system_roots: usize) -> String {
         CertificateError::NotValidYet | CertificateError::NotValidYetContext { .. } => {
             "the relay's certificate is not valid yet (not yet valid); check this machine's \
              clock (--ca-file cannot change a certificate's dates)"
+                .into()
+        }
+        CertificateError::BadSignature
+        | CertificateError::UnsupportedSignatureAlgorithmContext { .. }
+        | CertificateError::UnsupportedSignatureAlgorithmForPublicKeyContext { .. } => format!(
+            "the relay's certificate is not signed by an authority this machine trusts (bad \
+             signature: a trusted authority of the name it gives as issuer did not sign it); \
+             {CA_FILE_HINT}"
+        ),
+        CertificateError::Other(other)
+            if other.0.downcast_ref::<webpki::Error>()
+                == Some(&webpki::Error::CaUsedAsEndEntity) =>
+        {
+            "the relay's certificate is a CA certificate used as the relay's own (CA used as \
+             end entity; `openssl req -x509` makes such certificates by default); a \
+             self-signed relay certificate given with --ca-file must say CA:FALSE in its \
+             basicConstraints, or the relay needs a certificate signed by that CA"
                 .into()
         }
         CertificateError::Revoked => {
@@ -372,7 +404,14 @@ mod tests {
             (CertificateError::NotValidForName, "wrong host name"),
             (CertificateError::Expired, "expired"),
             (CertificateError::NotValidYet, "not yet valid"),
-            (CertificateError::BadSignature, "BadSignature"),
+            (CertificateError::BadSignature, "bad signature"),
+            (CertificateError::InvalidPurpose, "InvalidPurpose"),
+            (
+                CertificateError::Other(rustls::OtherError(Arc::new(
+                    webpki::Error::CaUsedAsEndEntity,
+                ))),
+                "CA:FALSE",
+            ),
         ] {
             let message = certificate_problem(&error, 1);
             assert!(message.contains(cause), "{message}");

@@ -402,3 +402,43 @@ fn a_relay_back_with_an_untrusted_certificate_ends_the_chat_with_the_reason() {
     assert_eq!(status.code(), Some(3), "{events:?}");
     bob.kill();
 }
+
+/// A self-signed relay: trusted once its own certificate is the `--ca-file`, refused (and
+/// told how to fix it) when that certificate says it is a CA, as `openssl req -x509` makes
+/// them by default.
+#[test]
+fn a_self_signed_relay_is_trusted_through_ca_file() {
+    let pki = TempDir::new("pki");
+    let names = ["localhost", "127.0.0.1"];
+    let plain = parley_e2e::pki::self_signed(pki.path(), "relay", &names, false);
+    let relay = tls_relay(&plain);
+    assert_eq!(probe(relay.url(), Some(&plain.cert)), Ok(()));
+    assert_refused(probe(relay.url(), None), "unknown issuer");
+    drop(relay);
+
+    let ca_like = parley_e2e::pki::self_signed(pki.path(), "ca-relay", &names, true);
+    let relay = tls_relay(&ca_like);
+    assert_refused(probe(relay.url(), Some(&ca_like.cert)), "CA:FALSE");
+}
+
+/// A `ws://` URL for a relay that serves TLS: the message says to use `wss://`.
+#[test]
+fn a_ws_url_for_a_tls_relay_says_to_use_wss() {
+    let pki = TempDir::new("pki");
+    let ca = TestCa::new("Relay CA");
+    let cert = ca.server(pki.path(), "relay", &["127.0.0.1"], Validity::Now);
+    let relay = tls_relay(&cert);
+    let dir = TempDir::new("plain");
+    let url = format!("ws://{}", relay.addr());
+    let (code, events) = run_client(&url, dir.path(), "alice", &["--timeout", "20", "host"]);
+    assert_eq!(code, Some(3), "{events:?}");
+    let error = events.iter().find(|e| e["event"] == "error").unwrap();
+    assert_eq!(error["code"], "relay_unreachable", "{error}");
+    assert!(
+        error["message"]
+            .as_str()
+            .unwrap()
+            .contains("use a wss:// URL"),
+        "{error}"
+    );
+}
