@@ -30,13 +30,22 @@ fn arg(path: &Path) -> &str {
 /// `parley host` against `url` trusting `ca_file`: `Ok` once it has its invite code (the
 /// connection and the certificate were accepted), or the `error` event and exit code.
 fn probe(url: &str, ca_file: Option<&Path>) -> Result<(), (Option<i32>, Value)> {
+    probe_with_env(url, ca_file, &[])
+}
+
+/// [`probe`] with extra environment variables.
+fn probe_with_env(
+    url: &str,
+    ca_file: Option<&Path>,
+    env: &[(&str, &str)],
+) -> Result<(), (Option<i32>, Value)> {
     let dir = TempDir::new("probe");
     let mut args = vec!["--timeout", "20"];
     if let Some(ca) = ca_file {
         args.extend(["--ca-file", arg(ca)]);
     }
     args.push("host");
-    let mut client = Client::spawn(url, dir.path(), "probe", &args);
+    let mut client = Client::spawn_with_env(url, dir.path(), "probe", &args, env);
     let first = client.next_event().expect("the client printed nothing");
     if first["event"] == "invite" {
         client.kill();
@@ -441,4 +450,25 @@ fn a_ws_url_for_a_tls_relay_says_to_use_wss() {
             .contains("use a wss:// URL"),
         "{error}"
     );
+}
+
+/// No usable system roots (SSL_CERT_FILE and SSL_CERT_DIR point at nothing): --ca-file is
+/// enough, and without it the message says the store is empty.
+#[test]
+fn an_empty_system_store_is_not_fatal_with_ca_file() {
+    let pki = TempDir::new("pki");
+    let ca = TestCa::new("Relay CA");
+    let ca_file = ca.write(pki.path(), "ca.pem");
+    let cert = ca.server(pki.path(), "relay", &["127.0.0.1"], Validity::Now);
+    let relay = tls_relay(&cert);
+    let nowhere = pki.path().join("no-such-store");
+    let env = [
+        ("SSL_CERT_FILE", arg(&nowhere)),
+        ("SSL_CERT_DIR", arg(&nowhere)),
+    ];
+    assert_eq!(probe_with_env(relay.url(), Some(&ca_file), &env), Ok(()));
+    let refused = probe_with_env(relay.url(), None, &env);
+    assert_refused(refused.clone(), "unknown issuer");
+    let message = refused.unwrap_err().1["message"].to_string();
+    assert!(message.contains("certificate store is empty"), "{message}");
 }
