@@ -12,13 +12,10 @@ use parley_protocol::{Envelope, FrameType, encode};
 use parley_state::{StateFile, Store};
 use serde::Deserialize;
 use serde_json::json;
-use tokio::net::TcpStream;
 use tokio::sync::mpsc;
 use tokio::time::Instant;
 use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::tungstenite::error::{CapacityError, Error as WsError};
-use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
-use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
 
 use crate::code::InviteCode;
 use crate::error::ClientError;
@@ -26,9 +23,8 @@ use crate::handshake::{Guest, Host, Pairing, PairingError, Step, error_fields, m
 use crate::output::{Output, error_event};
 use crate::ratchet::RatchetError;
 use crate::session::{Plain, Receipt, ReceiveError, SendError, Session};
+use crate::transport::{Dialer, RelaySocket};
 
-/// How long to wait for the relay to accept the connection.
-const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 /// Each stage of the handshake (once a joiner is there) must complete within this.
 const HANDSHAKE_STEP_TIMEOUT: Duration = Duration::from_secs(30);
 
@@ -41,12 +37,13 @@ pub struct Options {
     pub exit_after: Option<u64>,
     /// Give up (exit code 6) if not done by then.
     pub timeout: Option<Duration>,
-    /// A relay connection that delivers no frame at all for this long is dead (we PING it
-    /// half-way through the silence first); see [`RelayLink::recv`].
-    pub idle_timeout: Duration,
+    /// Opens relay connections: `ws://` or `wss://`, the certificates to trust, and the
+    /// liveness bound (a connection that delivers no frame at all for that long is dead; we
+    /// PING it half-way through the silence first, see [`RelayLink::recv`]).
+    pub dialer: Dialer,
 }
 
-/// The default of [`Options::idle_timeout`]: the relay's own idle limit. A live relay PINGs
+/// The default liveness bound of [`Dialer::new`]: the relay's own idle limit. A live relay PINGs
 /// every 10 s (protocol.md 2.6), so a healthy connection is never silent that long.
 pub const IDLE_TIMEOUT: Duration = parley_protocol::limits::IDLE_TIMEOUT;
 
@@ -82,7 +79,7 @@ async fn run_command(
         Command::Sessions => list_sessions(opts, output),
         Command::Host | Command::Join(_) => {
             let (store, mut state) = open_state(opts, false, output)?;
-            let mut relay = RelayLink::connect(&opts.relay_url, opts.idle_timeout).await?;
+            let mut relay = RelayLink::connect(&opts.dialer, &opts.relay_url, output).await?;
             let session = match &command {
                 Command::Join(code) => pair_guest(&mut relay, code, opts, output).await?,
                 _ => pair_host(&mut relay, opts, output).await?,
@@ -107,7 +104,7 @@ async fn run_command(
                         record,
                     }
                 })?;
-            let mut relay = RelayLink::connect(session.relay_url(), opts.idle_timeout).await?;
+            let mut relay = RelayLink::connect(&opts.dialer, session.relay_url(), output).await?;
             let peer_online = reattach(&mut relay, &session).await?;
             chat(
                 relay,
@@ -232,7 +229,7 @@ fn format_time(unix: u64) -> String {
 // The relay connection
 
 struct RelayLink {
-    ws: WebSocketStream<MaybeTlsStream<TcpStream>>,
+    ws: RelaySocket,
     /// Liveness: when the last frame of any kind arrived, whether we have PINGed since, and
     /// how long a silence means the connection is dead.
     last_heard: Instant,
@@ -241,30 +238,23 @@ struct RelayLink {
 }
 
 impl RelayLink {
-    async fn connect(url: &str, idle: Duration) -> Result<RelayLink, ClientError> {
-        let unreachable = |reason: String| ClientError::RelayUnreachable {
-            url: url.to_string(),
-            reason,
-        };
-        // The protocol's frame limit, not tungstenite's defaults (64 MiB messages, 16 MiB
-        // frames): a relay never has a reason to send more, so more is not read.
-        let config = WebSocketConfig::default()
-            .max_message_size(Some(MAX_FRAME_BYTES))
-            .max_frame_size(Some(MAX_FRAME_BYTES));
-        let connecting = tokio_tungstenite::connect_async_with_config(url, Some(config), false);
-        match tokio::time::timeout(CONNECT_TIMEOUT, connecting).await {
-            Ok(Ok((ws, _))) => Ok(RelayLink {
-                ws,
-                last_heard: Instant::now(),
-                pinged: false,
-                idle,
-            }),
-            Ok(Err(e)) => Err(unreachable(e.to_string())),
-            Err(_) => Err(unreachable(format!(
-                "no answer within {} s",
-                CONNECT_TIMEOUT.as_secs()
-            ))),
+    /// Connects to `url`. A `ws://` URL that leaves this machine gets its warning first
+    /// (once per process), before any traffic.
+    async fn connect(
+        dialer: &Dialer,
+        url: &str,
+        output: &mut Output,
+    ) -> Result<RelayLink, ClientError> {
+        if let Some(warning) = dialer.plaintext_warning(url) {
+            output.emit(warning);
         }
+        let ws = dialer.open(url).await?;
+        Ok(RelayLink {
+            ws,
+            last_heard: Instant::now(),
+            pinged: false,
+            idle: dialer.idle(),
+        })
     }
 
     /// Sends one frame. A write that makes no progress for the liveness bound (the socket's
@@ -598,8 +588,12 @@ async fn next_frame(link: &mut Option<RelayLink>) -> Result<String, ClientError>
 /// Connects to the session's relay and takes our seat back: `REATTACH`, or `RESTORE` when
 /// the relay has forgotten the session (it restarted) or holds it restored by the peer.
 /// Returns whether the peer is online.
-async fn attach(session: &Session, idle: Duration) -> Result<(RelayLink, bool), ClientError> {
-    let mut relay = RelayLink::connect(session.relay_url(), idle).await?;
+async fn attach(
+    session: &Session,
+    dialer: &Dialer,
+    output: &mut Output,
+) -> Result<(RelayLink, bool), ClientError> {
+    let mut relay = RelayLink::connect(dialer, session.relay_url(), output).await?;
     match reattach(&mut relay, session).await {
         // Forgotten (the relay restarted), or re-created by the peer's RESTORE with our seat
         // awaiting us: RESTORE with the proof.
@@ -852,7 +846,7 @@ async fn chat(
                 }
             }
             () = tokio::time::sleep_until(reconnect_at), if link.is_none() => {
-                match attach(&session, opts.idle_timeout).await {
+                match attach(&session, &opts.dialer, output).await {
                     Ok((relay, online)) => {
                         backoff.reset();
                         peer_online = online;
@@ -865,8 +859,10 @@ async fn chat(
                             reconnect_at = Instant::now() + backoff.step();
                         }
                     }
-                    // The relay answered and refused: trying again will not help.
-                    Err(e @ ClientError::ResumeRefused { .. }) => return Err(e),
+                    // The relay answered and refused: trying again will not help. Nor does it
+                    // for a certificate this client refuses (renewed from another CA, or
+                    // someone in between): retrying in silence would hide it.
+                    Err(e @ (ClientError::ResumeRefused { .. } | ClientError::RelayCertificate { .. })) => return Err(e),
                     Err(_) => reconnect_at = Instant::now() + backoff.step(),
                 }
             }
@@ -1013,8 +1009,9 @@ mod tests {
             let _ws = tokio_tungstenite::accept_async(stream).await.unwrap();
             std::future::pending::<()>().await;
         });
-        let idle = Duration::from_millis(500);
-        let mut link = RelayLink::connect(&format!("ws://{addr}"), idle)
+        let dialer = Dialer::new(Duration::from_millis(500), None).unwrap();
+        let mut output = Output::new(true);
+        let mut link = RelayLink::connect(&dialer, &format!("ws://{addr}"), &mut output)
             .await
             .unwrap();
         let frame = "x".repeat(60_000);

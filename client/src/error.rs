@@ -24,6 +24,9 @@ pub mod exit {
 pub enum ClientError {
     #[error("cannot reach the relay at {url}: {reason}")]
     RelayUnreachable { url: String, reason: String },
+    /// The relay's TLS certificate was refused (unknown issuer, wrong host name, expired...).
+    #[error("refused the relay at {url}: {reason}")]
+    RelayCertificate { url: String, reason: String },
     #[error("lost the connection to the relay: {0}")]
     ConnectionLost(String),
     /// The relay said something the protocol does not allow (a relay problem: exit 3).
@@ -55,6 +58,7 @@ impl ClientError {
     pub fn code(&self) -> &'static str {
         match self {
             ClientError::RelayUnreachable { .. } => "relay_unreachable",
+            ClientError::RelayCertificate { .. } => "relay_certificate",
             ClientError::ConnectionLost(_) => "connection_lost",
             ClientError::RelayProtocol(_) => "relay_protocol",
             ClientError::Pairing(_) => "pairing_failed",
@@ -70,6 +74,7 @@ impl ClientError {
     pub fn exit_code(&self) -> ExitCode {
         ExitCode::from(match self {
             ClientError::RelayUnreachable { .. }
+            | ClientError::RelayCertificate { .. }
             | ClientError::ConnectionLost(_)
             | ClientError::RelayProtocol(_) => exit::RELAY_UNREACHABLE,
             ClientError::Pairing(_) => exit::PAIRING_FAILED,

@@ -15,3 +15,4 @@ pub mod message;
 pub mod output;
 pub mod ratchet;
 pub mod session;
+pub mod transport;

@@ -8,6 +8,7 @@ use clap::{Parser, Subcommand};
 use parley::code::InviteCode;
 use parley::driver::{self, Command, Options};
 use parley::error::ClientError;
+use parley::transport::Dialer;
 
 const AFTER_HELP: &str = "\
 Examples:
@@ -24,8 +25,14 @@ each), and, with --exit-after N, once N messages have been received too. Stoppin
 loses nothing: unacknowledged messages stay in the state file and go out on the next
 `resume`. (On a terminal, Ctrl-D quits as soon as the relay holds everything typed.)
 
-Exit codes: 0 done; 1 internal error; 2 usage; 3 relay unreachable, connection lost,
-or the relay broke the protocol;
+Relays: ws://HOST:PORT, or wss://HOST:PORT for TLS. A wss:// relay's certificate must
+be valid for HOST and signed by an authority the system trusts or by one in --ca-file
+(PARLEY_CA_FILE); a ws:// relay that is not on this machine gets a `plaintext_relay`
+warning.
+
+Exit codes: 0 done; 1 internal error; 2 usage (also: an unreadable --ca-file);
+3 relay unreachable, its certificate refused (`relay_certificate`: unknown issuer,
+wrong host name, expired), connection lost, or the relay broke the protocol;
 4 pairing failed (wrong code, tampering, code unknown/used/expired, join denied);
 5 state file problem (missing, corrupt, too large, not a regular file, foreign,
 locked by another process);
@@ -37,7 +44,9 @@ or another device resumed it.";
 #[derive(Debug, Parser)]
 #[command(name = "parley", version, after_help = AFTER_HELP)]
 struct Cli {
-    /// Relay WebSocket URL (stored with the session; `resume` uses the stored one).
+    /// Relay WebSocket URL, ws:// or wss:// (stored with the session; `resume` uses the stored
+    /// one). A ws:// relay that is not on this machine gets a warning: tokens and metadata
+    /// would travel in the clear.
     #[arg(
         long,
         global = true,
@@ -49,6 +58,11 @@ struct Cli {
     /// Where state-NAME.json lives (default: the per-user data directory, e.g. ~/.local/share/parley).
     #[arg(long, global = true, env = "PARLEY_STATE_DIR")]
     state_dir: Option<PathBuf>,
+
+    /// Also trust the CA certificate(s) in this PEM file for a wss:// relay (a private CA or a
+    /// self-signed relay), besides the system's root certificates.
+    #[arg(long, global = true, env = "PARLEY_CA_FILE", value_name = "PEM")]
+    ca_file: Option<PathBuf>,
 
     /// Your name: shown to your peer, and names your state file (letters, digits, '-', '_').
     #[arg(long, global = true, env = "PARLEY_NAME")]
@@ -163,8 +177,11 @@ fn options(cli: &Cli) -> Result<Options, ClientError> {
         json: cli.json,
         exit_after: cli.exit_after,
         timeout: cli.timeout.map(Duration::from_secs),
-        idle_timeout: cli
-            .idle_timeout_ms
-            .map_or(driver::IDLE_TIMEOUT, Duration::from_millis),
+        dialer: Dialer::new(
+            cli.idle_timeout_ms
+                .map_or(driver::IDLE_TIMEOUT, Duration::from_millis),
+            cli.ca_file.as_deref(),
+        )
+        .map_err(usage)?,
     })
 }

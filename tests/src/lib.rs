@@ -11,8 +11,8 @@ pub mod proxy;
 use std::io::{BufRead, BufReader, Write};
 use std::path::{Path, PathBuf};
 use std::process::{Child, ChildStdin, Command, ExitStatus, Stdio};
-use std::sync::OnceLock;
 use std::sync::mpsc;
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
 use serde_json::Value;
@@ -64,6 +64,8 @@ pub struct RelayProcess {
     child: Child,
     url: String,
     secret_dir: TempDir,
+    /// What it logged on stderr (at `RUST_LOG=warn`), line by line.
+    log: Arc<Mutex<Vec<String>>>,
 }
 
 /// A relay that was killed: where it listened, and its secret, to start it again.
@@ -86,9 +88,18 @@ impl RelayProcess {
             .args(extra_args)
             .env("RUST_LOG", "warn")
             .stdout(Stdio::piped())
-            .stderr(Stdio::null())
+            .stderr(Stdio::piped())
             .spawn()
             .unwrap();
+        let log = Arc::new(Mutex::new(Vec::new()));
+        let stderr = child.stderr.take().unwrap();
+        let lines = Arc::clone(&log);
+        std::thread::spawn(move || {
+            for line in BufReader::new(stderr).lines() {
+                let Ok(line) = line else { break };
+                lines.lock().unwrap().push(line);
+            }
+        });
         let mut line = String::new();
         BufReader::new(child.stdout.take().unwrap())
             .read_line(&mut line)
@@ -102,6 +113,23 @@ impl RelayProcess {
             child,
             url,
             secret_dir,
+            log,
+        }
+    }
+
+    /// Waits up to `STEP` for a line of the relay's log that contains `needle`.
+    pub fn expect_log(&self, needle: &str) -> String {
+        let deadline = Instant::now() + STEP;
+        loop {
+            if let Some(line) = self.log.lock().unwrap().iter().find(|l| l.contains(needle)) {
+                return line.clone();
+            }
+            assert!(
+                Instant::now() < deadline,
+                "the relay did not log `{needle}` within {STEP:?}; it logged {:?}",
+                self.log.lock().unwrap()
+            );
+            std::thread::sleep(Duration::from_millis(20));
         }
     }
 
@@ -118,9 +146,32 @@ impl RelayProcess {
         StoppedRelay { addr, secret_dir }
     }
 
-    /// The relay's address, `127.0.0.1:PORT`.
+    /// The relay's address, `127.0.0.1:PORT` (whether it serves `ws://` or `wss://`).
     pub fn addr(&self) -> &str {
-        self.url.trim_start_matches("ws://")
+        self.url
+            .strip_prefix("wss://")
+            .or_else(|| self.url.strip_prefix("ws://"))
+            .unwrap_or(&self.url)
+    }
+
+    /// The port it listens on.
+    pub fn port(&self) -> u16 {
+        self.addr().rsplit(':').next().unwrap().parse().unwrap()
+    }
+
+    /// The relay's process id (for signals such as SIGHUP).
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// Sends `signal` (a name `kill` knows, such as `HUP`) to the relay process.
+    pub fn signal(&self, signal: &str) {
+        let status = Command::new("kill")
+            .arg(format!("-{signal}"))
+            .arg(self.pid().to_string())
+            .status()
+            .unwrap();
+        assert!(status.success(), "kill -{signal} failed");
     }
 }
 
@@ -220,6 +271,12 @@ impl Client {
             reader: Some(reader),
             seen: Vec::new(),
         }
+    }
+
+    /// The next event, whichever it is; `None` if the output ended (or nothing came within
+    /// `STEP`).
+    pub fn next_event(&mut self) -> Option<Value> {
+        self.events.recv_timeout(STEP).ok()
     }
 
     pub fn send_line(&mut self, text: &str) {

@@ -30,6 +30,34 @@ pub enum Validity {
     Expired,
 }
 
+/// A self-signed server certificate for `names`, in `dir/TAG.crt` and `dir/TAG.key` (the
+/// certificate is its own `--ca-file`); `ca` sets basicConstraints CA:TRUE, as
+/// `openssl req -x509` does by default, otherwise CA:FALSE.
+pub fn self_signed(dir: &Path, tag: &str, names: &[&str], ca: bool) -> ServerCert {
+    let mut params =
+        CertificateParams::new(names.iter().map(|n| n.to_string()).collect::<Vec<_>>()).unwrap();
+    // Not a host name as its subject: a system store may hold another `CN=localhost`.
+    params
+        .distinguished_name
+        .push(DnType::CommonName, format!("Parley self-signed {tag}"));
+    params.is_ca = if ca {
+        IsCa::Ca(BasicConstraints::Unconstrained)
+    } else {
+        IsCa::ExplicitNoCa
+    };
+    let key = KeyPair::generate().unwrap();
+    let cert = params.self_signed(&key).unwrap();
+    let cert_path = dir.join(format!("{tag}.crt"));
+    let key_path = dir.join(format!("{tag}.key"));
+    std::fs::write(&cert_path, cert.pem()).unwrap();
+    std::fs::write(&key_path, key.serialize_pem()).unwrap();
+    ServerCert {
+        cert: cert_path,
+        key: key_path,
+        der: cert.der().to_vec(),
+    }
+}
+
 impl TestCa {
     pub fn new(name: &str) -> TestCa {
         let mut params = CertificateParams::new(Vec::<String>::new()).unwrap();

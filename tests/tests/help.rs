@@ -53,3 +53,25 @@ fn help_says_a_script_waits_for_the_peers_receipts() {
         "{help}"
     );
 }
+
+#[test]
+fn help_and_readme_document_wss_the_ca_file_and_the_certificate_error() {
+    let help = help();
+    let readme = README.split_whitespace().collect::<Vec<_>>().join(" ");
+    for needle in [
+        "wss://",
+        "--ca-file",
+        "PARLEY_CA_FILE",
+        "relay_certificate",
+        "plaintext_relay",
+    ] {
+        assert!(
+            help.contains(needle),
+            "--help does not mention {needle}: {help}"
+        );
+        assert!(
+            readme.contains(needle),
+            "README.md does not mention {needle}"
+        );
+    }
+}
