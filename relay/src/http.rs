@@ -128,8 +128,9 @@ pub fn upgrade_response(accept_key: &str) -> Vec<u8> {
 
 /// Reads until the end of the request head: an empty line, `\r\n\r\n` (or `\n\n`, which
 /// HTTP/1.1 parsers also accept). Returns everything read and the head's length (bytes after it
-/// belong to the WebSocket stream); `None` if the peer closed first or the head is longer than
-/// [`MAX_HEAD_BYTES`].
+/// belong to the WebSocket stream); `None` if the peer closed first, the head is longer than
+/// [`MAX_HEAD_BYTES`], or the stream does not start like an HTTP request at all (a TLS
+/// ClientHello on a plain port, say: closed at once rather than left to time out).
 pub async fn read_head<S: AsyncRead + Unpin>(
     stream: &mut S,
 ) -> std::io::Result<(Vec<u8>, Option<usize>)> {
@@ -142,6 +143,10 @@ pub async fn read_head<S: AsyncRead + Unpin>(
         }
         let from = buf.len().saturating_sub(3);
         buf.extend_from_slice(chunk.get(..n).unwrap_or_default());
+        // Every request line starts with a method: upper-case letters.
+        if !buf.first().is_some_and(u8::is_ascii_uppercase) {
+            return Ok((buf, None));
+        }
         if let Some(end) = find_end(buf.get(from..).unwrap_or_default()) {
             let end = from.saturating_add(end);
             return Ok((buf, (end <= MAX_HEAD_BYTES).then_some(end)));
@@ -459,7 +464,11 @@ mod tests {
         let mut bare: &[u8] = b"GET /healthz HTTP/1.1\nHost: x\n\nrest";
         let (bytes, end) = read_head(&mut bare).await.unwrap();
         assert_eq!(&bytes[end.unwrap()..], b"rest");
-        let long = vec![b'a'; MAX_HEAD_BYTES + 2000];
+        // Not HTTP at all (a TLS ClientHello): given up on at the first byte.
+        let mut hello: &[u8] = b"\x16\x03\x01\x02\x00\x01";
+        let (_, end) = read_head(&mut hello).await.unwrap();
+        assert_eq!(end, None);
+        let long = vec![b'A'; MAX_HEAD_BYTES + 2000];
         let (_, end) = read_head(&mut long.as_slice()).await.unwrap();
         assert_eq!(end, None);
         // A head that ends just past the limit, read in one chunk, is still too long.

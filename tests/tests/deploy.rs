@@ -293,6 +293,7 @@ async fn plain_http_gets_plain_answers_and_health_turns_503_while_draining() {
     let mut relay = start(
         RelayConfig {
             drain_time: Duration::from_secs(2),
+            handshake_timeout: Duration::from_secs(60),
             ..RelayConfig::default()
         },
         false,
@@ -310,13 +311,24 @@ async fn plain_http_gets_plain_answers_and_health_turns_503_while_draining() {
         "metrics are not public"
     );
     let mut tcp = TcpStream::connect(relay.addr).await.unwrap();
-    tcp.write_all(b"\x00\x01garbage\r\n\r\n").await.unwrap();
+    tcp.write_all(b"GET\x00\x01garbage\r\n\r\n").await.unwrap();
     let mut answer = String::new();
     timeout(STEP, tcp.read_to_string(&mut answer))
         .await
         .unwrap()
         .unwrap();
     assert!(answer.starts_with("HTTP/1.1 400"), "{answer:?}");
+    // A TLS client on the plain port (a wss:// URL for a ws:// relay) is closed at once, not
+    // left to the (here, long) handshake time limit: its handshake fails within STEP.
+    let tcp = TcpStream::connect(relay.addr).await.unwrap();
+    let ca = TestCa::new("Any CA");
+    let tls = tokio_rustls::TlsConnector::from(client_config(&ca.pem));
+    let name = ServerName::try_from("localhost").unwrap();
+    let failed = timeout(STEP, tls.connect(name, tcp)).await;
+    assert!(
+        matches!(failed, Ok(Err(_))),
+        "closed promptly, not timed out"
+    );
 
     // An open connection, then SIGTERM: health says 503 and newcomers are turned away, while
     // the open connection is still served until the drain time is over.
