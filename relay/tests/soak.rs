@@ -196,6 +196,12 @@ impl RelayProcess {
             .args(["--join-failures-per-connection", &max])
             .args(["--join-failures-per-address", &max])
             .args(["--sessions-created-per-address", &max])
+            // Every fuzzer and every healthy pair comes from 127.0.0.1: the per-address caps
+            // would otherwise charge the fuzzers' mailboxed frames and pending joins (and
+            // connections) to the healthy pairs too, and refuse their JOINs.
+            .args(["--mailbox-bytes-per-address", "1000000000"])
+            .args(["--max-connections-per-address", "100000"])
+            .args(["--max-pending-per-address", "100000"])
             // Short lives, so that what the fuzzers leave behind is swept while the soak runs
             // (the relay sweeps every 30 s) and memory measures leaks, not live state.
             .args(["--invite-ttl-secs", "20"])

@@ -82,8 +82,8 @@ impl Change for Answer {
     fn apply(self, session: &mut Session, conns: &Connections) -> bool {
         let to = session.guest.as_ref().and_then(|g| g.conn);
         let delivered = to.is_some_and(|id| conns.push(id, self.frame).is_ok());
-        session.pending_join = None;
         match (self.member_nonce, delivered) {
+            // Not told: nothing changes, the request stays pending.
             (Some(_), false) => return false,
             (Some(nonce), true) => {
                 if let Some(guest) = &mut session.guest {
@@ -92,6 +92,7 @@ impl Change for Answer {
             }
             (None, _) => session.guest = None,
         }
+        session.pending_join = None;
         true
     }
 }
