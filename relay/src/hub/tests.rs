@@ -256,3 +256,42 @@ fn a_member_back_online_is_not_refused_as_offline_while_its_mailbox_drains() {
         .collect();
     assert_eq!(ids, (0..16).collect::<Vec<u64>>());
 }
+
+#[test]
+fn an_accept_that_reaches_no_joiner_changes_nothing() {
+    let hub = Hub::new(RelayConfig::default());
+    let (mut host, mut guest) = (client(&hub, 1), client(&hub, 2));
+    let _ = host.send(&hub, serde_json::json!({"t": "CREATE_SESSION"}));
+    let created = host.take();
+    let sid = created[0]["sid"].as_str().unwrap().to_string();
+    let host_token = created[0]["data"]["resumeToken"].clone();
+    let _ = host.send(&hub, serde_json::json!({"t": "INVITE_CREATE", "sid": sid}));
+    let code = host.take()[0]["data"]["code"].clone();
+    let _ = guest.send(
+        &hub,
+        serde_json::json!({"t": "JOIN", "data": {"code": code}}),
+    );
+    let request = host.take().remove(0);
+    // The joiner's connection goes before the host answers.
+    hub.disconnect(&guest.state);
+    let accept = serde_json::json!({"t": "JOIN_ACCEPT", "sid": sid, "data": {"clientID": request["data"]["clientID"]}});
+    let _ = host.send(&hub, accept);
+    let refused = host.take();
+    assert_eq!(
+        refused.last().unwrap()["data"]["code"],
+        "peer_offline",
+        "{refused:?}"
+    );
+    // The request is still pending: a host coming back is given it again.
+    hub.disconnect(&host.state);
+    let mut back = client(&hub, 3);
+    let _ = back.send(
+        &hub,
+        serde_json::json!({"t": "REATTACH", "sid": sid, "data": {"resumeToken": host_token}}),
+    );
+    let frames = back.take();
+    assert!(
+        frames.iter().any(|f| f["t"] == "JOIN_REQUEST"),
+        "{frames:?}"
+    );
+}
