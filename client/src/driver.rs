@@ -25,7 +25,9 @@ use crate::error::ClientError;
 use crate::handshake::{Guest, Host, Pairing, PairingError, Step, error_fields, msg_kind};
 use crate::output::{Output, error_event};
 use crate::ratchet::RatchetError;
-use crate::session::{Plain, Receipt, ReceiveError, SendError, Session};
+use crate::session::{
+    MAX_OUTBOX, MAX_OUTBOX_BYTES, Plain, Receipt, ReceiveError, SendError, Session,
+};
 
 /// How long to wait for the relay to accept the connection.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
@@ -703,8 +705,21 @@ async fn chat(
     let mut retransmit = tokio::time::interval(RETRANSMIT_EVERY);
     retransmit.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut acked_at_last_tick = session.unacked().next().map(|(seq, _)| seq);
+    // The outbox is bounded (protocol.md 3.7): while it is full, input is not read (a pipe
+    // feeding us blocks) until receipts make room; everything else goes on.
+    let mut reading_paused = false;
 
     loop {
+        let room = session.outbox_has_room();
+        if input_open && !room && !reading_paused {
+            reading_paused = true;
+            output.emit(outbox_full_event(&session));
+        } else if reading_paused && room {
+            reading_paused = false;
+            if input_open {
+                output.emit(outbox_ready_event(&session));
+            }
+        }
         let everything_out = if wait_for_receipts {
             !session.has_unacked()
         } else {
@@ -724,7 +739,7 @@ async fn chat(
                     session.peer_name().unwrap_or("your peer"))}));
         }
         tokio::select! {
-            line = input.recv(), if input_open => match line {
+            line = input.recv(), if input_open && room => match line {
                 Some(text) => {
                     match session.seal(&Plain::Text { text }) {
                         Ok(_) => {}
@@ -963,6 +978,32 @@ fn receive(
     session.set_unshown(Vec::new());
     persist(store, state, session)?;
     Ok(lines.len() as u64)
+}
+
+/// Reading input stops: the outbox holds as much as it may (protocol.md 3.7).
+fn outbox_full_event(session: &Session) -> serde_json::Value {
+    let pending = session.outbox_len();
+    json!({
+        "event": "outbox_full",
+        "sid": session.sid(),
+        "pending": pending,
+        "last_seq": session.last_sealed(),
+        "message": format!(
+            "{pending} message(s) wait for your peer's receipts, as many as are kept (at most {MAX_OUTBOX} messages or {} MiB); reading input is paused until some are delivered (further lines wait, unread)",
+            MAX_OUTBOX_BYTES / (1024 * 1024)
+        ),
+    })
+}
+
+/// Reading input goes on: receipts made room in the outbox.
+fn outbox_ready_event(session: &Session) -> serde_json::Value {
+    let pending = session.outbox_len();
+    json!({
+        "event": "outbox_ready",
+        "sid": session.sid(),
+        "pending": pending,
+        "message": format!("receipts made room in the outbox ({pending} message(s) still wait); reading input again"),
+    })
 }
 
 fn msg_seq(env: &Envelope<'_>) -> Option<u64> {

@@ -228,6 +228,12 @@ impl Client {
         stdin.flush().unwrap();
     }
 
+    /// The client's stdin, to write from another thread (a writer that may block when the
+    /// client stops reading); the client sees end of input when it is dropped.
+    pub fn take_stdin(&mut self) -> Option<ChildStdin> {
+        self.stdin.take()
+    }
+
     /// End of input: the client finishes sending, then exits.
     pub fn close_stdin(&mut self) {
         self.stdin = None;
