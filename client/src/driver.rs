@@ -741,13 +741,29 @@ async fn chat(
         tokio::select! {
             line = input.recv(), if input_open && room => match line {
                 Some(text) => {
-                    match session.seal(&Plain::Text { text }) {
-                        Ok(_) => {}
-                        Err(SendError::TooLong { max }) => {
-                            output.emit(error_event("message_too_long", &SendError::TooLong { max }.to_string()));
-                            continue;
+                    // Lines already waiting are sealed together, as many as the outbox has room
+                    // for, and saved once: a script writing fast costs one save per batch, not
+                    // one per line.
+                    let mut next = Some(text);
+                    let mut sealed = false;
+                    while let Some(text) = next.take() {
+                        match session.seal(&Plain::Text { text }) {
+                            Ok(_) => sealed = true,
+                            Err(SendError::TooLong { max }) => {
+                                output.emit(error_event("message_too_long", &SendError::TooLong { max }.to_string()));
+                            }
+                            Err(e) => return Err(ClientError::Internal(e.to_string())),
                         }
-                        Err(e) => return Err(ClientError::Internal(e.to_string())),
+                        if session.outbox_has_room() {
+                            match input.try_recv() {
+                                Ok(line) => next = Some(line),
+                                Err(mpsc::error::TryRecvError::Disconnected) => input_open = false,
+                                Err(mpsc::error::TryRecvError::Empty) => {}
+                            }
+                        }
+                    }
+                    if !sealed {
+                        continue;
                     }
                     // Saved (in the outbox) before it is sent: a sequence number is never used
                     // twice, and the message survives a crash.
