@@ -708,6 +708,9 @@ async fn chat(
     // The outbox is bounded (protocol.md 3.7): while it is full, input is not read (a pipe
     // feeding us blocks) until receipts make room; everything else goes on.
     let mut reading_paused = false;
+    // The other sessions stored here keep their outboxes (no other process writes this file
+    // while we hold its lock): this one gets what the file's budget leaves beside them.
+    session.share_outbox_budget(others_outbox_bytes(state, session.sid()));
 
     loop {
         let room = session.outbox_has_room();
@@ -996,6 +999,16 @@ fn receive(
     Ok(lines.len() as u64)
 }
 
+/// The bytes of frames in the outboxes of the sessions stored in `state` other than `sid`.
+fn others_outbox_bytes(state: &StateFile, sid: &str) -> usize {
+    state
+        .sessions
+        .iter()
+        .filter(|s| s.sid != sid)
+        .flat_map(|s| &s.outbox)
+        .fold(0usize, |sum, entry| sum.saturating_add(entry.frame.len()))
+}
+
 /// Reading input stops: the outbox holds as much as it may (protocol.md 3.7).
 fn outbox_full_event(session: &Session) -> serde_json::Value {
     let pending = session.outbox_len();
@@ -1005,8 +1018,13 @@ fn outbox_full_event(session: &Session) -> serde_json::Value {
         "pending": pending,
         "last_seq": session.last_sealed(),
         "message": format!(
-            "{pending} message(s) wait for your peer's receipts, as many as are kept (at most {MAX_OUTBOX} messages or {} MiB); reading input is paused until some are delivered (further lines wait, unread)",
-            MAX_OUTBOX_BYTES / (1024 * 1024)
+            "{pending} message(s) wait for your peer's receipts, as many as are kept (at most {MAX_OUTBOX} messages or {} MiB{}); reading input is paused until some are delivered (further lines wait, unread)",
+            MAX_OUTBOX_BYTES / (1024 * 1024),
+            if session.outbox_budget_shared() {
+                ", less here because other sessions stored under this name hold unacknowledged messages too: resuming them frees room"
+            } else {
+                ""
+            }
         ),
     })
 }
@@ -1088,6 +1106,46 @@ mod tests {
             matches!(&failed, ClientError::ConnectionLost(m) if m.contains("took no data")),
             "{failed}"
         );
+    }
+
+    /// The file's outbox budget is shared: a session counts its siblings' outboxes, not its
+    /// own (its own is in the session).
+    #[test]
+    fn the_outbox_budget_counts_the_other_sessions_of_the_file() {
+        let record = |sid: &str, lens: &[usize]| {
+            let ratchet = crate::ratchet::Ratchet::responder(
+                crate::keys::SecretKey::from_bytes([1; 32]),
+                crate::dh::DhKeyPair::generate().unwrap(),
+            );
+            let mut record = Session::new(crate::session::NewSession {
+                sid: sid.into(),
+                sid_bytes: [0; 16],
+                role: parley_state::Role::Host,
+                relay_url: "ws://x".into(),
+                resume_token: parley_state::Secret::new("t".into()),
+                restore_proof: parley_state::Secret::new("p".into()),
+                ratchet,
+                safety_number: "0".into(),
+                now: 0,
+            })
+            .record();
+            record.outbox = lens
+                .iter()
+                .zip(1..)
+                .map(|(len, seq)| parley_state::OutboxEntry {
+                    seq,
+                    frame: "x".repeat(*len),
+                })
+                .collect();
+            record
+        };
+        let mut state = StateFile::new("alice");
+        assert_eq!(others_outbox_bytes(&state, "a"), 0);
+        state.upsert(record("a", &[100, 50]));
+        state.upsert(record("b", &[1000]));
+        assert_eq!(others_outbox_bytes(&state, "a"), 1000);
+        assert_eq!(others_outbox_bytes(&state, "b"), 150);
+        assert_eq!(others_outbox_bytes(&state, "c"), 1150);
     }
 
     /// protocol.md 3.7 ("Liveness") gives the client's bounds.

@@ -64,6 +64,11 @@ pub const MAX_OUTBOX: usize = 1000;
 /// file, far under the loader's limit (`parley_state::MAX_STATE_BYTES`).
 pub const MAX_OUTBOX_BYTES: usize = 4 * 1024 * 1024;
 
+/// The most bytes of frames the outboxes of all the sessions in one state file may hold
+/// together: a file holds one record per pairing, and their outboxes add up. A session's own
+/// bound is what is left of this beside the others' ([`Session::share_outbox_budget`]).
+pub const MAX_STATE_OUTBOX_BYTES: usize = 16 * 1024 * 1024;
+
 /// Messages that arrived ahead of a gap wait for it (recorded) if they are at most this far
 /// ahead; further ones are dropped unread, to come again. Twice the window: a conforming
 /// sender never gets further ahead than the window.
@@ -127,6 +132,9 @@ pub struct Session {
     send_seq: u64,
     recv_seq: u64,
     outbox: BTreeMap<u64, String>,
+    /// The bytes of frames this outbox may hold (not stored): [`MAX_OUTBOX_BYTES`], or less
+    /// when other sessions in the state file hold unacknowledged messages too.
+    outbox_budget: usize,
     peer_acked: u64,
     /// Decrypted ahead of a gap, waiting for it (recorded).
     early: BTreeMap<u64, Plain>,
@@ -179,6 +187,7 @@ impl Session {
             send_seq: 0,
             recv_seq: 0,
             outbox: BTreeMap::new(),
+            outbox_budget: MAX_OUTBOX_BYTES,
             peer_acked: 0,
             early: BTreeMap::new(),
             unshown: Vec::new(),
@@ -227,6 +236,7 @@ impl Session {
             send_seq: record.send_seq,
             recv_seq: record.recv_seq,
             outbox,
+            outbox_budget: MAX_OUTBOX_BYTES,
             peer_acked: record.peer_acked,
             early,
             unshown: record
@@ -417,15 +427,31 @@ impl Session {
     }
 
     /// Whether the outbox can take one more message of any length (protocol.md 3.7): fewer
-    /// than [`MAX_OUTBOX`] messages, and room for a maximum-length frame under
-    /// [`MAX_OUTBOX_BYTES`]. When it cannot, the caller stops taking input until receipts
-    /// ([`Session::take_receipt`]) make room.
+    /// than [`MAX_OUTBOX`] messages, and room for a maximum-length frame under its byte
+    /// budget ([`MAX_OUTBOX_BYTES`], or less: [`Session::share_outbox_budget`]). When it
+    /// cannot, the caller stops taking input until receipts ([`Session::take_receipt`]) make
+    /// room.
     pub fn outbox_has_room(&self) -> bool {
         self.outbox.len() < MAX_OUTBOX
             && self
                 .outbox_bytes()
                 .saturating_add(parley_protocol::limits::MAX_FRAME_BYTES)
-                <= MAX_OUTBOX_BYTES
+                <= self.outbox_budget
+    }
+
+    /// The other sessions stored in the same state file hold `others` bytes of frames in their
+    /// outboxes: this one may hold at most what [`MAX_STATE_OUTBOX_BYTES`] leaves beside them
+    /// (and never more than [`MAX_OUTBOX_BYTES`]), so the file stays bounded however many
+    /// sessions it holds.
+    pub fn share_outbox_budget(&mut self, others: usize) {
+        self.outbox_budget = MAX_STATE_OUTBOX_BYTES
+            .saturating_sub(others)
+            .min(MAX_OUTBOX_BYTES);
+    }
+
+    /// Whether other sessions' outboxes leave this one less than [`MAX_OUTBOX_BYTES`].
+    pub fn outbox_budget_shared(&self) -> bool {
+        self.outbox_budget < MAX_OUTBOX_BYTES
     }
 
     // -----------------------------------------------------------------------------------------
@@ -636,6 +662,10 @@ mod tests {
                 MAX_OUTBOX_BYTES / parley_protocol::limits::MAX_FRAME_BYTES
             ),
             format!("messages held ahead of a gap to {MAX_EARLY}"),
+            format!(
+                "together hold at most {} MiB of frames",
+                MAX_STATE_OUTBOX_BYTES / (1024 * 1024)
+            ),
         ] {
             assert!(
                 DOCUMENT.contains(&stated),
@@ -718,6 +748,31 @@ mod tests {
         // Room is kept for a frame of the limit's full size; real frames are a little shorter.
         let most = MAX_OUTBOX_BYTES / parley_protocol::limits::MAX_FRAME_BYTES;
         assert!((most - 1..=most).contains(&sealed), "{sealed}");
+    }
+
+    /// Other sessions in the same state file take their share of the file's outbox budget:
+    /// whatever they hold, the outboxes together stay within `MAX_STATE_OUTBOX_BYTES`.
+    #[test]
+    fn other_sessions_outboxes_share_the_files_budget() {
+        let (mut host, _) = pair();
+        let longest = longest_text(&host, 'x');
+        let others = MAX_STATE_OUTBOX_BYTES - 1024 * 1024;
+        host.share_outbox_budget(others);
+        assert!(host.outbox_budget_shared());
+        while host.outbox_has_room() {
+            host.seal(&text(&longest)).unwrap();
+        }
+        assert!(others + host.outbox_bytes() <= MAX_STATE_OUTBOX_BYTES);
+        assert!(host.outbox_len() >= 14, "{}", host.outbox_len());
+        // Others holding it all: nothing more is taken, and no number is used up.
+        let sealed = host.last_sealed();
+        host.share_outbox_budget(MAX_STATE_OUTBOX_BYTES + 1);
+        assert_eq!(host.seal(&text("x")), Err(SendError::OutboxFull));
+        assert_eq!(host.last_sealed(), sealed);
+        // Alone in its file, a session has its own bound, no more.
+        let (mut alone, _) = pair();
+        alone.share_outbox_budget(0);
+        assert!(!alone.outbox_budget_shared());
     }
 
     /// protocol.md 3.8 "What bounds the file": a record with every part that may grow at its

@@ -34,9 +34,10 @@ const FORMAT: &str = "parley-state";
 
 /// Longest state file this loader reads; anything larger is not ours. Nothing in a session's
 /// record grows with the conversation (protocol.md 3.8): the client bounds its outbox (1000
-/// messages, 4 MiB of frames), the messages held ahead of a gap (128), and the skipped keys
-/// (1000), so a record stays under 13 MiB even with every part at its bound, and about 1 MiB
-/// with a full outbox of ordinary chat lines.
+/// messages, 4 MiB of frames; 16 MiB for all the sessions of a file together), the messages
+/// held ahead of a gap (128), and the skipped keys (1000), so a record stays under 13 MiB
+/// even with every part at its bound, and about 1 MiB with a full outbox of ordinary chat
+/// lines.
 pub const MAX_STATE_BYTES: u64 = 64 * 1024 * 1024;
 
 /// Permission bits that let the group or others read or write the file.
