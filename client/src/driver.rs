@@ -749,13 +749,17 @@ async fn chat(
                     // one per line.
                     let mut next = Some(text);
                     let mut sealed = false;
+                    let mut failed = None;
                     while let Some(text) = next.take() {
                         match session.seal(&Plain::Text { text }) {
                             Ok(_) => sealed = true,
                             Err(SendError::TooLong { max }) => {
                                 output.emit(error_event("message_too_long", &SendError::TooLong { max }.to_string()));
                             }
-                            Err(e) => return Err(ClientError::Internal(e.to_string())),
+                            Err(e) => {
+                                failed = Some(e);
+                                break;
+                            }
                         }
                         if session.outbox_has_room() {
                             match input.try_recv() {
@@ -765,12 +769,18 @@ async fn chat(
                             }
                         }
                     }
+                    // Saved (in the outbox) before it is sent: a sequence number is never used
+                    // twice, and the message survives a crash. (Those sealed before a failure
+                    // too: they go out on the next resume.)
+                    if sealed {
+                        persist(store, state, &session)?;
+                    }
+                    if let Some(e) = failed {
+                        return Err(ClientError::Internal(e.to_string()));
+                    }
                     if !sealed {
                         continue;
                     }
-                    // Saved (in the outbox) before it is sent: a sequence number is never used
-                    // twice, and the message survives a crash.
-                    persist(store, state, &session)?;
                     if let Err(e) = pump(&mut link, &session, &mut sent_upto).await {
                         lost_relay(&mut link, &mut accepted, output, &e);
                         reconnect_at = Instant::now() + backoff.step();
