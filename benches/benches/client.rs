@@ -222,7 +222,82 @@ fn state_save(c: &mut Criterion) {
     let _ = std::fs::remove_dir_all(&dir);
 }
 
+/// `Store::save` as a conversation goes on: after 10,000 messages acknowledged (the cost must
+/// be that of a fresh session: nothing in the record grows with the conversation), and with
+/// 100 and 1000 ordinary lines unacknowledged, and with the outbox full of maximum-length
+/// messages. The outbox is bounded (protocol.md 3.7), so the last two are the most a save
+/// can cost.
+fn state_save_by_length(c: &mut Criterion) {
+    use parley::session::{Plain, Receipt};
+    use parley_protocol::Envelope;
+
+    let line = Plain::Text {
+        text: "an ordinary chat line, about as long as people type them".into(),
+    };
+    let dir = std::env::temp_dir().join(format!("parley-bench-len-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let store = parley_state::Store::open(&dir, "bench").unwrap();
+    let mut g = c.benchmark_group("state/save_by_length");
+    let mut case = |label: &str, session: &parley::session::Session| {
+        let mut state = parley_state::StateFile::new("bench");
+        state.upsert(session.record());
+        let bytes = serde_json::to_vec_pretty(&state).unwrap().len();
+        eprintln!("state/save_by_length/{label}: {bytes} bytes");
+        g.bench_function(label, |b| b.iter(|| store.save(&state).unwrap()));
+    };
+
+    let (mut host, mut guest) = parley_benches::sessions();
+    for _ in 0..10 {
+        let frames: Vec<String> = (0..1000).map(|_| host.seal(&line).unwrap().1).collect();
+        for frame in &frames {
+            guest.receive(&Envelope::parse(frame).unwrap()).unwrap();
+        }
+        let receipt = guest
+            .receipt(Receipt::Delivered {
+                upto: guest.received_upto(),
+            })
+            .unwrap();
+        host.take_receipt(&Envelope::parse(&receipt).unwrap())
+            .unwrap();
+    }
+    assert!(!host.has_unacked());
+    case("after_10000_acked", &host);
+
+    for pending in [100, 1000] {
+        let (mut host, _) = parley_benches::sessions();
+        for _ in 0..pending {
+            host.seal(&line).unwrap();
+        }
+        case(&format!("outbox_{pending}_lines"), &host);
+    }
+
+    let (mut host, _) = parley_benches::sessions();
+    let longest = (1..=parley_protocol::limits::MAX_FRAME_BYTES / 2)
+        .rev()
+        .step_by(16)
+        .map(|len| Plain::Text {
+            text: "x".repeat(len),
+        })
+        .find(|plain| parley_benches::sessions().0.seal(plain).is_ok())
+        .unwrap();
+    while host.outbox_has_room() {
+        host.seal(&longest).unwrap();
+    }
+    case("outbox_full_max_length", &host);
+    g.finish();
+    drop(store);
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
 // The Double Ratchet's costs are in benches/ratchet.rs.
 
-criterion_group!(benches, dh, pake_hkdf, handshake, aes_gcm, state_save);
+criterion_group!(
+    benches,
+    dh,
+    pake_hkdf,
+    handshake,
+    aes_gcm,
+    state_save,
+    state_save_by_length
+);
 criterion_main!(benches);

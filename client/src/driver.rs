@@ -22,7 +22,9 @@ use crate::error::ClientError;
 use crate::handshake::{Guest, Host, Pairing, PairingError, Step, error_fields, msg_kind};
 use crate::output::{Output, error_event};
 use crate::ratchet::RatchetError;
-use crate::session::{Plain, Receipt, ReceiveError, SendError, Session};
+use crate::session::{
+    MAX_OUTBOX, MAX_OUTBOX_BYTES, Plain, Receipt, ReceiveError, SendError, Session,
+};
 use crate::transport::{Dialer, RelaySocket};
 
 /// Each stage of the handshake (once a joiner is there) must complete within this.
@@ -697,8 +699,24 @@ async fn chat(
     let mut retransmit = tokio::time::interval(RETRANSMIT_EVERY);
     retransmit.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut acked_at_last_tick = session.unacked().next().map(|(seq, _)| seq);
+    // The outbox is bounded (protocol.md 3.7): while it is full, input is not read (a pipe
+    // feeding us blocks) until receipts make room; everything else goes on.
+    let mut reading_paused = false;
+    // The other sessions stored here keep their outboxes (no other process writes this file
+    // while we hold its lock): this one gets what the file's budget leaves beside them.
+    session.share_outbox_budget(others_outbox_bytes(state, session.sid()));
 
     loop {
+        let room = session.outbox_has_room();
+        if input_open && !room && !reading_paused {
+            reading_paused = true;
+            output.emit(outbox_full_event(&session));
+        } else if reading_paused && room {
+            reading_paused = false;
+            if input_open {
+                output.emit(outbox_ready_event(&session));
+            }
+        }
         let everything_out = if wait_for_receipts {
             !session.has_unacked()
         } else {
@@ -718,19 +736,45 @@ async fn chat(
                     session.peer_name().unwrap_or("your peer"))}));
         }
         tokio::select! {
-            line = input.recv(), if input_open => match line {
+            line = input.recv(), if input_open && room => match line {
                 Some(text) => {
-                    match session.seal(&Plain::Text { text }) {
-                        Ok(_) => {}
-                        Err(SendError::TooLong { max }) => {
-                            output.emit(error_event("message_too_long", &SendError::TooLong { max }.to_string()));
-                            continue;
+                    // Lines already waiting are sealed together, as many as the outbox has room
+                    // for, and saved once: a script writing fast costs one save per batch, not
+                    // one per line.
+                    let mut next = Some(text);
+                    let mut sealed = false;
+                    let mut failed = None;
+                    while let Some(text) = next.take() {
+                        match session.seal(&Plain::Text { text }) {
+                            Ok(_) => sealed = true,
+                            Err(SendError::TooLong { max }) => {
+                                output.emit(error_event("message_too_long", &SendError::TooLong { max }.to_string()));
+                            }
+                            Err(e) => {
+                                failed = Some(e);
+                                break;
+                            }
                         }
-                        Err(e) => return Err(ClientError::Internal(e.to_string())),
+                        if session.outbox_has_room() {
+                            match input.try_recv() {
+                                Ok(line) => next = Some(line),
+                                Err(mpsc::error::TryRecvError::Disconnected) => input_open = false,
+                                Err(mpsc::error::TryRecvError::Empty) => {}
+                            }
+                        }
                     }
                     // Saved (in the outbox) before it is sent: a sequence number is never used
-                    // twice, and the message survives a crash.
-                    persist(store, state, &session)?;
+                    // twice, and the message survives a crash. (Those sealed before a failure
+                    // too: they go out on the next resume.)
+                    if sealed {
+                        persist(store, state, &session)?;
+                    }
+                    if let Some(e) = failed {
+                        return Err(ClientError::Internal(e.to_string()));
+                    }
+                    if !sealed {
+                        continue;
+                    }
                     if let Err(e) = pump(&mut link, &session, &mut sent_upto).await {
                         lost_relay(&mut link, &mut accepted, output, &e);
                         reconnect_at = Instant::now() + backoff.step();
@@ -961,6 +1005,47 @@ fn receive(
     Ok(lines.len() as u64)
 }
 
+/// The bytes of frames in the outboxes of the sessions stored in `state` other than `sid`.
+fn others_outbox_bytes(state: &StateFile, sid: &str) -> usize {
+    state
+        .sessions
+        .iter()
+        .filter(|s| s.sid != sid)
+        .flat_map(|s| &s.outbox)
+        .fold(0usize, |sum, entry| sum.saturating_add(entry.frame.len()))
+}
+
+/// Reading input stops: the outbox holds as much as it may (protocol.md 3.7).
+fn outbox_full_event(session: &Session) -> serde_json::Value {
+    let pending = session.outbox_len();
+    json!({
+        "event": "outbox_full",
+        "sid": session.sid(),
+        "pending": pending,
+        "last_seq": session.last_sealed(),
+        "message": format!(
+            "{pending} message(s) wait for your peer's receipts, as many as are kept (at most {MAX_OUTBOX} messages or {} MiB{}); reading input is paused until some are delivered (further lines wait, unread)",
+            MAX_OUTBOX_BYTES / (1024 * 1024),
+            if session.outbox_budget_shared() {
+                ", less here because other sessions stored under this name hold unacknowledged messages too: resuming them frees room"
+            } else {
+                ""
+            }
+        ),
+    })
+}
+
+/// Reading input goes on: receipts made room in the outbox.
+fn outbox_ready_event(session: &Session) -> serde_json::Value {
+    let pending = session.outbox_len();
+    json!({
+        "event": "outbox_ready",
+        "sid": session.sid(),
+        "pending": pending,
+        "message": format!("receipts made room in the outbox ({pending} message(s) still wait); reading input again"),
+    })
+}
+
 fn msg_seq(env: &Envelope<'_>) -> Option<u64> {
     #[derive(Deserialize)]
     struct Id {
@@ -1028,6 +1113,46 @@ mod tests {
             matches!(&failed, ClientError::ConnectionLost(m) if m.contains("took no data")),
             "{failed}"
         );
+    }
+
+    /// The file's outbox budget is shared: a session counts its siblings' outboxes, not its
+    /// own (its own is in the session).
+    #[test]
+    fn the_outbox_budget_counts_the_other_sessions_of_the_file() {
+        let record = |sid: &str, lens: &[usize]| {
+            let ratchet = crate::ratchet::Ratchet::responder(
+                crate::keys::SecretKey::from_bytes([1; 32]),
+                crate::dh::DhKeyPair::generate().unwrap(),
+            );
+            let mut record = Session::new(crate::session::NewSession {
+                sid: sid.into(),
+                sid_bytes: [0; 16],
+                role: parley_state::Role::Host,
+                relay_url: "ws://x".into(),
+                resume_token: parley_state::Secret::new("t".into()),
+                restore_proof: parley_state::Secret::new("p".into()),
+                ratchet,
+                safety_number: "0".into(),
+                now: 0,
+            })
+            .record();
+            record.outbox = lens
+                .iter()
+                .zip(1..)
+                .map(|(len, seq)| parley_state::OutboxEntry {
+                    seq,
+                    frame: "x".repeat(*len),
+                })
+                .collect();
+            record
+        };
+        let mut state = StateFile::new("alice");
+        assert_eq!(others_outbox_bytes(&state, "a"), 0);
+        state.upsert(record("a", &[100, 50]));
+        state.upsert(record("b", &[1000]));
+        assert_eq!(others_outbox_bytes(&state, "a"), 1000);
+        assert_eq!(others_outbox_bytes(&state, "b"), 150);
+        assert_eq!(others_outbox_bytes(&state, "c"), 1150);
     }
 
     /// protocol.md 3.7 ("Liveness") gives the client's bounds.

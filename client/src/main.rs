@@ -19,11 +19,13 @@ Examples:
 
 Scripting: --json makes stdout one JSON object per line (events: invite, paired, resumed,
 message, sent, delivered, read, relay_offline, relay_online, peer_online, peer_offline,
-waiting, error, warning, session). Feed messages on stdin, one per line. At end of input
-the client exits 0 once the peer has acknowledged everything typed (a `delivered` event for
-each), and, with --exit-after N, once N messages have been received too. Stopping earlier
-loses nothing: unacknowledged messages stay in the state file and go out on the next
-`resume`. (On a terminal, Ctrl-D quits as soon as the relay holds everything typed.)
+waiting, outbox_full, outbox_ready, error, warning, session). Feed messages on stdin, one
+per line. At end of input the client exits 0 once the peer has acknowledged everything typed
+(a `delivered` event for each), and, with --exit-after N, once N messages have been received
+too. Stopping earlier loses nothing: unacknowledged messages stay in the state file and go
+out on the next `resume`. (On a terminal, Ctrl-D quits as soon as the relay holds everything
+typed.) At most 1000 messages (4 MiB) wait unacknowledged: then reading stdin pauses
+(outbox_full; a pipe blocks, nothing is lost) until receipts make room (outbox_ready).
 
 Relays: ws://HOST:PORT, or wss://HOST:PORT for TLS. A wss:// relay's certificate must
 be valid for HOST and signed by an authority the system trusts or by one in --ca-file

@@ -91,7 +91,7 @@ fn human(event: &Value) -> Option<String> {
         }
     };
     Some(match event.get("event").and_then(Value::as_str)? {
-        "waiting" => format!("* {}", text(event, "message")),
+        "waiting" | "outbox_full" | "outbox_ready" => format!("* {}", text(event, "message")),
         "invite" => format!(
             "Invite code: {code}\nRead it to your peer; they run: parley --name THEIR_NAME join {code}\n(it expires in {} minutes)",
             event.get("expires_in").and_then(Value::as_u64).unwrap_or(0) / 60,
@@ -204,6 +204,8 @@ mod tests {
             "peer_online",
             "peer_offline",
             "waiting",
+            "outbox_full",
+            "outbox_ready",
             "error",
             "warning",
             "session",

@@ -55,6 +55,20 @@ pub struct Incoming {
 /// so that a burst (a resend after reconnecting, say) never overflows the relay's queue.
 pub const SEND_WINDOW: usize = 64;
 
+/// The most messages that may wait unacknowledged in the outbox (protocol.md 3.7). With
+/// [`MAX_OUTBOX_BYTES`] it bounds the state file, which every message rewrites: a save costs
+/// the same however long the conversation has been.
+pub const MAX_OUTBOX: usize = 1000;
+
+/// The most bytes of frames the outbox may hold: 64 maximum-length frames, a few MiB of state
+/// file, far under the loader's limit (`parley_state::MAX_STATE_BYTES`).
+pub const MAX_OUTBOX_BYTES: usize = 4 * 1024 * 1024;
+
+/// The most bytes of frames the outboxes of all the sessions in one state file may hold
+/// together: a file holds one record per pairing, and their outboxes add up. A session's own
+/// bound is what is left of this beside the others' ([`Session::share_outbox_budget`]).
+pub const MAX_STATE_OUTBOX_BYTES: usize = 16 * 1024 * 1024;
+
 /// Messages that arrived ahead of a gap wait for it (recorded) if they are at most this far
 /// ahead; further ones are dropped unread, to come again. Twice the window: a conforming
 /// sender never gets further ahead than the window.
@@ -71,6 +85,10 @@ pub enum SendError {
     TooLong { max: usize },
     #[error("this session has used up its sequence numbers; pair again")]
     Exhausted,
+    #[error(
+        "the outbox is full ({MAX_OUTBOX} messages or {MAX_OUTBOX_BYTES} bytes wait for the peer's receipts); wait for them to be delivered"
+    )]
+    OutboxFull,
     #[error(transparent)]
     Crypto(#[from] MessageError),
     #[error(transparent)]
@@ -114,6 +132,9 @@ pub struct Session {
     send_seq: u64,
     recv_seq: u64,
     outbox: BTreeMap<u64, String>,
+    /// The bytes of frames this outbox may hold (not stored): [`MAX_OUTBOX_BYTES`], or less
+    /// when other sessions in the state file hold unacknowledged messages too.
+    outbox_budget: usize,
     peer_acked: u64,
     /// Decrypted ahead of a gap, waiting for it (recorded).
     early: BTreeMap<u64, Plain>,
@@ -166,6 +187,7 @@ impl Session {
             send_seq: 0,
             recv_seq: 0,
             outbox: BTreeMap::new(),
+            outbox_budget: MAX_OUTBOX_BYTES,
             peer_acked: 0,
             early: BTreeMap::new(),
             unshown: Vec::new(),
@@ -214,6 +236,7 @@ impl Session {
             send_seq: record.send_seq,
             recv_seq: record.recv_seq,
             outbox,
+            outbox_budget: MAX_OUTBOX_BYTES,
             peer_acked: record.peer_acked,
             early,
             unshown: record
@@ -341,7 +364,12 @@ impl Session {
     /// Encrypts the next message with the next ratchet key and keeps it in the outbox.
     /// Persist before sending the returned frame: a key and a sequence number are then never
     /// used twice, and the message survives a crash to be sent again, byte for byte.
+    /// Refused with [`SendError::OutboxFull`] (nothing used up) when the outbox has no room
+    /// (see [`Session::outbox_has_room`]).
     pub fn seal(&mut self, plain: &Plain) -> Result<(u64, String), SendError> {
+        if !self.outbox_has_room() {
+            return Err(SendError::OutboxFull);
+        }
         let seq = self.send_seq.checked_add(1).ok_or(SendError::Exhausted)?;
         let plaintext = zeroize::Zeroizing::new(serde_json::to_vec(plain).unwrap_or_default());
         let aad = message::associated_data(&self.sid_bytes, self.directions().0, seq);
@@ -379,6 +407,51 @@ impl Session {
 
     pub fn has_unacked(&self) -> bool {
         !self.outbox.is_empty()
+    }
+
+    /// The sequence number of the last message sealed (0 before the first).
+    pub fn last_sealed(&self) -> u64 {
+        self.send_seq
+    }
+
+    /// How many messages wait in the outbox for the peer's receipt.
+    pub fn outbox_len(&self) -> usize {
+        self.outbox.len()
+    }
+
+    /// The bytes of the frames waiting in the outbox.
+    pub fn outbox_bytes(&self) -> usize {
+        self.outbox
+            .values()
+            .fold(0usize, |sum, frame| sum.saturating_add(frame.len()))
+    }
+
+    /// Whether the outbox can take one more message of any length (protocol.md 3.7): fewer
+    /// than [`MAX_OUTBOX`] messages, and room for a maximum-length frame under its byte
+    /// budget ([`MAX_OUTBOX_BYTES`], or less: [`Session::share_outbox_budget`]). When it
+    /// cannot, the caller stops taking input until receipts ([`Session::take_receipt`]) make
+    /// room.
+    pub fn outbox_has_room(&self) -> bool {
+        self.outbox.len() < MAX_OUTBOX
+            && self
+                .outbox_bytes()
+                .saturating_add(parley_protocol::limits::MAX_FRAME_BYTES)
+                <= self.outbox_budget
+    }
+
+    /// The other sessions stored in the same state file hold `others` bytes of frames in their
+    /// outboxes: this one may hold at most what [`MAX_STATE_OUTBOX_BYTES`] leaves beside them
+    /// (and never more than [`MAX_OUTBOX_BYTES`]), so the file stays bounded however many
+    /// sessions it holds.
+    pub fn share_outbox_budget(&mut self, others: usize) {
+        self.outbox_budget = MAX_STATE_OUTBOX_BYTES
+            .saturating_sub(others)
+            .min(MAX_OUTBOX_BYTES);
+    }
+
+    /// Whether other sessions' outboxes leave this one less than [`MAX_OUTBOX_BYTES`].
+    pub fn outbox_budget_shared(&self) -> bool {
+        self.outbox_budget < MAX_OUTBOX_BYTES
     }
 
     // -----------------------------------------------------------------------------------------
@@ -580,12 +653,171 @@ mod tests {
             format!("at most {SEND_WINDOW} messages are in flight"),
             format!("sends only the {SEND_WINDOW} oldest"),
             format!("`N` > `H` + {MAX_EARLY}: dropped unread"),
+            format!(
+                "an outbox holds at most {MAX_OUTBOX} messages and at most {} MiB",
+                MAX_OUTBOX_BYTES / (1024 * 1024)
+            ),
+            format!(
+                "with maximum-length messages that is about {} of them",
+                MAX_OUTBOX_BYTES / parley_protocol::limits::MAX_FRAME_BYTES
+            ),
+            format!("messages held ahead of a gap to {MAX_EARLY}"),
+            format!(
+                "together hold at most {} MiB of frames",
+                MAX_STATE_OUTBOX_BYTES / (1024 * 1024)
+            ),
         ] {
             assert!(
                 DOCUMENT.contains(&stated),
                 "protocol.md must say `{stated}`"
             );
         }
+    }
+
+    /// The outbox is bounded (protocol.md 3.7): once it holds the most messages it may, the
+    /// next one is refused without using a number or a key; receipts make room, and sealing
+    /// goes on with the next number.
+    #[test]
+    fn a_full_outbox_refuses_until_receipts_make_room() {
+        let (mut host, mut guest) = pair();
+        let mut frames = Vec::new();
+        for i in 1..=1000u64 {
+            let (seq, frame) = host.seal(&text(&format!("m{i}"))).unwrap();
+            assert_eq!(seq, i);
+            frames.push(frame);
+        }
+        assert_eq!(MAX_OUTBOX, 1000);
+        assert!(!host.outbox_has_room());
+        let refused = host.seal(&text("one too many"));
+        assert_eq!(
+            refused,
+            Err(SendError::OutboxFull),
+            "a full outbox took another message"
+        );
+        assert_eq!(host.unacked().count(), MAX_OUTBOX);
+        // The peer records the first ten and acknowledges them: room for ten more.
+        for frame in &frames[..10] {
+            deliver(&mut guest, frame).unwrap();
+        }
+        let receipt = guest
+            .receipt(Receipt::Delivered {
+                upto: guest.received_upto(),
+            })
+            .unwrap();
+        host.take_receipt(&Envelope::parse(&receipt).unwrap())
+            .unwrap();
+        assert!(host.outbox_has_room());
+        for i in 1001..=1010u64 {
+            let (seq, frame) = host.seal(&text(&format!("m{i}"))).unwrap();
+            assert_eq!(seq, i, "no number was used up by the refusal");
+            frames.push(frame);
+        }
+        assert_eq!(host.seal(&text("full again")), Err(SendError::OutboxFull));
+        // Nothing was skipped: the peer can read on, in order.
+        for frame in &frames[10..] {
+            assert_eq!(deliver(&mut guest, frame).unwrap().due.len(), 1);
+        }
+    }
+
+    /// The longest text whose frame fits the frame limit.
+    fn longest_text(host: &Session, fill: char) -> String {
+        let mut len = parley_protocol::limits::MAX_FRAME_BYTES / 2;
+        loop {
+            let candidate: String = std::iter::repeat_n(fill, len).collect();
+            let mut probe = Session::from_record(&host.record()).unwrap();
+            if probe.seal(&text(&candidate)).is_ok() {
+                return candidate;
+            }
+            len -= 16;
+        }
+    }
+
+    /// With maximum-length messages the byte bound comes first: the outbox never holds more
+    /// than `MAX_OUTBOX_BYTES` of frames.
+    #[test]
+    fn the_outbox_byte_bound_holds_with_maximum_length_messages() {
+        let (mut host, _) = pair();
+        let longest = longest_text(&host, 'x');
+        let mut sealed = 0;
+        while host.outbox_has_room() {
+            host.seal(&text(&longest)).unwrap();
+            sealed += 1;
+        }
+        assert_eq!(host.seal(&text("x")), Err(SendError::OutboxFull));
+        assert!(host.outbox_bytes() <= MAX_OUTBOX_BYTES);
+        // Room is kept for a frame of the limit's full size; real frames are a little shorter.
+        let most = MAX_OUTBOX_BYTES / parley_protocol::limits::MAX_FRAME_BYTES;
+        assert!((most - 1..=most).contains(&sealed), "{sealed}");
+    }
+
+    /// Other sessions in the same state file take their share of the file's outbox budget:
+    /// whatever they hold, the outboxes together stay within `MAX_STATE_OUTBOX_BYTES`.
+    #[test]
+    fn other_sessions_outboxes_share_the_files_budget() {
+        let (mut host, _) = pair();
+        let longest = longest_text(&host, 'x');
+        let others = MAX_STATE_OUTBOX_BYTES - 1024 * 1024;
+        host.share_outbox_budget(others);
+        assert!(host.outbox_budget_shared());
+        while host.outbox_has_room() {
+            host.seal(&text(&longest)).unwrap();
+        }
+        assert!(others + host.outbox_bytes() <= MAX_STATE_OUTBOX_BYTES);
+        assert!(host.outbox_len() >= 14, "{}", host.outbox_len());
+        // Others holding it all: nothing more is taken, and no number is used up.
+        let sealed = host.last_sealed();
+        host.share_outbox_budget(MAX_STATE_OUTBOX_BYTES + 1);
+        assert_eq!(host.seal(&text("x")), Err(SendError::OutboxFull));
+        assert_eq!(host.last_sealed(), sealed);
+        // Alone in its file, a session has its own bound, no more.
+        let (mut alone, _) = pair();
+        alone.share_outbox_budget(0);
+        assert!(!alone.outbox_budget_shared());
+    }
+
+    /// protocol.md 3.8 "What bounds the file": a record with every part that may grow at its
+    /// bound (a full outbox of maximum-length frames, the most messages held ahead of a gap
+    /// with the text that takes most room in the file, the most skipped keys) stays under
+    /// 13 MiB, far below the loader's limit: nothing in it grows with the conversation.
+    #[test]
+    fn a_session_record_at_every_bound_stays_far_under_the_load_limit() {
+        let (mut host, _) = pair();
+        let longest = longest_text(&host, 'x');
+        while host.outbox_has_room() {
+            host.seal(&text(&longest)).unwrap();
+        }
+        let mut record = host.record();
+        // Held messages: the file stores their content as JSON inside a JSON string, so a text
+        // of backslashes (escaped twice) takes the most room: up to about twice the frame's
+        // worth of plaintext.
+        let plaintext = parley_protocol::limits::MAX_FRAME_BYTES / 2;
+        let held = serde_json::to_string(&text(&"\\".repeat(plaintext / 2))).unwrap();
+        record.early = (2..=MAX_EARLY + 1)
+            .map(|seq| Unshown {
+                seq,
+                text: Secret::new(held.clone()),
+            })
+            .collect();
+        record.unshown = vec![Unshown {
+            seq: 1,
+            text: Secret::new("\\".repeat(plaintext / 2)),
+        }];
+        let key = Secret::new("ab".repeat(32));
+        record.ratchet.skipped = vec![parley_state::SkippedChainRecord {
+            peer_public: "cd".repeat(crate::dh::ELEMENT_BYTES),
+            step: 0,
+            keys: (0..crate::ratchet::MAX_SKIP)
+                .map(|n| parley_state::SkippedKeyRecord {
+                    n,
+                    key: key.clone(),
+                })
+                .collect(),
+        }];
+        let mut state = parley_state::StateFile::new("alice");
+        state.upsert(record);
+        let bytes = serde_json::to_vec_pretty(&state).unwrap().len();
+        assert!(bytes < 13 * 1024 * 1024, "{bytes} bytes");
+        assert!((bytes as u64) < parley_state::MAX_STATE_BYTES / 4);
     }
 
     #[test]

@@ -32,9 +32,13 @@ pub const SCHEMA_VERSION: u32 = 2;
 /// Marks a file as ours, so that a stray JSON file is never mistaken for state.
 const FORMAT: &str = "parley-state";
 
-/// Longest state file this loader reads; anything larger is not ours. (A session's record
-/// is bounded by its outbox and skipped keys: a few MiB at the very most.)
-const MAX_STATE_BYTES: u64 = 64 * 1024 * 1024;
+/// Longest state file this loader reads; anything larger is not ours. Nothing in a session's
+/// record grows with the conversation (protocol.md 3.8): the client bounds its outbox (1000
+/// messages, 4 MiB of frames; 16 MiB for all the sessions of a file together), the messages
+/// held ahead of a gap (128), and the skipped keys (1000), so a record stays under 13 MiB
+/// even with every part at its bound, and about 1 MiB with a full outbox of ordinary chat
+/// lines.
+pub const MAX_STATE_BYTES: u64 = 64 * 1024 * 1024;
 
 /// Permission bits that let the group or others read or write the file.
 #[cfg(unix)]

@@ -194,12 +194,18 @@ pub struct TempDir(PathBuf);
 
 impl TempDir {
     pub fn new(tag: &str) -> TempDir {
+        // The clock alone is not enough: tests run in parallel threads of one process, and two
+        // of them asking at the same tick got the same directory (and each other's state).
+        static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+        let unique = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let nanos = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .unwrap()
             .as_nanos();
-        let dir =
-            std::env::temp_dir().join(format!("parley-e2e-{tag}-{}-{nanos}", std::process::id()));
+        let dir = std::env::temp_dir().join(format!(
+            "parley-e2e-{tag}-{}-{nanos}-{unique}",
+            std::process::id()
+        ));
         std::fs::create_dir_all(&dir).unwrap();
         TempDir(dir)
     }
@@ -283,6 +289,12 @@ impl Client {
         let stdin = self.stdin.as_mut().expect("stdin already closed");
         writeln!(stdin, "{text}").unwrap();
         stdin.flush().unwrap();
+    }
+
+    /// The client's stdin, to write from another thread (a writer that may block when the
+    /// client stops reading); the client sees end of input when it is dropped.
+    pub fn take_stdin(&mut self) -> Option<ChildStdin> {
+        self.stdin.take()
     }
 
     /// End of input: the client finishes sending, then exits.
