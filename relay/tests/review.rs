@@ -21,6 +21,20 @@ async fn restarted(old: TestRelay, config: &RelayConfig) -> TestRelay {
     TestRelay::with_config(config.clone()).await
 }
 
+/// A host and a guest paired, both gone, and the relay restarted: the new relay, the sid and
+/// the host's and guest's tokens.
+async fn paired_then_restarted(config: &RelayConfig) -> (TestRelay, String, String, String) {
+    let old = TestRelay::with_config(config.clone()).await;
+    let pair = old.pair().await;
+    let (sid, host_token, guest_token) = (
+        pair.sid.clone(),
+        pair.host_token.clone(),
+        pair.guest_token.clone(),
+    );
+    drop(pair);
+    (restarted(old, config).await, sid, host_token, guest_token)
+}
+
 // Defect 1: a RESTORE the relay refuses must not leave a session behind.
 #[tokio::test]
 async fn refused_restores_leave_no_session_behind() {
@@ -50,16 +64,8 @@ async fn refused_restores_leave_no_session_behind() {
 // Defect 2: a refused RESTORE writes nothing, so it cannot lock a seat's owner out.
 #[tokio::test]
 async fn a_refused_restore_does_not_lock_the_seat_owner_out() {
-    let config = RelayConfig::default();
-    let old = TestRelay::with_config(config.clone()).await;
-    let pair = old.pair().await;
-    let (sid, host_token, guest_token) = (
-        pair.sid.clone(),
-        pair.host_token.clone(),
-        pair.guest_token.clone(),
-    );
-    drop(pair);
-    let relay = restarted(old, &config).await;
+    let (relay, sid, host_token, guest_token) =
+        paired_then_restarted(&RelayConfig::default()).await;
     let proof = "c0ffee".repeat(10);
 
     let mut host = relay.client().await;
@@ -186,11 +192,7 @@ async fn a_restored_session_nobody_rejoins_is_forgotten_like_an_unpaired_one() {
         sweep_interval: Duration::from_millis(100),
         ..RelayConfig::default()
     };
-    let old = TestRelay::with_config(config.clone()).await;
-    let pair = old.pair().await;
-    let (sid, host_token) = (pair.sid.clone(), pair.host_token.clone());
-    drop(pair);
-    let relay = restarted(old, &config).await;
+    let (relay, sid, host_token, _) = paired_then_restarted(&config).await;
     let mut host = relay.client().await;
     host.send(json!({"t": "REATTACH", "sid": sid, "data": {"resumeToken": host_token}}))
         .await;
@@ -211,16 +213,8 @@ async fn a_restored_session_nobody_rejoins_is_forgotten_like_an_unpaired_one() {
 // and one member's RESTORE does not give away the other's seat.
 #[tokio::test]
 async fn after_a_restart_only_members_get_their_seats() {
-    let config = RelayConfig::default();
-    let old = TestRelay::with_config(config.clone()).await;
-    let pair = old.pair().await;
-    let (sid, host_token, guest_token) = (
-        pair.sid.clone(),
-        pair.host_token.clone(),
-        pair.guest_token.clone(),
-    );
-    drop(pair);
-    let relay = restarted(old, &config).await;
+    let (relay, sid, host_token, guest_token) =
+        paired_then_restarted(&RelayConfig::default()).await;
     let proof = "c0ffee".repeat(10);
 
     // The squatter knows the sid (it travels in every frame) and nothing else.

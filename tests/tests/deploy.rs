@@ -408,45 +408,40 @@ async fn metrics_move_by_exactly_what_an_exchange_causes_and_name_nobody() {
             .copied()
             .unwrap_or_else(|| panic!("no {name} in {text}"))
     };
-    assert_eq!(got("parley_relay_connections"), 2.0);
-    assert_eq!(got(r#"parley_relay_sessions{state="paired"}"#), 1.0);
-    assert_eq!(got(r#"parley_relay_sessions{state="unpaired"}"#), 0.0);
-    assert_eq!(
-        got(r#"parley_relay_frames_received_total{type="CREATE_SESSION"}"#),
-        1.0
-    );
-    assert_eq!(
-        got(r#"parley_relay_frames_received_total{type="JOIN"}"#),
-        2.0
-    );
-    assert_eq!(
-        got(r#"parley_relay_frames_received_total{type="JOIN_ACCEPT"}"#),
-        1.0
-    );
-    assert_eq!(
-        got(r#"parley_relay_frames_received_total{type="MSG"}"#),
-        3.0
-    );
-    assert_eq!(
-        got(r#"parley_relay_frames_received_total{type="unparsed"}"#),
-        1.0
-    );
-    assert_eq!(
-        got(r#"parley_relay_errors_sent_total{code="invite_unknown"}"#),
-        1.0
-    );
-    assert_eq!(
-        got(r#"parley_relay_errors_sent_total{code="malformed_json"}"#),
-        1.0
-    );
-    assert_eq!(
-        got(r#"parley_relay_errors_sent_total{code="not_member"}"#),
-        0.0
-    );
-    assert_eq!(got("parley_relay_rate_limited_total"), 0.0);
     // To the host: SESSION_CREATED, INVITE_CODE, JOIN_REQUEST, 3 DELIVERED; to the guest:
-    // ERROR, JOINED, JOINED, 3 MSG, ERROR.
-    assert_eq!(got("parley_relay_frames_sent_total"), 13.0);
+    // ERROR, JOINED, JOINED, 3 MSG, ERROR: 13 frames sent.
+    for (name, want) in [
+        ("parley_relay_connections", 2.0),
+        (r#"parley_relay_sessions{state="paired"}"#, 1.0),
+        (r#"parley_relay_sessions{state="unpaired"}"#, 0.0),
+        (
+            r#"parley_relay_frames_received_total{type="CREATE_SESSION"}"#,
+            1.0,
+        ),
+        (r#"parley_relay_frames_received_total{type="JOIN"}"#, 2.0),
+        (
+            r#"parley_relay_frames_received_total{type="JOIN_ACCEPT"}"#,
+            1.0,
+        ),
+        (r#"parley_relay_frames_received_total{type="MSG"}"#, 3.0),
+        (
+            r#"parley_relay_frames_received_total{type="unparsed"}"#,
+            1.0,
+        ),
+        (
+            r#"parley_relay_errors_sent_total{code="invite_unknown"}"#,
+            1.0,
+        ),
+        (
+            r#"parley_relay_errors_sent_total{code="malformed_json"}"#,
+            1.0,
+        ),
+        (r#"parley_relay_errors_sent_total{code="not_member"}"#, 0.0),
+        ("parley_relay_rate_limited_total", 0.0),
+        ("parley_relay_frames_sent_total", 13.0),
+    ] {
+        assert_eq!(got(name), want, "{name}");
+    }
     assert!(got("parley_relay_bytes_sent_total") > 0.0);
     assert!(got("parley_relay_process_resident_memory_bytes") > 0.0);
     assert!(got("parley_relay_process_open_fds") > 0.0);
