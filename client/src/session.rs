@@ -15,11 +15,11 @@ use std::collections::BTreeMap;
 use parley_protocol::{Envelope, FrameType, encode};
 use parley_state::{OutboxEntry, Role, Secret, SessionRecord, Unshown};
 use serde::{Deserialize, Serialize};
-use serde_json::value::RawValue;
 
 use crate::dh::DhKeyPair;
 use crate::message::{self, Direction, MessageError};
 use crate::ratchet::{Ratchet, RatchetError};
+use crate::wire::{ChatMsgData, ReceiptData};
 
 /// What travels inside a `MSG`'s encryption. `k` names the kind; receivers ignore unknown fields.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -164,14 +164,6 @@ pub struct NewSession {
 pub struct DamagedRecord {
     pub sid: String,
     pub what: &'static str,
-}
-
-#[derive(Deserialize)]
-struct MsgData<'a> {
-    #[serde(rename = "msgID")]
-    msg_id: Option<u64>,
-    #[serde(borrow)]
-    payload: Option<&'a RawValue>,
 }
 
 impl Session {
@@ -376,7 +368,10 @@ impl Session {
         // On a copy: a message refused below must not use up a key (the peer would skip it).
         let mut ratchet = self.ratchet.clone();
         let payload = hex::encode(ratchet.encrypt(&plaintext, &aad)?);
-        let data = serde_json::json!({"msgID": seq, "payload": payload});
+        let data = ChatMsgData {
+            msg_id: seq,
+            payload: &payload,
+        };
         let frame = encode(FrameType::Msg, Some(&self.sid), Some(&data));
         let max = parley_protocol::limits::MAX_FRAME_BYTES;
         if frame.len() > max {
@@ -533,7 +528,7 @@ impl Session {
         Ok(encode(
             FrameType::MsgRead,
             Some(&self.sid),
-            Some(&serde_json::json!({"receipt": sealed})),
+            Some(&ReceiptData { receipt: sealed }),
         ))
     }
 
@@ -544,11 +539,8 @@ impl Session {
         &mut self,
         env: &Envelope<'_>,
     ) -> Result<Option<(Receipt, Vec<u64>)>, ReceiveError> {
-        #[derive(Deserialize)]
-        struct Data {
-            receipt: Option<String>,
-        }
-        let Some(sealed) = env.data::<Data>().ok().and_then(|d| d.receipt) else {
+        // (The original client's `MSG_READ` carries no receipt.)
+        let Ok(ReceiptData { receipt: sealed }) = env.data::<ReceiptData>() else {
             return Ok(None);
         };
         let aad = receipt_aad(&self.sid_bytes, self.directions().1);
@@ -576,13 +568,9 @@ impl Session {
 
 /// A `MSG`'s sequence number and decoded payload.
 fn parse_msg(env: &Envelope<'_>) -> Result<(u64, Vec<u8>), ReceiveError> {
-    let data: MsgData = env.data().map_err(|_| ReceiveError::Malformed)?;
-    let seq = data.msg_id.ok_or(ReceiveError::Malformed)?;
-    let payload = data
-        .payload
-        .and_then(|raw| serde_json::from_str::<&str>(raw.get()).ok())
-        .and_then(|hex_payload| hex::decode(hex_payload).ok())
-        .ok_or(ReceiveError::Malformed)?;
+    let data: ChatMsgData = env.data().map_err(|_| ReceiveError::Malformed)?;
+    let seq = data.msg_id;
+    let payload = hex::decode(data.payload).map_err(|_| ReceiveError::Malformed)?;
     if seq == 0 {
         return Err(ReceiveError::Malformed);
     }
