@@ -788,11 +788,20 @@ mod tests {
 
     const SID: &str = "00112233445566778899aabbccddeeff";
 
+    /// The frames to send. Each one's `data` is written as protocol.md 3.2 shows Parley's
+    /// frames: compact, members sorted by key (as the relay's re-encoding leaves them).
     fn sends(steps: Vec<Step>) -> Vec<String> {
-        steps
+        let frames: Vec<String> = steps
             .into_iter()
             .filter_map(|s| if let Step::Send(f) = s { Some(f) } else { None })
-            .collect()
+            .collect();
+        for frame in &frames {
+            if let Some(data) = Envelope::parse(frame).unwrap().raw_data() {
+                let sorted = serde_json::from_str::<Value>(data.get()).unwrap();
+                assert_eq!(data.get(), sorted.to_string(), "{frame}");
+            }
+        }
+        frames
     }
 
     fn only_send(steps: Vec<Step>) -> Value {

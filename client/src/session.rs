@@ -1043,4 +1043,48 @@ mod tests {
         assert_eq!(shown_seqs, (1..=N).collect::<Vec<_>>());
         assert!(!host.has_unacked());
     }
+
+    /// What travels inside the encryption, as protocol.md writes it (3.6, 3.7 and the
+    /// vectors of 3.9): compact, `k` first, then the members in the order shown.
+    #[test]
+    fn golden_plaintexts_and_receipts() {
+        const DOCUMENT: &str = include_str!("../../protocol.md");
+        let plains = [
+            (
+                Plain::Hello {
+                    name: "host".into(),
+                },
+                r#"{"k":"hello","name":"host"}"#,
+            ),
+            (
+                Plain::Text {
+                    text: "hello".into(),
+                },
+                r#"{"k":"text","text":"hello"}"#,
+            ),
+        ];
+        for (plain, golden) in plains {
+            assert!(DOCUMENT.contains(golden), "{golden}");
+            assert_eq!(serde_json::to_string(&plain).unwrap(), golden);
+            assert_eq!(serde_json::from_str::<Plain>(golden).unwrap(), plain);
+        }
+        let receipts = [
+            (
+                Receipt::Delivered { upto: 3 },
+                r#"{"k":"delivered","upto":3}"#,
+            ),
+            (Receipt::Read { upto: 3 }, r#"{"k":"read","upto":3}"#),
+        ];
+        for (receipt, golden) in receipts {
+            assert!(DOCUMENT.contains(&golden.replace('3', "N")), "{golden}");
+            assert_eq!(serde_json::to_string(&receipt).unwrap(), golden);
+            assert_eq!(serde_json::from_str::<Receipt>(golden).unwrap(), receipt);
+        }
+        // Receivers accept any JSON, ignore unknown members, and count an unknown kind.
+        let spaced: Plain =
+            serde_json::from_str(r#"{ "text" : "hi", "x": 1, "k" : "text" }"#).unwrap();
+        assert_eq!(spaced, Plain::Text { text: "hi".into() });
+        let newer: Plain = serde_json::from_str(r#"{"k":"sticker","id":7}"#).unwrap();
+        assert_eq!(newer, Plain::Unknown);
+    }
 }
