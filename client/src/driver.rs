@@ -10,7 +10,6 @@ use futures_util::{SinkExt, StreamExt};
 use parley_protocol::limits::MAX_FRAME_BYTES;
 use parley_protocol::{Envelope, FrameType, encode};
 use parley_state::{StateFile, Store};
-use serde::Deserialize;
 use serde_json::json;
 use tokio::sync::mpsc;
 use tokio::time::Instant;
@@ -26,6 +25,7 @@ use crate::session::{
     MAX_OUTBOX, MAX_OUTBOX_BYTES, Plain, Receipt, ReceiveError, SendError, Session,
 };
 use crate::transport::{Dialer, RelaySocket};
+use crate::wire::{DeliveredData, ErrorData, ReattachData, RestoreData};
 
 /// Each stage of the handshake (once a joiner is there) must complete within this.
 const HANDSHAKE_STEP_TIMEOUT: Duration = Duration::from_secs(30);
@@ -452,13 +452,8 @@ async fn fail_pairing(
 
 /// `REATTACH`; returns whether the peer is online.
 async fn reattach(relay: &mut RelayLink, session: &Session) -> Result<bool, ClientError> {
-    #[derive(serde::Serialize)]
-    struct Reattach<'a> {
-        #[serde(rename = "resumeToken")]
-        resume_token: &'a str,
-    }
-    let data = Reattach {
-        resume_token: session.resume_token().expose(),
+    let data = ReattachData {
+        resume_token: Some(session.resume_token().expose().into()),
     };
     relay
         .send(encode(
@@ -602,17 +597,10 @@ async fn attach(
         Err(ClientError::ResumeRefused { code, .. })
             if code == "session_unknown" || code == "token_invalid" =>
         {
-            #[derive(serde::Serialize)]
-            struct Restore<'a> {
-                role: String,
-                #[serde(rename = "resumeToken")]
-                resume_token: &'a str,
-                proof: &'a str,
-            }
-            let data = Restore {
-                role: session.role().to_string(),
-                resume_token: session.resume_token().expose(),
-                proof: session.restore_proof().expose(),
+            let data = RestoreData {
+                role: Some(session.role().to_string().into()),
+                resume_token: Some(session.resume_token().expose().into()),
+                proof: Some(session.restore_proof().expose().into()),
             };
             relay
                 .send(encode(FrameType::Restore, Some(session.sid()), Some(&data)))
@@ -1046,13 +1034,14 @@ fn outbox_ready_event(session: &Session) -> serde_json::Value {
     })
 }
 
+/// The sequence number of our chat message that a `DELIVERED` or an `ERROR` names, if it
+/// names one (a handshake notice's `msgID` is a string).
 fn msg_seq(env: &Envelope<'_>) -> Option<u64> {
-    #[derive(Deserialize)]
-    struct Id {
-        #[serde(rename = "msgID")]
-        msg_id: Option<u64>,
-    }
-    env.data::<Id>().ok().and_then(|d| d.msg_id)
+    let msg_id = match env.kind {
+        FrameType::Delivered => env.data::<DeliveredData>().ok().map(|d| d.msg_id),
+        _ => env.data::<ErrorData>().ok().and_then(|d| d.msg_id),
+    }?;
+    serde_json::from_str(msg_id.get()).ok()
 }
 
 fn paired_event(session: &Session) -> serde_json::Value {

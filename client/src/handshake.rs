@@ -20,8 +20,6 @@
 
 use parley_protocol::{Envelope, FrameType, encode};
 use parley_state::{Role, Secret};
-use serde::Deserialize;
-use serde_json::json;
 use spake2::{Ed25519Group, Identity, Password, Spake2};
 
 use crate::code::InviteCode;
@@ -29,14 +27,14 @@ use crate::dh::{DhError, DhKeyPair};
 use crate::keys::{self, SessionKeys, Transcript};
 use crate::ratchet::Ratchet;
 use crate::session::{NewSession, Plain, Session};
+use crate::wire::{
+    AcceptedData, ErrorData, HandshakeMsgData, InviteCodeData, JoinAcceptData, JoinData,
+    JoinDeniedData, JoinDenyData, JoinRequestData, JoinedData, Offer, ResumeTokenData,
+};
+pub use crate::wire::{DENY_HANDSHAKE_FAILED, KIND_ABORT, KIND_CONFIRM};
 
 pub const SPAKE2_ID_HOST: &[u8] = b"parley/v1/host";
 pub const SPAKE2_ID_GUEST: &[u8] = b"parley/v1/guest";
-/// `data.kind` of the guest's key confirmation and of an abort notice (both sent as `MSG`).
-pub const KIND_CONFIRM: &str = "confirm";
-pub const KIND_ABORT: &str = "abort";
-/// `data.reason` of the host's `JOIN_DENY` when its side of the handshake failed.
-pub const DENY_HANDSHAKE_FAILED: &str = "handshake_failed";
 
 /// What the driver must do next.
 pub enum Step {
@@ -121,14 +119,6 @@ impl Pairing for Guest {
     }
 }
 
-/// The handshake fields one side publishes.
-#[derive(Deserialize)]
-struct Offer {
-    v: Option<u32>,
-    dh: Option<String>,
-    pake: Option<String>,
-}
-
 impl Offer {
     /// Checks the version and decodes the DH public key and SPAKE2 message.
     fn decode(self) -> Result<(Vec<u8>, Vec<u8>), PairingError> {
@@ -153,14 +143,6 @@ impl Offer {
     }
 }
 
-fn offer_data(dh: &DhKeyPair, pake_msg: &[u8]) -> serde_json::Map<String, serde_json::Value> {
-    let mut data = serde_json::Map::new();
-    data.insert("v".into(), json!(keys::PROTOCOL_VERSION));
-    data.insert("dh".into(), json!(hex::encode(dh.public())));
-    data.insert("pake".into(), json!(hex::encode(pake_msg)));
-    data
-}
-
 fn parse_sid(sid: Option<&str>) -> Result<(String, [u8; 16]), PairingError> {
     let sid = sid.ok_or(PairingError::Protocol("sid"))?;
     let mut bytes = [0u8; 16];
@@ -169,11 +151,7 @@ fn parse_sid(sid: Option<&str>) -> Result<(String, [u8; 16]), PairingError> {
 }
 
 fn abort_frame(sid: &str) -> String {
-    encode(
-        FrameType::Msg,
-        Some(sid),
-        Some(&json!({"msgID": KIND_ABORT, "kind": KIND_ABORT, "payload": ""})),
-    )
+    encode(FrameType::Msg, Some(sid), Some(&HandshakeMsgData::abort()))
 }
 
 /// `ERROR` during pairing is fatal; `PING`s are for the driver; the rest is checked by state.
@@ -184,16 +162,18 @@ fn relay_error(env: &Envelope<'_>) -> PairingError {
 
 /// `code` and `message` of a relay `ERROR`, with stand-ins for a malformed one.
 pub(crate) fn error_fields(env: &Envelope<'_>) -> (String, String) {
-    #[derive(Deserialize, Default)]
-    struct ErrorData {
-        code: Option<String>,
-        message: Option<String>,
-    }
-    let data: ErrorData = env.data().unwrap_or_default();
-    (
-        data.code.unwrap_or_else(|| "unknown".into()),
-        data.message.unwrap_or_else(|| "no reason given".into()),
-    )
+    let (code, message) = env
+        .data::<ErrorData>()
+        .map(|data| (data.code.into_owned(), data.message.into_owned()))
+        .unwrap_or_default();
+    let or = |field: String, stand_in: &str| {
+        if field.is_empty() {
+            stand_in.to_string()
+        } else {
+            field
+        }
+    };
+    (or(code, "unknown"), or(message, "no reason given"))
 }
 
 /// What both sides do with a frame before their state machine sees it: ignore the relay's
@@ -206,11 +186,7 @@ fn triage(text: &str) -> Result<Option<Envelope<'_>>, PairingError> {
         }
         FrameType::Error => Err(relay_error(&env)),
         FrameType::JoinDenied => {
-            #[derive(Deserialize)]
-            struct Denied {
-                reason: Option<String>,
-            }
-            let reason = env.data::<Denied>().ok().and_then(|d| d.reason);
+            let reason = env.data::<JoinDeniedData>().ok().and_then(|d| d.reason);
             Err(match reason.as_deref() {
                 Some(DENY_HANDSHAKE_FAILED) => PairingError::PeerAborted,
                 _ => PairingError::Denied,
@@ -222,11 +198,7 @@ fn triage(text: &str) -> Result<Option<Envelope<'_>>, PairingError> {
 
 /// `data.kind` of a `MSG`, if any.
 pub(crate) fn msg_kind(env: &Envelope<'_>) -> Option<String> {
-    #[derive(Deserialize)]
-    struct Kind {
-        kind: Option<String>,
-    }
-    env.data::<Kind>().ok().and_then(|k| k.kind)
+    env.data::<HandshakeMsgData>().ok().and_then(|k| k.kind)
 }
 
 /// Computes the session keys once both offers are known.
@@ -420,20 +392,11 @@ impl Host {
         match (state, env.kind) {
             (HostState::AwaitSession, FrameType::SessionCreated) => {
                 let (sid, sid_bytes) = parse_sid(env.sid())?;
-                #[derive(Deserialize)]
-                struct Created {
-                    #[serde(rename = "resumeToken")]
-                    resume_token: Option<String>,
-                }
-                let created: Created = env
+                let created: ResumeTokenData = env
                     .data()
-                    .map_err(|_| PairingError::Protocol("SESSION_CREATED"))?;
-                let token = Secret::new(
-                    created
-                        .resume_token
-                        .ok_or(PairingError::Protocol("resumeToken"))?,
-                );
-                let data = offer_data(&self.common.dh, &self.common.pake_msg);
+                    .map_err(|_| PairingError::Protocol("resumeToken"))?;
+                let token = Secret::new(created.resume_token);
+                let data = Offer::new(self.common.dh.public(), &self.common.pake_msg);
                 let invite = encode(FrameType::InviteCreate, Some(&sid), Some(&data));
                 Ok((
                     HostState::AwaitCode {
@@ -452,23 +415,15 @@ impl Host {
                 },
                 FrameType::InviteCode,
             ) => {
-                #[derive(Deserialize)]
-                struct Code {
-                    code: Option<String>,
-                    #[serde(rename = "expiresIn")]
-                    expires_in: Option<u64>,
-                }
-                let code: Code = env
+                // (Without `expiresIn`, the default lifetime.)
+                let code: InviteCodeData = env
                     .data()
                     .map_err(|_| PairingError::Protocol("INVITE_CODE"))?;
-                let relay_code = code.code.ok_or(PairingError::Protocol("code"))?;
                 let full = self
                     .secret
-                    .with_relay_code(&relay_code)
+                    .with_relay_code(&code.code)
                     .map_err(|_| PairingError::Protocol("relay code is not 6 digits"))?;
-                let expires_in = code
-                    .expires_in
-                    .unwrap_or(parley_protocol::limits::INVITE_TTL.as_secs());
+                let expires_in = code.expires_in;
                 Ok((
                     HostState::AwaitJoin {
                         sid,
@@ -489,14 +444,7 @@ impl Host {
                 },
                 FrameType::JoinRequest,
             ) => {
-                #[derive(Deserialize)]
-                struct Request {
-                    #[serde(rename = "clientID")]
-                    client_id: Option<String>,
-                    #[serde(flatten)]
-                    offer: Offer,
-                }
-                let request: Request = env
+                let request: JoinRequestData = env
                     .data()
                     .map_err(|_| PairingError::Protocol("JOIN_REQUEST"))?;
                 let client_id = request
@@ -505,7 +453,7 @@ impl Host {
                 let deny = encode(
                     FrameType::JoinDeny,
                     Some(&sid),
-                    Some(&json!({"clientID": client_id, "reason": DENY_HANDSHAKE_FAILED})),
+                    Some(&JoinDenyData::handshake_failed(&client_id)),
                 );
                 let pake = self
                     .common
@@ -531,7 +479,10 @@ impl Host {
                 let accept = encode(
                     FrameType::JoinAccept,
                     Some(&sid),
-                    Some(&json!({"clientID": client_id, "confirm": keys.host_confirm.to_hex()})),
+                    Some(&JoinAcceptData {
+                        client_id,
+                        confirm: keys.host_confirm.to_hex(),
+                    }),
                 );
                 let session =
                     self.common
@@ -552,12 +503,8 @@ impl Host {
                 },
                 FrameType::Msg,
             ) => {
-                #[derive(Deserialize)]
-                struct Confirm {
-                    kind: Option<String>,
-                    payload: Option<String>,
-                }
-                let msg: Confirm = env.data().map_err(|_| PairingError::Protocol("MSG"))?;
+                let msg: HandshakeMsgData =
+                    env.data().map_err(|_| PairingError::Protocol("MSG"))?;
                 match msg.kind.as_deref() {
                     Some(KIND_CONFIRM) => {}
                     Some(KIND_ABORT) => return Err(PairingError::PeerAborted),
@@ -660,8 +607,10 @@ impl Guest {
             &Identity::new(SPAKE2_ID_HOST),
             &Identity::new(SPAKE2_ID_GUEST),
         );
-        let mut data = offer_data(&dh, &pake_msg);
-        data.insert("code".into(), json!(code.relay_code()));
+        let data = JoinData {
+            code: code.relay_code().to_string(),
+            offer: Offer::new(dh.public(), &pake_msg),
+        };
         let join = encode(FrameType::Join, None, Some(&data));
         let common = Common {
             relay_url: relay_url.into(),
@@ -719,14 +668,8 @@ impl Guest {
         match (state, env.kind) {
             (GuestState::AwaitJoined, FrameType::Joined) => {
                 let (sid, sid_bytes) = parse_sid(env.sid())?;
-                #[derive(Deserialize)]
-                struct Joined {
-                    #[serde(rename = "resumeToken")]
-                    resume_token: Option<String>,
-                    #[serde(flatten)]
-                    offer: Offer,
-                }
-                let joined: Joined = env.data().map_err(|_| PairingError::Protocol("JOINED"))?;
+                let joined: JoinedData =
+                    env.data().map_err(|_| PairingError::Protocol("JOINED"))?;
                 let token = Secret::new(
                     joined
                         .resume_token
@@ -764,15 +707,9 @@ impl Guest {
                 },
                 FrameType::Joined,
             ) => {
-                #[derive(Deserialize)]
-                struct Accepted {
-                    confirm: Option<String>,
-                    /// The member's token (protocol.md 2.2): it replaces the joiner's, and
-                    /// only it lets a relay that forgot the session re-create it.
-                    #[serde(rename = "resumeToken")]
-                    resume_token: Option<String>,
-                }
-                let accepted: Accepted =
+                // With the member's token (protocol.md 2.2): it replaces the joiner's, and
+                // only it lets a relay that forgot the session re-create it.
+                let accepted: AcceptedData =
                     env.data().map_err(|_| PairingError::Protocol("JOINED"))?;
                 if !host_confirm.matches_hex(accepted.confirm.as_deref().unwrap_or_default()) {
                     return Err(PairingError::ConfirmationFailed);
@@ -781,7 +718,7 @@ impl Guest {
                 if let Some(token) = accepted.resume_token {
                     session.replace_resume_token(Secret::new(token));
                 }
-                let data = json!({"msgID": KIND_CONFIRM, "kind": KIND_CONFIRM, "payload": guest_confirm.to_hex()});
+                let data = HandshakeMsgData::confirm(guest_confirm.to_hex());
                 let confirm = encode(FrameType::Msg, Some(session.sid()), Some(&data));
                 Ok((
                     GuestState::AwaitHello { session },
@@ -847,15 +784,24 @@ fn open_hello(session: &mut Session, env: &Envelope<'_>) -> Result<(), PairingEr
 #[cfg(test)]
 mod tests {
     use super::*;
-    use serde_json::Value;
+    use serde_json::{Value, json};
 
     const SID: &str = "00112233445566778899aabbccddeeff";
 
+    /// The frames to send. Each one's `data` is written as protocol.md 3.2 shows Parley's
+    /// frames: compact, members sorted by key (as the relay's re-encoding leaves them).
     fn sends(steps: Vec<Step>) -> Vec<String> {
-        steps
+        let frames: Vec<String> = steps
             .into_iter()
             .filter_map(|s| if let Step::Send(f) = s { Some(f) } else { None })
-            .collect()
+            .collect();
+        for frame in &frames {
+            if let Some(data) = Envelope::parse(frame).unwrap().raw_data() {
+                let sorted = serde_json::from_str::<Value>(data.get()).unwrap();
+                assert_eq!(data.get(), sorted.to_string(), "{frame}");
+            }
+        }
+        frames
     }
 
     fn only_send(steps: Vec<Step>) -> Value {
@@ -1132,6 +1078,7 @@ mod tests {
 #[cfg(test)]
 mod abort_tests {
     use super::*;
+    use serde_json::json;
 
     const DOCUMENT: &str = include_str!("../../protocol.md");
 

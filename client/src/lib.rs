@@ -16,3 +16,4 @@ pub mod output;
 pub mod ratchet;
 pub mod session;
 pub mod transport;
+pub mod wire;

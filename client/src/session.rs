@@ -15,11 +15,11 @@ use std::collections::BTreeMap;
 use parley_protocol::{Envelope, FrameType, encode};
 use parley_state::{OutboxEntry, Role, Secret, SessionRecord, Unshown};
 use serde::{Deserialize, Serialize};
-use serde_json::value::RawValue;
 
 use crate::dh::DhKeyPair;
 use crate::message::{self, Direction, MessageError};
 use crate::ratchet::{Ratchet, RatchetError};
+use crate::wire::{ChatMsgData, ReceiptData};
 
 /// What travels inside a `MSG`'s encryption. `k` names the kind; receivers ignore unknown fields.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -164,14 +164,6 @@ pub struct NewSession {
 pub struct DamagedRecord {
     pub sid: String,
     pub what: &'static str,
-}
-
-#[derive(Deserialize)]
-struct MsgData<'a> {
-    #[serde(rename = "msgID")]
-    msg_id: Option<u64>,
-    #[serde(borrow)]
-    payload: Option<&'a RawValue>,
 }
 
 impl Session {
@@ -376,7 +368,10 @@ impl Session {
         // On a copy: a message refused below must not use up a key (the peer would skip it).
         let mut ratchet = self.ratchet.clone();
         let payload = hex::encode(ratchet.encrypt(&plaintext, &aad)?);
-        let data = serde_json::json!({"msgID": seq, "payload": payload});
+        let data = ChatMsgData {
+            msg_id: seq,
+            payload: &payload,
+        };
         let frame = encode(FrameType::Msg, Some(&self.sid), Some(&data));
         let max = parley_protocol::limits::MAX_FRAME_BYTES;
         if frame.len() > max {
@@ -533,7 +528,7 @@ impl Session {
         Ok(encode(
             FrameType::MsgRead,
             Some(&self.sid),
-            Some(&serde_json::json!({"receipt": sealed})),
+            Some(&ReceiptData { receipt: sealed }),
         ))
     }
 
@@ -544,11 +539,8 @@ impl Session {
         &mut self,
         env: &Envelope<'_>,
     ) -> Result<Option<(Receipt, Vec<u64>)>, ReceiveError> {
-        #[derive(Deserialize)]
-        struct Data {
-            receipt: Option<String>,
-        }
-        let Some(sealed) = env.data::<Data>().ok().and_then(|d| d.receipt) else {
+        // (The original client's `MSG_READ` carries no receipt.)
+        let Ok(ReceiptData { receipt: sealed }) = env.data::<ReceiptData>() else {
             return Ok(None);
         };
         let aad = receipt_aad(&self.sid_bytes, self.directions().1);
@@ -576,13 +568,9 @@ impl Session {
 
 /// A `MSG`'s sequence number and decoded payload.
 fn parse_msg(env: &Envelope<'_>) -> Result<(u64, Vec<u8>), ReceiveError> {
-    let data: MsgData = env.data().map_err(|_| ReceiveError::Malformed)?;
-    let seq = data.msg_id.ok_or(ReceiveError::Malformed)?;
-    let payload = data
-        .payload
-        .and_then(|raw| serde_json::from_str::<&str>(raw.get()).ok())
-        .and_then(|hex_payload| hex::decode(hex_payload).ok())
-        .ok_or(ReceiveError::Malformed)?;
+    let data: ChatMsgData = env.data().map_err(|_| ReceiveError::Malformed)?;
+    let seq = data.msg_id;
+    let payload = hex::decode(data.payload).map_err(|_| ReceiveError::Malformed)?;
     if seq == 0 {
         return Err(ReceiveError::Malformed);
     }
@@ -1054,5 +1042,49 @@ mod tests {
         }
         assert_eq!(shown_seqs, (1..=N).collect::<Vec<_>>());
         assert!(!host.has_unacked());
+    }
+
+    /// What travels inside the encryption, as protocol.md writes it (3.6, 3.7 and the
+    /// vectors of 3.9): compact, `k` first, then the members in the order shown.
+    #[test]
+    fn golden_plaintexts_and_receipts() {
+        const DOCUMENT: &str = include_str!("../../protocol.md");
+        let plains = [
+            (
+                Plain::Hello {
+                    name: "host".into(),
+                },
+                r#"{"k":"hello","name":"host"}"#,
+            ),
+            (
+                Plain::Text {
+                    text: "hello".into(),
+                },
+                r#"{"k":"text","text":"hello"}"#,
+            ),
+        ];
+        for (plain, golden) in plains {
+            assert!(DOCUMENT.contains(golden), "{golden}");
+            assert_eq!(serde_json::to_string(&plain).unwrap(), golden);
+            assert_eq!(serde_json::from_str::<Plain>(golden).unwrap(), plain);
+        }
+        let receipts = [
+            (
+                Receipt::Delivered { upto: 3 },
+                r#"{"k":"delivered","upto":3}"#,
+            ),
+            (Receipt::Read { upto: 3 }, r#"{"k":"read","upto":3}"#),
+        ];
+        for (receipt, golden) in receipts {
+            assert!(DOCUMENT.contains(&golden.replace('3', "N")), "{golden}");
+            assert_eq!(serde_json::to_string(&receipt).unwrap(), golden);
+            assert_eq!(serde_json::from_str::<Receipt>(golden).unwrap(), receipt);
+        }
+        // Receivers accept any JSON, ignore unknown members, and count an unknown kind.
+        let spaced: Plain =
+            serde_json::from_str(r#"{ "text" : "hi", "x": 1, "k" : "text" }"#).unwrap();
+        assert_eq!(spaced, Plain::Text { text: "hi".into() });
+        let newer: Plain = serde_json::from_str(r#"{"k":"sticker","id":7}"#).unwrap();
+        assert_eq!(newer, Plain::Unknown);
     }
 }
