@@ -2,8 +2,9 @@
 //! member takes its seat back on a new connection. The token says which seat: it is a MAC
 //! under the relay's secret (see `ids`), so a relay that forgot the session (it restarted, or
 //! the session expired) re-creates it from the first member's token, and the other seat then
-//! belongs to whoever presents a token the relay issued for it. Nobody without a member's
-//! token can take or block a seat.
+//! belongs to whoever presents a member's token the relay issued for it (a joiner's token,
+//! from before the host's accept, only takes back its own seat in a session the relay holds).
+//! Nobody without a member's token can take or block a seat.
 //!
 //! Also here: what a seat does when its connection leaves, and the mailbox hand-over.
 

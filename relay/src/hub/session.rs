@@ -116,8 +116,8 @@ impl Session {
         self.host.conn.is_some() || self.guest.as_ref().is_some_and(|g| g.conn.is_some())
     }
 
-    /// Paired, with both members known: nobody joined yet, or a seat of a re-created session
-    /// still awaits its owner, both mean the session is not worth keeping long when idle.
+    /// Paired, with both members' tokens known. An unpaired session, or a re-created one whose
+    /// other seat still awaits its owner, is not worth keeping long when idle.
     pub fn is_established(&self) -> bool {
         self.state() == SessionState::Paired
     }
