@@ -437,11 +437,13 @@ impl Session {
     /// The other sessions stored in the same state file hold `others` bytes of frames in their
     /// outboxes: this one may hold at most what [`MAX_STATE_OUTBOX_BYTES`] leaves beside them
     /// (and never more than [`MAX_OUTBOX_BYTES`]), so the file stays bounded however many
-    /// sessions it holds.
+    /// sessions it holds. Never less than one maximum-length frame, though: siblings whose
+    /// peers never come back must not stop this session for good (an empty outbox always
+    /// takes a message, and the pause then always ends with a receipt).
     pub fn share_outbox_budget(&mut self, others: usize) {
         self.outbox_budget = MAX_STATE_OUTBOX_BYTES
             .saturating_sub(others)
-            .min(MAX_OUTBOX_BYTES);
+            .clamp(parley_protocol::limits::MAX_FRAME_BYTES, MAX_OUTBOX_BYTES);
     }
 
     /// Whether other sessions' outboxes leave this one less than [`MAX_OUTBOX_BYTES`].
@@ -757,6 +759,13 @@ mod tests {
         host.share_outbox_budget(MAX_STATE_OUTBOX_BYTES + 1);
         assert_eq!(host.seal(&text("x")), Err(SendError::OutboxFull));
         assert_eq!(host.last_sealed(), sealed);
+        // ...but a session with an empty outbox always takes one message, so its pause can
+        // always end: siblings whose peers never return cannot stop it for good.
+        let (mut starved, _) = pair();
+        starved.share_outbox_budget(usize::MAX);
+        assert!(starved.outbox_has_room());
+        starved.seal(&text(&longest)).unwrap();
+        assert!(!starved.outbox_has_room());
         // Alone in its file, a session has its own bound, no more.
         let (mut alone, _) = pair();
         alone.share_outbox_budget(0);

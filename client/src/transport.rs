@@ -285,6 +285,9 @@ fn utc(unix: u64) -> String {
         .unwrap_or_else(|| format!("unix time {unix}"))
 }
 
+/// Far more than any bundle of CA certificates (the system's whole store is about 200 KiB).
+const MAX_CA_FILE_BYTES: u64 = 4 * 1024 * 1024;
+
 /// The certificates in a PEM file, each usable as a trust anchor, or a usage error naming it.
 fn read_ca_file(path: &Path) -> Result<Vec<CertificateDer<'static>>, ClientError> {
     let named = |what: String| {
@@ -294,7 +297,25 @@ fn read_ca_file(path: &Path) -> Result<Vec<CertificateDer<'static>>, ClientError
             path.display()
         ))
     };
-    let pem = std::fs::read(path).map_err(|e| named(format!("cannot read it ({e})")))?;
+    // A regular file (a FIFO or a device would block or never end), read with a bound.
+    let metadata = std::fs::metadata(path).map_err(|e| named(format!("cannot read it ({e})")))?;
+    if !metadata.is_file() {
+        return Err(named("not a regular file".into()));
+    }
+    let mut pem = Vec::new();
+    std::fs::File::open(path)
+        .and_then(|file| {
+            use std::io::Read;
+            file.take(MAX_CA_FILE_BYTES.saturating_add(1))
+                .read_to_end(&mut pem)
+        })
+        .map_err(|e| named(format!("cannot read it ({e})")))?;
+    if u64::try_from(pem.len()).unwrap_or(u64::MAX) > MAX_CA_FILE_BYTES {
+        return Err(named(format!(
+            "larger than {} MiB",
+            MAX_CA_FILE_BYTES / (1024 * 1024)
+        )));
+    }
     let certs = CertificateDer::pem_slice_iter(&pem)
         .collect::<Result<Vec<_>, _>>()
         .map_err(|e| named(format!("not valid PEM ({e})")))?;
@@ -386,7 +407,11 @@ mod tests {
             "-----BEGIN CERTIFICATE-----\n!!!\n-----END CERTIFICATE-----\n",
         )
         .unwrap();
-        for path in [dir.join("missing.pem"), garbage, broken] {
+        // A FIFO would block a plain read for ever; a directory is no file.
+        let fifo = dir.join("fifo.pem");
+        let made = std::process::Command::new("mkfifo").arg(&fifo).status();
+        assert!(made.is_ok_and(|s| s.success()), "mkfifo");
+        for path in [dir.join("missing.pem"), garbage, broken, fifo, dir.clone()] {
             let Err(e) = Dialer::new(Duration::from_secs(1), Some(&path)) else {
                 panic!("{} accepted", path.display());
             };
