@@ -47,14 +47,21 @@ pub fn self_signed(dir: &Path, tag: &str, names: &[&str], ca: bool) -> ServerCer
     };
     let key = KeyPair::generate().unwrap();
     let cert = params.self_signed(&key).unwrap();
-    let cert_path = dir.join(format!("{tag}.crt"));
-    let key_path = dir.join(format!("{tag}.key"));
-    std::fs::write(&cert_path, cert.pem()).unwrap();
-    std::fs::write(&key_path, key.serialize_pem()).unwrap();
-    ServerCert {
-        cert: cert_path,
-        key: key_path,
-        der: cert.der().to_vec(),
+    ServerCert::write(dir, tag, &cert, &key)
+}
+
+impl ServerCert {
+    /// Writes `cert` and `key` to `dir/TAG.crt` and `dir/TAG.key`.
+    fn write(dir: &Path, tag: &str, cert: &rcgen::Certificate, key: &KeyPair) -> ServerCert {
+        let cert_path = dir.join(format!("{tag}.crt"));
+        let key_path = dir.join(format!("{tag}.key"));
+        std::fs::write(&cert_path, cert.pem()).unwrap();
+        std::fs::write(&key_path, key.serialize_pem()).unwrap();
+        ServerCert {
+            cert: cert_path,
+            key: key_path,
+            der: cert.der().to_vec(),
+        }
     }
 }
 
@@ -92,15 +99,7 @@ impl TestCa {
         }
         let key = KeyPair::generate().unwrap();
         let cert = params.signed_by(&key, &self.issuer).unwrap();
-        let cert_path = dir.join(format!("{tag}.crt"));
-        let key_path = dir.join(format!("{tag}.key"));
-        std::fs::write(&cert_path, cert.pem()).unwrap();
-        std::fs::write(&key_path, key.serialize_pem()).unwrap();
-        ServerCert {
-            cert: cert_path,
-            key: key_path,
-            der: cert.der().to_vec(),
-        }
+        ServerCert::write(dir, tag, &cert, &key)
     }
 }
 

@@ -110,19 +110,19 @@ impl Change for Forward<'_> {
         let Some(peer) = session.seat_mut(self.to) else {
             return Delivery::MailboxFull; // ruled out by the decision
         };
+        let online = peer.conn.and_then(|id| conns.get(id));
         // Straight to the peer, unless what waited for it is still being handed over: then
         // behind that, in order.
         if peer.mailbox.is_empty()
-            && let Some(outbox) = peer.conn.and_then(|id| conns.get(id))
+            && let Some(outbox) = &online
             && outbox.push(self.frame.clone()).is_ok()
         {
-            let congested = outbox.is_congested().then_some(outbox);
+            let congested = outbox.is_congested().then(|| outbox.clone());
             return Delivery::Sent { congested };
         }
         // Offline, or being dropped as a slow consumer: keep it for the peer's return. An
         // online peer whose mailbox is still being handed over may hold a queue's worth more:
         // `mailbox_full` means "offline and full", and the sender is slowed down instead.
-        let online = peer.conn.and_then(|id| conns.get(id));
         let limits = match &online {
             Some(_) => MailboxLimits {
                 max_frames: self.limits.max_frames.saturating_add(self.queue.0),
