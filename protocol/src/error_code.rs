@@ -54,11 +54,13 @@ pub enum ErrorCode {
     AlreadyMember,
     /// Another connection re-attached to this seat with its resume token; this one was detached.
     Replaced,
+    /// A relay of a cluster cannot reach the store its nodes share; nothing was done.
+    StoreUnavailable,
 }
 
 impl ErrorCode {
     /// Every code, in protocol.md order (used by tests to keep the document and the code in step).
-    pub const ALL: [ErrorCode; 23] = [
+    pub const ALL: [ErrorCode; 24] = [
         ErrorCode::MalformedJson,
         ErrorCode::UnknownType,
         ErrorCode::MissingField,
@@ -82,6 +84,7 @@ impl ErrorCode {
         ErrorCode::Replaced,
         ErrorCode::MailboxFull,
         ErrorCode::RestoreRefused,
+        ErrorCode::StoreUnavailable,
     ];
 
     /// The code's wire string.
@@ -110,6 +113,7 @@ impl ErrorCode {
             ErrorCode::MailboxFull => "mailbox_full",
             ErrorCode::RestoreRefused => "restore_refused",
             ErrorCode::Replaced => "replaced",
+            ErrorCode::StoreUnavailable => "store_unavailable",
         }
     }
 

@@ -60,6 +60,8 @@ pub struct RelayConfig {
     /// Accept `REATTACH` without a resume token (the original client never had one). Anyone who
     /// learns a session id can then take an empty seat in it, so this is off by default.
     pub allow_tokenless_reattach: bool,
+    /// Share sessions with other relays through Redis (`--redis`); `None`: this relay alone.
+    pub cluster: Option<crate::cluster::ClusterConfig>,
     /// How often expired invites, idle sessions and full rate-limit buckets are swept.
     pub sweep_interval: Duration,
     /// On shutdown, how long connections get to receive their close frame.
@@ -118,6 +120,7 @@ impl Default for RelayConfig {
             mailbox_bytes_per_address: limits::MAILBOX_BYTES_PER_ADDRESS,
             secret: RelaySecret::random(),
             allow_tokenless_reattach: false,
+            cluster: None,
             sweep_interval: Duration::from_secs(30),
             shutdown_grace: Duration::from_secs(2),
             drain_time: Duration::ZERO,

@@ -31,6 +31,7 @@ use tokio_tungstenite::tungstenite::protocol::{CloseFrame, Role, WebSocketConfig
 use tokio_tungstenite::tungstenite::{Error as WsError, Message, Utf8Bytes};
 use tokio_util::sync::CancellationToken;
 
+use crate::cluster::Cluster;
 use crate::config::{RelayConfig, later};
 use crate::http;
 use crate::hub::{ConnState, ConnectionSlot, Flow, Hub};
@@ -69,6 +70,7 @@ enum Ending {
 
 pub async fn serve(
     hub: Arc<Hub>,
+    cluster: Option<Arc<Cluster>>,
     mut slot: ConnectionSlot,
     id: ConnId,
     stream: TcpStream,
@@ -89,10 +91,19 @@ pub async fn serve(
     );
     let mut attached = Attached {
         hub: &hub,
+        cluster: cluster.as_deref(),
         state: hub.attach(outbox, client),
     };
     tracing::debug!(conn = id, "connected");
-    let ending = run(&hub, &mut attached.state, &mut ws, outbound, &shutdown).await;
+    let ending = run(
+        &hub,
+        cluster.as_deref(),
+        &mut attached.state,
+        &mut ws,
+        outbound,
+        &shutdown,
+    )
+    .await;
     drop(attached);
     if matches!(ending, Ending::SlowConsumer | Ending::WriteTimeout) {
         hub.metrics().slow_consumer();
@@ -250,12 +261,16 @@ async fn answer<S: AsyncWrite + Unpin>(stream: &mut S, status: http::Status, hea
 /// seat keeps a dead connection and every peer hears `PEER_OFFLINE`.
 struct Attached<'a> {
     hub: &'a Hub,
+    cluster: Option<&'a Cluster>,
     state: ConnState,
 }
 
 impl Drop for Attached<'_> {
     fn drop(&mut self) {
         self.hub.disconnect(&self.state);
+        if let Some(cluster) = self.cluster {
+            cluster.connection_closed(self.state.outbox().id());
+        }
     }
 }
 
@@ -264,6 +279,7 @@ impl Drop for Attached<'_> {
 /// only as large as the idle state, not as the largest state it ever passes through.
 async fn run(
     hub: &Hub,
+    cluster: Option<&Cluster>,
     state: &mut ConnState,
     ws: &mut Ws,
     mut outbound: OutboxReceiver,
@@ -306,7 +322,7 @@ async fn run(
             () = drained(&mut peer_drain), if peer_drain.is_some() => peer_drain = None,
             incoming = ws.next(), if peer_drain.is_none() => {
                 last_heard = Instant::now();
-                let mut flow = match Box::pin(receive(hub, state, ws, incoming)).await {
+                let mut flow = match Box::pin(receive(hub, cluster, state, ws, incoming)).await {
                     Received::Flow(flow) => flow,
                     Received::End(ending) => return ending,
                 };
@@ -320,7 +336,7 @@ async fn run(
                     else {
                         break;
                     };
-                    match Box::pin(receive(hub, state, ws, incoming)).await {
+                    match Box::pin(receive(hub, cluster, state, ws, incoming)).await {
                         Received::Flow(next) => flow = flow.and(next),
                         Received::End(ending) => return ending,
                     }
@@ -359,15 +375,18 @@ enum Received {
 /// Applies one received item.
 async fn receive(
     hub: &Hub,
+    cluster: Option<&Cluster>,
     state: &mut ConnState,
     ws: &mut Ws,
     incoming: Option<Result<Message, WsError>>,
 ) -> Received {
     let config = hub.config();
     match incoming {
-        Some(Ok(Message::Text(text))) => return Received::Flow(hub.handle(state, &text)),
+        Some(Ok(Message::Text(text))) => {
+            return Received::Flow(apply(hub, cluster, state, &text).await);
+        }
         Some(Ok(Message::Binary(bytes))) => match Utf8Bytes::try_from(bytes.clone()) {
-            Ok(text) => return Received::Flow(hub.handle(state, &text)),
+            Ok(text) => return Received::Flow(apply(hub, cluster, state, &text).await),
             Err(_) => {
                 hub.metrics().frame_received(None, bytes.len());
                 let e = FrameError::new(
@@ -394,6 +413,19 @@ async fn receive(
         Some(Err(_)) => return Received::End(Ending::Transport),
     }
     Received::Flow(Flow::default())
+}
+
+/// Applies a client's frame: by the hub, or, in a cluster, wherever its session lives.
+async fn apply(
+    hub: &Hub,
+    cluster: Option<&Cluster>,
+    state: &mut ConnState,
+    frame: &Utf8Bytes,
+) -> Flow {
+    match cluster {
+        Some(cluster) => cluster.dispatch(state, frame).await,
+        None => hub.handle(state, frame),
+    }
 }
 
 /// Writes `batch` out, within the write timeout, unless the connection is killed meanwhile.

@@ -17,6 +17,7 @@
 )]
 
 mod budget;
+mod cluster;
 mod cmd;
 mod config;
 mod connection;
@@ -32,6 +33,7 @@ mod read_ahead;
 mod server;
 mod tls;
 
+pub use cluster::ClusterConfig;
 pub use config::{RateLimit, RelayConfig};
 pub use http::ForwardedHeader;
 pub use hub::Stats;

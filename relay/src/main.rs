@@ -166,6 +166,18 @@ struct Args {
     #[arg(long, default_value = "text", value_parser = ["text", "json"])]
     log_format: String,
 
+    /// Share sessions with every relay pointed at this Redis (redis://HOST:PORT[/DB]): they
+    /// then act as one relay behind any load balancer, and a relay restart loses nobody's
+    /// session. All of them need the same --secret-file. Without it, this relay keeps
+    /// everything in its own memory. See docs/cluster.md.
+    #[arg(long, env = "PARLEY_REDIS", value_name = "URL")]
+    redis: Option<String>,
+
+    /// Put before every key this relay writes to --redis, so several deployments can share
+    /// one Redis.
+    #[arg(long, env = "PARLEY_REDIS_PREFIX", default_value = "parley:")]
+    redis_prefix: String,
+
     /// Accept REATTACH without a resume token, as the original relay did. Anyone who learns a
     /// session id can then take an empty seat in it: only for clients that predate tokens.
     #[arg(long)]
@@ -224,6 +236,10 @@ impl Args {
                 ..defaults.mailbox
             },
             allow_tokenless_reattach: self.allow_tokenless_reattach,
+            cluster: self.redis.as_ref().map(|url| parley_relay::ClusterConfig {
+                url: url.clone(),
+                prefix: self.redis_prefix.clone(),
+            }),
             ..defaults
         }
     }
@@ -307,7 +323,12 @@ async fn serve(args: Args) -> ExitCode {
     let config = args.config(secret, tls, trusted_proxies);
     let mut relay = match Relay::bind(&args.listen, config).await {
         Ok(relay) => relay,
-        Err(e) if e.kind() == std::io::ErrorKind::InvalidInput => {
+        Err(e)
+            if matches!(
+                e.kind(),
+                std::io::ErrorKind::InvalidInput | std::io::ErrorKind::NotConnected
+            ) =>
+        {
             eprintln!("parley-relay: {e}");
             return ExitCode::from(2);
         }

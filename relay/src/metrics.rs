@@ -37,6 +37,10 @@ pub struct Metrics {
     failed_upgrades: AtomicU64,
     failed_tls_handshakes: AtomicU64,
     plain_http_requests: AtomicU64,
+    /// In a cluster: requests to the shared store, those that failed, and their total time.
+    store_requests: AtomicU64,
+    store_errors: AtomicU64,
+    store_micros: AtomicU64,
 }
 
 fn add(counter: &AtomicU64, n: u64) {
@@ -81,6 +85,17 @@ impl Metrics {
 
     pub fn plain_http_request(&self) {
         add(&self.plain_http_requests, 1);
+    }
+
+    pub fn store_request(&self, took: std::time::Duration, failed: bool) {
+        add(&self.store_requests, 1);
+        add(
+            &self.store_micros,
+            u64::try_from(took.as_micros()).unwrap_or(u64::MAX),
+        );
+        if failed {
+            add(&self.store_errors, 1);
+        }
     }
 }
 
@@ -251,6 +266,28 @@ impl Collector for RelayCollector {
             "Plain HTTP requests answered (health checks included)",
             load(&m.plain_http_requests),
         )?;
+        if hub.config().cluster.is_some() {
+            counter(
+                &mut e,
+                "store_requests",
+                "Requests to the cluster's shared store (Redis)",
+                load(&m.store_requests),
+            )?;
+            counter(
+                &mut e,
+                "store_errors",
+                "Requests to the cluster's shared store that failed or timed out",
+                load(&m.store_errors),
+            )?;
+            let seconds = ConstCounter::new(load(&m.store_micros) as f64 / 1e6);
+            let d = e.encode_descriptor(
+                "store_seconds",
+                "Time spent waiting for the shared store; divided by store_requests, the mean latency",
+                None,
+                seconds.metric_type(),
+            )?;
+            seconds.encode(d)?;
+        }
 
         let process = crate::process::sample();
         let cpu = ConstCounter::new(process.cpu_seconds);

@@ -104,6 +104,12 @@ impl Outbox {
         self.0.id
     }
 
+    /// Drops the connection as if it had overflowed: its task closes it. (A cluster node whose
+    /// peer node has gone closes the clients whose sessions lived there, so they come back.)
+    pub fn kill(&self) {
+        self.0.kill();
+    }
+
     pub fn push(&self, frame: impl Into<Utf8Bytes>) -> Result<(), Overflow> {
         let shared = &*self.0;
         // A connection already being dropped takes nothing more: its peer must hear

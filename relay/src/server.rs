@@ -13,6 +13,7 @@ use tokio::time::{Instant, timeout};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
+use crate::cluster::Cluster;
 use crate::config::{RelayConfig, later};
 use crate::hub::{Hub, Stats};
 use crate::read_ahead::ReadAhead;
@@ -24,6 +25,10 @@ pub struct Relay {
     metrics_listener: Option<TcpListener>,
     hub: Arc<Hub>,
     registry: Arc<Registry>,
+    /// In a cluster (`--redis`): this node, and its tasks, stopped once every connection is.
+    cluster: Option<Arc<Cluster>>,
+    cluster_tasks: TaskTracker,
+    cluster_stop: CancellationToken,
 }
 
 /// A cheap handle for looking at a running relay (tests, operators).
@@ -58,17 +63,31 @@ impl RelayHandle {
 
 impl Relay {
     /// Binds the listener; refuses a configuration that cannot work (see
-    /// [`RelayConfig::validate`]) with `InvalidInput`.
+    /// [`RelayConfig::validate`]) with `InvalidInput`. In a cluster, joins it first: a Redis
+    /// that cannot be reached is `NotConnected`.
     pub async fn bind(addr: impl ToSocketAddrs, config: RelayConfig) -> io::Result<Relay> {
         config.validate()?;
         let listener = TcpListener::bind(addr).await?;
         let hub = Arc::new(Hub::new(config));
         let registry = Arc::new(metrics::registry(hub.clone()));
+        let cluster_tasks = TaskTracker::new();
+        let cluster_stop = CancellationToken::new();
+        let cluster = match &hub.config().cluster {
+            Some(config) => Some(
+                Cluster::start(config, hub.clone(), &cluster_tasks, cluster_stop.clone())
+                    .await
+                    .map_err(|e| io::Error::new(io::ErrorKind::NotConnected, e.to_string()))?,
+            ),
+            None => None,
+        };
         Ok(Relay {
             listener,
             metrics_listener: None,
             hub,
             registry,
+            cluster,
+            cluster_tasks,
+            cluster_stop,
         })
     }
 
@@ -101,13 +120,15 @@ impl Relay {
             metrics_listener,
             hub,
             registry,
+            cluster,
+            cluster_tasks,
+            cluster_stop,
         } = self;
         let config = hub.config();
         let stop = CancellationToken::new();
         let tracker = TaskTracker::new();
         tracker.spawn(sweep(hub.clone(), stop.clone()));
 
-        let mut next_id = 0u64;
         let mut backoff = Duration::from_millis(10);
         // What shutdown has reached: serving, draining (until the first deadline), closing
         // (until every connection has gone, or the second deadline).
@@ -167,16 +188,19 @@ impl Relay {
                 );
                 continue;
             };
-            next_id += 1;
             tracker.spawn(connection::serve(
                 hub.clone(),
+                cluster.clone(),
                 slot,
-                next_id,
+                hub.next_conn_id(),
                 stream,
                 peer,
                 stop.clone(),
             ));
         }
+        cluster_stop.cancel();
+        cluster_tasks.close();
+        cluster_tasks.wait().await;
         Ok(())
     }
 }

@@ -4,9 +4,11 @@
 //! Every wait is bounded (`STEP`), so a broken build fails a test instead of hanging it.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::indexing_slicing)]
 
+pub mod balancer;
 pub mod fake_relay;
 pub mod pki;
 pub mod proxy;
+pub mod redis;
 
 use std::io::{BufRead, BufReader, Write};
 use std::path::{Path, PathBuf};
@@ -79,12 +81,26 @@ impl RelayProcess {
         RelayProcess::spawn("127.0.0.1:0", TempDir::new("relay"), extra_args)
     }
 
+    /// A relay whose secret is the file `secret` (relays of one cluster share it).
+    pub fn start_with_secret(secret: &Path, extra_args: &[&str]) -> RelayProcess {
+        RelayProcess::spawn_with_secret("127.0.0.1:0", TempDir::new("relay"), secret, extra_args)
+    }
+
     fn spawn(listen: &str, secret_dir: TempDir, extra_args: &[&str]) -> RelayProcess {
         let secret = secret_dir.path().join("secret");
+        RelayProcess::spawn_with_secret(listen, secret_dir, &secret, extra_args)
+    }
+
+    fn spawn_with_secret(
+        listen: &str,
+        secret_dir: TempDir,
+        secret: &Path,
+        extra_args: &[&str],
+    ) -> RelayProcess {
         let mut child = Command::new(&binaries().relay)
             .args(["--listen", listen])
             .arg("--secret-file")
-            .arg(&secret)
+            .arg(secret)
             .args(extra_args)
             .env("RUST_LOG", "warn")
             .stdout(Stdio::piped())

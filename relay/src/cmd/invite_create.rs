@@ -98,10 +98,18 @@ impl Change for Invite<'_> {
                 params,
             } => {
                 let code = sessions.new_invite(sid, expires_at).ok_or_else(|| {
-                    FrameError::new(
-                        ErrorCode::RelayFull,
-                        "the relay has too many live invite codes; try again later",
-                    )
+                    if sessions.code_pool().is_some() {
+                        // A cluster node issues only codes reserved in the shared store.
+                        FrameError::new(
+                            ErrorCode::StoreUnavailable,
+                            "the relay cannot reach its shared store to reserve a code; try again shortly",
+                        )
+                    } else {
+                        FrameError::new(
+                            ErrorCode::RelayFull,
+                            "the relay has too many live invite codes; try again later",
+                        )
+                    }
                 })?;
                 session.invite = Some(code);
                 if params.is_some() {

@@ -318,3 +318,10 @@ impl Change for Leave {
         }
     }
 }
+
+/// Whether `env` is a `REATTACH` or `RESTORE` whose member token this relay issued: what may
+/// re-create the session if nobody holds it. (A cluster node claims a session's home only for
+/// such a frame, so nobody can make it claim sessions that do not exist.)
+pub fn could_recreate(hub: &Hub, env: &Envelope<'_>) -> bool {
+    parse(hub, env).is_ok_and(|r| r.token.is_some_and(|t| t.stage == Stage::Member))
+}

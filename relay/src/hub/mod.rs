@@ -12,7 +12,7 @@ mod store;
 
 use std::net::IpAddr;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 
 use parley_protocol::payload::ErrorData;
 use parley_protocol::{Envelope, ErrorCode, FrameError, FrameType, encode};
@@ -25,16 +25,19 @@ pub(crate) use session::{PendingJoin, Seat, Session, SessionState};
 pub(crate) use store::{Change, Connections, Sessions};
 
 use crate::budget::Budget;
+use crate::cluster::CodePool;
 use crate::cmd;
 use crate::config::{RelayConfig, later};
-use crate::ids::SessionId;
+use crate::ids::{InviteCode, SessionId};
 use crate::limiter::{AddressCounts, AddressKey, AddressLimiter, TokenBucket};
 use crate::metrics::Metrics;
+use crate::outbox::ConnId;
 use crate::outbox::Outbox;
 
 /// Per-connection state, owned by the connection's task and passed to every call.
 pub struct ConnState {
     pub(crate) outbox: Outbox,
+    pub(crate) ip: IpAddr,
     pub(crate) address: AddressKey,
     /// Sessions this connection sits in. A cache: the seat's `conn` is the truth (another
     /// connection may have taken the seat over with the token), checked on every use.
@@ -114,6 +117,8 @@ pub struct Hub {
     pub(crate) budget: Arc<Budget>,
     pub(crate) metrics: Arc<Metrics>,
     connections: AtomicUsize,
+    /// The last connection id given out (connections and, in a cluster, proxies).
+    last_conn_id: AtomicU64,
     connections_per_address: AddressCounts,
     /// Connections per address that have not finished their upgrade yet.
     openings_per_address: AddressCounts,
@@ -179,6 +184,10 @@ impl Hub {
         // A mailbox is handed over as its member's queue drains, so it need not fit that queue
         // at once; but one frame always must.
         config.mailbox.max_bytes = config.mailbox.max_bytes.max(config.max_frame_bytes);
+        let codes = config
+            .cluster
+            .is_some()
+            .then(|| Arc::new(CodePool::new(config.invite_ttl)));
         Hub {
             join_limiter: AddressLimiter::new(config.join_failures_per_address),
             create_limiter: AddressLimiter::new(config.sessions_created_per_address),
@@ -186,16 +195,49 @@ impl Hub {
             connections_per_address: AddressCounts::new(config.max_connections_per_address),
             openings_per_address: AddressCounts::new(config.max_pending_per_address),
             config,
-            sessions: Sessions::default(),
+            sessions: Sessions::new(codes),
             conns: Connections::default(),
             metrics: Arc::default(),
             connections: AtomicUsize::new(0),
+            last_conn_id: AtomicU64::new(0),
             draining: AtomicBool::new(false),
         }
     }
 
     pub fn config(&self) -> &RelayConfig {
         &self.config
+    }
+
+    /// A new connection id, never given out before by this process.
+    pub fn next_conn_id(&self) -> ConnId {
+        self.last_conn_id
+            .fetch_add(1, Ordering::Relaxed)
+            .wrapping_add(1)
+    }
+
+    /// Whether this node holds the session (in a cluster: it is at home here).
+    pub fn holds_session(&self, sid: SessionId) -> bool {
+        self.sessions.contains(sid)
+    }
+
+    /// Whether this node issued the invite code and still knows it.
+    pub fn holds_invite(&self, code: InviteCode) -> bool {
+        self.sessions.invite(code, |_| ()).is_some()
+    }
+
+    /// Whether a failed `JOIN` from this connection's address would still be allowed.
+    pub fn join_allowed(&self, conn: &ConnState) -> bool {
+        self.join_limiter.allows(conn.address, Instant::now())
+    }
+
+    /// The ids of the sessions held here.
+    pub fn session_ids(&self) -> Vec<SessionId> {
+        self.sessions.ids()
+    }
+
+    /// In a cluster, the invite codes reserved for this node.
+    pub fn code_pool(&self) -> Option<Arc<CodePool>> {
+        self.sessions.code_pool()
     }
 
     pub fn metrics(&self) -> &Metrics {
@@ -267,6 +309,7 @@ impl Hub {
         self.conns.add(outbox.clone());
         ConnState {
             outbox,
+            ip,
             address: AddressKey::from(ip),
             memberships: Vec::new(),
             join_failures: TokenBucket::full(

@@ -21,9 +21,11 @@ use dashmap::mapref::entry::Entry;
 use tokio::time::Instant;
 use tokio_tungstenite::tungstenite::Utf8Bytes;
 
+use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 
 use super::session::{Invite, Session, SessionState};
+use crate::cluster::CodePool;
 use crate::ids::{InviteCode, SessionId};
 use crate::outbox::{ConnId, Outbox, Overflow};
 use parley_protocol::FrameError;
@@ -67,12 +69,30 @@ pub struct Sessions {
     invites: DashMap<InviteCode, Invite>,
     /// Sessions by [`SessionState`], kept as they change (a scrape must not walk the map).
     by_state: [AtomicUsize; 3],
+    /// In a cluster, new invites take their codes from here (reserved cluster-wide); alone,
+    /// a relay draws them at random.
+    codes: Option<Arc<CodePool>>,
 }
 
 /// How many random codes to try before calling the code space full.
 const INVITE_CODE_ATTEMPTS: usize = 16;
 
 impl Sessions {
+    pub fn new(codes: Option<Arc<CodePool>>) -> Sessions {
+        Sessions {
+            codes,
+            ..Sessions::default()
+        }
+    }
+
+    pub fn code_pool(&self) -> Option<Arc<CodePool>> {
+        self.codes.clone()
+    }
+
+    pub fn ids(&self) -> Vec<SessionId> {
+        self.map.iter().map(|entry| *entry.key()).collect()
+    }
+
     pub fn len(&self) -> usize {
         self.map.len()
     }
@@ -191,10 +211,14 @@ impl Sessions {
         });
     }
 
-    /// A new code for `sid`, live until `expires_at`; `None` if the code space is too full.
+    /// A new code for `sid`, live until `expires_at`; `None` if the code space is too full (or,
+    /// in a cluster, no reserved code is left).
     pub fn new_invite(&self, sid: SessionId, expires_at: Instant) -> Option<InviteCode> {
         (0..INVITE_CODE_ATTEMPTS).find_map(|_| {
-            let code = InviteCode::random();
+            let code = match &self.codes {
+                Some(pool) => pool.take(Instant::now())?,
+                None => InviteCode::random(),
+            };
             match self.invites.entry(code) {
                 Entry::Vacant(slot) => {
                     slot.insert(Invite {

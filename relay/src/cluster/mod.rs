@@ -1,0 +1,732 @@
+//! Several relays on one Redis, behaving as one relay (`--redis`).
+//!
+//! Each session lives in one node's memory, its *home*, where the ordinary hub applies every
+//! frame of it: the rules are the single relay's, and two members on the same node pay no
+//! Redis round trip per frame. Redis holds what the nodes must agree on:
+//!
+//! - which nodes are alive (`nodes`, a sorted set of heartbeat deadlines, renewed every
+//!   second; a node that misses [`NODE_TTL`] is dead),
+//! - each session's home (`home:SID`, claimed atomically: a live home is never replaced),
+//! - which node issued each invite code (`code:CODE`, reserved before it is handed out, so two
+//!   nodes never issue the same code),
+//! - each node's inbox (`inbox:NODE`, a stream).
+//!
+//! A client may connect to any node (its *gate*). The gate applies a frame itself if the
+//! session is at home there (or is new), and otherwise appends it to the home's inbox; the
+//! home applies it for a *proxy* of that client and sends what the hub queues for the proxy
+//! back to the gate's inbox, which writes it to the client. Streams keep each sender's order.
+//!
+//! When a node dies, the others notice within [`NODE_TTL`] plus a second: gates close the
+//! clients whose sessions lived there (they reconnect and take their seats back with their
+//! resume tokens, which every node can check: all share one `--secret-file`), and homes drop
+//! the proxies of the dead gate's clients (their peers hear `PEER_OFFLINE`).
+//!
+//! docs/cluster.md has the design, the keys and what is not (yet) shared.
+
+mod codes;
+mod route;
+mod wire;
+
+use std::collections::{HashMap, HashSet};
+use std::net::IpAddr;
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::Duration;
+
+use dashmap::DashMap;
+use redis::Script;
+use redis::aio::{ConnectionManager, ConnectionManagerConfig};
+use tokio::sync::mpsc;
+use tokio::time::Instant;
+use tokio_tungstenite::tungstenite::Utf8Bytes;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+pub use codes::CodePool;
+pub use wire::NodeId;
+use wire::NodeMsg;
+
+use crate::hub::{ConnState, Hub};
+use crate::ids::{InviteCode, SessionId};
+use crate::outbox::{ConnId, Outbox};
+
+/// How long a node counts as alive after its last heartbeat.
+pub const NODE_TTL: Duration = Duration::from_secs(5);
+/// How often a node renews its heartbeat and reads who else is alive.
+const HEARTBEAT: Duration = Duration::from_secs(1);
+/// Frames waiting to be written to other nodes' inboxes; beyond it, frames for other nodes are
+/// refused with `store_unavailable` (Redis is down or too slow).
+const OUTGOING_CAPACITY: usize = 65_536;
+/// An inbox holds at most about this many entries (a node that stops reading must not fill
+/// Redis); a live node reads its inbox continuously.
+const INBOX_MAX_ENTRIES: usize = 1_000_000;
+/// How long a Redis command may take before it counts as failed.
+const STORE_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// Where the cluster's shared state is.
+#[derive(Debug, Clone)]
+pub struct ClusterConfig {
+    /// `redis://HOST:PORT[/DB]`.
+    pub url: String,
+    /// Put before every key, so several deployments can share one Redis.
+    pub prefix: String,
+}
+
+/// The names of the keys, under the deployment's prefix.
+struct Keys {
+    prefix: String,
+}
+
+impl Keys {
+    fn nodes(&self) -> String {
+        format!("{}nodes", self.prefix)
+    }
+    fn home(&self, sid: SessionId) -> String {
+        format!("{}home:{sid}", self.prefix)
+    }
+    fn code(&self, code: InviteCode) -> String {
+        format!("{}code:{code}", self.prefix)
+    }
+    fn inbox(&self, node: NodeId) -> String {
+        format!("{}inbox:{node}", self.prefix)
+    }
+}
+
+/// Renews this node's heartbeat, forgets nodes whose heartbeat has lapsed, keeps this node's
+/// inbox alive as long as the node, and answers the live nodes. Deadlines are in Redis's own
+/// clock, so the nodes' clocks need not agree.
+const HEARTBEAT_SCRIPT: &str = r"
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now)
+redis.call('ZADD', KEYS[1], now + tonumber(ARGV[2]), ARGV[1])
+redis.call('PEXPIRE', KEYS[1], tonumber(ARGV[2]) * 10)
+if redis.call('EXISTS', KEYS[2]) == 1 then
+  redis.call('PEXPIRE', KEYS[2], tonumber(ARGV[2]) * 10)
+end
+return redis.call('ZRANGE', KEYS[1], 0, -1)
+";
+
+/// Makes this node a session's home unless a live node already is; answers the home.
+const CLAIM_SCRIPT: &str = r"
+local current = redis.call('GET', KEYS[1])
+if current and current ~= ARGV[1] then
+  local t = redis.call('TIME')
+  local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+  local deadline = redis.call('ZSCORE', KEYS[2], current)
+  if deadline and tonumber(deadline) > now then
+    return current
+  end
+end
+redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
+return ARGV[1]
+";
+
+/// The value of a key that names a node (a session's home, a code's issuer), if that node is
+/// alive: Redis's own view, so a node that has just joined is seen at once.
+const LIVE_NODE_SCRIPT: &str = r"
+local node = redis.call('GET', KEYS[1])
+if not node then return false end
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local deadline = redis.call('ZSCORE', KEYS[2], node)
+if deadline and tonumber(deadline) > now then return node end
+return false
+";
+
+/// A client of another node, whose frames this node applies to a session at home here.
+struct Proxy {
+    state: Arc<Mutex<ConnState>>,
+    stop: CancellationToken,
+}
+
+/// The sessions (and homes) a local client's frames went to, at other nodes.
+#[derive(Default)]
+struct Routes {
+    sessions: Vec<(SessionId, NodeId)>,
+    homes: Vec<NodeId>,
+}
+
+/// Sessions a client may be routed to, at most (a client names a session it is not in only to
+/// be refused; this bounds what such attempts can make a gate remember).
+const MAX_ROUTES: usize = 64;
+
+pub struct Cluster {
+    me: NodeId,
+    keys: Keys,
+    redis: ConnectionManager,
+    hub: Arc<Hub>,
+    outgoing: mpsc::Sender<(NodeId, String)>,
+    alive: RwLock<HashSet<NodeId>>,
+    routes: DashMap<ConnId, Routes>,
+    proxies: Mutex<HashMap<(NodeId, ConnId), Proxy>>,
+    heartbeat: Script,
+    claim: Script,
+    live_node: Script,
+}
+
+/// What `connect` could not do.
+#[derive(Debug, thiserror::Error)]
+#[error("cannot use Redis at {url}: {source}")]
+pub struct ClusterError {
+    url: String,
+    source: redis::RedisError,
+}
+
+impl Cluster {
+    /// Connects to Redis, announces this node, and starts the node's tasks (heartbeat, inbox,
+    /// outgoing frames, invite codes) on `tracker`, until `stop`.
+    pub async fn start(
+        config: &ClusterConfig,
+        hub: Arc<Hub>,
+        tracker: &TaskTracker,
+        stop: CancellationToken,
+    ) -> Result<Arc<Cluster>, ClusterError> {
+        let failed = |source| ClusterError {
+            url: redacted(&config.url),
+            source,
+        };
+        let client = redis::Client::open(config.url.as_str()).map_err(failed)?;
+        let manager_config = ConnectionManagerConfig::new()
+            .set_connection_timeout(Some(STORE_TIMEOUT))
+            .set_response_timeout(Some(STORE_TIMEOUT))
+            .set_max_delay(Duration::from_secs(1));
+        let redis = ConnectionManager::new_with_config(client.clone(), manager_config.clone())
+            .await
+            .map_err(failed)?;
+        // The inbox is read with a blocking command: on its own connection, with room for the
+        // block in its timeout.
+        let reader = ConnectionManager::new_with_config(
+            client,
+            manager_config.set_response_timeout(Some(STORE_TIMEOUT + INBOX_BLOCK)),
+        )
+        .await
+        .map_err(failed)?;
+        let (outgoing, outgoing_rx) = mpsc::channel(OUTGOING_CAPACITY);
+        let cluster = Arc::new(Cluster {
+            me: NodeId::random(),
+            keys: Keys {
+                prefix: config.prefix.clone(),
+            },
+            redis,
+            hub,
+            outgoing,
+            alive: RwLock::new(HashSet::new()),
+            routes: DashMap::new(),
+            proxies: Mutex::new(HashMap::new()),
+            heartbeat: Script::new(HEARTBEAT_SCRIPT),
+            claim: Script::new(CLAIM_SCRIPT),
+            live_node: Script::new(LIVE_NODE_SCRIPT),
+        });
+        // Alive before the first client: a home claimed by a node nobody has heard of yet
+        // would be taken over at once.
+        cluster.beat().await.map_err(failed)?;
+        tracing::info!(node = %cluster.me, "joined the cluster");
+        tracker.spawn(cluster.clone().run_heartbeat(stop.clone()));
+        tracker.spawn(cluster.clone().run_inbox(reader, stop.clone()));
+        tracker.spawn(cluster.clone().run_outgoing(outgoing_rx, stop.clone()));
+        tracker.spawn(cluster.clone().run_codes(stop));
+        Ok(cluster)
+    }
+
+    fn is_alive(&self, node: NodeId) -> bool {
+        self.alive
+            .read()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .contains(&node)
+    }
+
+    /// One Redis command (or script, or pipeline), timed and counted.
+    async fn store<T>(
+        &self,
+        op: impl AsyncFnOnce(&mut ConnectionManager) -> redis::RedisResult<T>,
+    ) -> redis::RedisResult<T> {
+        let mut redis = self.redis.clone();
+        let started = Instant::now();
+        let result = op(&mut redis).await;
+        self.hub
+            .metrics()
+            .store_request(started.elapsed(), result.is_err());
+        result
+    }
+
+    async fn beat(&self) -> redis::RedisResult<()> {
+        let nodes: Vec<String> = self
+            .store(async |redis| {
+                self.heartbeat
+                    .key(self.keys.nodes())
+                    .key(self.keys.inbox(self.me))
+                    .arg(self.me.to_string())
+                    .arg(NODE_TTL.as_millis() as u64)
+                    .invoke_async(redis)
+                    .await
+            })
+            .await?;
+        let now: HashSet<NodeId> = nodes.iter().filter_map(|n| NodeId::parse(n)).collect();
+        let gone: Vec<NodeId> = {
+            let mut alive = self
+                .alive
+                .write()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            let gone = alive.difference(&now).copied().collect();
+            *alive = now;
+            gone
+        };
+        for node in gone {
+            tracing::warn!(node = %node, "a cluster node has gone");
+        }
+        self.forget_the_dead();
+        Ok(())
+    }
+
+    async fn run_heartbeat(self: Arc<Self>, stop: CancellationToken) {
+        let mut every = tokio::time::interval(HEARTBEAT);
+        every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut refreshed = Instant::now();
+        loop {
+            tokio::select! {
+                () = stop.cancelled() => return,
+                _ = every.tick() => {}
+            }
+            if let Err(e) = self.beat().await {
+                tracing::warn!(error = %e, "cluster heartbeat failed; retrying");
+            }
+            // Homes of sessions still held are kept as long as the sessions may be.
+            if refreshed.elapsed() >= self.home_ttl() / 4 {
+                refreshed = Instant::now();
+                if let Err(e) = self.refresh_homes().await {
+                    tracing::warn!(error = %e, "cannot refresh session homes; retrying");
+                }
+            }
+        }
+    }
+
+    fn home_ttl(&self) -> Duration {
+        let config = self.hub.config();
+        config
+            .session_idle_ttl
+            .max(config.unpaired_session_ttl)
+            .saturating_add(Duration::from_secs(60))
+    }
+
+    async fn refresh_homes(&self) -> redis::RedisResult<()> {
+        let ttl = self.home_ttl().as_millis() as u64;
+        let sids = self.hub.session_ids();
+        for chunk in sids.chunks(1000) {
+            let mut pipe = redis::pipe();
+            for sid in chunk {
+                pipe.pexpire(self.keys.home(*sid), ttl as i64).ignore();
+            }
+            self.store(async |redis| pipe.query_async::<()>(redis).await)
+                .await?;
+        }
+        Ok(())
+    }
+
+    /// Acts on nodes that are not alive (checked at every heartbeat, so a route or proxy made
+    /// just before a node died is caught too): close our clients whose sessions lived there
+    /// (they come back and re-attach, and their sessions find a new home), and drop the
+    /// proxies of its clients here (their peers hear `PEER_OFFLINE`).
+    fn forget_the_dead(&self) {
+        let mut closing = Vec::new();
+        self.routes.retain(|conn, routes| {
+            if routes.homes.iter().all(|home| self.is_alive(*home)) {
+                true
+            } else {
+                closing.push(*conn);
+                false
+            }
+        });
+        for conn in closing {
+            if let Some(outbox) = self.hub.conns.get(conn) {
+                outbox.kill();
+            }
+        }
+        let orphans: Vec<Proxy> = {
+            let mut proxies = self.lock_proxies();
+            let dead: Vec<_> = proxies
+                .keys()
+                .filter(|(gate, _)| !self.is_alive(*gate))
+                .copied()
+                .collect();
+            dead.iter().filter_map(|k| proxies.remove(k)).collect()
+        };
+        for proxy in orphans {
+            self.end_proxy(proxy);
+        }
+    }
+
+    fn lock_proxies(&self) -> std::sync::MutexGuard<'_, HashMap<(NodeId, ConnId), Proxy>> {
+        self.proxies
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// Queues a message for another node's inbox; `false` if too much is waiting already.
+    fn send(&self, node: NodeId, msg: &NodeMsg) -> bool {
+        self.outgoing.try_send((node, msg.encode())).is_ok()
+    }
+
+    /// Writes queued messages to the inboxes, in order, batched; retried until Redis takes
+    /// them (a frame accepted for another node is not given up while the node lives).
+    async fn run_outgoing(
+        self: Arc<Self>,
+        mut queued: mpsc::Receiver<(NodeId, String)>,
+        stop: CancellationToken,
+    ) {
+        let mut batch = Vec::new();
+        loop {
+            let taken = tokio::select! {
+                () = stop.cancelled() => return,
+                n = queued.recv_many(&mut batch, 512) => n,
+            };
+            if taken == 0 {
+                return;
+            }
+            let mut pipe = redis::pipe();
+            pipe.atomic();
+            for (node, msg) in &batch {
+                pipe.cmd("XADD")
+                    .arg(self.keys.inbox(*node))
+                    .arg("MAXLEN")
+                    .arg("~")
+                    .arg(INBOX_MAX_ENTRIES)
+                    .arg("*")
+                    .arg("m")
+                    .arg(msg)
+                    .ignore();
+            }
+            let mut delay = Duration::from_millis(10);
+            loop {
+                match self
+                    .store(async |redis| pipe.query_async::<()>(redis).await)
+                    .await
+                {
+                    Ok(()) => break,
+                    Err(e) => {
+                        tracing::warn!(error = %e, "cannot write to other nodes' inboxes; retrying");
+                        tokio::select! {
+                            () = stop.cancelled() => return,
+                            () = tokio::time::sleep(delay) => {}
+                        }
+                        delay = (delay * 2).min(Duration::from_secs(1));
+                    }
+                }
+            }
+            batch.clear();
+        }
+    }
+
+    /// Reads this node's inbox and acts on each entry, in order.
+    async fn run_inbox(self: Arc<Self>, mut reader: ConnectionManager, stop: CancellationToken) {
+        let inbox = self.keys.inbox(self.me);
+        let mut last = String::from("0");
+        let mut delay = Duration::from_millis(10);
+        loop {
+            let mut xread = redis::cmd("XREAD");
+            xread
+                .arg("COUNT")
+                .arg(512)
+                .arg("BLOCK")
+                .arg(INBOX_BLOCK.as_millis() as u64)
+                .arg("STREAMS")
+                .arg(&inbox)
+                .arg(&last);
+            let read = tokio::select! {
+                () = stop.cancelled() => return,
+                read = xread.query_async::<Option<redis::streams::StreamReadReply>>(&mut reader) => read,
+            };
+            let reply = match read {
+                Ok(reply) => {
+                    delay = Duration::from_millis(10);
+                    reply
+                }
+                Err(e) => {
+                    self.hub.metrics().store_request(Duration::ZERO, true);
+                    tracing::warn!(error = %e, "cannot read this node's inbox; retrying");
+                    tokio::select! {
+                        () = stop.cancelled() => return,
+                        () = tokio::time::sleep(delay) => {}
+                    }
+                    delay = (delay * 2).min(Duration::from_secs(1));
+                    continue;
+                }
+            };
+            let Some(reply) = reply else { continue };
+            for entry in reply.keys.into_iter().flat_map(|k| k.ids) {
+                let text = entry
+                    .map
+                    .get("m")
+                    .and_then(|v| redis::from_redis_value_ref::<String>(v).ok());
+                match text.as_deref().and_then(NodeMsg::parse) {
+                    Some(msg) => self.receive(msg).await,
+                    None => tracing::warn!("skipped a damaged inbox entry"),
+                }
+                last = entry.id;
+            }
+            // What has been read is done with: trim it (the last entry stays as the mark).
+            let trimmed = self
+                .store(async |redis| {
+                    redis::cmd("XTRIM")
+                        .arg(&inbox)
+                        .arg("MINID")
+                        .arg(&last)
+                        .query_async::<()>(redis)
+                        .await
+                })
+                .await;
+            if let Err(e) = trimmed {
+                tracing::debug!(error = %e, "inbox not trimmed; next time");
+            }
+        }
+    }
+
+    async fn receive(&self, msg: NodeMsg) {
+        match msg {
+            NodeMsg::Frame {
+                gate,
+                conn,
+                ip,
+                frame,
+            } => self.apply_for_proxy(gate, conn, ip, &frame).await,
+            NodeMsg::Closed { gate, conn } => {
+                let proxy = self.lock_proxies().remove(&(gate, conn));
+                if let Some(proxy) = proxy {
+                    self.end_proxy(proxy);
+                }
+            }
+            NodeMsg::Out { conn, frame } => {
+                // Gone meanwhile: its sessions' homes hear `Closed` from us.
+                let _ = self.hub.conns.push(conn, frame);
+            }
+            NodeMsg::Drop { conn } => {
+                if let Some(outbox) = self.hub.conns.get(conn) {
+                    outbox.kill();
+                }
+            }
+        }
+    }
+
+    /// Applies a frame a gate forwarded, for that gate's client's proxy here.
+    async fn apply_for_proxy(&self, gate: NodeId, conn: ConnId, ip: IpAddr, frame: &Utf8Bytes) {
+        let state = {
+            let mut proxies = self.lock_proxies();
+            let proxy = proxies
+                .entry((gate, conn))
+                .or_insert_with(|| self.start_proxy(gate, conn, ip));
+            proxy.state.clone()
+        };
+        let new_seats = {
+            let mut state = state
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            let before = state.memberships.clone();
+            // Flow is for a socket's reader: a proxy's task hands mailboxes over after every
+            // batch it sends on, and a congested peer slows the gate's client down through
+            // the bounded channel to the inboxes instead.
+            let _ = self.hub.handle(&mut state, frame);
+            new_sessions(&before, &state)
+        };
+        self.claim_homes(&new_seats).await;
+    }
+
+    /// A proxy: the hub's connection state for a remote client, and a task that sends what
+    /// the hub queues for it to its gate.
+    fn start_proxy(&self, gate: NodeId, conn: ConnId, ip: IpAddr) -> Proxy {
+        let config = self.hub.config();
+        let (outbox, mut outbound) = Outbox::new(
+            self.hub.next_conn_id(),
+            config.outbound_queue_frames,
+            config.outbound_queue_bytes,
+        );
+        let state = Arc::new(Mutex::new(self.hub.attach(outbox, ip)));
+        let stop = CancellationToken::new();
+        let task_state = state.clone();
+        let task_stop = stop.clone();
+        let hub = self.hub.clone();
+        let outgoing = self.outgoing.clone();
+        tokio::spawn(async move {
+            let mut batch = std::collections::VecDeque::new();
+            loop {
+                let taken = tokio::select! {
+                    () = task_stop.cancelled() => return,
+                    taken = outbound.next_batch(&mut batch) => taken,
+                };
+                if taken.is_err() {
+                    let _ = outgoing.try_send((gate, NodeMsg::Drop { conn }.encode()));
+                    return;
+                }
+                let mut bytes = 0usize;
+                for frame in batch.drain(..) {
+                    bytes = bytes.saturating_add(frame.len());
+                    // Waits for room: the gate's client is slowed rather than losing frames.
+                    if outgoing
+                        .send((gate, NodeMsg::Out { conn, frame }.encode()))
+                        .await
+                        .is_err()
+                    {
+                        return;
+                    }
+                }
+                outbound.written(bytes);
+                let state = task_state
+                    .lock()
+                    .unwrap_or_else(std::sync::PoisonError::into_inner);
+                let _ = hub.hand_over(&state);
+            }
+        });
+        Proxy { state, stop }
+    }
+
+    fn end_proxy(&self, proxy: Proxy) {
+        proxy.stop.cancel();
+        let state = proxy
+            .state
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        self.hub.disconnect(&state);
+    }
+
+    /// Makes this node the home of sessions it has just taken in (created, or re-created from
+    /// a token). Awaited before the client can read the answer, so no other node can claim a
+    /// session whose token it has not yet seen.
+    async fn claim_homes(&self, sids: &[SessionId]) {
+        for sid in sids {
+            match self.claim_home(*sid).await {
+                Ok(home) if home == self.me => {}
+                Ok(home) => tracing::warn!(
+                    session = %sid.tag(), home = %home,
+                    "a session taken in here already has a live home elsewhere"
+                ),
+                Err(e) => tracing::warn!(error = %e, "cannot record a session's home"),
+            }
+        }
+    }
+
+    async fn claim_home(&self, sid: SessionId) -> redis::RedisResult<NodeId> {
+        let home: String = self
+            .store(async |redis| {
+                self.claim
+                    .key(self.keys.home(sid))
+                    .key(self.keys.nodes())
+                    .arg(self.me.to_string())
+                    .arg(self.home_ttl().as_millis() as u64)
+                    .invoke_async(redis)
+                    .await
+            })
+            .await?;
+        Ok(NodeId::parse(&home).unwrap_or(self.me))
+    }
+
+    /// The live home of a session, if it has one.
+    async fn home_of(&self, sid: SessionId) -> redis::RedisResult<Option<NodeId>> {
+        self.live_node_at(self.keys.home(sid)).await
+    }
+
+    /// The live node that issued an invite code, if any.
+    async fn issuer_of(&self, code: InviteCode) -> redis::RedisResult<Option<NodeId>> {
+        self.live_node_at(self.keys.code(code)).await
+    }
+
+    async fn live_node_at(&self, key: String) -> redis::RedisResult<Option<NodeId>> {
+        let node: Option<String> = self
+            .store(async |redis| {
+                self.live_node
+                    .key(key)
+                    .key(self.keys.nodes())
+                    .invoke_async(redis)
+                    .await
+            })
+            .await?;
+        Ok(node.as_deref().and_then(NodeId::parse))
+    }
+
+    /// Keeps the hub's pool of reserved invite codes full.
+    async fn run_codes(self: Arc<Self>, stop: CancellationToken) {
+        let Some(pool) = self.hub.code_pool() else {
+            return;
+        };
+        loop {
+            let missing = codes::POOL_TARGET.saturating_sub(pool.fresh(Instant::now()));
+            let wait = if missing == 0 {
+                Duration::from_secs(10)
+            } else {
+                match self.reserve_codes(&pool, missing).await {
+                    Ok(()) => Duration::ZERO,
+                    Err(e) => {
+                        tracing::warn!(error = %e, "cannot reserve invite codes; retrying");
+                        Duration::from_secs(1)
+                    }
+                }
+            };
+            if wait.is_zero() {
+                continue;
+            }
+            tokio::select! {
+                () = stop.cancelled() => return,
+                () = pool.low.notified() => {}
+                () = tokio::time::sleep(wait) => {}
+            }
+        }
+    }
+
+    /// Reserves up to `n` random codes (fewer if some are taken by other nodes).
+    async fn reserve_codes(&self, pool: &CodePool, n: usize) -> redis::RedisResult<()> {
+        let candidates: Vec<InviteCode> = (0..n).map(|_| InviteCode::random()).collect();
+        let mut pipe = redis::pipe();
+        let ttl = pool.reservation().as_millis() as u64;
+        for code in &candidates {
+            pipe.cmd("SET")
+                .arg(self.keys.code(*code))
+                .arg(self.me.to_string())
+                .arg("NX")
+                .arg("PX")
+                .arg(ttl);
+        }
+        let answers: Vec<Option<String>> = self
+            .store(async |redis| pipe.query_async(redis).await)
+            .await?;
+        let now = Instant::now();
+        for (code, answer) in candidates.into_iter().zip(answers) {
+            if answer.is_some() {
+                pool.add(code, now);
+            }
+        }
+        Ok(())
+    }
+
+    /// A local connection has closed: the homes that applied its frames drop its proxies.
+    pub fn connection_closed(&self, conn: ConnId) {
+        if let Some((_, routes)) = self.routes.remove(&conn) {
+            for home in routes.homes {
+                let _ = self.send(
+                    home,
+                    &NodeMsg::Closed {
+                        gate: self.me,
+                        conn,
+                    },
+                );
+            }
+        }
+    }
+}
+
+/// How long one inbox read waits for entries before asking again.
+const INBOX_BLOCK: Duration = Duration::from_secs(1);
+
+/// Sessions `state` sits in now that it did not before.
+fn new_sessions(before: &[(SessionId, crate::hub::Role)], state: &ConnState) -> Vec<SessionId> {
+    state
+        .memberships
+        .iter()
+        .filter(|(sid, _)| !before.iter().any(|(b, _)| b == sid))
+        .map(|(sid, _)| *sid)
+        .collect()
+}
+
+/// A Redis URL without its user and password, for messages.
+fn redacted(url: &str) -> String {
+    match (url.split_once("://"), url.rfind('@')) {
+        (Some((scheme, _)), Some(at)) => format!("{scheme}://***{}", url.get(at..).unwrap_or("")),
+        _ => url.to_string(),
+    }
+}

@@ -1,0 +1,190 @@
+//! The gate's side: where a client's frame is applied (here, or at its session's home), and
+//! sending it there.
+
+use parley_protocol::payload::{MsgData, OpaqueData};
+use parley_protocol::{Envelope, ErrorCode, FrameError, FrameType};
+use tokio_tungstenite::tungstenite::Utf8Bytes;
+
+use super::wire::{NodeId, NodeMsg};
+use super::{Cluster, MAX_ROUTES, new_sessions};
+use crate::cmd;
+use crate::hub::{ConnState, Flow};
+use crate::ids::{InviteCode, SessionId};
+
+/// Where a frame is applied.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Route {
+    /// By this node's hub: the session lives here, is new, has no live home (and this frame
+    /// may re-create it here), or the frame will be refused anyway.
+    Here,
+    /// By the hub of the session's home, for a proxy of this client there.
+    Home(NodeId),
+}
+
+fn store_unavailable() -> FrameError {
+    FrameError::new(
+        ErrorCode::StoreUnavailable,
+        "the relay cannot reach its shared store; nothing was done: try again shortly",
+    )
+}
+
+impl Cluster {
+    /// Applies one of a local client's frames, here or at its session's home.
+    pub async fn dispatch(&self, conn: &mut ConnState, frame: &Utf8Bytes) -> Flow {
+        let Ok(env) = Envelope::parse(frame.as_str()) else {
+            return self.hub.handle(conn, frame); // which answers what is wrong with it
+        };
+        let route = match self.route(conn, &env).await {
+            Ok(route) => route,
+            Err(e) => {
+                self.refuse(conn, &env, &e);
+                return Flow::default();
+            }
+        };
+        match route {
+            Route::Here => {
+                let takes_seat = matches!(
+                    env.kind,
+                    FrameType::CreateSession | FrameType::Reattach | FrameType::Restore
+                );
+                let before = takes_seat.then(|| conn.memberships.clone());
+                let flow = self.hub.handle(conn, frame);
+                if let Some(before) = before {
+                    // Before the answer can reach the client (this task writes it only after
+                    // we return), so no other node can claim the session meanwhile.
+                    self.claim_homes(&new_sessions(&before, conn)).await;
+                }
+                flow
+            }
+            Route::Home(node) => {
+                let sid = env.sid().and_then(SessionId::parse);
+                if let Err(e) = self.forward(conn, node, sid, frame) {
+                    self.refuse(conn, &env, &e);
+                }
+                Flow::default()
+            }
+        }
+    }
+
+    fn refuse(&self, conn: &ConnState, env: &Envelope<'_>, e: &FrameError) {
+        let msg_id = match env.kind {
+            FrameType::Msg => env
+                .data::<MsgData>()
+                .ok()
+                .and_then(|data| data.echoable_id()),
+            _ => None,
+        };
+        conn.send_error(env.sid(), e, msg_id);
+    }
+
+    async fn route(&self, conn: &ConnState, env: &Envelope<'_>) -> Result<Route, FrameError> {
+        match env.kind {
+            FrameType::Join => self.route_join(conn, env).await,
+            FrameType::Msg
+            | FrameType::MsgRead
+            | FrameType::InviteCreate
+            | FrameType::JoinAccept
+            | FrameType::JoinDeny
+            | FrameType::Reattach
+            | FrameType::Restore => {
+                let Some(sid) = env.sid().and_then(SessionId::parse) else {
+                    return Ok(Route::Here);
+                };
+                self.route_session(conn, env, sid).await
+            }
+            _ => Ok(Route::Here),
+        }
+    }
+
+    async fn route_session(
+        &self,
+        conn: &ConnState,
+        env: &Envelope<'_>,
+        sid: SessionId,
+    ) -> Result<Route, FrameError> {
+        if self.hub.holds_session(sid) {
+            return Ok(Route::Here);
+        }
+        let known = self.routes.get(&conn.outbox.id()).and_then(|routes| {
+            routes
+                .sessions
+                .iter()
+                .find(|(s, _)| *s == sid)
+                .map(|(_, node)| *node)
+        });
+        if let Some(node) = known.filter(|n| self.is_alive(*n)) {
+            return Ok(Route::Home(node));
+        }
+        let home = self.home_of(sid).await.map_err(|_| store_unavailable())?;
+        let home = match home {
+            Some(home) => home,
+            None if cmd::reattach::could_recreate(&self.hub, env) => self
+                .claim_home(sid)
+                .await
+                .map_err(|_| store_unavailable())?,
+            None => return Ok(Route::Here),
+        };
+        Ok(if home == self.me {
+            Route::Here
+        } else {
+            Route::Home(home)
+        })
+    }
+
+    async fn route_join(&self, conn: &ConnState, env: &Envelope<'_>) -> Result<Route, FrameError> {
+        // A rate-limited joiner, or a code that is not even a code, is refused here.
+        if !self.hub.join_allowed(conn) {
+            return Ok(Route::Here);
+        }
+        let Some(code) = env
+            .data::<OpaqueData>()
+            .ok()
+            .and_then(|mut data| data.take_string("code").ok().flatten())
+            .and_then(|code| InviteCode::parse(&code))
+        else {
+            return Ok(Route::Here);
+        };
+        if self.hub.holds_invite(code) {
+            return Ok(Route::Here);
+        }
+        match self.issuer_of(code).await {
+            Ok(Some(node)) if node != self.me => Ok(Route::Home(node)),
+            Ok(_) => Ok(Route::Here),
+            Err(_) => Err(store_unavailable()),
+        }
+    }
+
+    /// Sends a client's frame to the session's home, remembering the route.
+    fn forward(
+        &self,
+        conn: &ConnState,
+        node: NodeId,
+        sid: Option<SessionId>,
+        frame: &Utf8Bytes,
+    ) -> Result<(), FrameError> {
+        let id = conn.outbox.id();
+        {
+            let mut routes = self.routes.entry(id).or_default();
+            if let Some(sid) = sid
+                && !routes.sessions.iter().any(|(s, _)| *s == sid)
+                && routes.sessions.len() < MAX_ROUTES
+            {
+                routes.sessions.push((sid, node));
+            }
+            if !routes.homes.contains(&node) {
+                routes.homes.push(node);
+            }
+        }
+        let msg = NodeMsg::Frame {
+            gate: self.me,
+            conn: id,
+            ip: conn.ip,
+            frame: frame.clone(),
+        };
+        if self.send(node, &msg) {
+            Ok(())
+        } else {
+            Err(store_unavailable())
+        }
+    }
+}

@@ -1,0 +1,175 @@
+//! What nodes of a cluster say to each other, through each node's inbox (a Redis stream).
+//!
+//! One text field per entry, `m`, in one of four forms (the frame, which may contain `|`,
+//! always comes last):
+//!
+//! - `f|GATE|CONN|IP|FRAME`: a client's frame, from its gate (the node it is connected to) to
+//!   the session's home (the node that holds the session);
+//! - `c|GATE|CONN`: that client's connection closed at its gate;
+//! - `o|CONN|FRAME`: a frame for a client, from a home to the client's gate;
+//! - `d|CONN`: the home dropped the client (its queue there overflowed); the gate closes it.
+//!
+//! Redis is the operator's, not the peer's, but a damaged entry is still only skipped: it
+//! never takes a node down.
+
+use std::fmt;
+use std::net::IpAddr;
+
+use tokio_tungstenite::tungstenite::Utf8Bytes;
+
+use crate::outbox::ConnId;
+
+/// A relay process in a cluster: random, new at every start.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct NodeId(u64);
+
+impl NodeId {
+    pub fn random() -> NodeId {
+        NodeId(rand::random())
+    }
+
+    pub fn parse(s: &str) -> Option<NodeId> {
+        if s.len() != 16 || !s.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f')) {
+            return None;
+        }
+        u64::from_str_radix(s, 16).ok().map(NodeId)
+    }
+}
+
+impl fmt::Display for NodeId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{:016x}", self.0)
+    }
+}
+
+/// One entry of a node's inbox.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum NodeMsg {
+    Frame {
+        gate: NodeId,
+        conn: ConnId,
+        ip: IpAddr,
+        frame: Utf8Bytes,
+    },
+    Closed {
+        gate: NodeId,
+        conn: ConnId,
+    },
+    Out {
+        conn: ConnId,
+        frame: Utf8Bytes,
+    },
+    Drop {
+        conn: ConnId,
+    },
+}
+
+impl NodeMsg {
+    pub fn encode(&self) -> String {
+        match self {
+            NodeMsg::Frame {
+                gate,
+                conn,
+                ip,
+                frame,
+            } => format!("f|{gate}|{conn}|{ip}|{}", frame.as_str()),
+            NodeMsg::Closed { gate, conn } => format!("c|{gate}|{conn}"),
+            NodeMsg::Out { conn, frame } => format!("o|{conn}|{}", frame.as_str()),
+            NodeMsg::Drop { conn } => format!("d|{conn}"),
+        }
+    }
+
+    pub fn parse(text: &str) -> Option<NodeMsg> {
+        let (kind, rest) = text.split_once('|')?;
+        match kind {
+            "f" => {
+                let mut parts = rest.splitn(4, '|');
+                let gate = NodeId::parse(parts.next()?)?;
+                let conn = parts.next()?.parse().ok()?;
+                let ip = parts.next()?.parse().ok()?;
+                let frame = Utf8Bytes::from(parts.next()?);
+                Some(NodeMsg::Frame {
+                    gate,
+                    conn,
+                    ip,
+                    frame,
+                })
+            }
+            "c" => {
+                let (gate, conn) = rest.split_once('|')?;
+                Some(NodeMsg::Closed {
+                    gate: NodeId::parse(gate)?,
+                    conn: conn.parse().ok()?,
+                })
+            }
+            "o" => {
+                let (conn, frame) = rest.split_once('|')?;
+                Some(NodeMsg::Out {
+                    conn: conn.parse().ok()?,
+                    frame: Utf8Bytes::from(frame),
+                })
+            }
+            "d" => Some(NodeMsg::Drop {
+                conn: rest.parse().ok()?,
+            }),
+            _ => None,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_message_reads_back_as_written() {
+        let gate = NodeId::random();
+        let frame = Utf8Bytes::from(r#"{"t":"MSG","sid":"a|b","data":{"x":"|||"}}"#);
+        let all = [
+            NodeMsg::Frame {
+                gate,
+                conn: 7,
+                ip: "2001:db8::1".parse().unwrap(),
+                frame: frame.clone(),
+            },
+            NodeMsg::Frame {
+                gate,
+                conn: u64::MAX,
+                ip: "127.0.0.1".parse().unwrap(),
+                frame: Utf8Bytes::from(""),
+            },
+            NodeMsg::Closed { gate, conn: 9 },
+            NodeMsg::Out { conn: 3, frame },
+            NodeMsg::Drop { conn: 4 },
+        ];
+        for msg in all {
+            assert_eq!(NodeMsg::parse(&msg.encode()), Some(msg));
+        }
+    }
+
+    #[test]
+    fn damaged_entries_are_refused() {
+        for text in [
+            "",
+            "x|1",
+            "f|0011223344556677|1|127.0.0.1",
+            "f|00112233445566|1|127.0.0.1|{}",
+            "f|0011223344556677|-1|127.0.0.1|{}",
+            "f|0011223344556677|1|nowhere|{}",
+            "c|0011223344556677",
+            "o|abc|{}",
+            "d|",
+            "d|18446744073709551616",
+        ] {
+            assert_eq!(NodeMsg::parse(text), None, "{text:?}");
+        }
+    }
+
+    #[test]
+    fn node_ids_have_one_spelling() {
+        let id = NodeId::random();
+        assert_eq!(NodeId::parse(&id.to_string()), Some(id));
+        assert_eq!(NodeId::parse("00112233445566AA"), None);
+        assert_eq!(NodeId::parse("+0112233445566aa"), None);
+    }
+}

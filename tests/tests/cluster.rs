@@ -1,0 +1,229 @@
+//! Several real relays on one real Redis, acting as one relay (`--redis`, docs/cluster.md).
+//!
+//! Each test starts its own redis-server on a free port and two or three `parley-relay`
+//! processes that share a secret file; clients reach them directly or through a TCP balancer
+//! in the harness.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::indexing_slicing)]
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use futures_util::{SinkExt, StreamExt};
+use parley_e2e::balancer::Balancer;
+use parley_e2e::redis::RedisServer;
+use parley_e2e::{Client, RelayProcess, STEP, TempDir, texts};
+use serde_json::{Value, json};
+use tokio_tungstenite::tungstenite::Message;
+
+struct Nodes {
+    redis: RedisServer,
+    secret: TempDir,
+    relays: Vec<RelayProcess>,
+}
+
+impl Nodes {
+    fn start(n: usize, redis: RedisServer, extra: &[&str]) -> Nodes {
+        let secret = TempDir::new("cluster-secret");
+        let mut nodes = Nodes {
+            redis,
+            secret,
+            relays: Vec::new(),
+        };
+        for _ in 0..n {
+            nodes.relays.push(nodes.node(extra));
+        }
+        nodes
+    }
+
+    fn secret_file(&self) -> PathBuf {
+        self.secret.path().join("secret")
+    }
+
+    /// One more relay on the same Redis and secret.
+    fn node(&self, extra: &[&str]) -> RelayProcess {
+        let url = self.redis.url();
+        let mut args = vec!["--redis", url.as_str()];
+        args.extend_from_slice(extra);
+        RelayProcess::start_with_secret(&self.secret_file(), &args)
+    }
+
+    fn addr(&self, i: usize) -> &str {
+        self.relays[i].addr()
+    }
+}
+
+#[test]
+fn pairing_chat_and_resume_across_nodes() {
+    let nodes = Nodes::start(2, RedisServer::start(), &[]);
+    // Each client's own way in, so the test says which node it reaches.
+    let to_alice = Balancer::start(&[nodes.addr(0)]);
+    let to_bob = Balancer::start(&[nodes.addr(1)]);
+    let (alice_dir, bob_dir) = (TempDir::new("alice"), TempDir::new("bob"));
+
+    let mut alice = Client::spawn(
+        to_alice.url(),
+        alice_dir.path(),
+        "alice",
+        &["--exit-after", "1", "host"],
+    );
+    let code = alice.expect("invite")["code"].as_str().unwrap().to_string();
+    let mut bob = Client::spawn(
+        to_bob.url(),
+        bob_dir.path(),
+        "bob",
+        &["--exit-after", "1", "join", &code],
+    );
+    let a = alice.expect("paired");
+    let b = bob.expect("paired");
+    assert_eq!(a["safety_number"], b["safety_number"]);
+    alice.send_line("hi bob, from node 0");
+    bob.send_line("hi alice, from node 1");
+    assert_eq!(bob.expect("message")["text"], "hi bob, from node 0");
+    assert_eq!(alice.expect("message")["text"], "hi alice, from node 1");
+    for client in [alice, bob] {
+        let (status, events) = client.wait();
+        assert!(status.success(), "{status}: {events:?}");
+    }
+
+    // Both come back, each through the other node: their seats follow them.
+    to_alice.set_backends(&[nodes.addr(1)]);
+    to_bob.set_backends(&[nodes.addr(0)]);
+    let mut alice = Client::spawn(
+        to_alice.url(),
+        alice_dir.path(),
+        "alice",
+        &["--exit-after", "1", "resume"],
+    );
+    alice.expect("resumed");
+    alice.send_line("alice again, now on node 1");
+    let mut bob = Client::spawn(
+        to_bob.url(),
+        bob_dir.path(),
+        "bob",
+        &["--exit-after", "1", "resume"],
+    );
+    bob.expect("resumed");
+    bob.send_line("bob again, now on node 0");
+    let (status, events) = bob.wait();
+    assert!(status.success(), "{status}: {events:?}");
+    assert_eq!(texts(&events), ["alice again, now on node 1"]);
+    let (status, events) = alice.wait();
+    assert!(status.success(), "{status}: {events:?}");
+    assert_eq!(texts(&events), ["bob again, now on node 0"]);
+}
+
+type Ws =
+    tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
+
+async fn connect(addr: &str) -> Ws {
+    let (ws, _) = tokio_tungstenite::connect_async(format!("ws://{addr}"))
+        .await
+        .unwrap();
+    ws
+}
+
+async fn send(ws: &mut Ws, frame: Value) {
+    ws.send(Message::text(frame.to_string())).await.unwrap();
+}
+
+/// The next frame that is not a PING.
+async fn next(ws: &mut Ws) -> Value {
+    loop {
+        let message = tokio::time::timeout(STEP, ws.next())
+            .await
+            .expect("no frame in time")
+            .expect("connection closed")
+            .unwrap();
+        if let Message::Text(text) = message {
+            let frame: Value = serde_json::from_str(&text).unwrap();
+            if frame["t"] != "PING" {
+                return frame;
+            }
+        }
+    }
+}
+
+/// A host on node `at` with a session and a live code: (socket, sid, the code's digits).
+async fn host_with_code(addr: &str) -> (Ws, String, String) {
+    let mut host = connect(addr).await;
+    send(&mut host, json!({"t": "CREATE_SESSION"})).await;
+    let created = next(&mut host).await;
+    assert_eq!(created["t"], "SESSION_CREATED", "{created}");
+    let sid = created["sid"].as_str().unwrap().to_string();
+    send(&mut host, json!({"t": "INVITE_CREATE", "sid": sid})).await;
+    let invite = next(&mut host).await;
+    assert_eq!(invite["t"], "INVITE_CODE", "{invite}");
+    let code = invite["data"]["code"].as_str().unwrap().to_string();
+    (host, sid, code)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_code_redeemed_at_two_nodes_at_once_is_spent_once() {
+    let nodes = Nodes::start(3, RedisServer::start(), &[]);
+    for round in 0..5 {
+        let (mut host, _sid, code) = host_with_code(nodes.addr(round % 3)).await;
+        let mut guests = Vec::new();
+        for i in 1..3 {
+            guests.push(connect(nodes.addr((round + i) % 3)).await);
+        }
+        let join = json!({"t": "JOIN", "data": {"code": code}});
+        let (a, b) = guests.split_at_mut(1);
+        let (ra, rb) = tokio::join!(
+            async {
+                send(&mut a[0], join.clone()).await;
+                next(&mut a[0]).await
+            },
+            async {
+                send(&mut b[0], join.clone()).await;
+                next(&mut b[0]).await
+            }
+        );
+        let mut answers = [ra["t"].as_str().unwrap(), rb["t"].as_str().unwrap()];
+        answers.sort_unstable();
+        assert_eq!(answers, ["ERROR", "JOINED"], "round {round}: {ra} {rb}");
+        let refused = if ra["t"] == "ERROR" { &ra } else { &rb };
+        assert_eq!(refused["data"]["code"], "invite_used", "{refused}");
+        // And the host heard of exactly one joiner.
+        let request = next(&mut host).await;
+        assert_eq!(request["t"], "JOIN_REQUEST", "{request}");
+    }
+}
+
+#[test]
+fn no_code_is_issued_twice_across_nodes() {
+    // Every node issues codes from its own reservations in Redis: many codes from three
+    // nodes at once never collide.
+    let nodes = Nodes::start(3, RedisServer::start(), &[]);
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    let codes: Vec<String> = runtime.block_on(async {
+        let mut tasks = Vec::new();
+        for i in 0..3 {
+            let addr = nodes.addr(i).to_string();
+            tasks.push(tokio::spawn(async move {
+                let mut codes = Vec::new();
+                for _ in 0..30 {
+                    let (_host, _, code) = host_with_code(&addr).await;
+                    codes.push(code);
+                }
+                codes
+            }));
+        }
+        let mut all = Vec::new();
+        for task in tasks {
+            all.extend(task.await.unwrap());
+        }
+        all
+    });
+    let mut unique = codes.clone();
+    unique.sort();
+    unique.dedup();
+    assert_eq!(unique.len(), codes.len(), "a code was issued twice");
+    let reserved = nodes.redis.cli(&["--scan", "--pattern", "parley:code:*"]);
+    for code in &codes {
+        assert!(
+            reserved.contains(&format!("parley:code:{code}")),
+            "{code} was issued without a reservation"
+        );
+    }
+    let _ = Duration::ZERO;
+}
