@@ -26,7 +26,8 @@ pub struct Budget {
 #[derive(Debug)]
 pub struct Charge {
     budget: Arc<Budget>,
-    address: AddressKey,
+    /// `None`: charged to the relay-wide total only (see [`Budget::charge_shared`]).
+    address: Option<AddressKey>,
     bytes: usize,
 }
 
@@ -84,7 +85,23 @@ impl Budget {
         self.held.fetch_add(1, Ordering::AcqRel);
         Some(Charge {
             budget: self.clone(),
-            address,
+            address: Some(address),
+            bytes,
+        })
+    }
+
+    /// Takes `bytes` from the relay-wide total only: for frames whose sender is not known
+    /// (a cluster node taking over another's mailboxes).
+    pub fn charge_shared(self: &Arc<Self>, bytes: usize) -> Option<Charge> {
+        self.total
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |total| {
+                total.checked_add(bytes).filter(|t| *t <= self.max_total)
+            })
+            .ok()?;
+        self.held.fetch_add(1, Ordering::AcqRel);
+        Some(Charge {
+            budget: self.clone(),
+            address: None,
             bytes,
         })
     }
@@ -95,7 +112,9 @@ impl Drop for Charge {
         let budget = &self.budget;
         budget.total.fetch_sub(self.bytes, Ordering::AcqRel);
         budget.held.fetch_sub(1, Ordering::AcqRel);
-        if let Entry::Occupied(mut held) = budget.per_address.entry(self.address) {
+        if let Some(address) = self.address
+            && let Entry::Occupied(mut held) = budget.per_address.entry(address)
+        {
             let left = held.get().saturating_sub(self.bytes);
             if left == 0 {
                 held.remove();

@@ -24,6 +24,7 @@ mod connection;
 mod http;
 mod hub;
 mod ids;
+mod journal;
 mod limiter;
 mod mailbox;
 mod metrics;

@@ -72,6 +72,35 @@ impl Mailbox {
         Ok(())
     }
 
+    /// Takes back frames a journal kept (oldest first), as far as the bounds and the relay's
+    /// budget allow; frames too old or beyond them are dropped (the senders still hold them
+    /// until acknowledged end to end, protocol.md 3.7).
+    pub fn recover(
+        &mut self,
+        frames: Vec<(Instant, Utf8Bytes)>,
+        budget: &std::sync::Arc<crate::budget::Budget>,
+        limits: &MailboxLimits,
+    ) {
+        let now = Instant::now();
+        let total = frames.len();
+        let mut kept = 0usize;
+        for (at, frame) in frames {
+            if later(at, limits.max_age) <= now {
+                continue;
+            }
+            let Some(charge) = budget.charge_shared(frame.len()) else {
+                break;
+            };
+            if self.push(frame, charge, at, limits).is_err() {
+                break;
+            }
+            kept = kept.saturating_add(1);
+        }
+        if kept < total {
+            tracing::warn!(kept, total, "some journaled frames could not be taken back");
+        }
+    }
+
     pub fn is_empty(&self) -> bool {
         self.frames.is_empty()
     }
@@ -86,15 +115,18 @@ impl Mailbox {
         Some(kept.frame)
     }
 
-    /// Drops frames older than `max_age`.
-    pub fn expire(&mut self, now: Instant, max_age: Duration) {
+    /// Drops frames older than `max_age`; how many.
+    pub fn expire(&mut self, now: Instant, max_age: Duration) -> usize {
+        let mut dropped = 0usize;
         while let Some(kept) = self.frames.front() {
             if later(kept.at, max_age) > now {
                 break;
             }
             self.bytes = self.bytes.saturating_sub(kept.frame.len());
             self.frames.pop_front();
+            dropped = dropped.saturating_add(1);
         }
+        dropped
     }
 }
 

@@ -50,6 +50,14 @@ impl Nodes {
     fn addr(&self, i: usize) -> &str {
         self.relays[i].addr()
     }
+
+    /// Waits until Redis counts exactly `n` live nodes: a killed node's heartbeat has lapsed
+    /// (5 s) and another node's heartbeat has removed it.
+    fn wait_for_nodes(&self, n: usize) {
+        self.redis.wait_for(&["ZCARD", "parley:nodes"], |answer| {
+            answer.trim() == n.to_string()
+        });
+    }
 }
 
 #[test]
@@ -225,5 +233,224 @@ fn no_code_is_issued_twice_across_nodes() {
             "{code} was issued without a reservation"
         );
     }
-    let _ = Duration::ZERO;
+}
+
+/// Pairs alice (through `to_alice`) and bob (through `to_bob`), then both quit.
+fn pair_and_quit(to_alice: &str, to_bob: &str, alice_dir: &TempDir, bob_dir: &TempDir) {
+    let mut alice = Client::spawn(to_alice, alice_dir.path(), "alice", &["host"]);
+    let code = alice.expect("invite")["code"].as_str().unwrap().to_string();
+    let mut bob = Client::spawn(to_bob, bob_dir.path(), "bob", &["join", &code]);
+    alice.expect("paired");
+    bob.expect("paired");
+    alice.close_stdin();
+    bob.close_stdin();
+    for client in [alice, bob] {
+        let (status, events) = client.wait();
+        assert!(status.success(), "{status}: {events:?}");
+    }
+}
+
+#[test]
+fn a_mailbox_outlives_the_node_that_kept_it() {
+    // Bob is away; alice leaves him a message at the session's home and quits for good (her
+    // client can no longer send it again). The home is SIGKILLed. Bob comes back through the
+    // other node: the session is taken in there, with his mailbox, and no RESTORE.
+    let mut nodes = Nodes::start(2, RedisServer::start(), &[]);
+    let to_alice = Balancer::start(&[nodes.addr(0)]);
+    let to_bob = Balancer::start(&[nodes.addr(0)]);
+    let (alice_dir, bob_dir) = (TempDir::new("alice"), TempDir::new("bob"));
+    pair_and_quit(to_alice.url(), to_bob.url(), &alice_dir, &bob_dir);
+
+    let mut alice = Client::spawn(to_alice.url(), alice_dir.path(), "alice", &["resume"]);
+    alice.expect("resumed");
+    alice.send_line("left for you while you were away");
+    alice.expect("sent");
+    alice.kill();
+
+    nodes.relays.remove(0).kill();
+    nodes.wait_for_nodes(1);
+    to_bob.set_backends(&[nodes.addr(0)]); // the surviving node
+    let mut bob = Client::spawn(
+        to_bob.url(),
+        bob_dir.path(),
+        "bob",
+        &["--exit-after", "1", "--timeout", "60", "resume"],
+    );
+    bob.close_stdin();
+    let (status, events) = bob.wait();
+    assert!(status.success(), "{status}: {events:?}");
+    assert_eq!(texts(&events), ["left for you while you were away"]);
+}
+
+#[test]
+fn a_relay_restarted_while_both_are_away_keeps_the_mailbox() {
+    // One node (a cluster of one) restarts with both members away: the mailbox is in Redis.
+    let mut nodes = Nodes::start(1, RedisServer::start(), &[]);
+    let to_node = Balancer::start(&[nodes.addr(0)]);
+    let (alice_dir, bob_dir) = (TempDir::new("alice"), TempDir::new("bob"));
+    pair_and_quit(to_node.url(), to_node.url(), &alice_dir, &bob_dir);
+    let mut alice = Client::spawn(to_node.url(), alice_dir.path(), "alice", &["resume"]);
+    alice.expect("resumed");
+    alice.send_line("one");
+    alice.send_line("two");
+    alice.expect("sent");
+    alice.expect("sent");
+    alice.kill();
+
+    let restarted = nodes.relays.remove(0).kill();
+    drop(restarted);
+    nodes.relays.push(nodes.node(&[]));
+    nodes.wait_for_nodes(1);
+    to_node.set_backends(&[nodes.addr(0)]);
+    let mut bob = Client::spawn(
+        to_node.url(),
+        bob_dir.path(),
+        "bob",
+        &["--exit-after", "2", "--timeout", "60", "resume"],
+    );
+    bob.close_stdin();
+    let (status, events) = bob.wait();
+    assert!(status.success(), "{status}: {events:?}");
+    assert_eq!(texts(&events), ["one", "two"]);
+}
+
+#[test]
+fn a_node_killed_mid_conversation_loses_nothing() {
+    // Both clients go through one balancer in front of two nodes; one node is SIGKILLed while
+    // they talk. They reconnect through the balancer, and every line arrives once, in order.
+    let mut nodes = Nodes::start(2, RedisServer::start(), &[]);
+    let balancer = Balancer::start(&[nodes.addr(0), nodes.addr(1)]);
+    let (alice_dir, bob_dir) = (TempDir::new("alice"), TempDir::new("bob"));
+    let lines = 40;
+    let mut alice = Client::spawn(
+        balancer.url(),
+        alice_dir.path(),
+        "alice",
+        &[
+            "--exit-after",
+            &lines.to_string(),
+            "--timeout",
+            "120",
+            "host",
+        ],
+    );
+    let code = alice.expect("invite")["code"].as_str().unwrap().to_string();
+    let mut bob = Client::spawn(
+        balancer.url(),
+        bob_dir.path(),
+        "bob",
+        &[
+            "--exit-after",
+            &lines.to_string(),
+            "--timeout",
+            "120",
+            "join",
+            &code,
+        ],
+    );
+    alice.expect("paired");
+    bob.expect("paired");
+    for i in 0..lines {
+        alice.send_line(&format!("a{i}"));
+        bob.send_line(&format!("b{i}"));
+        if i == lines / 2 {
+            nodes.relays.remove(0).kill();
+            balancer.set_backends(&[nodes.addr(0)]);
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    alice.close_stdin();
+    bob.close_stdin();
+    let (status, alice_events) = alice.wait();
+    assert!(status.success(), "alice: {status}: {alice_events:?}");
+    let (status, bob_events) = bob.wait();
+    assert!(status.success(), "bob: {status}: {bob_events:?}");
+    let expect = |who: &str| (0..lines).map(|i| format!("{who}{i}")).collect::<Vec<_>>();
+    assert_eq!(texts(&bob_events), expect("a"));
+    assert_eq!(texts(&alice_events), expect("b"));
+}
+
+#[test]
+fn redis_restarted_mid_conversation() {
+    // With Redis persistence on, Redis restarts while two members on different nodes talk:
+    // nothing is lost, nothing is shown twice, and the nodes carry on.
+    let mut nodes = Nodes::start(2, RedisServer::start_persistent(), &[]);
+    let to_alice = Balancer::start(&[nodes.addr(0)]);
+    let to_bob = Balancer::start(&[nodes.addr(1)]);
+    let (alice_dir, bob_dir) = (TempDir::new("alice"), TempDir::new("bob"));
+    let lines = 30;
+    let mut alice = Client::spawn(
+        to_alice.url(),
+        alice_dir.path(),
+        "alice",
+        &[
+            "--exit-after",
+            &lines.to_string(),
+            "--timeout",
+            "120",
+            "host",
+        ],
+    );
+    let code = alice.expect("invite")["code"].as_str().unwrap().to_string();
+    let mut bob = Client::spawn(
+        to_bob.url(),
+        bob_dir.path(),
+        "bob",
+        &[
+            "--exit-after",
+            &lines.to_string(),
+            "--timeout",
+            "120",
+            "join",
+            &code,
+        ],
+    );
+    alice.expect("paired");
+    bob.expect("paired");
+    for i in 0..lines {
+        alice.send_line(&format!("a{i}"));
+        bob.send_line(&format!("b{i}"));
+        if i == lines / 3 {
+            nodes.redis.restart();
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    alice.close_stdin();
+    bob.close_stdin();
+    let (status, alice_events) = alice.wait();
+    assert!(status.success(), "alice: {status}: {alice_events:?}");
+    let (status, bob_events) = bob.wait();
+    assert!(status.success(), "bob: {status}: {bob_events:?}");
+    let expect = |who: &str| (0..lines).map(|i| format!("{who}{i}")).collect::<Vec<_>>();
+    assert_eq!(texts(&bob_events), expect("a"));
+    assert_eq!(texts(&alice_events), expect("b"));
+}
+
+#[test]
+fn every_key_expires() {
+    let nodes = Nodes::start(2, RedisServer::start(), &[]);
+    let to_alice = Balancer::start(&[nodes.addr(0)]);
+    let to_bob = Balancer::start(&[nodes.addr(1)]);
+    let (alice_dir, bob_dir) = (TempDir::new("alice"), TempDir::new("bob"));
+    pair_and_quit(to_alice.url(), to_bob.url(), &alice_dir, &bob_dir);
+    // A kept frame, so a mailbox list exists too.
+    let mut alice = Client::spawn(to_alice.url(), alice_dir.path(), "alice", &["resume"]);
+    alice.expect("resumed");
+    alice.send_line("waiting");
+    alice.expect("sent");
+    alice.kill();
+
+    let keys = nodes.redis.cli(&["--scan", "--pattern", "parley:*"]);
+    let keys: Vec<&str> = keys.lines().filter(|k| !k.is_empty()).collect();
+    for kind in ["nodes", "home:", "code:", "inbox:", "mbox:"] {
+        assert!(
+            keys.iter()
+                .any(|k| k.starts_with(&format!("parley:{kind}"))),
+            "no {kind} key among {keys:?}"
+        );
+    }
+    for key in keys {
+        let ttl: i64 = nodes.redis.cli(&["PTTL", key]).trim().parse().unwrap();
+        assert!(ttl > 0, "{key} has no lifetime ({ttl})");
+    }
 }

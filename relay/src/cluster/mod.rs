@@ -24,12 +24,13 @@
 //! docs/cluster.md has the design, the keys and what is not (yet) shared.
 
 mod codes;
+mod mailboxes;
 mod route;
 mod wire;
 
 use std::collections::{HashMap, HashSet};
 use std::net::IpAddr;
-use std::sync::{Arc, Mutex, RwLock};
+use std::sync::{Arc, Mutex, PoisonError, RwLock};
 use std::time::Duration;
 
 use dashmap::DashMap;
@@ -42,10 +43,13 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 pub use codes::CodePool;
+use mailboxes::Write;
 pub use wire::NodeId;
 use wire::NodeMsg;
 
-use crate::hub::{ConnState, Hub};
+use parley_protocol::{Envelope, ErrorCode, FrameError, FrameType};
+
+use crate::hub::{ConnState, Hub, Role};
 use crate::ids::{InviteCode, SessionId};
 use crate::outbox::{ConnId, Outbox};
 
@@ -53,12 +57,9 @@ use crate::outbox::{ConnId, Outbox};
 pub const NODE_TTL: Duration = Duration::from_secs(5);
 /// How often a node renews its heartbeat and reads who else is alive.
 const HEARTBEAT: Duration = Duration::from_secs(1);
-/// Frames waiting to be written to other nodes' inboxes; beyond it, frames for other nodes are
-/// refused with `store_unavailable` (Redis is down or too slow).
-const OUTGOING_CAPACITY: usize = 65_536;
-/// An inbox holds at most about this many entries (a node that stops reading must not fill
-/// Redis); a live node reads its inbox continuously.
-const INBOX_MAX_ENTRIES: usize = 1_000_000;
+/// Writes waiting for Redis; beyond it, frames for other nodes, and frames to be kept in a
+/// mailbox, are refused with `store_unavailable` (Redis is down or too slow).
+const WRITES_CAPACITY: usize = 65_536;
 /// How long a Redis command may take before it counts as failed.
 const STORE_TIMEOUT: Duration = Duration::from_secs(2);
 
@@ -89,10 +90,19 @@ impl Keys {
     fn inbox(&self, node: NodeId) -> String {
         format!("{}inbox:{node}", self.prefix)
     }
+    fn mailbox(&self, sid: SessionId, role: Role) -> String {
+        let role = match role {
+            Role::Host => "host",
+            Role::Guest => "guest",
+        };
+        format!("{}mbox:{sid}:{role}", self.prefix)
+    }
 }
 
 /// Renews this node's heartbeat, forgets nodes whose heartbeat has lapsed, keeps this node's
-/// inbox alive as long as the node, and answers the live nodes. Deadlines are in Redis's own
+/// inbox alive as long as the node (creating it with an empty entry: other nodes append only
+/// to an inbox that exists, so a dead node's inbox is not made again), and answers the live
+/// nodes. Deadlines are in Redis's own
 /// clock, so the nodes' clocks need not agree.
 const HEARTBEAT_SCRIPT: &str = r"
 local t = redis.call('TIME')
@@ -100,9 +110,10 @@ local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now)
 redis.call('ZADD', KEYS[1], now + tonumber(ARGV[2]), ARGV[1])
 redis.call('PEXPIRE', KEYS[1], tonumber(ARGV[2]) * 10)
-if redis.call('EXISTS', KEYS[2]) == 1 then
-  redis.call('PEXPIRE', KEYS[2], tonumber(ARGV[2]) * 10)
+if redis.call('EXISTS', KEYS[2]) == 0 then
+  redis.call('XADD', KEYS[2], '*', 'm', '')
 end
+redis.call('PEXPIRE', KEYS[2], tonumber(ARGV[2]) * 10)
 return redis.call('ZRANGE', KEYS[1], 0, -1)
 ";
 
@@ -133,6 +144,11 @@ if deadline and tonumber(deadline) > now then return node end
 return false
 ";
 
+struct Beats {
+    last: Instant,
+    steady_since: Instant,
+}
+
 /// A client of another node, whose frames this node applies to a session at home here.
 struct Proxy {
     state: Arc<Mutex<ConnState>>,
@@ -155,8 +171,13 @@ pub struct Cluster {
     keys: Keys,
     redis: ConnectionManager,
     hub: Arc<Hub>,
-    outgoing: mpsc::Sender<(NodeId, String)>,
+    /// What is to be written to Redis, in order (see [`Write`]).
+    writes: mpsc::Sender<Write>,
     alive: RwLock<HashSet<NodeId>>,
+    /// When the heartbeat last succeeded, and since when it has without a gap: after Redis
+    /// was away, other nodes' heartbeats need a moment to come back before a missing one
+    /// means a dead node.
+    beats: Mutex<Beats>,
     routes: DashMap<ConnId, Routes>,
     proxies: Mutex<HashMap<(NodeId, ConnId), Proxy>>,
     heartbeat: Script,
@@ -201,7 +222,7 @@ impl Cluster {
         )
         .await
         .map_err(failed)?;
-        let (outgoing, outgoing_rx) = mpsc::channel(OUTGOING_CAPACITY);
+        let (writes, queued_writes) = mpsc::channel(WRITES_CAPACITY);
         let cluster = Arc::new(Cluster {
             me: NodeId::random(),
             keys: Keys {
@@ -209,8 +230,12 @@ impl Cluster {
             },
             redis,
             hub,
-            outgoing,
+            writes,
             alive: RwLock::new(HashSet::new()),
+            beats: Mutex::new(Beats {
+                last: Instant::now(),
+                steady_since: Instant::now(),
+            }),
             routes: DashMap::new(),
             proxies: Mutex::new(HashMap::new()),
             heartbeat: Script::new(HEARTBEAT_SCRIPT),
@@ -220,10 +245,11 @@ impl Cluster {
         // Alive before the first client: a home claimed by a node nobody has heard of yet
         // would be taken over at once.
         cluster.beat().await.map_err(failed)?;
+        cluster.hub.set_journal(cluster.clone());
         tracing::info!(node = %cluster.me, "joined the cluster");
         tracker.spawn(cluster.clone().run_heartbeat(stop.clone()));
         tracker.spawn(cluster.clone().run_inbox(reader, stop.clone()));
-        tracker.spawn(cluster.clone().run_outgoing(outgoing_rx, stop.clone()));
+        tracker.spawn(cluster.clone().run_writes(queued_writes, stop.clone()));
         tracker.spawn(cluster.clone().run_codes(stop));
         Ok(cluster)
     }
@@ -250,6 +276,7 @@ impl Cluster {
     }
 
     async fn beat(&self) -> redis::RedisResult<()> {
+        let started = Instant::now();
         let nodes: Vec<String> = self
             .store(async |redis| {
                 self.heartbeat
@@ -271,11 +298,47 @@ impl Cluster {
             *alive = now;
             gone
         };
+        let (absent, steady) = {
+            let mut beats = self.beats.lock().unwrap_or_else(PoisonError::into_inner);
+            let absent = started.saturating_duration_since(beats.last);
+            beats.last = started;
+            if absent >= HEARTBEAT.saturating_mul(2) {
+                beats.steady_since = started;
+            }
+            (
+                absent,
+                started.saturating_duration_since(beats.steady_since),
+            )
+        };
+        if absent >= NODE_TTL {
+            // The others have counted this node dead, and may have taken its sessions in
+            // meanwhile: what it holds can no longer be trusted.
+            tracing::warn!(
+                seconds = absent.as_secs(),
+                "this node lost Redis for longer than a heartbeat lasts; closing every connection and starting afresh"
+            );
+            self.start_afresh();
+            return Ok(());
+        }
         for node in gone {
             tracing::warn!(node = %node, "a cluster node has gone");
         }
-        self.forget_the_dead();
+        if steady >= NODE_TTL {
+            self.forget_the_dead();
+        }
         Ok(())
+    }
+
+    /// Forgets every session (not their mailboxes in Redis: whoever takes them in reads
+    /// those) and closes every connection and proxy; clients come back and re-attach.
+    fn start_afresh(&self) {
+        self.hub.forget_all_sessions();
+        let proxies: Vec<Proxy> = self.lock_proxies().drain().map(|(_, p)| p).collect();
+        for proxy in proxies {
+            self.end_proxy(proxy);
+        }
+        self.routes.clear();
+        self.hub.conns.kill_all();
     }
 
     async fn run_heartbeat(self: Arc<Self>, stop: CancellationToken) {
@@ -363,14 +426,23 @@ impl Cluster {
 
     /// Queues a message for another node's inbox; `false` if too much is waiting already.
     fn send(&self, node: NodeId, msg: &NodeMsg) -> bool {
-        self.outgoing.try_send((node, msg.encode())).is_ok()
+        self.write(Write::Inbox {
+            node,
+            msg: msg.encode(),
+        })
     }
 
-    /// Writes queued messages to the inboxes, in order, batched; retried until Redis takes
-    /// them (a frame accepted for another node is not given up while the node lives).
-    async fn run_outgoing(
+    /// Queues a write; `false` if too much is waiting already (Redis is down or slow).
+    fn write(&self, write: Write) -> bool {
+        self.writes.try_send(write).is_ok()
+    }
+
+    /// Writes what was queued to Redis, in order, batched: messages to other nodes' inboxes
+    /// and mailbox changes. Retried until Redis takes them (what the relay accepted is not
+    /// given up while the node lives); then the frames that waited for them are queued.
+    async fn run_writes(
         self: Arc<Self>,
-        mut queued: mpsc::Receiver<(NodeId, String)>,
+        mut queued: mpsc::Receiver<Write>,
         stop: CancellationToken,
     ) {
         let mut batch = Vec::new();
@@ -384,16 +456,8 @@ impl Cluster {
             }
             let mut pipe = redis::pipe();
             pipe.atomic();
-            for (node, msg) in &batch {
-                pipe.cmd("XADD")
-                    .arg(self.keys.inbox(*node))
-                    .arg("MAXLEN")
-                    .arg("~")
-                    .arg(INBOX_MAX_ENTRIES)
-                    .arg("*")
-                    .arg("m")
-                    .arg(msg)
-                    .ignore();
+            for write in &batch {
+                write.add_to(&mut pipe, &self.keys);
             }
             let mut delay = Duration::from_millis(10);
             loop {
@@ -403,7 +467,7 @@ impl Cluster {
                 {
                     Ok(()) => break,
                     Err(e) => {
-                        tracing::warn!(error = %e, "cannot write to other nodes' inboxes; retrying");
+                        tracing::warn!(error = %e, "cannot write to Redis; retrying");
                         tokio::select! {
                             () = stop.cancelled() => return,
                             () = tokio::time::sleep(delay) => {}
@@ -412,7 +476,11 @@ impl Cluster {
                     }
                 }
             }
-            batch.clear();
+            for write in batch.drain(..) {
+                if let Write::ThenQueue { outbox, frame } = write {
+                    let _ = outbox.push(frame);
+                }
+            }
         }
     }
 
@@ -457,8 +525,12 @@ impl Cluster {
                     .map
                     .get("m")
                     .and_then(|v| redis::from_redis_value_ref::<String>(v).ok());
-                match text.as_deref().and_then(NodeMsg::parse) {
-                    Some(msg) => self.receive(msg).await,
+                match text.as_deref() {
+                    Some("") => {} // the entry that made the inbox
+                    Some(text) => match NodeMsg::parse(text) {
+                        Some(msg) => self.receive(msg).await,
+                        None => tracing::warn!("skipped a damaged inbox entry"),
+                    },
                     None => tracing::warn!("skipped a damaged inbox entry"),
                 }
                 last = entry.id;
@@ -515,10 +587,23 @@ impl Cluster {
                 .or_insert_with(|| self.start_proxy(gate, conn, ip));
             proxy.state.clone()
         };
-        let new_seats = {
-            let mut state = state
+        let lock = || {
+            state
                 .lock()
-                .unwrap_or_else(std::sync::PoisonError::into_inner);
+                .unwrap_or_else(std::sync::PoisonError::into_inner)
+        };
+        let recovering = match Envelope::parse(frame.as_str()) {
+            Ok(env) => match self.recover_for(&env).await {
+                Ok(recovering) => recovering,
+                Err(e) => {
+                    lock().send_error(env.sid(), &e, None);
+                    return;
+                }
+            },
+            Err(_) => None,
+        };
+        let new_seats = {
+            let mut state = lock();
             let before = state.memberships.clone();
             // Flow is for a socket's reader: a proxy's task hands mailboxes over after every
             // batch it sends on, and a congested peer slows the gate's client down through
@@ -526,7 +611,32 @@ impl Cluster {
             let _ = self.hub.handle(&mut state, frame);
             new_sessions(&before, &state)
         };
+        if let Some(sid) = recovering {
+            self.hub.take_recovered(sid);
+        }
         self.claim_homes(&new_seats).await;
+    }
+
+    /// If `env` may re-create a session this node does not hold, reads the session's
+    /// mailboxes from Redis for the re-creation (see [`Hub::stash_recovered`]); the session,
+    /// whose leftovers the caller clears once the frame is applied. A session is never
+    /// re-created without them: if Redis cannot be read, the frame is refused.
+    async fn recover_for(&self, env: &Envelope<'_>) -> Result<Option<SessionId>, FrameError> {
+        if !matches!(env.kind, FrameType::Reattach | FrameType::Restore) {
+            return Ok(None);
+        }
+        let Some(sid) = env.sid().and_then(SessionId::parse) else {
+            return Ok(None);
+        };
+        if self.hub.holds_session(sid) || !crate::cmd::reattach::could_recreate(&self.hub, env) {
+            return Ok(None);
+        }
+        let recovered = self
+            .load_mailboxes(sid)
+            .await
+            .map_err(|_| store_unavailable())?;
+        self.hub.stash_recovered(sid, recovered);
+        Ok(Some(sid))
     }
 
     /// A proxy: the hub's connection state for a remote client, and a task that sends what
@@ -543,7 +653,7 @@ impl Cluster {
         let task_state = state.clone();
         let task_stop = stop.clone();
         let hub = self.hub.clone();
-        let outgoing = self.outgoing.clone();
+        let writes = self.writes.clone();
         tokio::spawn(async move {
             let mut batch = std::collections::VecDeque::new();
             loop {
@@ -552,18 +662,16 @@ impl Cluster {
                     taken = outbound.next_batch(&mut batch) => taken,
                 };
                 if taken.is_err() {
-                    let _ = outgoing.try_send((gate, NodeMsg::Drop { conn }.encode()));
+                    let msg = NodeMsg::Drop { conn }.encode();
+                    let _ = writes.try_send(Write::Inbox { node: gate, msg });
                     return;
                 }
                 let mut bytes = 0usize;
                 for frame in batch.drain(..) {
                     bytes = bytes.saturating_add(frame.len());
                     // Waits for room: the gate's client is slowed rather than losing frames.
-                    if outgoing
-                        .send((gate, NodeMsg::Out { conn, frame }.encode()))
-                        .await
-                        .is_err()
-                    {
+                    let msg = NodeMsg::Out { conn, frame }.encode();
+                    if writes.send(Write::Inbox { node: gate, msg }).await.is_err() {
                         return;
                     }
                 }
@@ -708,6 +816,13 @@ impl Cluster {
             }
         }
     }
+}
+
+fn store_unavailable() -> FrameError {
+    FrameError::new(
+        ErrorCode::StoreUnavailable,
+        "the relay cannot reach its shared store; nothing was done: try again shortly",
+    )
 }
 
 /// How long one inbox read waits for entries before asking again.

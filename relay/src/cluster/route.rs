@@ -2,11 +2,11 @@
 //! sending it there.
 
 use parley_protocol::payload::{MsgData, OpaqueData};
-use parley_protocol::{Envelope, ErrorCode, FrameError, FrameType};
+use parley_protocol::{Envelope, FrameError, FrameType};
 use tokio_tungstenite::tungstenite::Utf8Bytes;
 
 use super::wire::{NodeId, NodeMsg};
-use super::{Cluster, MAX_ROUTES, new_sessions};
+use super::{Cluster, MAX_ROUTES, new_sessions, store_unavailable};
 use crate::cmd;
 use crate::hub::{ConnState, Flow};
 use crate::ids::{InviteCode, SessionId};
@@ -19,13 +19,6 @@ pub enum Route {
     Here,
     /// By the hub of the session's home, for a proxy of this client there.
     Home(NodeId),
-}
-
-fn store_unavailable() -> FrameError {
-    FrameError::new(
-        ErrorCode::StoreUnavailable,
-        "the relay cannot reach its shared store; nothing was done: try again shortly",
-    )
 }
 
 impl Cluster {
@@ -43,12 +36,22 @@ impl Cluster {
         };
         match route {
             Route::Here => {
+                let recovering = match self.recover_for(&env).await {
+                    Ok(recovering) => recovering,
+                    Err(e) => {
+                        self.refuse(conn, &env, &e);
+                        return Flow::default();
+                    }
+                };
                 let takes_seat = matches!(
                     env.kind,
                     FrameType::CreateSession | FrameType::Reattach | FrameType::Restore
                 );
                 let before = takes_seat.then(|| conn.memberships.clone());
                 let flow = self.hub.handle(conn, frame);
+                if let Some(sid) = recovering {
+                    self.hub.take_recovered(sid);
+                }
                 if let Some(before) = before {
                     // Before the answer can reach the client (this task writes it only after
                     // we return), so no other node can claim the session meanwhile.

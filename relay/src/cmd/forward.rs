@@ -8,6 +8,8 @@ use tokio_tungstenite::tungstenite::Utf8Bytes;
 
 use crate::budget::Budget;
 use crate::hub::{Change, ConnState, Connections, Flow, Hub, Role, Session};
+use crate::ids::SessionId;
+use crate::journal::Journal;
 use crate::limiter::AddressKey;
 use crate::mailbox::MailboxLimits;
 use crate::outbox::Outbox;
@@ -27,10 +29,15 @@ pub fn handle_msg(hub: &Hub, conn: &mut ConnState, env: &Envelope<'_>, frame: &U
             return Flow::default();
         }
     };
-    match handle(hub, conn, env, frame) {
-        Ok(flow) => {
+    match forward(hub, conn, env, frame) {
+        Ok((flow, kept)) => {
             let data = DeliveredData { msg_id };
-            conn.send(encode(FrameType::Delivered, env.sid(), Some(&data)));
+            let delivered = encode(FrameType::Delivered, env.sid(), Some(&data));
+            match hub.journal().filter(|_| kept) {
+                // Promised only once the kept frame is written where it outlives this node.
+                Some(journal) => journal.when_durable(conn.outbox.clone(), delivered.into()),
+                None => conn.send(delivered),
+            }
             flow
         }
         Err(e) => {
@@ -46,8 +53,18 @@ pub fn handle(
     env: &Envelope<'_>,
     frame: &Utf8Bytes,
 ) -> Result<Flow, FrameError> {
+    forward(hub, conn, env, frame).map(|(flow, _)| flow)
+}
+
+/// Forwards or keeps the frame; whether it was kept in the mailbox.
+fn forward(
+    hub: &Hub,
+    conn: &mut ConnState,
+    env: &Envelope<'_>,
+    frame: &Utf8Bytes,
+) -> Result<(Flow, bool), FrameError> {
     let address = conn.address;
-    let (_, delivery) = hub.member_update(conn, env, |session, role, _| {
+    let (_, delivery) = hub.member_update(conn, env, |session, role, sid| {
         if session.seat(role.other()).is_none() {
             return Err(FrameError::new(
                 ErrorCode::NotPaired,
@@ -56,6 +73,8 @@ pub fn handle(
         }
         Ok(Forward {
             frame,
+            sid,
+            journal: hub.journal(),
             to: role.other(),
             from: address,
             budget: &hub.budget,
@@ -67,14 +86,24 @@ pub fn handle(
         })
     })?;
     match delivery {
-        Delivery::Sent { congested } => Ok(Flow {
-            wait_for: congested,
-            hand_over_pending: false,
-        }),
-        Delivery::Kept { wait_for } => Ok(Flow {
-            wait_for,
-            hand_over_pending: false,
-        }),
+        Delivery::Sent { congested } => Ok((
+            Flow {
+                wait_for: congested,
+                hand_over_pending: false,
+            },
+            false,
+        )),
+        Delivery::Kept { wait_for } => Ok((
+            Flow {
+                wait_for,
+                hand_over_pending: false,
+            },
+            true,
+        )),
+        Delivery::StoreUnavailable => Err(FrameError::new(
+            ErrorCode::StoreUnavailable,
+            "your peer is offline and the relay cannot write to its shared store; keep the message and send it again shortly",
+        )),
         Delivery::MailboxFull => Err(FrameError::new(
             ErrorCode::MailboxFull,
             "your peer is offline and its mailbox is full; keep the message and send it again when the peer is back",
@@ -84,6 +113,9 @@ pub fn handle(
 
 struct Forward<'a> {
     frame: &'a Utf8Bytes,
+    sid: SessionId,
+    /// In a cluster, where a kept frame is also written.
+    journal: Option<&'a dyn Journal>,
     to: Role,
     /// The sender's address, which the mailboxed frame is charged to.
     from: AddressKey,
@@ -101,6 +133,8 @@ enum Delivery {
     Kept { wait_for: Option<Outbox> },
     /// Neither: nothing changed.
     MailboxFull,
+    /// It would have been kept, but the journal cannot take it now: nothing changed.
+    StoreUnavailable,
 }
 
 impl Change for Forward<'_> {
@@ -134,6 +168,9 @@ impl Change for Forward<'_> {
         if !peer.mailbox.has_room(self.frame.len(), &limits) {
             return Delivery::MailboxFull;
         }
+        if self.journal.is_some_and(|j| !j.has_room()) {
+            return Delivery::StoreUnavailable;
+        }
         let Some(charge) = self.budget.charge(self.from, self.frame.len()) else {
             return Delivery::MailboxFull;
         };
@@ -141,7 +178,12 @@ impl Change for Forward<'_> {
             .mailbox
             .push(self.frame.clone(), charge, Instant::now(), &limits)
         {
-            Ok(()) => Delivery::Kept { wait_for: online },
+            Ok(()) => {
+                if let Some(journal) = self.journal {
+                    journal.appended(self.sid, self.to, self.frame);
+                }
+                Delivery::Kept { wait_for: online }
+            }
             Err(_) => Delivery::MailboxFull,
         }
     }

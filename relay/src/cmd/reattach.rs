@@ -14,6 +14,7 @@ use tokio::time::Instant;
 
 use crate::hub::{Change, ConnState, Connections, Flow, Hub, Role, Seat, Session, error_frame};
 use crate::ids::{SessionId, Stage, TokenNonce, Verified};
+use crate::journal::Journal;
 use crate::metrics::Metrics;
 use crate::outbox::Outbox;
 
@@ -62,6 +63,7 @@ pub fn handle(hub: &Hub, conn: &mut ConnState, env: &Envelope<'_>) -> Result<Flo
         nonce,
         outbox: &conn.outbox,
         metrics: &hub.metrics,
+        journal: hub.journal(),
     };
     let decide = |session: &Session| {
         let (role, nonce) = match token {
@@ -106,7 +108,7 @@ pub fn handle(hub: &Hub, conn: &mut ConnState, env: &Envelope<'_>) -> Result<Flo
                 return Err(refused(session_unknown()));
             };
             hub.check_session_room(conn)?;
-            let session = Session {
+            let mut session = Session {
                 host: Seat::new((role == Role::Host).then_some(nonce), None),
                 guest: Some(Seat::new((role == Role::Guest).then_some(nonce), None)),
                 invite: None,
@@ -114,6 +116,18 @@ pub fn handle(hub: &Hub, conn: &mut ConnState, env: &Envelope<'_>) -> Result<Flo
                 pending_join: None,
                 idle_since: None,
             };
+            // A cluster node taking the session in finds what waited in the journal.
+            if let Some(mut recovered) = hub.take_recovered(sid) {
+                for role in [Role::Host, Role::Guest] {
+                    if let Some(seat) = session.seat_mut(role) {
+                        seat.mailbox.recover(
+                            recovered.frames(role),
+                            &hub.budget,
+                            &hub.config.mailbox,
+                        );
+                    }
+                }
+            }
             match hub
                 .sessions
                 .insert(sid, session, &hub.conns, take(role, Some(nonce)))
@@ -226,6 +240,7 @@ struct TakeSeat<'a> {
     nonce: Option<TokenNonce>,
     outbox: &'a Outbox,
     metrics: &'a Metrics,
+    journal: Option<&'a dyn Journal>,
 }
 
 impl Change for TakeSeat<'_> {
@@ -261,8 +276,10 @@ impl Change for TakeSeat<'_> {
         // The answer first, then what waited, in order, as far as the queue has room.
         let _ = self.outbox.push(encode::<()>(status, Some(&sid), None));
         let pending = HandOver {
+            sid: self.sid,
             role: self.role,
             outbox: self.outbox,
+            journal: self.journal,
         }
         .apply(session, conns);
         if self.role == Role::Host
@@ -276,8 +293,10 @@ impl Change for TakeSeat<'_> {
 
 /// Moves a seat's mailboxed frames to its connection's queue while that has room.
 pub struct HandOver<'a> {
+    pub sid: SessionId,
     pub role: Role,
     pub outbox: &'a Outbox,
+    pub journal: Option<&'a dyn Journal>,
 }
 
 impl Change for HandOver<'_> {
@@ -288,8 +307,13 @@ impl Change for HandOver<'_> {
         let Some(seat) = session.seat_mut(self.role) else {
             return false;
         };
+        let mut moved = 0usize;
         while let Some(frame) = seat.mailbox.pop_if(|f| self.outbox.has_room_for(f.len())) {
             let _ = self.outbox.push(frame);
+            moved = moved.saturating_add(1);
+        }
+        if let Some(journal) = self.journal.filter(|_| moved > 0) {
+            journal.removed(self.sid, self.role, moved);
         }
         !seat.mailbox.is_empty()
     }

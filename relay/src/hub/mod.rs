@@ -11,9 +11,10 @@ mod session;
 mod store;
 
 use std::net::IpAddr;
-use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, OnceLock};
 
+use dashmap::DashMap;
 use parley_protocol::payload::ErrorData;
 use parley_protocol::{Envelope, ErrorCode, FrameError, FrameType, encode};
 use serde_json::value::RawValue;
@@ -29,6 +30,7 @@ use crate::cluster::CodePool;
 use crate::cmd;
 use crate::config::{RelayConfig, later};
 use crate::ids::{InviteCode, SessionId};
+use crate::journal::{Journal, Recovered};
 use crate::limiter::{AddressCounts, AddressKey, AddressLimiter, TokenBucket};
 use crate::metrics::Metrics;
 use crate::outbox::ConnId;
@@ -124,6 +126,11 @@ pub struct Hub {
     openings_per_address: AddressCounts,
     /// Set on shutdown: health checks answer 503 and new connections are refused.
     draining: AtomicBool,
+    /// In a cluster, where mailbox changes are mirrored (set once the node has joined).
+    journal: OnceLock<Arc<dyn Journal>>,
+    /// Mailboxes read back from the journal for a session this node is about to re-create,
+    /// taken by the re-creation (see `cmd::reattach`).
+    recovered: DashMap<SessionId, Recovered>,
 }
 
 /// Sessions by state, for the metrics.
@@ -200,6 +207,8 @@ impl Hub {
             metrics: Arc::default(),
             connections: AtomicUsize::new(0),
             last_conn_id: AtomicU64::new(0),
+            journal: OnceLock::new(),
+            recovered: DashMap::new(),
             draining: AtomicBool::new(false),
         }
     }
@@ -230,9 +239,35 @@ impl Hub {
         self.join_limiter.allows(conn.address, Instant::now())
     }
 
+    /// Forgets every session and invite at once, without telling anyone (not even the
+    /// journal): a cluster node that must start afresh, see `cluster`.
+    pub fn forget_all_sessions(&self) {
+        self.sessions.retain(|_, _| false);
+        self.sessions.retain_invites(|_| false);
+    }
+
     /// The ids of the sessions held here.
     pub fn session_ids(&self) -> Vec<SessionId> {
         self.sessions.ids()
+    }
+
+    /// Mirrors every mailbox change to `journal` from now on (a cluster node, once joined).
+    pub fn set_journal(&self, journal: Arc<dyn Journal>) {
+        let _ = self.journal.set(journal);
+    }
+
+    pub fn journal(&self) -> Option<&dyn Journal> {
+        self.journal.get().map(|j| &**j)
+    }
+
+    /// Keeps a session's journaled mailboxes for its re-creation by the next frame applied.
+    pub fn stash_recovered(&self, sid: SessionId, recovered: Recovered) {
+        self.recovered.insert(sid, recovered);
+    }
+
+    /// What [`Self::stash_recovered`] kept for `sid`, if it is still there.
+    pub fn take_recovered(&self, sid: SessionId) -> Option<Recovered> {
+        self.recovered.remove(&sid).map(|(_, r)| r)
     }
 
     /// In a cluster, the invite codes reserved for this node.
@@ -371,8 +406,10 @@ impl Hub {
                             if seat.held_by(conn.outbox.id()) && !seat.mailbox.is_empty() =>
                         {
                             Ok(cmd::reattach::HandOver {
+                                sid,
                                 role,
                                 outbox: &conn.outbox,
+                                journal: self.journal(),
                             })
                         }
                         _ => Err(FrameError::new(
@@ -411,7 +448,8 @@ impl Hub {
         let ttl = self.config.invite_ttl;
         self.sessions
             .retain_invites(|invite| later(invite.expires_at, ttl) > now);
-        self.sessions.retain(|session| {
+        let journal = self.journal();
+        self.sessions.retain(|sid, session| {
             // A session with both members known is kept long; one that nobody joined, or that
             // was re-created and whose other member never came back, only while it could
             // still be completed.
@@ -425,10 +463,18 @@ impl Hub {
                 .is_none_or(|since| later(since, ttl) > now);
             if keep {
                 let max_age = self.config.mailbox.max_age;
-                session.host.mailbox.expire(now, max_age);
-                if let Some(guest) = &mut session.guest {
-                    guest.mailbox.expire(now, max_age);
+                let expired = session.host.mailbox.expire(now, max_age);
+                if let Some(journal) = journal.filter(|_| expired > 0) {
+                    journal.removed(sid, Role::Host, expired);
                 }
+                if let Some(guest) = &mut session.guest {
+                    let expired = guest.mailbox.expire(now, max_age);
+                    if let Some(journal) = journal.filter(|_| expired > 0) {
+                        journal.removed(sid, Role::Guest, expired);
+                    }
+                }
+            } else if let Some(journal) = journal {
+                journal.forgotten(sid);
             }
             keep
         });

@@ -49,6 +49,13 @@ impl Connections {
         self.0.remove(&id);
     }
 
+    /// Drops every connection (a cluster node that must start afresh).
+    pub fn kill_all(&self) {
+        for outbox in self.0.iter() {
+            outbox.kill();
+        }
+    }
+
     pub fn get(&self, id: ConnId) -> Option<Outbox> {
         self.0.get(&id).map(|o| o.clone())
     }
@@ -201,9 +208,9 @@ impl Sessions {
     }
 
     /// Keeps the sessions `keep` says to keep (the sweep).
-    pub fn retain(&self, mut keep: impl FnMut(&mut Session) -> bool) {
-        self.map.retain(|_, session| {
-            let kept = keep(session);
+    pub fn retain(&self, mut keep: impl FnMut(SessionId, &mut Session) -> bool) {
+        self.map.retain(|sid, session| {
+            let kept = keep(*sid, session);
             if !kept {
                 self.counted(session.state(), false);
             }
