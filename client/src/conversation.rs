@@ -999,3 +999,818 @@ fn msg_seq(env: &Envelope<'_>) -> Option<u64> {
     serde_json::from_str(msg_id.get()).ok()
 }
 
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::error::exit;
+    use crate::session::tests::pair;
+
+    const SID: &str = "00112233445566778899aabbccddeeff";
+
+    /// One output, in the order the conversation gave it.
+    #[derive(Debug)]
+    enum Out {
+        Frame(String),
+        Event(Event),
+        Save(Durability),
+        Link(LinkAction),
+    }
+
+    /// Everything the conversation wants done now, in order (as the driver drains it).
+    fn drain(c: &mut Conversation) -> Vec<Out> {
+        let mut out = Vec::new();
+        loop {
+            if let Some(frame) = c.poll_transmit() {
+                out.push(Out::Frame(frame));
+            } else if let Some(event) = c.poll_event() {
+                out.push(Out::Event(event));
+            } else if let Some(save) = c.poll_save() {
+                out.push(Out::Save(save.durability));
+            } else if let Some(action) = c.poll_link() {
+                out.push(Out::Link(action));
+            } else {
+                return out;
+            }
+        }
+    }
+
+    fn frames(out: &[Out]) -> Vec<String> {
+        out.iter()
+            .filter_map(|o| match o {
+                Out::Frame(f) => Some(f.clone()),
+                _ => None,
+            })
+            .collect()
+    }
+
+    fn events(out: &[Out]) -> Vec<Event> {
+        out.iter()
+            .filter_map(|o| match o {
+                Out::Event(e) => Some(e.clone()),
+                _ => None,
+            })
+            .collect()
+    }
+
+    fn kind(frame: &str) -> FrameType {
+        Envelope::parse(frame).unwrap().kind
+    }
+
+    /// The sequence numbers of the `MSG` frames among `out`.
+    fn msg_seqs(out: &[Out]) -> Vec<u64> {
+        frames(out)
+            .iter()
+            .filter(|f| kind(f) == FrameType::Msg)
+            .map(|f| {
+                Envelope::parse(f)
+                    .unwrap()
+                    .data::<crate::wire::ChatMsgData>()
+                    .unwrap()
+                    .msg_id
+            })
+            .collect()
+    }
+
+    fn receipts(out: &[Out]) -> Vec<String> {
+        frames(out)
+            .into_iter()
+            .filter(|f| kind(f) == FrameType::MsgRead)
+            .collect()
+    }
+
+    fn config() -> Config {
+        Config {
+            interactive: false,
+            exit_after: None,
+            deadline: None,
+            idle: Duration::from_secs(35),
+            others_outbox_bytes: 0,
+            unix_now: 1_000_000,
+        }
+    }
+
+    /// Two sessions as pairing leaves them: the host's Hello (seq 1) sealed and received,
+    /// not yet acknowledged.
+    fn sessions() -> (Session, Session) {
+        let (mut host, mut guest) = pair();
+        let (_, hello) = host
+            .seal(&Plain::Hello {
+                name: "alice".into(),
+            })
+            .unwrap();
+        guest.receive(&Envelope::parse(&hello).unwrap()).unwrap();
+        (host, guest)
+    }
+
+    fn paired(session: Session, now: Instant, config: Config) -> (Conversation, Vec<Out>) {
+        let mut c = Conversation::paired(session, Liveness::new(now, config.idle), now, config);
+        let out = drain(&mut c);
+        (c, out)
+    }
+
+    fn relay(t: &str) -> String {
+        format!(r#"{{"t":"{t}","sid":"{SID}"}}"#)
+    }
+
+    fn error(code: &str, msg_id: Option<u64>) -> String {
+        let id = msg_id.map_or(String::new(), |n| format!(r#","msgID":{n}"#));
+        format!(r#"{{"t":"ERROR","sid":"{SID}","data":{{"code":"{code}","message":"m"{id}}}}}"#)
+    }
+
+    fn frame_in(c: &mut Conversation, now: Instant, text: &str) -> Vec<Out> {
+        c.handle_frame(now, text);
+        drain(c)
+    }
+
+    fn lines(c: &mut Conversation, now: Instant, texts: &[&str]) -> Vec<Out> {
+        for text in texts {
+            assert!(c.wants_input());
+            c.handle_line(now, (*text).into());
+        }
+        drain(c)
+    }
+
+    /// Reconnects after a cut (or the conversation's own decision): waits for the backoff,
+    /// dials, reattaches; returns what attaching sent after `PEER_ONLINE`.
+    fn reconnect(c: &mut Conversation, now: &mut Instant) -> Vec<Out> {
+        let at = c.poll_timeout().unwrap();
+        *now = at;
+        c.handle_timeout(at);
+        assert!(matches!(drain(c)[..], [Out::Link(LinkAction::Dial)]));
+        c.handle_connected(*now);
+        let out = drain(c);
+        assert_eq!(frames(&out).len(), 1);
+        assert_eq!(kind(&frames(&out)[0]), FrameType::Reattach);
+        frame_in(c, *now, &relay("PEER_ONLINE"))
+    }
+
+    fn ended(c: &mut Conversation) -> Result<(), ClientError> {
+        drain(c);
+        c.poll_end().expect("the conversation should have ended")
+    }
+
+    fn exit_code(e: &ClientError) -> String {
+        format!("{:?}", e.exit_code())
+    }
+
+    fn code(n: u8) -> String {
+        format!("{:?}", std::process::ExitCode::from(n))
+    }
+
+    /// A sealed message is saved before it is sent; a received one is saved (visibly) before
+    /// it is shown, then saved as shown, and only then acknowledged. This order is what makes
+    /// delivery exactly-once across a crash at any point.
+    #[test]
+    fn saves_come_before_the_frames_and_the_lines_they_protect() {
+        let t0 = Instant::now();
+        let (host, guest) = sessions();
+        let (mut host, out) = paired(host, t0, config());
+        assert!(matches!(
+            &out[..],
+            [
+                Out::Save(Durability::Durable),
+                Out::Event(Event::Paired),
+                Out::Frame(_)
+            ]
+        ));
+        let (mut guest, out) = paired(guest, t0, config());
+        assert!(matches!(
+            &out[..],
+            [Out::Save(Durability::Durable), Out::Event(Event::Paired)]
+        ));
+        // The initial resend check is due at once: the Hello goes again (byte-identical).
+        let hello = frames(&out_of(&mut host, t0))[0].clone();
+
+        let out = lines(&mut host, t0, &["one", "two"]);
+        assert!(matches!(
+            &out[..],
+            [Out::Save(Durability::Durable), Out::Frame(_), Out::Frame(_)]
+        ));
+        assert_eq!(msg_seqs(&out), [2, 3]);
+
+        let sent = frames(&out);
+        let got = frame_in(&mut guest, t0, &hello);
+        assert!(matches!(&got[..], [Out::Frame(f)] if kind(f) == FrameType::MsgRead));
+        let got = frame_in(&mut guest, t0, &sent[0]);
+        assert!(
+            matches!(&got[..], [
+                Out::Save(Durability::Visible),
+                Out::Event(Event::Message { seq: 2, text }),
+                Out::Save(Durability::Durable),
+                Out::Frame(receipt),
+            ] if text == "one" && kind(receipt) == FrameType::MsgRead),
+            "{got:?}"
+        );
+        // The receipt is saved before the window moves on; then it is told.
+        let got = frame_in(&mut host, t0, &frames(&got)[0]);
+        assert!(
+            matches!(
+                &got[..],
+                [
+                    Out::Save(Durability::Durable),
+                    Out::Event(Event::Delivered { seq: 2 }),
+                ]
+            ),
+            "{got:?}"
+        );
+    }
+
+    /// Drives the timer once (at the instant asked for) and returns the outputs.
+    fn out_of(c: &mut Conversation, now: Instant) -> Vec<Out> {
+        c.handle_timeout(now);
+        drain(c)
+    }
+
+    /// A message ahead of a gap is decrypted (its key is gone): saved before anything else,
+    /// not shown, acknowledged only up to the gap.
+    #[test]
+    fn a_message_ahead_of_a_gap_is_saved_and_held() {
+        let t0 = Instant::now();
+        let (host, guest) = sessions();
+        let (mut host, _) = paired(host, t0, config());
+        let (mut guest, _) = paired(guest, t0, config());
+        let sent = frames(&lines(&mut host, t0, &["one", "two"]));
+        let got = frame_in(&mut guest, t0, &sent[1]);
+        assert!(
+            matches!(&got[..], [Out::Save(Durability::Durable), Out::Frame(r)] if kind(r) == FrameType::MsgRead),
+            "{got:?}"
+        );
+        let got = frame_in(&mut guest, t0, &sent[0]);
+        let shown: Vec<_> = events(&got)
+            .into_iter()
+            .map(|e| match e {
+                Event::Message { seq, .. } => seq,
+                other => panic!("{other:?}"),
+            })
+            .collect();
+        assert_eq!(shown, [2, 3]);
+    }
+
+    /// After a cut the whole unacknowledged window goes again, byte-identical, in order; the
+    /// peer shows each message once and acknowledges the duplicates again.
+    #[test]
+    fn a_cut_resends_the_window_and_the_peer_drops_the_duplicates() {
+        let mut now = Instant::now();
+        let (host, guest) = sessions();
+        let (mut host, first) = paired(host, now, config());
+        let (mut guest, _) = paired(guest, now, config());
+        let hello = frames(&first);
+        let sent = frames(&lines(&mut host, now, &["one", "two"]));
+        // Only "one" gets through before the cut.
+        frame_in(&mut guest, now, &hello[0]);
+        frame_in(&mut guest, now, &sent[0]);
+
+        host.handle_disconnected(now, ClientError::ConnectionLost("cut".into()));
+        let out = drain(&mut host);
+        assert!(
+            matches!(&out[..], [Out::Link(LinkAction::Drop), Out::Event(Event::RelayOffline { why })] if why.contains("cut")),
+            "{out:?}"
+        );
+        // The first retry comes after 100 ms ± 20 %.
+        let wait = host.poll_timeout().unwrap() - now;
+        assert!((80..=120).contains(&wait.as_millis()), "{wait:?}");
+        // Lines typed while offline are sealed and saved, not sent.
+        let out = lines(&mut host, now, &["three"]);
+        assert!(
+            matches!(&out[..], [Out::Save(Durability::Durable)]),
+            "{out:?}"
+        );
+
+        let out = reconnect(&mut host, &mut now);
+        assert_eq!(events(&out), [Event::RelayOnline { peer_online: true }]);
+        assert_eq!(msg_seqs(&out), [1, 2, 3, 4]);
+        let resent = frames(&out);
+        assert_eq!(
+            resent[..3],
+            [hello[0].clone(), sent[0].clone(), sent[1].clone()]
+        );
+
+        let mut shown = Vec::new();
+        let mut last_receipt = None;
+        for frame in &resent {
+            let got = frame_in(&mut guest, now, frame);
+            for event in events(&got) {
+                if let Event::Message { seq, .. } = event {
+                    shown.push(seq);
+                }
+            }
+            // Every MSG, a duplicate too, is acknowledged.
+            let r = receipts(&got);
+            assert_eq!(r.len(), 1, "{got:?}");
+            last_receipt = r.into_iter().next();
+        }
+        assert_eq!(shown, [3, 4], "each message is shown once");
+
+        let got = frame_in(&mut host, now, &last_receipt.unwrap());
+        assert_eq!(
+            events(&got),
+            [
+                Event::Delivered { seq: 2 },
+                Event::Delivered { seq: 3 },
+                Event::Delivered { seq: 4 }
+            ]
+        );
+        assert!(!host.session().has_unacked());
+    }
+
+    /// At most 64 messages are in flight: the rest wait in the outbox, and receipts let them
+    /// out, in order.
+    #[test]
+    fn the_send_window_holds_64_and_receipts_open_it() {
+        let t0 = Instant::now();
+        let (host, guest) = sessions();
+        let (mut host, _) = paired(host, t0, config());
+        let (mut guest, _) = paired(guest, t0, config());
+        let texts: Vec<String> = (0..100).map(|i| format!("line {i}")).collect();
+        let texts: Vec<&str> = texts.iter().map(String::as_str).collect();
+        let out = lines(&mut host, t0, &texts);
+        // One save for the batch, then what the window allows beyond the Hello (sent when
+        // the chat began): 63 lines.
+        assert!(matches!(out[0], Out::Save(Durability::Durable)));
+        assert_eq!(out.iter().filter(|o| matches!(o, Out::Save(_))).count(), 1);
+        let window = msg_seqs(&out);
+        assert_eq!(window, (2..=64).collect::<Vec<_>>());
+
+        // The peer records the first ten; its receipt for them moves the window by ten.
+        let mut receipt = None;
+        for frame in frames(&out).iter().take(10) {
+            receipt = receipts(&frame_in(&mut guest, t0, frame)).pop();
+        }
+        let out = frame_in(&mut host, t0, &receipt.unwrap());
+        assert!(matches!(out[0], Out::Save(Durability::Durable)));
+        assert_eq!(msg_seqs(&out), (65..=75).collect::<Vec<_>>());
+        assert_eq!(events(&out).len(), 10);
+        assert_eq!(host.session().outbox_len(), 101 - 11);
+    }
+
+    /// A full outbox stops the input (`outbox_full`) until receipts make room
+    /// (`outbox_ready`); the budget shared with sibling sessions says so.
+    #[test]
+    fn a_full_outbox_pauses_input_until_receipts_make_room() {
+        let t0 = Instant::now();
+        let (host, guest) = sessions();
+        // Siblings hold nearly the whole file's budget: this one keeps two frames' worth.
+        let config = Config {
+            others_outbox_bytes: crate::session::MAX_STATE_OUTBOX_BYTES
+                - 2 * parley_protocol::limits::MAX_FRAME_BYTES,
+            ..config()
+        };
+        let (mut host, _) = paired(host, t0, config);
+        let (mut guest, _) = paired(guest, t0, self::config());
+        let long = "x".repeat(20_000);
+        let mut sent = Vec::new();
+        let mut full = None;
+        while host.wants_input() {
+            host.handle_line(t0, long.clone());
+            let out = drain(&mut host);
+            sent.extend(frames(&out));
+            full = events(&out)
+                .into_iter()
+                .find(|e| matches!(e, Event::OutboxFull { .. }));
+        }
+        let Some(Event::OutboxFull {
+            pending,
+            budget_shared: true,
+            ..
+        }) = full
+        else {
+            panic!("no outbox_full: {full:?}");
+        };
+        assert_eq!(pending, host.session().outbox_len());
+        assert!(!host.wants_input());
+        // Told once, however often it is looked at.
+        assert!(
+            events(&out_of(&mut host, t0))
+                .iter()
+                .all(|e| !matches!(e, Event::OutboxFull { .. }))
+        );
+
+        let mut receipt = None;
+        for frame in &sent {
+            receipt = receipts(&frame_in(&mut guest, t0, frame)).pop();
+        }
+        let out = frame_in(&mut host, t0, &receipt.unwrap());
+        assert!(
+            events(&out).contains(&Event::OutboxReady { pending: 0 }),
+            "{out:?}"
+        );
+        assert!(host.wants_input());
+    }
+
+    /// Liveness with time as the only input: silence gets a PING at half the bound, the
+    /// connection is given up at the bound, and reconnecting backs off from 100 ms to 5 s;
+    /// an attach resets the backoff.
+    #[test]
+    fn silence_pings_then_reconnects_with_backoff() {
+        let t0 = Instant::now();
+        // No Hello in flight: no resend timer, only liveness.
+        let (host, _) = pair();
+        let (mut c, _) = paired(host, t0, config());
+        assert_eq!(c.poll_timeout(), Some(t0 + Duration::from_millis(17_500)));
+        // A relay PING is answered, and counts as a sign of life.
+        let t1 = t0 + Duration::from_secs(10);
+        let out = frame_in(&mut c, t1, r#"{"t":"PING"}"#);
+        assert_eq!(frames(&out), [r#"{"t":"PONG"}"#]);
+        let half = t1 + Duration::from_millis(17_500);
+        assert_eq!(c.poll_timeout(), Some(half));
+        assert!(out_of(&mut c, half - Duration::from_millis(1)).is_empty());
+        assert_eq!(frames(&out_of(&mut c, half)), [r#"{"t":"PING"}"#]);
+        let dead = t1 + Duration::from_secs(35);
+        assert_eq!(c.poll_timeout(), Some(dead));
+        let out = out_of(&mut c, dead);
+        assert!(
+            matches!(&out[..], [Out::Link(LinkAction::Drop), Out::Event(Event::RelayOffline { why })]
+                if why.contains("no sign of life")),
+            "{out:?}"
+        );
+        // Each failed attempt waits about twice as long, up to 5 s.
+        let mut now = dead;
+        for expected in [100u128, 200, 400, 800, 1600, 3200, 5000, 5000] {
+            let at = c.poll_timeout().unwrap();
+            let wait = (at - now).as_millis();
+            assert!(
+                (expected * 8 / 10..=expected * 12 / 10).contains(&wait),
+                "{wait} ms, expected about {expected}"
+            );
+            now = at;
+            assert!(matches!(
+                out_of(&mut c, now)[..],
+                [Out::Link(LinkAction::Dial)]
+            ));
+            c.handle_disconnected(
+                now,
+                ClientError::RelayUnreachable {
+                    url: "ws://x".into(),
+                    reason: "refused".into(),
+                },
+            );
+            // A failed dial is not another "relay_offline".
+            assert!(events(&drain(&mut c)).is_empty());
+        }
+        reconnect(&mut c, &mut now);
+        c.handle_disconnected(now, ClientError::ConnectionLost("cut".into()));
+        drain(&mut c);
+        let wait = (c.poll_timeout().unwrap() - now).as_millis();
+        assert!(
+            (80..=120).contains(&wait),
+            "the backoff starts again: {wait}"
+        );
+    }
+
+    /// A relay that sends an oversize frame is waited for the longest step before the next
+    /// attempt: it is likely to do it again.
+    #[test]
+    fn a_relay_that_broke_the_protocol_waits_the_longest_step() {
+        let t0 = Instant::now();
+        let (host, _) = pair();
+        let (mut c, _) = paired(host, t0, config());
+        c.handle_disconnected(t0, ClientError::RelayProtocol("too big".into()));
+        drain(&mut c);
+        assert_eq!(c.poll_timeout(), Some(t0 + Backoff::MAX));
+    }
+
+    /// The relay answers `session_unknown` (it restarted and forgot us) or `token_invalid`
+    /// (the peer restored the session first; our seat awaits us): `RESTORE` with the proof,
+    /// once. A refused `RESTORE` ends the run with exit 7.
+    #[test]
+    fn a_forgotten_session_is_restored_once() {
+        for refusal in ["session_unknown", "token_invalid"] {
+            let mut now = Instant::now();
+            let (host, _) = sessions();
+            let (mut c, _) = paired(host, now, config());
+            let out = frame_in(&mut c, now, &error("not_member", None));
+            assert!(matches!(
+                &out[..],
+                [
+                    Out::Link(LinkAction::Drop),
+                    Out::Event(Event::RelayOffline { .. })
+                ]
+            ));
+            // (not_member: attach again at once, no backoff.)
+            assert_eq!(c.poll_timeout(), Some(now));
+            assert!(matches!(
+                out_of(&mut c, now)[..],
+                [Out::Link(LinkAction::Dial)]
+            ));
+            c.handle_connected(now);
+            let reattach = frames(&drain(&mut c));
+            assert_eq!(
+                reattach,
+                [format!(
+                    r#"{{"t":"REATTACH","sid":"{SID}","data":{{"resumeToken":"t"}}}}"#
+                )]
+            );
+            let out = frame_in(&mut c, now, &error(refusal, None));
+            assert_eq!(
+                frames(&out),
+                [format!(
+                    r#"{{"t":"RESTORE","sid":"{SID}","data":{{"role":"host","resumeToken":"t","proof":"p"}}}}"#
+                )]
+            );
+            let out = frame_in(&mut c, now, &relay("PEER_OFFLINE"));
+            assert_eq!(events(&out), [Event::RelayOnline { peer_online: false }]);
+            assert_eq!(msg_seqs(&out), [1], "the window follows every attach");
+
+            // Next time the relay refuses both: over at this relay.
+            c.handle_disconnected(now, ClientError::ConnectionLost("cut".into()));
+            drain(&mut c);
+            now = c.poll_timeout().unwrap();
+            out_of(&mut c, now);
+            c.handle_connected(now);
+            drain(&mut c);
+            frame_in(&mut c, now, &error(refusal, None));
+            let out = frame_in(&mut c, now, &error("restore_refused", None));
+            assert!(frames(&out).is_empty());
+            let Err(e) = ended(&mut c) else { panic!() };
+            assert!(
+                matches!(&e, ClientError::ResumeRefused { code, .. } if code == "restore_refused")
+            );
+            assert_eq!(exit_code(&e), code(exit::RESUME_REFUSED));
+        }
+    }
+
+    /// `resume`: the stored session reattaches, then the chat begins (`resumed`, saved
+    /// first), and the outbox goes out. A refusal at that point ends the run (exit 7)
+    /// without a `RESTORE`, as does a relay that cannot be reached (exit 3).
+    #[test]
+    fn resume_attaches_first_and_fails_on_any_refusal() {
+        let now = Instant::now();
+        let (host, _) = sessions();
+        let mut c = Conversation::resume(host, now, config());
+        assert!(!c.wants_input());
+        assert!(matches!(drain(&mut c)[..], [Out::Link(LinkAction::Dial)]));
+        c.handle_connected(now);
+        assert_eq!(kind(&frames(&drain(&mut c))[0]), FrameType::Reattach);
+        c.handle_frame(now, &relay("PEER_ONLINE"));
+        assert!(matches!(
+            c.poll_save(),
+            Some(Save {
+                durability: Durability::Durable,
+                ..
+            })
+        ));
+        assert_eq!(c.poll_event(), Some(Event::Resumed { peer_online: true }));
+        assert!(c.wants_input());
+        // A failed write of the window the chat began with ends the run (exit 3), as a
+        // failure while attaching does; a later one is a cut like any other.
+        assert_eq!(c.poll_transmit().map(|f| kind(&f)), Some(FrameType::Msg));
+        c.handle_disconnected(now, ClientError::ConnectionLost("gone".into()));
+        let e = ended(&mut c).unwrap_err();
+        assert_eq!(exit_code(&e), code(exit::RELAY_UNREACHABLE));
+
+        for refusal in ["token_invalid", "session_unknown"] {
+            let (host, _) = sessions();
+            let mut c = Conversation::resume(host, now, config());
+            drain(&mut c);
+            c.handle_connected(now);
+            drain(&mut c);
+            let out = frame_in(&mut c, now, &error(refusal, None));
+            assert!(frames(&out).is_empty(), "no RESTORE on resume: {out:?}");
+            let e = ended(&mut c).unwrap_err();
+            assert_eq!(exit_code(&e), code(exit::RESUME_REFUSED));
+        }
+
+        let (host, _) = sessions();
+        let mut c = Conversation::resume(host, now, config());
+        drain(&mut c);
+        c.handle_disconnected(
+            now,
+            ClientError::RelayUnreachable {
+                url: "ws://x".into(),
+                reason: "refused".into(),
+            },
+        );
+        let e = ended(&mut c).unwrap_err();
+        assert_eq!(exit_code(&e), code(exit::RELAY_UNREACHABLE));
+
+        // A relay that does not answer the REATTACH in 30 s: exit 3 too.
+        let (host, _) = sessions();
+        let mut c = Conversation::resume(host, now, config());
+        drain(&mut c);
+        c.handle_connected(now);
+        drain(&mut c);
+        assert_eq!(c.poll_timeout(), Some(now + Duration::from_millis(17_500)));
+        out_of(&mut c, now + Duration::from_millis(17_500));
+        frame_in(&mut c, now + Duration::from_secs(20), &relay("PONG"));
+        let late = c.poll_timeout().unwrap();
+        assert_eq!(late, now + ATTACH_TIMEOUT);
+        out_of(&mut c, late);
+        let e = ended(&mut c).unwrap_err();
+        assert!(e.to_string().contains("did not answer in time"), "{e}");
+        assert_eq!(exit_code(&e), code(exit::RELAY_UNREACHABLE));
+    }
+
+    /// A certificate the client refuses while reconnecting is reported, not retried.
+    #[test]
+    fn a_refused_certificate_while_reconnecting_ends_the_run() {
+        let now = Instant::now();
+        let (host, _) = pair();
+        let (mut c, _) = paired(host, now, config());
+        c.handle_disconnected(now, ClientError::ConnectionLost("cut".into()));
+        drain(&mut c);
+        let at = c.poll_timeout().unwrap();
+        out_of(&mut c, at);
+        c.handle_disconnected(
+            at,
+            ClientError::RelayCertificate {
+                url: "wss://x".into(),
+                reason: "unknown issuer".into(),
+            },
+        );
+        let e = ended(&mut c).unwrap_err();
+        assert_eq!(e.code(), "relay_certificate");
+        assert_eq!(exit_code(&e), code(exit::RELAY_UNREACHABLE));
+    }
+
+    /// The relay's `ERROR`s during a chat (protocol.md 3.7): a message the relay did not
+    /// keep goes again later; another refusal is reported; `replaced` ends the run (exit 7).
+    #[test]
+    fn relay_errors_during_a_chat() {
+        let now = Instant::now();
+        let (host, _) = sessions();
+        // A person: quitting waits only for the relay to hold our messages.
+        let config = Config {
+            interactive: true,
+            ..config()
+        };
+        let (mut c, _) = paired(host, now, config);
+        lines(&mut c, now, &["one"]);
+        c.handle_input_closed(now);
+        assert!(matches!(&events(&drain(&mut c))[..], []));
+        let out = frame_in(
+            &mut c,
+            now,
+            &format!(r#"{{"t":"DELIVERED","sid":"{SID}","data":{{"msgID":2}}}}"#),
+        );
+        assert_eq!(events(&out), [Event::Sent { seq: 2 }]);
+        frame_in(
+            &mut c,
+            now,
+            &format!(r#"{{"t":"DELIVERED","sid":"{SID}","data":{{"msgID":1}}}}"#),
+        );
+        // Everything is at the relay: a person may go.
+        assert!(ended(&mut c).is_ok());
+
+        let (host, _) = sessions();
+        let (mut c, _) = paired(
+            host,
+            now,
+            Config {
+                interactive: true,
+                ..self::config()
+            },
+        );
+        lines(&mut c, now, &["one"]);
+        frame_in(
+            &mut c,
+            now,
+            &format!(r#"{{"t":"DELIVERED","sid":"{SID}","data":{{"msgID":2}}}}"#),
+        );
+        let out = frame_in(&mut c, now, &error("mailbox_full", Some(2)));
+        assert!(
+            matches!(&events(&out)[..], [Event::Problem { code, seq: Some(2), .. }] if code == "mailbox_full"),
+            "{out:?}"
+        );
+        // Not at the relay after all: not "everything out" any more.
+        frame_in(
+            &mut c,
+            now,
+            &format!(r#"{{"t":"DELIVERED","sid":"{SID}","data":{{"msgID":1}}}}"#),
+        );
+        c.handle_input_closed(now);
+        drain(&mut c);
+        assert!(c.poll_end().is_none());
+        // peer_offline / not_paired are silent; another code is reported.
+        assert!(events(&frame_in(&mut c, now, &error("peer_offline", Some(2)))).is_empty());
+        let out = frame_in(&mut c, now, &error("rate_limited", Some(2)));
+        assert!(
+            matches!(&events(&out)[..], [Event::Problem { code, .. }] if code == "refused_message")
+        );
+        let out = frame_in(&mut c, now, &error("odd", None));
+        assert!(
+            matches!(&events(&out)[..], [Event::Problem { code, seq: None, .. }] if code == "odd")
+        );
+        assert!(c.poll_end().is_none());
+        frame_in(&mut c, now, &error("replaced", None));
+        let e = ended(&mut c).unwrap_err();
+        assert!(matches!(e, ClientError::SessionTakenOver));
+        assert_eq!(exit_code(&e), code(exit::RESUME_REFUSED));
+    }
+
+    /// A script's run ends when input is closed, `--exit-after` messages were shown and the
+    /// peer acknowledged ours; `--timeout` ends it with exit 6 whatever it waits for.
+    #[test]
+    fn exit_after_and_timeout() {
+        let now = Instant::now();
+        let (host, guest) = sessions();
+        let (mut host, first) = paired(host, now, config());
+        let (mut guest, _) = paired(
+            guest,
+            now,
+            Config {
+                exit_after: Some(1),
+                ..config()
+            },
+        );
+        guest.handle_input_closed(now);
+        drain(&mut guest);
+        assert!(guest.poll_end().is_none(), "one message to wait for");
+        frame_in(&mut guest, now, &frames(&first)[0]);
+        assert!(
+            guest.poll_end().is_none(),
+            "the Hello is not a chat message"
+        );
+        let sent = frames(&lines(&mut host, now, &["hi"]));
+        let got = frame_in(&mut guest, now, &sent[0]);
+        assert!(matches!(&events(&got)[..], [Event::Message { seq: 2, .. }]));
+        assert!(ended(&mut guest).is_ok());
+
+        // The host waits for its receipt; input closed with the peer gone: "waiting".
+        host.handle_input_closed(now);
+        assert!(drain(&mut host).is_empty());
+        let out = frame_in(&mut host, now, &relay("PEER_OFFLINE"));
+        assert_eq!(
+            events(&out),
+            [Event::PeerOffline, Event::Waiting { undelivered: 2 }]
+        );
+        assert!(host.poll_end().is_none());
+
+        let deadline = now + Duration::from_secs(5);
+        let (session, _) = sessions();
+        let (mut c, _) = paired(
+            session,
+            now,
+            Config {
+                deadline: Some((deadline, 5)),
+                ..config()
+            },
+        );
+        c.handle_frame(now, &relay("PEER_OFFLINE"));
+        drain(&mut c);
+        assert_eq!(c.poll_timeout(), Some(deadline));
+        assert!(out_of(&mut c, deadline - Duration::from_millis(1)).is_empty());
+        out_of(&mut c, deadline);
+        let e = ended(&mut c).unwrap_err();
+        assert!(matches!(e, ClientError::Timeout(5)));
+        assert_eq!(exit_code(&e), code(exit::TIMEOUT));
+    }
+
+    /// While the peer is online and no receipt moves, the window goes again every 2 s; a
+    /// moving receipt postpones it.
+    #[test]
+    fn a_stalled_window_is_resent_every_two_seconds() {
+        let t0 = Instant::now();
+        let (host, _) = sessions();
+        let (mut c, first) = paired(host, t0, config());
+        assert_eq!(msg_seqs(&first), [1]);
+        // (The first check is at once, like a fresh interval's first tick.)
+        assert_eq!(c.poll_timeout(), Some(t0));
+        assert_eq!(msg_seqs(&out_of(&mut c, t0)), [1]);
+        let t1 = t0 + RETRANSMIT_EVERY;
+        assert_eq!(c.poll_timeout(), Some(t1));
+        assert_eq!(msg_seqs(&out_of(&mut c, t1)), [1]);
+        // The peer is away: no resends (it gets the window when it is back).
+        frame_in(&mut c, t1, &relay("PEER_OFFLINE"));
+        assert_eq!(c.poll_timeout(), Some(t1 + Duration::from_millis(17_500)));
+        let out = frame_in(&mut c, t1, &relay("PEER_ONLINE"));
+        assert_eq!(events(&out), [Event::PeerOnline]);
+        assert_eq!(msg_seqs(&out), [1]);
+    }
+
+    /// The human rendering of a message names the peer from its Hello, and every event the
+    /// conversation gives renders to the JSON scripts read.
+    #[test]
+    fn events_render_as_before() {
+        let (host, _) = sessions();
+        let s = &host;
+        let json = |e: Event| crate::output::chat_event(&e, s);
+        assert_eq!(
+            json(Event::Delivered { seq: 3 }),
+            serde_json::json!({"event": "delivered", "sid": SID, "seq": 3})
+        );
+        assert_eq!(
+            json(Event::RelayOffline { why: "x".into() }),
+            serde_json::json!({"event": "relay_offline", "message": "x"})
+        );
+        assert_eq!(
+            json(Event::Problem {
+                code: "mailbox_full".into(),
+                message: "m".into(),
+                seq: Some(4)
+            }),
+            serde_json::json!({"event": "error", "code": "mailbox_full", "seq": 4, "message": "m"})
+        );
+        assert_eq!(
+            json(Event::Problem {
+                code: "odd".into(),
+                message: "m".into(),
+                seq: None
+            }),
+            serde_json::json!({"event": "error", "code": "odd", "message": "m"})
+        );
+        assert_eq!(
+            json(Event::Waiting { undelivered: 2 })["message"],
+            "waiting for your peer to receive 2 message(s); Ctrl-C stops (they are kept and sent on the next resume)"
+        );
+    }
+}
