@@ -1755,8 +1755,8 @@ mod tests {
         assert_eq!(exit_code(&e), code(exit::TIMEOUT));
     }
 
-    /// While the peer is online and no receipt moves, the window goes again every 2 s; a
-    /// moving receipt postpones it.
+    /// While the peer is online and no receipt moves, the window goes again every 2 s; not
+    /// while the peer is away, and at once when it is back.
     #[test]
     fn a_stalled_window_is_resent_every_two_seconds() {
         let t0 = Instant::now();
