@@ -39,7 +39,7 @@ pub struct Options {
     pub timeout: Option<Duration>,
     /// Opens relay connections: `ws://` or `wss://`, the certificates to trust, and the
     /// liveness bound (a connection that delivers no frame at all for that long is dead; we
-    /// PING it half-way through the silence first, see [`RelayLink::recv`]).
+    /// PING it half-way through the silence first, see [`crate::liveness`]).
     pub dialer: Dialer,
 }
 
