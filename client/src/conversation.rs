@@ -1102,6 +1102,12 @@ mod tests {
         (host, guest)
     }
 
+    fn with(change: impl FnOnce(&mut Config)) -> Config {
+        let mut config = config();
+        change(&mut config);
+        config
+    }
+
     fn paired(session: Session, now: Instant, config: Config) -> (Conversation, Vec<Out>) {
         let mut c = Conversation::paired(session, Liveness::new(now, config.idle), now, config);
         let out = drain(&mut c);
@@ -1350,13 +1356,12 @@ mod tests {
         let t0 = Instant::now();
         let (host, guest) = sessions();
         // Siblings hold nearly the whole file's budget: this one keeps two frames' worth.
-        let config = Config {
-            others_outbox_bytes: crate::session::MAX_STATE_OUTBOX_BYTES
-                - 2 * parley_protocol::limits::MAX_FRAME_BYTES,
-            ..config()
-        };
-        let (mut host, _) = paired(host, t0, config);
-        let (mut guest, _) = paired(guest, t0, self::config());
+        let squeezed = with(|c| {
+            c.others_outbox_bytes = crate::session::MAX_STATE_OUTBOX_BYTES
+                - 2 * parley_protocol::limits::MAX_FRAME_BYTES;
+        });
+        let (mut host, _) = paired(host, t0, squeezed);
+        let (mut guest, _) = paired(guest, t0, config());
         let long = "x".repeat(20_000);
         let mut sent = Vec::new();
         let mut full = None;
@@ -1559,11 +1564,7 @@ mod tests {
         assert_eq!(exit_code(&e), code(exit::RELAY_UNREACHABLE));
 
         for refusal in ["token_invalid", "session_unknown"] {
-            let (host, _) = sessions();
-            let mut c = Conversation::resume(host, now, config());
-            drain(&mut c);
-            c.handle_connected(now);
-            drain(&mut c);
+            let mut c = resuming(now);
             let out = frame_in(&mut c, now, &error(refusal, None));
             assert!(frames(&out).is_empty(), "no RESTORE on resume: {out:?}");
             let e = ended(&mut c).unwrap_err();
@@ -1584,11 +1585,7 @@ mod tests {
         assert_eq!(exit_code(&e), code(exit::RELAY_UNREACHABLE));
 
         // A relay that does not answer the REATTACH in 30 s: exit 3 too.
-        let (host, _) = sessions();
-        let mut c = Conversation::resume(host, now, config());
-        drain(&mut c);
-        c.handle_connected(now);
-        drain(&mut c);
+        let mut c = resuming(now);
         assert_eq!(c.poll_timeout(), Some(now + Duration::from_millis(17_500)));
         out_of(&mut c, now + Duration::from_millis(17_500));
         frame_in(&mut c, now + Duration::from_secs(20), &relay("PONG"));
@@ -1598,6 +1595,16 @@ mod tests {
         let e = ended(&mut c).unwrap_err();
         assert!(e.to_string().contains("did not answer in time"), "{e}");
         assert_eq!(exit_code(&e), code(exit::RELAY_UNREACHABLE));
+    }
+
+    /// `resume` of the host's session, connected, its `REATTACH` sent.
+    fn resuming(now: Instant) -> Conversation {
+        let (host, _) = sessions();
+        let mut c = Conversation::resume(host, now, config());
+        drain(&mut c);
+        c.handle_connected(now);
+        drain(&mut c);
+        c
     }
 
     /// A certificate the client refuses while reconnecting is reported, not retried.
@@ -1629,11 +1636,7 @@ mod tests {
         let now = Instant::now();
         let (host, _) = sessions();
         // A person: quitting waits only for the relay to hold our messages.
-        let config = Config {
-            interactive: true,
-            ..config()
-        };
-        let (mut c, _) = paired(host, now, config);
+        let (mut c, _) = paired(host, now, with(|c| c.interactive = true));
         lines(&mut c, now, &["one"]);
         c.handle_input_closed(now);
         assert!(matches!(&events(&drain(&mut c))[..], []));
@@ -1652,14 +1655,7 @@ mod tests {
         assert!(ended(&mut c).is_ok());
 
         let (host, _) = sessions();
-        let (mut c, _) = paired(
-            host,
-            now,
-            Config {
-                interactive: true,
-                ..self::config()
-            },
-        );
+        let (mut c, _) = paired(host, now, with(|c| c.interactive = true));
         lines(&mut c, now, &["one"]);
         frame_in(
             &mut c,
@@ -1704,14 +1700,7 @@ mod tests {
         let now = Instant::now();
         let (host, guest) = sessions();
         let (mut host, first) = paired(host, now, config());
-        let (mut guest, _) = paired(
-            guest,
-            now,
-            Config {
-                exit_after: Some(1),
-                ..config()
-            },
-        );
+        let (mut guest, _) = paired(guest, now, with(|c| c.exit_after = Some(1)));
         guest.handle_input_closed(now);
         drain(&mut guest);
         assert!(guest.poll_end().is_none(), "one message to wait for");
@@ -1737,14 +1726,7 @@ mod tests {
 
         let deadline = now + Duration::from_secs(5);
         let (session, _) = sessions();
-        let (mut c, _) = paired(
-            session,
-            now,
-            Config {
-                deadline: Some((deadline, 5)),
-                ..config()
-            },
-        );
+        let (mut c, _) = paired(session, now, with(|c| c.deadline = Some((deadline, 5))));
         c.handle_frame(now, &relay("PEER_OFFLINE"));
         drain(&mut c);
         assert_eq!(c.poll_timeout(), Some(deadline));
