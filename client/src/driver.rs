@@ -1,14 +1,14 @@
-//! The async driver: moves frames between the relay socket, the sans-IO handshake and session,
-//! stdin and stdout. All protocol decisions are made in `handshake` and `session`.
+//! The async driver: moves frames between the relay socket and the sans-IO handshake and
+//! conversation, lines from stdin into the conversation, its events to stdout and its records
+//! to the state file, and wakes it when it asks. All protocol decisions are made in
+//! `handshake`, `conversation` and `session`.
 
-use std::collections::BTreeSet;
 use std::io::IsTerminal;
 use std::path::PathBuf;
 use std::time::Duration;
 
 use futures_util::{SinkExt, StreamExt};
 use parley_protocol::limits::MAX_FRAME_BYTES;
-use parley_protocol::{Envelope, FrameType, encode};
 use parley_state::{StateFile, Store};
 use serde_json::json;
 use tokio::sync::mpsc;
@@ -17,15 +17,13 @@ use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::tungstenite::error::{CapacityError, Error as WsError};
 
 use crate::code::InviteCode;
+use crate::conversation::{Config, Conversation, Durability, LinkAction};
 use crate::error::ClientError;
-use crate::handshake::{Guest, Host, Pairing, PairingError, Step, error_fields, msg_kind};
-use crate::output::{Output, error_event};
-use crate::ratchet::RatchetError;
-use crate::session::{
-    MAX_OUTBOX, MAX_OUTBOX_BYTES, Plain, Receipt, ReceiveError, SendError, Session,
-};
+use crate::handshake::{Guest, Host, Pairing, PairingError, Step};
+use crate::liveness::{Alarm, Liveness, pong_for};
+use crate::output::{Output, chat_event, error_event};
+use crate::session::Session;
 use crate::transport::{Dialer, RelaySocket};
-use crate::wire::{DeliveredData, ErrorData, ReattachData, RestoreData};
 
 /// Each stage of the handshake (once a joiner is there) must complete within this.
 const HANDSHAKE_STEP_TIMEOUT: Duration = Duration::from_secs(30);
@@ -41,7 +39,7 @@ pub struct Options {
     pub timeout: Option<Duration>,
     /// Opens relay connections: `ws://` or `wss://`, the certificates to trust, and the
     /// liveness bound (a connection that delivers no frame at all for that long is dead; we
-    /// PING it half-way through the silence first, see [`RelayLink::recv`]).
+    /// PING it half-way through the silence first, see [`crate::liveness`]).
     pub dialer: Dialer,
 }
 
@@ -63,7 +61,7 @@ pub async fn run(command: Command, opts: Options) -> Result<(), ClientError> {
     let result = within(
         deadline,
         opts.timeout,
-        run_command(command, &opts, &mut output),
+        run_command(command, &opts, deadline, &mut output),
     )
     .await;
     if let Err(e) = &result {
@@ -75,6 +73,7 @@ pub async fn run(command: Command, opts: Options) -> Result<(), ClientError> {
 async fn run_command(
     command: Command,
     opts: &Options,
+    deadline: Option<Instant>,
     output: &mut Output,
 ) -> Result<(), ClientError> {
     match command {
@@ -86,10 +85,14 @@ async fn run_command(
                 Command::Join(code) => pair_guest(&mut relay, code, opts, output).await?,
                 _ => pair_host(&mut relay, opts, output).await?,
             };
+            let interactive = is_interactive(output);
+            let config = conversation_config(opts, deadline, &state, &session, interactive);
+            let conversation = Conversation::paired(session, relay.liveness.clone(), now(), config);
+            let link = Some(relay);
             chat(
-                relay,
-                session,
-                Paired::Fresh,
+                conversation,
+                link,
+                interactive,
                 &store,
                 &mut state,
                 opts,
@@ -106,12 +109,13 @@ async fn run_command(
                         record,
                     }
                 })?;
-            let mut relay = RelayLink::connect(&opts.dialer, session.relay_url(), output).await?;
-            let peer_online = reattach(&mut relay, &session).await?;
+            let interactive = is_interactive(output);
+            let config = conversation_config(opts, deadline, &state, &session, interactive);
+            let conversation = Conversation::resume(session, now(), config);
             chat(
-                relay,
-                session,
-                Paired::Resumed { peer_online },
+                conversation,
+                None,
+                interactive,
                 &store,
                 &mut state,
                 opts,
@@ -174,12 +178,6 @@ fn warn(output: &mut Output, warnings: &[parley_state::StateWarning]) {
     }
 }
 
-fn persist(store: &Store, state: &mut StateFile, session: &Session) -> Result<(), ClientError> {
-    state.upsert(session.record());
-    store.save(state)?;
-    Ok(())
-}
-
 /// The stored session named by `sid` (a unique prefix is enough), or the only one.
 fn pick_session<'a>(
     state: &'a StateFile,
@@ -232,11 +230,16 @@ fn format_time(unix: u64) -> String {
 
 struct RelayLink {
     ws: RelaySocket,
-    /// Liveness: when the last frame of any kind arrived, whether we have PINGed since, and
-    /// how long a silence means the connection is dead.
-    last_heard: Instant,
-    pinged: bool,
+    /// Liveness while pairing ([`RelayLink::recv`]); a chat's conversation keeps its own.
+    liveness: Liveness,
     idle: Duration,
+}
+
+/// What one read from the relay connection brought.
+enum Arrived {
+    Text(String),
+    /// A WebSocket control frame or a binary message: a sign of life, nothing more.
+    Other,
 }
 
 impl RelayLink {
@@ -253,15 +256,14 @@ impl RelayLink {
         let ws = dialer.open(url).await?;
         Ok(RelayLink {
             ws,
-            last_heard: Instant::now(),
-            pinged: false,
+            liveness: Liveness::new(now(), dialer.idle()),
             idle: dialer.idle(),
         })
     }
 
     /// Sends one frame. A write that makes no progress for the liveness bound (the socket's
     /// buffers are full: the relay or the path stopped reading) means the connection is dead,
-    /// like silence does in [`RelayLink::recv`].
+    /// like silence does (protocol.md 3.7, "Liveness").
     async fn send(&mut self, frame: String) -> Result<(), ClientError> {
         match tokio::time::timeout(self.idle, self.ws.send(Message::Text(frame.into()))).await {
             Ok(sent) => sent.map_err(|e| ClientError::ConnectionLost(e.to_string())),
@@ -272,71 +274,57 @@ impl RelayLink {
         }
     }
 
-    /// The next text frame. The relay's `PING`s (any frame with `t` = `PING`) are answered
-    /// here and not returned.
-    ///
-    /// Liveness: a relay PINGs every 10 s, so silence means a dead relay or network path,
-    /// which TCP alone may not notice for hours. After half of `idle` without any frame we
-    /// send a `PING` of our own (the relay answers `PONG`); after `idle` without any frame
-    /// the connection is declared lost, and the caller reconnects as after any cut.
-    /// Cancel-safe: the liveness state lives in `self`, not in this future.
+    /// The next message from the relay, as it comes. Cancel-safe.
+    async fn next(&mut self) -> Result<Arrived, ClientError> {
+        match self.ws.next().await {
+            Some(Ok(Message::Text(text))) => Ok(Arrived::Text(text.to_string())),
+            Some(Ok(Message::Close(frame))) => {
+                let why = frame
+                    .map(|f| f.reason.to_string())
+                    .unwrap_or_else(|| "closed".into());
+                Err(ClientError::ConnectionLost(format!(
+                    "the relay closed the connection ({why})"
+                )))
+            }
+            Some(Ok(_)) => Ok(Arrived::Other),
+            // The rest of that frame is still on the socket: the connection cannot go on.
+            Some(Err(WsError::Capacity(CapacityError::MessageTooLong { .. }))) => {
+                Err(ClientError::RelayProtocol(format!(
+                    "it sent a frame larger than the protocol's limit of {MAX_FRAME_BYTES} bytes"
+                )))
+            }
+            Some(Err(e)) => Err(ClientError::ConnectionLost(e.to_string())),
+            None => Err(ClientError::ConnectionLost(
+                "the relay closed the connection".into(),
+            )),
+        }
+    }
+
+    /// The next text frame, while pairing. The relay's `PING`s are answered here and not
+    /// returned; silence is checked as [`Liveness`] says (a chat's conversation does both
+    /// itself). Cancel-safe: the liveness state lives in `self`, not in this future.
     async fn recv(&mut self) -> Result<String, ClientError> {
         loop {
-            let wake = if self.pinged {
-                self.last_heard.checked_add(self.idle)
-            } else {
-                self.last_heard.checked_add(self.idle / 2)
-            };
-            let next = match wake {
-                Some(at) => match tokio::time::timeout_at(at, self.ws.next()).await {
+            let next = match self.liveness.poll_timeout() {
+                Some(at) => match tokio::time::timeout_at(at.into(), self.next()).await {
                     Ok(next) => next,
-                    Err(_) if self.pinged => {
-                        return Err(ClientError::ConnectionLost(format!(
-                            "no sign of life from the relay for {:.1} s",
-                            self.idle.as_secs_f64()
-                        )));
-                    }
                     Err(_) => {
-                        self.pinged = true;
-                        self.send(encode::<()>(FrameType::Ping, None, None)).await?;
+                        match self.liveness.handle_timeout(now()) {
+                            Some(Alarm::Ping(frame)) => self.send(frame).await?,
+                            Some(Alarm::Dead(e)) => return Err(e),
+                            None => {}
+                        }
                         continue;
                     }
                 },
                 // A bound too large for the clock: no liveness check.
-                None => self.ws.next().await,
+                None => self.next().await,
             };
-            if let Some(Ok(_)) = &next {
-                self.last_heard = Instant::now();
-                self.pinged = false;
-            }
-            match next {
-                Some(Ok(Message::Text(text))) => {
-                    if Envelope::parse(text.as_str()).is_ok_and(|env| env.kind == FrameType::Ping) {
-                        self.send(encode::<()>(FrameType::Pong, None, None)).await?;
-                        continue;
-                    }
-                    return Ok(text.to_string());
-                }
-                Some(Ok(Message::Close(frame))) => {
-                    let why = frame
-                        .map(|f| f.reason.to_string())
-                        .unwrap_or_else(|| "closed".into());
-                    return Err(ClientError::ConnectionLost(format!(
-                        "the relay closed the connection ({why})"
-                    )));
-                }
-                Some(Ok(_)) => {}
-                // The rest of that frame is still on the socket: the connection cannot go on.
-                Some(Err(WsError::Capacity(CapacityError::MessageTooLong { .. }))) => {
-                    return Err(ClientError::RelayProtocol(format!(
-                        "it sent a frame larger than the protocol's limit of {MAX_FRAME_BYTES} bytes"
-                    )));
-                }
-                Some(Err(e)) => return Err(ClientError::ConnectionLost(e.to_string())),
-                None => {
-                    return Err(ClientError::ConnectionLost(
-                        "the relay closed the connection".into(),
-                    ));
+            self.liveness.heard(now());
+            if let Arrived::Text(text) = next? {
+                match pong_for(&text) {
+                    Some(pong) => self.send(pong).await?,
+                    None => return Ok(text),
                 }
             }
         }
@@ -450,62 +438,18 @@ async fn fail_pairing(
     ClientError::Pairing(error)
 }
 
-/// `REATTACH`; returns whether the peer is online.
-async fn reattach(relay: &mut RelayLink, session: &Session) -> Result<bool, ClientError> {
-    let data = ReattachData {
-        resume_token: Some(session.resume_token().expose().into()),
-    };
-    relay
-        .send(encode(
-            FrameType::Reattach,
-            Some(session.sid()),
-            Some(&data),
-        ))
-        .await?;
-    await_status(relay, FrameType::Reattach).await
-}
-
-/// The answer to `REATTACH` or `RESTORE`: `PEER_ONLINE` or `PEER_OFFLINE` (whether the peer is
-/// online), or the relay's refusal.
-async fn await_status(relay: &mut RelayLink, asked: FrameType) -> Result<bool, ClientError> {
-    let deadline = Instant::now() + HANDSHAKE_STEP_TIMEOUT;
-    loop {
-        let frame = tokio::time::timeout_at(deadline, relay.recv())
-            .await
-            .map_err(|_| {
-                ClientError::ConnectionLost("the relay did not answer in time".into())
-            })??;
-        let env = Envelope::parse(&frame).map_err(|e| {
-            ClientError::RelayProtocol(format!(
-                "it answered {asked} with an unreadable frame ({e})"
-            ))
-        })?;
-        match env.kind {
-            FrameType::PeerOnline => return Ok(true),
-            FrameType::PeerOffline => return Ok(false),
-            FrameType::Error => {
-                let (code, message) = error_fields(&env);
-                return Err(ClientError::ResumeRefused { code, message });
-            }
-            _ => {}
-        }
-    }
-}
-
 // ---------------------------------------------------------------------------------------------
 // Chatting
 
-enum Paired {
-    Fresh,
-    Resumed { peer_online: bool },
+/// Whether a person types and reads: stdin and stdout are a terminal, and no `--json`.
+fn is_interactive(output: &Output) -> bool {
+    !output.is_json() && std::io::stdin().is_terminal() && std::io::stdout().is_terminal()
 }
 
 /// Lines from stdin, read on a thread of their own (blocking reads, or the line editor on a
-/// terminal). The channel closes at end of input. Also says whether a person is typing.
-fn spawn_input(output: &mut Output) -> (mpsc::Receiver<String>, bool) {
+/// terminal). The channel closes at end of input.
+fn spawn_input(output: &mut Output, interactive: bool) -> mpsc::Receiver<String> {
     let (tx, rx) = mpsc::channel(64);
-    let interactive =
-        !output.is_json() && std::io::stdin().is_terminal() && std::io::stdout().is_terminal();
     let editor = if interactive {
         rustyline::DefaultEditor::new().ok()
     } else {
@@ -536,461 +480,162 @@ fn spawn_input(output: &mut Output) -> (mpsc::Receiver<String>, bool) {
             });
         }
     }
-    (rx, interactive)
+    rx
 }
 
-/// Backoff between reconnection attempts: doubling from 100 ms to 5 s, with jitter so that
-/// many clients cut off at once do not all come back at the same instant.
-struct Backoff {
-    next: Duration,
+/// The clock, as the conversation takes it.
+fn now() -> std::time::Instant {
+    Instant::now().into_std()
 }
 
-impl Backoff {
-    const FIRST: Duration = Duration::from_millis(100);
-    const MAX: Duration = Duration::from_secs(5);
-
-    fn new() -> Backoff {
-        Backoff {
-            next: Backoff::FIRST,
-        }
-    }
-
-    fn step(&mut self) -> Duration {
-        let base = self.next;
-        self.next = (self.next * 2).min(Backoff::MAX);
-        let jitter = rand::Rng::random_range(&mut rand::rng(), 0.8..1.2);
-        base.mul_f64(jitter)
-    }
-
-    fn reset(&mut self) {
-        self.next = Backoff::FIRST;
-    }
-}
-
-/// Each side's first message is its Hello (part of pairing): not reported as chat.
-const HELLO_SEQ: u64 = 1;
-
-/// How often unacknowledged messages are sent again while the peer is online and no receipt
-/// has moved (a frame can be lost with a connection that dies).
-const RETRANSMIT_EVERY: Duration = Duration::from_secs(2);
-
-/// The next frame from the relay, or never when there is no connection.
-async fn next_frame(link: &mut Option<RelayLink>) -> Result<String, ClientError> {
-    match link {
-        Some(relay) => relay.recv().await,
-        None => std::future::pending().await,
-    }
-}
-
-/// Connects to the session's relay and takes our seat back: `REATTACH`, or `RESTORE` when
-/// the relay has forgotten the session (it restarted) or holds it restored by the peer.
-/// Returns whether the peer is online.
-async fn attach(
+/// What a conversation needs to know about this run.
+fn conversation_config(
+    opts: &Options,
+    deadline: Option<Instant>,
+    state: &StateFile,
     session: &Session,
-    dialer: &Dialer,
-    output: &mut Output,
-) -> Result<(RelayLink, bool), ClientError> {
-    let mut relay = RelayLink::connect(dialer, session.relay_url(), output).await?;
-    match reattach(&mut relay, session).await {
-        // Forgotten (the relay restarted), or re-created by the peer's RESTORE with our seat
-        // awaiting us: RESTORE with the proof.
-        Err(ClientError::ResumeRefused { code, .. })
-            if code == "session_unknown" || code == "token_invalid" =>
-        {
-            let data = RestoreData {
-                role: Some(session.role().to_string().into()),
-                resume_token: Some(session.resume_token().expose().into()),
-                proof: Some(session.restore_proof().expose().into()),
-            };
-            relay
-                .send(encode(FrameType::Restore, Some(session.sid()), Some(&data)))
-                .await?;
-            let online = await_status(&mut relay, FrameType::Restore).await?;
-            Ok((relay, online))
-        }
-        Ok(online) => Ok((relay, online)),
-        Err(e) => Err(e),
+    interactive: bool,
+) -> Config {
+    Config {
+        interactive,
+        exit_after: opts.exit_after,
+        deadline: deadline.map(|at| (at.into_std(), opts.timeout.map_or(0, |t| t.as_secs()))),
+        idle: opts.dialer.idle(),
+        // The other sessions stored here keep their outboxes (no other process writes this
+        // file while we hold its lock): this one gets what the file's budget leaves.
+        others_outbox_bytes: others_outbox_bytes(state, session.sid()),
+        unix_now: now_secs(),
     }
 }
 
-/// Sends what the send window allows beyond `sent_upto` (0: the whole window again), in
-/// order. An error means the connection is gone.
-async fn pump(
-    link: &mut Option<RelayLink>,
-    session: &Session,
-    sent_upto: &mut u64,
-) -> Result<(), ClientError> {
-    let Some(relay) = link else { return Ok(()) };
-    for (seq, frame) in session.window_after(*sent_upto) {
-        relay.send(frame).await?;
-        *sent_upto = seq;
-    }
-    Ok(())
-}
-
+/// Runs a conversation: moves frames between it and the relay, lines from stdin into it, its
+/// events to the output and its records to the state file, and wakes it when it asks. Every
+/// decision is the conversation's.
 async fn chat(
-    relay: RelayLink,
-    mut session: Session,
-    how: Paired,
+    mut conversation: Conversation,
+    mut link: Option<RelayLink>,
+    interactive: bool,
     store: &Store,
     state: &mut StateFile,
     opts: &Options,
     output: &mut Output,
 ) -> Result<(), ClientError> {
-    session.touch(now_secs());
-    // What the last run recorded but may not have shown (it stopped in between): shown below,
-    // before the state forgets it.
-    let unshown = session.take_unshown();
-    let had_unshown = !unshown.is_empty();
-    if !had_unshown {
-        // Saved before anything is announced: "paired" means the session is stored.
-        persist(store, state, &session)?;
-    }
-    let mut link = Some(relay);
-    let mut peer_online = match how {
-        Paired::Fresh => {
-            output.emit(paired_event(&session));
-            true
-        }
-        Paired::Resumed { peer_online } => {
-            output.emit(json!({
-                "event": "resumed",
-                "sid": session.sid(),
-                "peer": session.peer_name(),
-                "peer_online": peer_online,
-                "safety_number": session.safety_number(),
-            }));
-            peer_online
-        }
-    };
-    // (Not counted for --exit-after: the last run may have shown them already.)
-    let mut received: u64 = 0;
-    for (seq, text) in unshown {
-        output.emit(message_event(&session, seq, &text));
-    }
-    if had_unshown {
-        persist(store, state, &session)?;
-    }
-    // Whatever was unacknowledged when we last stopped goes out again first.
-    let mut sent_upto = 0;
-    pump(&mut link, &session, &mut sent_upto).await?;
-
-    let (mut input, interactive) = spawn_input(output);
-    // A person may quit once the relay holds everything (the outbox is saved and is sent
-    // again on the next resume); a script waits for the peer's receipts.
-    let wait_for_receipts = !interactive;
-    let mut input_open = true;
-    let mut accepted: BTreeSet<u64> = BTreeSet::new();
-    let mut told_waiting = false;
-    let mut backoff = Backoff::new();
-    let mut reconnect_at = Instant::now();
-    let mut retransmit = tokio::time::interval(RETRANSMIT_EVERY);
-    retransmit.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    let mut acked_at_last_tick = session.unacked().next().map(|(seq, _)| seq);
-    // The outbox is bounded (protocol.md 3.7): while it is full, input is not read (a pipe
-    // feeding us blocks) until receipts make room; everything else goes on.
-    let mut reading_paused = false;
-    // The other sessions stored here keep their outboxes (no other process writes this file
-    // while we hold its lock): this one gets what the file's budget leaves beside them.
-    session.share_outbox_budget(others_outbox_bytes(state, session.sid()));
-
+    // Started once the chat has begun and wants lines (after "paired" or "resumed").
+    let mut input: Option<mpsc::Receiver<String>> = None;
     loop {
-        let room = session.outbox_has_room();
-        if input_open && !room && !reading_paused {
-            reading_paused = true;
-            output.emit(outbox_full_event(&session));
-        } else if reading_paused && room {
-            reading_paused = false;
-            if input_open {
-                output.emit(outbox_ready_event(&session));
-            }
-        }
-        let everything_out = if wait_for_receipts {
-            !session.has_unacked()
-        } else {
-            session.unacked().all(|(seq, _)| accepted.contains(&seq))
-        };
-        if !input_open && opts.exit_after.is_none_or(|n| received >= n) && everything_out {
-            if let Some(relay) = link.take() {
+        drain(&mut conversation, &mut link, store, state, opts, output).await?;
+        if let Some(end) = conversation.poll_end() {
+            if end.is_ok()
+                && let Some(relay) = link.take()
+            {
                 relay.close().await;
             }
-            return Ok(());
+            return end;
         }
-        if !input_open && !everything_out && (!peer_online || link.is_none()) && !told_waiting {
-            told_waiting = true;
-            let waiting = session.unacked().count();
-            output.emit(json!({"event": "waiting", "sid": session.sid(), "undelivered": waiting,
-                "message": format!("waiting for {} to receive {waiting} message(s); Ctrl-C stops (they are kept and sent on the next resume)",
-                    session.peer_name().unwrap_or("your peer"))}));
+        let reading = conversation.wants_input();
+        if reading && input.is_none() {
+            input = Some(spawn_input(output, interactive));
         }
+        let wake = conversation.poll_timeout();
         tokio::select! {
-            line = input.recv(), if input_open && room => match line {
-                Some(text) => {
-                    // Lines already waiting are sealed together, as many as the outbox has room
-                    // for, and saved once: a script writing fast costs one save per batch, not
-                    // one per line.
-                    let mut next = Some(text);
-                    let mut sealed = false;
-                    let mut failed = None;
-                    while let Some(text) = next.take() {
-                        match session.seal(&Plain::Text { text }) {
-                            Ok(_) => sealed = true,
-                            Err(SendError::TooLong { max }) => {
-                                output.emit(error_event("message_too_long", &SendError::TooLong { max }.to_string()));
+            line = next_line(&mut input), if reading => match line {
+                Some(line) => {
+                    conversation.handle_line(now(), line);
+                    // Lines already waiting go in the same batch (one save), as many as the
+                    // outbox has room for.
+                    while conversation.wants_input()
+                        && let Some(waiting) = &mut input
+                    {
+                        match waiting.try_recv() {
+                            Ok(line) => conversation.handle_line(now(), line),
+                            Err(mpsc::error::TryRecvError::Disconnected) => {
+                                conversation.handle_input_closed(now());
                             }
-                            Err(e) => {
-                                failed = Some(e);
-                                break;
-                            }
+                            Err(mpsc::error::TryRecvError::Empty) => break,
                         }
-                        if session.outbox_has_room() {
-                            match input.try_recv() {
-                                Ok(line) => next = Some(line),
-                                Err(mpsc::error::TryRecvError::Disconnected) => input_open = false,
-                                Err(mpsc::error::TryRecvError::Empty) => {}
-                            }
-                        }
-                    }
-                    // Saved (in the outbox) before it is sent: a sequence number is never used
-                    // twice, and the message survives a crash. (Those sealed before a failure
-                    // too: they go out on the next resume.)
-                    if sealed {
-                        persist(store, state, &session)?;
-                    }
-                    if let Some(e) = failed {
-                        return Err(ClientError::Internal(e.to_string()));
-                    }
-                    if !sealed {
-                        continue;
-                    }
-                    if let Err(e) = pump(&mut link, &session, &mut sent_upto).await {
-                        lost_relay(&mut link, &mut accepted, output, &e);
-                        reconnect_at = Instant::now() + backoff.step();
                     }
                 }
-                None => input_open = false,
+                None => conversation.handle_input_closed(now()),
             },
-            frame = next_frame(&mut link) => {
-                let frame = match frame {
-                    Ok(frame) => frame,
-                    Err(e) => {
-                        lost_relay(&mut link, &mut accepted, output, &e);
-                        // A relay that broke the protocol (an oversize frame) is handled like
-                        // a cut: the stream cannot be resynchronised, the outboxes resend
-                        // whatever was lost. But it is likely to do it again right after the
-                        // next attach (which resets the backoff): wait the longest step.
-                        let wait = match e {
-                            ClientError::RelayProtocol(_) => Backoff::MAX,
-                            _ => backoff.step(),
-                        };
-                        reconnect_at = Instant::now() + wait;
-                        continue;
-                    }
-                };
-                let Ok(env) = Envelope::parse(&frame) else { continue };
-                match env.kind {
-                    FrameType::Msg => {
-                        let shown = receive(&mut session, &env, store, state, output)?;
-                        received = received.saturating_add(shown);
-                        if let Some(relay) = &mut link {
-                            let mut receipts = vec![Receipt::Delivered { upto: session.received_upto() }];
-                            if interactive && shown > 0 {
-                                receipts.push(Receipt::Read { upto: session.received_upto() });
-                            }
-                            for receipt in receipts {
-                                if let Ok(frame) = session.receipt(receipt) {
-                                    let _ = relay.send(frame).await;
-                                }
-                            }
-                        }
-                    }
-                    FrameType::MsgRead => match session.take_receipt(&env) {
-                        Ok(Some((Receipt::Delivered { .. }, newly))) => {
-                            if !newly.is_empty() {
-                                persist(store, state, &session)?;
-                                // Receipts open the window: send what it now allows.
-                                if let Err(e) = pump(&mut link, &session, &mut sent_upto).await {
-                                    lost_relay(&mut link, &mut accepted, output, &e);
-                                    reconnect_at = Instant::now() + backoff.step();
-                                }
-                                for seq in newly {
-                                    accepted.remove(&seq);
-                                    if seq != HELLO_SEQ {
-                                        output.emit(json!({"event": "delivered", "sid": session.sid(), "seq": seq}));
-                                    }
-                                }
-                            }
-                        }
-                        Ok(Some((Receipt::Read { upto }, _))) => {
-                            output.emit(json!({"event": "read", "sid": session.sid(), "upto": upto}));
-                        }
-                        Ok(None) => {}
-                        Err(e) => output.emit(error_event("rejected_receipt", &format!("a receipt was rejected: {e}"))),
-                    },
-                    FrameType::Delivered => {
-                        if let Some(seq) = msg_seq(&env)
-                            && session.unacked().any(|(s, _)| s == seq)
-                            && accepted.insert(seq)
-                            && seq != HELLO_SEQ
-                        {
-                            output.emit(json!({"event": "sent", "sid": session.sid(), "seq": seq}));
-                        }
-                    }
-                    FrameType::PeerOnline => {
-                        peer_online = true;
-                        told_waiting = false;
-                        output.emit(json!({"event": "peer_online", "sid": session.sid(), "peer": session.peer_name()}));
-                        // What the peer's last connection had not yet written may be lost.
-                        sent_upto = 0;
-                        if let Err(e) = pump(&mut link, &session, &mut sent_upto).await {
-                            lost_relay(&mut link, &mut accepted, output, &e);
-                            reconnect_at = Instant::now() + backoff.step();
-                        }
-                    }
-                    FrameType::PeerOffline => {
-                        peer_online = false;
-                        output.emit(json!({"event": "peer_offline", "sid": session.sid(), "peer": session.peer_name()}));
-                    }
-                    FrameType::Error => {
-                        let (code, message) = error_fields(&env);
-                        match (msg_seq(&env), code.as_str()) {
-                            // Not kept by the relay: it goes again when the peer is back.
-                            (Some(seq), "mailbox_full" | "peer_offline" | "not_paired") => {
-                                accepted.remove(&seq);
-                                if code == "mailbox_full" {
-                                    output.emit(json!({"event": "error", "code": "mailbox_full", "seq": seq,
-                                        "message": format!("message {seq} is not at the relay yet (the offline peer's mailbox is full); it is kept and sent when the peer is back")}));
-                                }
-                            }
-                            (Some(seq), _) => output.emit(error_event("refused_message",
-                                &format!("message {seq} was refused by the relay: {message} ({code})"))),
-                            (None, "replaced") => return Err(ClientError::SessionTakenOver),
-                            (None, "not_member") => {
-                                // The relay lost our seat (e.g. it restarted under us): attach again.
-                                lost_relay(&mut link, &mut accepted, output,
-                                    &ClientError::ConnectionLost("the relay no longer counts this client in the session".into()));
-                                reconnect_at = Instant::now();
-                            }
-                            (None, _) => output.emit(error_event(&code, &message)),
-                        }
-                    }
-                    _ => {}
+            arrived = next_arrival(&mut link) => match arrived {
+                Ok(Arrived::Text(text)) => conversation.handle_frame(now(), &text),
+                Ok(Arrived::Other) => conversation.handle_traffic(now()),
+                Err(e) => {
+                    link = None;
+                    conversation.handle_disconnected(now(), e);
                 }
-            }
-            () = tokio::time::sleep_until(reconnect_at), if link.is_none() => {
-                match attach(&session, &opts.dialer, output).await {
-                    Ok((relay, online)) => {
-                        backoff.reset();
-                        peer_online = online;
-                        told_waiting = false;
-                        output.emit(json!({"event": "relay_online", "sid": session.sid(), "peer_online": online}));
-                        link = Some(relay);
-                        sent_upto = 0;
-                        if let Err(e) = pump(&mut link, &session, &mut sent_upto).await {
-                            lost_relay(&mut link, &mut accepted, output, &e);
-                            reconnect_at = Instant::now() + backoff.step();
-                        }
-                    }
-                    // The relay answered and refused: trying again will not help. Nor does it
-                    // for a certificate this client refuses (renewed from another CA, or
-                    // someone in between): retrying in silence would hide it.
-                    Err(e @ (ClientError::ResumeRefused { .. } | ClientError::RelayCertificate { .. })) => return Err(e),
-                    Err(_) => reconnect_at = Instant::now() + backoff.step(),
-                }
-            }
-            _ = retransmit.tick(), if link.is_some() && peer_online && session.has_unacked() => {
-                let oldest = session.unacked().next().map(|(seq, _)| seq);
-                if oldest == acked_at_last_tick {
-                    sent_upto = 0;
-                    if let Err(e) = pump(&mut link, &session, &mut sent_upto).await {
-                        lost_relay(&mut link, &mut accepted, output, &e);
-                        reconnect_at = Instant::now() + backoff.step();
-                    }
-                }
-                acked_at_last_tick = oldest;
-            }
+            },
+            () = sleep_until(wake) => conversation.handle_timeout(now()),
         }
     }
 }
 
-/// The connection to the relay is gone: say so; the loop reconnects.
-fn lost_relay(
+/// Carries out what the conversation decided, in its order: frames, events, saves, dialing.
+/// A failed save ends the run there (nothing after it may happen).
+async fn drain(
+    conversation: &mut Conversation,
     link: &mut Option<RelayLink>,
-    accepted: &mut BTreeSet<u64>,
-    output: &mut Output,
-    why: &ClientError,
-) {
-    *link = None;
-    accepted.clear();
-    output.emit(json!({"event": "relay_offline", "message": why.to_string()}));
-}
-
-/// Handles a received `MSG`: records what is now due, then shows it. Returns how many chat
-/// lines were shown.
-fn receive(
-    session: &mut Session,
-    env: &Envelope<'_>,
     store: &Store,
     state: &mut StateFile,
+    opts: &Options,
     output: &mut Output,
-) -> Result<u64, ClientError> {
-    // Late handshake notices (a repeated confirmation) carry a `kind`; they are not chat.
-    if msg_kind(env).is_some() {
-        return Ok(0);
-    }
-    let received = match session.receive(env) {
-        Ok(received) => received,
-        Err(e) => {
-            let code = match e {
-                ReceiveError::Replayed { .. } | ReceiveError::Ratchet(RatchetError::KeyGone) => {
-                    "replayed_message"
+) -> Result<(), ClientError> {
+    loop {
+        if let Some(frame) = conversation.poll_transmit() {
+            if let Some(relay) = link
+                && let Err(e) = relay.send(frame).await
+            {
+                *link = None;
+                conversation.handle_disconnected(now(), e);
+            }
+        } else if let Some(event) = conversation.poll_event() {
+            output.emit(chat_event(&event, conversation.session()));
+        } else if let Some(save) = conversation.poll_save() {
+            state.upsert(save.record);
+            match save.durability {
+                Durability::Durable => store.save(state)?,
+                Durability::Visible => store.save_visible(state)?,
+            }
+        } else if let Some(action) = conversation.poll_link() {
+            *link = None;
+            if action == LinkAction::Dial {
+                let url = conversation.session().relay_url().to_owned();
+                match RelayLink::connect(&opts.dialer, &url, output).await {
+                    Ok(relay) => {
+                        *link = Some(relay);
+                        conversation.handle_connected(now());
+                    }
+                    Err(e) => conversation.handle_disconnected(now(), e),
                 }
-                ReceiveError::Ratchet(RatchetError::TooFarAhead { .. }) => "message_too_far_ahead",
-                ReceiveError::Crypto(_) | ReceiveError::Ratchet(_) => "rejected_message",
-                ReceiveError::Malformed | ReceiveError::Content => "malformed_message",
-            };
-            output.emit(error_event(
-                code,
-                &format!("a message was rejected and not shown: {e}"),
-            ));
-            return Ok(0);
-        }
-    };
-    if received.held {
-        // Decrypted ahead of a gap: its key is gone, so it must be on disk before anything
-        // else happens.
-        persist(store, state, session)?;
-    }
-    if received.due.is_empty() {
-        return Ok(0);
-    }
-    session.touch(now_secs());
-    let mut lines = Vec::new();
-    for incoming in received.due {
-        match incoming.plain {
-            Plain::Hello { name } => session.set_peer_name(name),
-            Plain::Text { text } => lines.push((incoming.seq, text)),
-            Plain::Unknown => output.emit(error_event(
-                "unknown_message",
-                &format!(
-                    "message {} authenticated but is not understood (a kind from a newer version, or malformed content); it was received but cannot be shown",
-                    incoming.seq
-                ),
-            )),
+            }
+        } else {
+            return Ok(());
         }
     }
-    // Recorded, together with the lines themselves as not yet shown, before they are shown;
-    // then recorded as shown. A crash in between shows them at the next start (the same `seq`
-    // again, at worst, never a gap).
-    session.set_unshown(lines.clone());
-    state.upsert(session.record());
-    store.save_visible(state)?;
-    for (seq, text) in &lines {
-        output.emit(message_event(session, *seq, text));
+}
+
+/// The next input line, or never when input is not read.
+async fn next_line(input: &mut Option<mpsc::Receiver<String>>) -> Option<String> {
+    match input {
+        Some(lines) => lines.recv().await,
+        None => std::future::pending().await,
     }
-    session.set_unshown(Vec::new());
-    persist(store, state, session)?;
-    Ok(lines.len() as u64)
+}
+
+/// The next message from the relay, or never when there is no connection.
+async fn next_arrival(link: &mut Option<RelayLink>) -> Result<Arrived, ClientError> {
+    match link {
+        Some(relay) => relay.next().await,
+        None => std::future::pending().await,
+    }
+}
+
+/// Until `at`, or for ever.
+async fn sleep_until(at: Option<std::time::Instant>) {
+    match at {
+        Some(at) => tokio::time::sleep_until(at.into()).await,
+        None => std::future::pending().await,
+    }
 }
 
 /// The bytes of frames in the outboxes of the sessions stored in `state` other than `sid`.
@@ -1001,70 +646,6 @@ fn others_outbox_bytes(state: &StateFile, sid: &str) -> usize {
         .filter(|s| s.sid != sid)
         .flat_map(|s| &s.outbox)
         .fold(0usize, |sum, entry| sum.saturating_add(entry.frame.len()))
-}
-
-/// Reading input stops: the outbox holds as much as it may (protocol.md 3.7).
-fn outbox_full_event(session: &Session) -> serde_json::Value {
-    let pending = session.outbox_len();
-    json!({
-        "event": "outbox_full",
-        "sid": session.sid(),
-        "pending": pending,
-        "last_seq": session.last_sealed(),
-        "message": format!(
-            "{pending} message(s) wait for your peer's receipts, as many as are kept (at most {MAX_OUTBOX} messages or {} MiB{}); reading input is paused until some are delivered (further lines wait, unread)",
-            MAX_OUTBOX_BYTES / (1024 * 1024),
-            if session.outbox_budget_shared() {
-                ", less here because other sessions stored under this name hold unacknowledged messages too: resuming them frees room"
-            } else {
-                ""
-            }
-        ),
-    })
-}
-
-/// Reading input goes on: receipts made room in the outbox.
-fn outbox_ready_event(session: &Session) -> serde_json::Value {
-    let pending = session.outbox_len();
-    json!({
-        "event": "outbox_ready",
-        "sid": session.sid(),
-        "pending": pending,
-        "message": format!("receipts made room in the outbox ({pending} message(s) still wait); reading input again"),
-    })
-}
-
-/// The sequence number of our chat message that a `DELIVERED` or an `ERROR` names, if it
-/// names one (a handshake notice's `msgID` is a string).
-fn msg_seq(env: &Envelope<'_>) -> Option<u64> {
-    let msg_id = match env.kind {
-        FrameType::Delivered => env.data::<DeliveredData>().ok().map(|d| d.msg_id),
-        _ => env.data::<ErrorData>().ok().and_then(|d| d.msg_id),
-    }?;
-    serde_json::from_str(msg_id.get()).ok()
-}
-
-fn paired_event(session: &Session) -> serde_json::Value {
-    json!({
-        "event": "paired",
-        "sid": session.sid(),
-        "role": session.role().to_string(),
-        "peer": session.peer_name(),
-        "safety_number": session.safety_number(),
-    })
-}
-
-fn message_event(session: &Session, seq: u64, text: &str) -> serde_json::Value {
-    let now = chrono::Local::now();
-    json!({
-        "event": "message",
-        "sid": session.sid(),
-        "seq": seq,
-        "from": session.peer_name().unwrap_or("peer"),
-        "text": text,
-        "time": now.to_utc().to_rfc3339_opts(chrono::SecondsFormat::Millis, true),
-        "local_time": now.format("%H:%M:%S").to_string(),
-    })
 }
 
 #[cfg(test)]

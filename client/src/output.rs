@@ -8,6 +8,9 @@ use std::io::Write;
 
 use serde_json::{Value, json};
 
+use crate::conversation::Event;
+use crate::session::{MAX_OUTBOX, MAX_OUTBOX_BYTES, Session};
+
 /// Prints above the line being edited (rustyline's external printer).
 pub type LinePrinter = Box<dyn rustyline::ExternalPrinter + Send>;
 
@@ -141,6 +144,95 @@ fn human(event: &Value) -> Option<String> {
 /// An `error` event for a problem that does not end the program.
 pub fn error_event(code: &str, message: &str) -> Value {
     json!({"event": "error", "code": code, "message": message})
+}
+
+/// The event a conversation's [`Event`] is told as, for `session`.
+pub fn chat_event(event: &Event, session: &Session) -> Value {
+    let sid = session.sid();
+    let peer = session.peer_name();
+    match event {
+        Event::Paired => json!({
+            "event": "paired",
+            "sid": sid,
+            "role": session.role().to_string(),
+            "peer": peer,
+            "safety_number": session.safety_number(),
+        }),
+        Event::Resumed { peer_online } => json!({
+            "event": "resumed",
+            "sid": sid,
+            "peer": peer,
+            "peer_online": peer_online,
+            "safety_number": session.safety_number(),
+        }),
+        Event::Message { seq, text } => {
+            let now = chrono::Local::now();
+            json!({
+                "event": "message",
+                "sid": sid,
+                "seq": seq,
+                "from": peer.unwrap_or("peer"),
+                "text": text,
+                "time": now.to_utc().to_rfc3339_opts(chrono::SecondsFormat::Millis, true),
+                "local_time": now.format("%H:%M:%S").to_string(),
+            })
+        }
+        Event::Sent { seq } => json!({"event": "sent", "sid": sid, "seq": seq}),
+        Event::Delivered { seq } => json!({"event": "delivered", "sid": sid, "seq": seq}),
+        Event::Read { upto } => json!({"event": "read", "sid": sid, "upto": upto}),
+        Event::PeerOnline => json!({"event": "peer_online", "sid": sid, "peer": peer}),
+        Event::PeerOffline => json!({"event": "peer_offline", "sid": sid, "peer": peer}),
+        Event::RelayOffline { why } => json!({"event": "relay_offline", "message": why}),
+        Event::RelayOnline { peer_online } => {
+            json!({"event": "relay_online", "sid": sid, "peer_online": peer_online})
+        }
+        Event::Waiting { undelivered } => json!({
+            "event": "waiting",
+            "sid": sid,
+            "undelivered": undelivered,
+            "message": format!(
+                "waiting for {} to receive {undelivered} message(s); Ctrl-C stops (they are kept and sent on the next resume)",
+                peer.unwrap_or("your peer")
+            ),
+        }),
+        // Reading input stops: the outbox holds as much as it may (protocol.md 3.7).
+        Event::OutboxFull {
+            pending,
+            last_seq,
+            budget_shared,
+        } => json!({
+            "event": "outbox_full",
+            "sid": sid,
+            "pending": pending,
+            "last_seq": last_seq,
+            "message": format!(
+                "{pending} message(s) wait for your peer's receipts, as many as are kept (at most {MAX_OUTBOX} messages or {} MiB{}); reading input is paused until some are delivered (further lines wait, unread)",
+                MAX_OUTBOX_BYTES / (1024 * 1024),
+                if *budget_shared {
+                    ", less here because other sessions stored under this name hold unacknowledged messages too: resuming them frees room"
+                } else {
+                    ""
+                }
+            ),
+        }),
+        // Reading input goes on: receipts made room in the outbox.
+        Event::OutboxReady { pending } => json!({
+            "event": "outbox_ready",
+            "sid": sid,
+            "pending": pending,
+            "message": format!("receipts made room in the outbox ({pending} message(s) still wait); reading input again"),
+        }),
+        Event::Problem {
+            code,
+            message,
+            seq: Some(seq),
+        } => json!({"event": "error", "code": code, "seq": seq, "message": message}),
+        Event::Problem {
+            code,
+            message,
+            seq: None,
+        } => error_event(code, message),
+    }
 }
 
 #[cfg(test)]

@@ -588,7 +588,7 @@ fn receipt_aad(sid: &[u8; 16], direction: Direction) -> Vec<u8> {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
 
     pub(crate) fn pair() -> (Session, Session) {

@@ -1,0 +1,1798 @@
+//! A paired session's delivery, sans-IO: the send window, resends, receipts, reconnecting
+//! (`REATTACH`, then `RESTORE`), reactions to the relay's errors, liveness, and the order in
+//! which state must be saved (protocol.md 3.7, 3.8). quinn-proto's `Connection` is the model.
+//!
+//! The caller owns the relay connection, the input, the state file and the clock. It feeds in
+//! what happened with the `handle_*` methods, each given the current instant, and then drains
+//! what the conversation decided, in the order it decided it:
+//!
+//! - [`Conversation::poll_transmit`]: a frame to write on the connection;
+//! - [`Conversation::poll_event`]: something to tell the user;
+//! - [`Conversation::poll_save`]: a session record to store before going on;
+//! - [`Conversation::poll_link`]: open a connection to the session's relay, or drop it.
+//!
+//! Each returns the next output only if it is of its kind: the outputs form one sequence, and
+//! the caller calls all four until none returns anything. That sequence is what makes delivery
+//! exactly-once across a crash: a sealed message is saved before it is sent, a received one is
+//! saved before it is shown and acknowledged, a receipt is saved before the window moves on.
+//! A save that fails ends the caller (nothing after it may happen). Then
+//! [`Conversation::poll_end`] says whether the run is over and how, and
+//! [`Conversation::poll_timeout`] when to call [`Conversation::handle_timeout`].
+//!
+//! Nothing here reads a clock, a socket or a file: the tests below drive it through cuts,
+//! relay restarts and silences in microseconds.
+
+use std::collections::{BTreeSet, VecDeque};
+use std::time::{Duration, Instant};
+
+use parley_protocol::{Envelope, FrameType, encode};
+use parley_state::SessionRecord;
+
+use crate::error::ClientError;
+use crate::handshake::{error_fields, msg_kind};
+use crate::liveness::{Alarm, Liveness, pong_for};
+use crate::ratchet::RatchetError;
+use crate::session::{Plain, Receipt, ReceiveError, SendError, Session};
+use crate::wire::{DeliveredData, ErrorData, ReattachData, RestoreData};
+
+/// The relay must answer `REATTACH` (and `RESTORE`) within this.
+pub const ATTACH_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// How often unacknowledged messages are sent again while the peer is online and no receipt
+/// has moved (a frame can be lost with a connection that dies).
+pub const RETRANSMIT_EVERY: Duration = Duration::from_secs(2);
+
+/// Each side's first message is its Hello (part of pairing): not reported as chat.
+const HELLO_SEQ: u64 = 1;
+
+/// What the conversation needs to know about the run around it.
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// A person types and reads (stdin and stdout are a terminal): `read` receipts are sent,
+    /// and quitting waits only until the relay holds our messages, not for the peer's
+    /// receipts (the outbox is saved and goes again on the next resume).
+    pub interactive: bool,
+    /// End once this many chat messages were shown (and ours are out).
+    pub exit_after: Option<u64>,
+    /// `--timeout`: give up at this instant, reporting this many seconds.
+    pub deadline: Option<(Instant, u64)>,
+    /// The liveness bound of a relay connection ([`Liveness`]).
+    pub idle: Duration,
+    /// The bytes of frames in the outboxes of the other sessions stored in the same state
+    /// file: this session's outbox gets what the file's budget leaves beside them.
+    pub others_outbox_bytes: usize,
+    /// The wall clock (seconds since the epoch) at the instant the conversation is made: the
+    /// session's "last used" is counted on from it.
+    pub unix_now: u64,
+}
+
+/// Something to tell the user. Rendered by `output::chat_event`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Event {
+    /// The chat begins after pairing (the session is stored).
+    Paired,
+    /// The chat begins again after `resume`: the relay took us back.
+    Resumed {
+        peer_online: bool,
+    },
+    /// A chat line from the peer, recorded before it is shown.
+    Message {
+        seq: u64,
+        text: String,
+    },
+    /// The relay holds our message (`DELIVERED`).
+    Sent {
+        seq: u64,
+    },
+    /// The peer recorded our message (its `delivered` receipt).
+    Delivered {
+        seq: u64,
+    },
+    /// The peer's person saw everything up to `upto`.
+    Read {
+        upto: u64,
+    },
+    PeerOnline,
+    PeerOffline,
+    /// The connection to the relay is gone; reconnecting follows.
+    RelayOffline {
+        why: String,
+    },
+    /// Reconnected and attached again.
+    RelayOnline {
+        peer_online: bool,
+    },
+    /// Input ended, and our messages wait for a peer or relay that is not there.
+    Waiting {
+        undelivered: usize,
+    },
+    /// Input is no longer read: the outbox is full (protocol.md 3.7).
+    OutboxFull {
+        pending: usize,
+        last_seq: u64,
+        budget_shared: bool,
+    },
+    /// Input is read again: receipts made room.
+    OutboxReady {
+        pending: usize,
+    },
+    /// A problem that does not end the run (an `error` event).
+    Problem {
+        code: String,
+        message: String,
+        seq: Option<u64>,
+    },
+}
+
+/// How far a save must go before the conversation may go on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Durability {
+    /// Committed and synced to disk.
+    Durable,
+    /// Committed, so that any later process reads it, but perhaps not yet synced: enough to
+    /// print what it records (a durable save follows at once).
+    Visible,
+}
+
+/// The session record to store now, before any later output.
+#[derive(Debug, Clone)]
+pub struct Save {
+    pub record: SessionRecord,
+    pub durability: Durability,
+}
+
+/// What to do with the relay connection.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LinkAction {
+    /// Open a connection to the session's relay; report the outcome with
+    /// [`Conversation::handle_connected`] or [`Conversation::handle_disconnected`].
+    Dial,
+    /// Drop the connection (the conversation gave up on it; reconnecting follows).
+    Drop,
+}
+
+enum Step {
+    /// A frame, and whether a failure to write it ends the run (the window sent when the
+    /// chat begins, like the attaching before it).
+    Transmit(String, bool),
+    Event(Event),
+    /// (Boxed: a record is large beside the other steps.)
+    Save(Box<Save>),
+    Link(LinkAction),
+}
+
+enum Phase {
+    /// The driver was asked to dial.
+    Dialing,
+    /// Connected; `REATTACH` (or `RESTORE`) sent, waiting for the relay's answer.
+    Attaching {
+        asked: FrameType,
+        deadline: Instant,
+        liveness: Liveness,
+    },
+    /// Attached: the chat runs.
+    Online { liveness: Liveness },
+    /// No connection; dial again at `reconnect_at`.
+    Offline { reconnect_at: Instant },
+}
+
+/// Backoff between reconnection attempts: doubling from 100 ms to 5 s, with jitter so that
+/// many clients cut off at once do not all come back at the same instant.
+struct Backoff {
+    next: Duration,
+}
+
+impl Backoff {
+    const FIRST: Duration = Duration::from_millis(100);
+    const MAX: Duration = Duration::from_secs(5);
+
+    fn new() -> Backoff {
+        Backoff {
+            next: Backoff::FIRST,
+        }
+    }
+
+    fn step(&mut self) -> Duration {
+        let base = self.next;
+        self.next = self.next.saturating_mul(2).min(Backoff::MAX);
+        let jitter = rand::Rng::random_range(&mut rand::rng(), 0.8..1.2);
+        base.mul_f64(jitter)
+    }
+
+    fn reset(&mut self) {
+        self.next = Backoff::FIRST;
+    }
+}
+
+pub struct Conversation {
+    session: Session,
+    config: Config,
+    /// The instant `config.unix_now` was read.
+    made: Instant,
+    phase: Phase,
+    /// The chat has begun (`Paired` or `Resumed` told): until then every failure ends the run.
+    begun: bool,
+    steps: VecDeque<Step>,
+    end: Option<Result<(), ClientError>>,
+    /// The last frame polled was one whose failed write ends the run.
+    fatal_write: bool,
+    peer_online: bool,
+    input_open: bool,
+    /// Input is not read until receipts make room (`OutboxFull` told).
+    reading_paused: bool,
+    /// Lines sealed and not yet saved: saved together, then sent, at the next output.
+    sealed_unsaved: bool,
+    /// Chat messages shown in this run (for `--exit-after`).
+    shown: u64,
+    /// Our messages the relay said it holds (`DELIVERED`) on this connection.
+    accepted: BTreeSet<u64>,
+    /// The window was written up to here on this connection (0: nothing yet).
+    sent_upto: u64,
+    told_waiting: bool,
+    backoff: Backoff,
+    next_retransmit: Instant,
+    oldest_at_last_tick: Option<u64>,
+}
+
+impl Conversation {
+    fn new(session: Session, phase: Phase, now: Instant, config: Config) -> Conversation {
+        let mut session = session;
+        session.share_outbox_budget(config.others_outbox_bytes);
+        Conversation {
+            session,
+            config,
+            made: now,
+            phase,
+            begun: false,
+            steps: VecDeque::new(),
+            end: None,
+            fatal_write: false,
+            peer_online: false,
+            input_open: true,
+            reading_paused: false,
+            sealed_unsaved: false,
+            shown: 0,
+            accepted: BTreeSet::new(),
+            sent_upto: 0,
+            told_waiting: false,
+            backoff: Backoff::new(),
+            next_retransmit: now,
+            oldest_at_last_tick: None,
+        }
+    }
+
+    /// A session just paired on a connection that is still open (its liveness so far given):
+    /// the chat begins at once.
+    pub fn paired(
+        session: Session,
+        liveness: Liveness,
+        now: Instant,
+        config: Config,
+    ) -> Conversation {
+        let mut conversation = Conversation::new(session, Phase::Online { liveness }, now, config);
+        conversation.peer_online = true;
+        conversation.begin(now, None);
+        conversation
+    }
+
+    /// A stored session to resume: the first output asks to dial its relay. Until the relay
+    /// takes us back every failure ends the run (no `RESTORE` either: that is for a relay
+    /// that forgot us during a chat).
+    pub fn resume(session: Session, now: Instant, config: Config) -> Conversation {
+        let mut conversation = Conversation::new(session, Phase::Dialing, now, config);
+        conversation.steps.push_back(Step::Link(LinkAction::Dial));
+        conversation
+    }
+
+    pub fn session(&self) -> &Session {
+        &self.session
+    }
+
+    // -----------------------------------------------------------------------------------------
+    // Inputs
+
+    /// Whether the caller should read and hand in input lines now: the chat has begun, input
+    /// has not ended, the outbox has room, and we are not in the middle of attaching.
+    pub fn wants_input(&self) -> bool {
+        self.begun
+            && self.end.is_none()
+            && self.input_open
+            && self.session.outbox_has_room()
+            && !matches!(self.phase, Phase::Dialing | Phase::Attaching { .. })
+    }
+
+    /// A line to send. Lines handed in one after another (while [`Conversation::wants_input`])
+    /// before the next output is polled are sealed together and saved once: a script writing
+    /// fast costs one save per batch, not one per line.
+    pub fn handle_line(&mut self, _now: Instant, line: String) {
+        if self.end.is_some() {
+            return;
+        }
+        match self.session.seal(&Plain::Text { text: line }) {
+            Ok(_) => self.sealed_unsaved = true,
+            Err(e @ SendError::TooLong { .. }) => self.problem("message_too_long", e.to_string()),
+            Err(e) => {
+                // Those sealed before it are saved, to go out on the next resume.
+                self.save_sealed();
+                self.finish(Err(ClientError::Internal(e.to_string())));
+            }
+        }
+    }
+
+    /// Input ended: once everything is out, the run ends.
+    pub fn handle_input_closed(&mut self, _now: Instant) {
+        self.flush_sealed();
+        self.input_open = false;
+        self.settle();
+    }
+
+    /// A text frame from the relay.
+    pub fn handle_frame(&mut self, now: Instant, text: &str) {
+        self.flush_sealed();
+        if self.end.is_some() {
+            return;
+        }
+        let liveness = match &mut self.phase {
+            Phase::Online { liveness } | Phase::Attaching { liveness, .. } => liveness,
+            // A frame from a connection already given up on.
+            Phase::Dialing | Phase::Offline { .. } => return,
+        };
+        liveness.heard(now);
+        if let Some(pong) = pong_for(text) {
+            self.transmit(pong);
+        } else if matches!(self.phase, Phase::Online { .. }) {
+            self.chat_frame(now, text);
+        } else {
+            self.attach_frame(now, text);
+        }
+        self.settle();
+    }
+
+    /// Something other than a text frame arrived (a WebSocket ping or pong, say): the
+    /// connection is alive.
+    pub fn handle_traffic(&mut self, now: Instant) {
+        if let Phase::Online { liveness } | Phase::Attaching { liveness, .. } = &mut self.phase {
+            liveness.heard(now);
+        }
+    }
+
+    /// The connection asked for with [`LinkAction::Dial`] is open: attach.
+    pub fn handle_connected(&mut self, now: Instant) {
+        self.flush_sealed();
+        if self.end.is_some() || !matches!(self.phase, Phase::Dialing) {
+            return;
+        }
+        self.phase = Phase::Attaching {
+            asked: FrameType::Reattach,
+            deadline: later(now, ATTACH_TIMEOUT),
+            liveness: Liveness::new(now, self.config.idle),
+        };
+        let data = ReattachData {
+            resume_token: Some(self.session.resume_token().expose().into()),
+        };
+        let frame = encode(FrameType::Reattach, Some(self.session.sid()), Some(&data));
+        self.transmit(frame);
+    }
+
+    /// The connection failed: dialing it, reading from it or writing to it (the caller has
+    /// dropped it).
+    pub fn handle_disconnected(&mut self, now: Instant, why: ClientError) {
+        self.flush_sealed();
+        if self.end.is_some() {
+            return;
+        }
+        match self.phase {
+            Phase::Online { .. } if self.fatal_write => {
+                // Nothing decided after that write happens (it would not have before either).
+                self.steps.clear();
+                self.finish(Err(why));
+            }
+            Phase::Online { .. } => {
+                // A relay that broke the protocol (an oversize frame) is handled like a cut:
+                // the stream cannot be resynchronised, the outboxes resend whatever was lost.
+                // But it is likely to do it again right after the next attach (which resets
+                // the backoff): wait the longest step.
+                let wait = match why {
+                    ClientError::RelayProtocol(_) => Backoff::MAX,
+                    _ => self.backoff.step(),
+                };
+                self.lose_link(now, &why, wait);
+            }
+            Phase::Dialing | Phase::Attaching { .. } => self.attach_failed(now, why),
+            Phase::Offline { .. } => {}
+        }
+        self.settle();
+    }
+
+    /// The instant from [`Conversation::poll_timeout`] came (or went).
+    pub fn handle_timeout(&mut self, now: Instant) {
+        self.flush_sealed();
+        if self.end.is_some() {
+            return;
+        }
+        if let Some((deadline, secs)) = self.config.deadline
+            && now >= deadline
+        {
+            return self.finish(Err(ClientError::Timeout(secs)));
+        }
+        match &mut self.phase {
+            Phase::Online { liveness } => match liveness.handle_timeout(now) {
+                Some(Alarm::Ping(frame)) => self.transmit(frame),
+                Some(Alarm::Dead(why)) => {
+                    let wait = self.backoff.step();
+                    self.lose_link(now, &why, wait);
+                }
+                None => {}
+            },
+            Phase::Attaching {
+                deadline, liveness, ..
+            } => {
+                let late = now >= *deadline;
+                match liveness.handle_timeout(now) {
+                    Some(Alarm::Ping(frame)) => self.transmit(frame),
+                    Some(Alarm::Dead(why)) => return self.attach_failed(now, why),
+                    None => {}
+                }
+                if late {
+                    return self.attach_failed(
+                        now,
+                        ClientError::ConnectionLost("the relay did not answer in time".into()),
+                    );
+                }
+            }
+            Phase::Offline { reconnect_at } if now >= *reconnect_at => {
+                self.phase = Phase::Dialing;
+                self.steps.push_back(Step::Link(LinkAction::Dial));
+            }
+            Phase::Offline { .. } | Phase::Dialing => {}
+        }
+        if self.retransmitting() && now >= self.next_retransmit {
+            let oldest = self.session.unacked().next().map(|(seq, _)| seq);
+            if oldest == self.oldest_at_last_tick {
+                self.resend_window();
+            }
+            self.oldest_at_last_tick = oldest;
+            self.next_retransmit = later(now, RETRANSMIT_EVERY);
+        }
+        self.settle();
+    }
+
+    // -----------------------------------------------------------------------------------------
+    // Outputs
+
+    /// The next frame to write, if the next output is one.
+    pub fn poll_transmit(&mut self) -> Option<String> {
+        self.flush_sealed();
+        if let Some(Step::Transmit(..)) = self.steps.front()
+            && let Some(Step::Transmit(frame, fatal)) = self.steps.pop_front()
+        {
+            self.fatal_write = fatal;
+            return Some(frame);
+        }
+        self.fatal_write = false;
+        None
+    }
+
+    /// The next event to tell, if the next output is one.
+    pub fn poll_event(&mut self) -> Option<Event> {
+        self.flush_sealed();
+        if let Some(Step::Event(_)) = self.steps.front()
+            && let Some(Step::Event(event)) = self.steps.pop_front()
+        {
+            return Some(event);
+        }
+        None
+    }
+
+    /// The record to store before anything else happens, if the next output is one.
+    pub fn poll_save(&mut self) -> Option<Save> {
+        self.flush_sealed();
+        if let Some(Step::Save(_)) = self.steps.front()
+            && let Some(Step::Save(save)) = self.steps.pop_front()
+        {
+            return Some(*save);
+        }
+        None
+    }
+
+    /// What to do with the connection, if the next output is that.
+    pub fn poll_link(&mut self) -> Option<LinkAction> {
+        self.flush_sealed();
+        if let Some(Step::Link(action)) = self.steps.front() {
+            let action = *action;
+            self.steps.pop_front();
+            return Some(action);
+        }
+        None
+    }
+
+    /// The run is over, once every output before that is drained: `Ok` (close the connection
+    /// gracefully, exit 0) or the error to exit with.
+    pub fn poll_end(&mut self) -> Option<Result<(), ClientError>> {
+        if self.steps.is_empty() {
+            self.end.take()
+        } else {
+            None
+        }
+    }
+
+    /// When to call [`Conversation::handle_timeout`] next, if ever.
+    pub fn poll_timeout(&self) -> Option<Instant> {
+        if self.end.is_some() {
+            return None;
+        }
+        let phase = match &self.phase {
+            Phase::Online { liveness } => liveness.poll_timeout(),
+            Phase::Attaching {
+                deadline, liveness, ..
+            } => Some(
+                liveness
+                    .poll_timeout()
+                    .map_or(*deadline, |l| l.min(*deadline)),
+            ),
+            Phase::Offline { reconnect_at } => Some(*reconnect_at),
+            Phase::Dialing => None,
+        };
+        let retransmit = self.retransmitting().then_some(self.next_retransmit);
+        [phase, retransmit, self.config.deadline.map(|(at, _)| at)]
+            .into_iter()
+            .flatten()
+            .min()
+    }
+
+    // -----------------------------------------------------------------------------------------
+    // Chatting
+
+    /// The chat begins (attached, after pairing or resuming).
+    fn begin(&mut self, now: Instant, resumed: Option<bool>) {
+        self.begun = true;
+        self.session.touch(self.unix(now));
+        // What the last run recorded but may not have shown (it stopped in between): shown
+        // below, before the state forgets it.
+        let unshown = self.session.take_unshown();
+        if unshown.is_empty() {
+            // Saved before anything is announced: "paired" means the session is stored.
+            self.save(Durability::Durable);
+        }
+        self.event(match resumed {
+            None => Event::Paired,
+            Some(peer_online) => Event::Resumed { peer_online },
+        });
+        // (Not counted for --exit-after: the last run may have shown them already.)
+        let had_unshown = !unshown.is_empty();
+        for (seq, text) in unshown {
+            self.event(Event::Message { seq, text });
+        }
+        if had_unshown {
+            self.save(Durability::Durable);
+        }
+        // Whatever was unacknowledged when we last stopped goes out again first; on this
+        // connection, which attached a moment ago, a failure ends the run as attaching does.
+        self.sent_upto = 0;
+        let fatal_from = self.steps.len();
+        self.pump();
+        for step in self.steps.iter_mut().skip(fatal_from) {
+            if let Step::Transmit(_, fatal) = step {
+                *fatal = true;
+            }
+        }
+        self.oldest_at_last_tick = self.session.unacked().next().map(|(seq, _)| seq);
+        // The first resend check is due at once (as a fresh interval's first tick is).
+        self.next_retransmit = now;
+        self.settle();
+    }
+
+    fn chat_frame(&mut self, now: Instant, text: &str) {
+        let Ok(env) = Envelope::parse(text) else {
+            return;
+        };
+        match env.kind {
+            FrameType::Msg => {
+                let shown = self.receive(now, &env);
+                self.shown = self.shown.saturating_add(shown);
+                let upto = self.session.received_upto();
+                let mut receipts = vec![Receipt::Delivered { upto }];
+                if self.config.interactive && shown > 0 {
+                    receipts.push(Receipt::Read { upto });
+                }
+                for receipt in receipts {
+                    // (None before the peer's first message gives us a receiving chain.)
+                    if let Ok(frame) = self.session.receipt(receipt) {
+                        self.transmit(frame);
+                    }
+                }
+            }
+            FrameType::MsgRead => match self.session.take_receipt(&env) {
+                Ok(Some((Receipt::Delivered { .. }, newly))) if !newly.is_empty() => {
+                    self.save(Durability::Durable);
+                    // Receipts open the window: send what it now allows.
+                    self.pump();
+                    for seq in newly {
+                        self.accepted.remove(&seq);
+                        if seq != HELLO_SEQ {
+                            self.event(Event::Delivered { seq });
+                        }
+                    }
+                }
+                Ok(Some((Receipt::Read { upto }, _))) => self.event(Event::Read { upto }),
+                Ok(_) => {}
+                Err(e) => self.problem("rejected_receipt", format!("a receipt was rejected: {e}")),
+            },
+            FrameType::Delivered => {
+                if let Some(seq) = msg_seq(&env)
+                    && self.session.unacked().any(|(s, _)| s == seq)
+                    && self.accepted.insert(seq)
+                    && seq != HELLO_SEQ
+                {
+                    self.event(Event::Sent { seq });
+                }
+            }
+            FrameType::PeerOnline => {
+                self.peer_online = true;
+                self.told_waiting = false;
+                self.event(Event::PeerOnline);
+                // What the peer's last connection had not yet written may be lost.
+                self.resend_window();
+            }
+            FrameType::PeerOffline => {
+                self.peer_online = false;
+                self.event(Event::PeerOffline);
+            }
+            FrameType::Error => self.relay_error(now, &env),
+            _ => {}
+        }
+    }
+
+    /// An `ERROR` during the chat (protocol.md 3.7, "Other frames during a chat").
+    fn relay_error(&mut self, now: Instant, env: &Envelope<'_>) {
+        let (code, message) = error_fields(env);
+        match (msg_seq(env), code.as_str()) {
+            // Not kept by the relay: it goes again when the peer is back.
+            (Some(seq), "mailbox_full" | "peer_offline" | "not_paired") => {
+                self.accepted.remove(&seq);
+                if code == "mailbox_full" {
+                    self.event(Event::Problem {
+                        code,
+                        message: format!(
+                            "message {seq} is not at the relay yet (the offline peer's mailbox is full); it is kept and sent when the peer is back"
+                        ),
+                        seq: Some(seq),
+                    });
+                }
+            }
+            (Some(seq), _) => self.problem(
+                "refused_message",
+                format!("message {seq} was refused by the relay: {message} ({code})"),
+            ),
+            (None, "replaced") => self.finish(Err(ClientError::SessionTakenOver)),
+            // The relay lost our seat (e.g. it restarted under us): attach again, at once.
+            (None, "not_member") => self.lose_link(
+                now,
+                &ClientError::ConnectionLost(
+                    "the relay no longer counts this client in the session".into(),
+                ),
+                Duration::ZERO,
+            ),
+            (None, _) => self.problem(&code, message),
+        }
+    }
+
+    /// Handles a received `MSG`: records what is now due, then shows it. Returns how many
+    /// chat lines were shown.
+    fn receive(&mut self, now: Instant, env: &Envelope<'_>) -> u64 {
+        // Late handshake notices (a repeated confirmation) carry a `kind`; they are not chat.
+        if msg_kind(env).is_some() {
+            return 0;
+        }
+        let received = match self.session.receive(env) {
+            Ok(received) => received,
+            Err(e) => {
+                let code = match e {
+                    ReceiveError::Replayed { .. }
+                    | ReceiveError::Ratchet(RatchetError::KeyGone) => "replayed_message",
+                    ReceiveError::Ratchet(RatchetError::TooFarAhead { .. }) => {
+                        "message_too_far_ahead"
+                    }
+                    ReceiveError::Crypto(_) | ReceiveError::Ratchet(_) => "rejected_message",
+                    ReceiveError::Malformed | ReceiveError::Content => "malformed_message",
+                };
+                self.problem(code, format!("a message was rejected and not shown: {e}"));
+                return 0;
+            }
+        };
+        if received.held {
+            // Decrypted ahead of a gap: its key is gone, so it must be on disk before
+            // anything else happens.
+            self.save(Durability::Durable);
+        }
+        if received.due.is_empty() {
+            return 0;
+        }
+        self.session.touch(self.unix(now));
+        let mut lines = Vec::new();
+        for incoming in received.due {
+            match incoming.plain {
+                Plain::Hello { name } => self.session.set_peer_name(name),
+                Plain::Text { text } => lines.push((incoming.seq, text)),
+                Plain::Unknown => self.problem(
+                    "unknown_message",
+                    format!(
+                        "message {} authenticated but is not understood (a kind from a newer version, or malformed content); it was received but cannot be shown",
+                        incoming.seq
+                    ),
+                ),
+            }
+        }
+        // Recorded, together with the lines themselves as not yet shown, before they are
+        // shown; then recorded as shown. A crash in between shows them at the next start (the
+        // same `seq` again, at worst, never a gap).
+        self.session.set_unshown(lines.clone());
+        self.save(Durability::Visible);
+        let count = lines.len() as u64;
+        for (seq, text) in lines {
+            self.event(Event::Message { seq, text });
+        }
+        self.session.set_unshown(Vec::new());
+        self.save(Durability::Durable);
+        count
+    }
+
+    /// The window, all of it, again (on a new connection, when the peer is back, and when
+    /// receipts stall).
+    fn resend_window(&mut self) {
+        self.sent_upto = 0;
+        self.pump();
+    }
+
+    /// Sends what the send window allows beyond `sent_upto`, in order (nothing while
+    /// detached: attaching sends it all).
+    fn pump(&mut self) {
+        if !matches!(self.phase, Phase::Online { .. }) {
+            return;
+        }
+        for (seq, frame) in self.session.window_after(self.sent_upto) {
+            self.transmit(frame);
+            self.sent_upto = seq;
+        }
+    }
+
+    fn retransmitting(&self) -> bool {
+        matches!(self.phase, Phase::Online { .. }) && self.peer_online && self.session.has_unacked()
+    }
+
+    /// Lines sealed since the last output: saved (in the outbox) before they are sent, so a
+    /// sequence number is never used twice and the message survives a crash.
+    fn flush_sealed(&mut self) {
+        if self.save_sealed() {
+            self.pump();
+            self.settle();
+        }
+    }
+
+    fn save_sealed(&mut self) -> bool {
+        let sealed = std::mem::take(&mut self.sealed_unsaved);
+        if sealed {
+            self.save(Durability::Durable);
+        }
+        sealed
+    }
+
+    /// After every input: input paused or resumed for the outbox, the end of the run, and
+    /// the "waiting" notice.
+    fn settle(&mut self) {
+        // While attaching, nothing changes here: it is decided once attached (or not).
+        if !self.begun
+            || self.end.is_some()
+            || matches!(self.phase, Phase::Dialing | Phase::Attaching { .. })
+        {
+            return;
+        }
+        let room = self.session.outbox_has_room();
+        if self.input_open && !room && !self.reading_paused {
+            self.reading_paused = true;
+            self.event(Event::OutboxFull {
+                pending: self.session.outbox_len(),
+                last_seq: self.session.last_sealed(),
+                budget_shared: self.session.outbox_budget_shared(),
+            });
+        } else if self.reading_paused && room {
+            self.reading_paused = false;
+            if self.input_open {
+                self.event(Event::OutboxReady {
+                    pending: self.session.outbox_len(),
+                });
+            }
+        }
+        let everything_out = if self.config.interactive {
+            self.session
+                .unacked()
+                .all(|(seq, _)| self.accepted.contains(&seq))
+        } else {
+            !self.session.has_unacked()
+        };
+        let online = matches!(self.phase, Phase::Online { .. });
+        if !self.input_open
+            && self.config.exit_after.is_none_or(|n| self.shown >= n)
+            && everything_out
+        {
+            self.finish(Ok(()));
+        } else if !self.input_open
+            && !everything_out
+            && (!self.peer_online || !online)
+            && !self.told_waiting
+        {
+            self.told_waiting = true;
+            self.event(Event::Waiting {
+                undelivered: self.session.unacked().count(),
+            });
+        }
+    }
+
+    // -----------------------------------------------------------------------------------------
+    // Attaching
+
+    /// A frame while waiting for the answer to `REATTACH` or `RESTORE`: `PEER_ONLINE` or
+    /// `PEER_OFFLINE` (whether the peer is online), or the relay's refusal.
+    fn attach_frame(&mut self, now: Instant, text: &str) {
+        let Phase::Attaching { asked, .. } = &self.phase else {
+            return;
+        };
+        let asked = *asked;
+        let env = match Envelope::parse(text) {
+            Ok(env) => env,
+            Err(e) => {
+                return self.attach_failed(
+                    now,
+                    ClientError::RelayProtocol(format!(
+                        "it answered {asked} with an unreadable frame ({e})"
+                    )),
+                );
+            }
+        };
+        match env.kind {
+            FrameType::PeerOnline => self.attached(now, true),
+            FrameType::PeerOffline => self.attached(now, false),
+            FrameType::Error => {
+                let (code, message) = error_fields(&env);
+                // Forgotten (the relay restarted), or re-created by the peer's RESTORE with
+                // our seat awaiting us: RESTORE with the proof, once.
+                if self.begun
+                    && asked == FrameType::Reattach
+                    && (code == "session_unknown" || code == "token_invalid")
+                {
+                    self.restore(now);
+                } else {
+                    self.attach_failed(now, ClientError::ResumeRefused { code, message });
+                }
+            }
+            _ => {}
+        }
+    }
+
+    fn restore(&mut self, now: Instant) {
+        let Phase::Attaching {
+            asked, deadline, ..
+        } = &mut self.phase
+        else {
+            return;
+        };
+        *asked = FrameType::Restore;
+        *deadline = later(now, ATTACH_TIMEOUT);
+        let data = RestoreData {
+            role: Some(self.session.role().to_string().into()),
+            resume_token: Some(self.session.resume_token().expose().into()),
+            proof: Some(self.session.restore_proof().expose().into()),
+        };
+        let frame = encode(FrameType::Restore, Some(self.session.sid()), Some(&data));
+        self.transmit(frame);
+    }
+
+    fn attached(&mut self, now: Instant, peer_online: bool) {
+        let Phase::Attaching { liveness, .. } = &self.phase else {
+            return;
+        };
+        self.phase = Phase::Online {
+            liveness: liveness.clone(),
+        };
+        self.peer_online = peer_online;
+        if !self.begun {
+            return self.begin(now, Some(peer_online));
+        }
+        self.backoff.reset();
+        self.told_waiting = false;
+        self.event(Event::RelayOnline { peer_online });
+        self.resend_window();
+    }
+
+    /// Dialing or attaching failed. Before the chat began, that ends the run; after, only a
+    /// refusal does (the relay answered: trying again will not help), or a certificate this
+    /// client refuses (renewed from another CA, or someone in between: retrying in silence
+    /// would hide it). Anything else is tried again.
+    fn attach_failed(&mut self, now: Instant, why: ClientError) {
+        self.purge_transmits();
+        if !self.begun
+            || matches!(
+                why,
+                ClientError::ResumeRefused { .. } | ClientError::RelayCertificate { .. }
+            )
+        {
+            return self.finish(Err(why));
+        }
+        self.steps.push_back(Step::Link(LinkAction::Drop));
+        self.phase = Phase::Offline {
+            reconnect_at: later(now, self.backoff.step()),
+        };
+        self.settle();
+    }
+
+    /// The connection to the relay is gone: say so, and reconnect after `wait`.
+    fn lose_link(&mut self, now: Instant, why: &ClientError, wait: Duration) {
+        self.purge_transmits();
+        self.steps.push_back(Step::Link(LinkAction::Drop));
+        self.accepted.clear();
+        self.event(Event::RelayOffline {
+            why: why.to_string(),
+        });
+        self.phase = Phase::Offline {
+            reconnect_at: later(now, wait),
+        };
+    }
+
+    // -----------------------------------------------------------------------------------------
+    // Helpers
+
+    fn finish(&mut self, result: Result<(), ClientError>) {
+        if self.end.is_none() {
+            self.end = Some(result);
+        }
+    }
+
+    /// Frames not yet written were for a connection that is gone.
+    fn purge_transmits(&mut self) {
+        self.steps
+            .retain(|step| !matches!(step, Step::Transmit(..)));
+    }
+
+    fn transmit(&mut self, frame: String) {
+        self.steps.push_back(Step::Transmit(frame, false));
+    }
+
+    fn event(&mut self, event: Event) {
+        self.steps.push_back(Step::Event(event));
+    }
+
+    fn problem(&mut self, code: &str, message: String) {
+        self.event(Event::Problem {
+            code: code.into(),
+            message,
+            seq: None,
+        });
+    }
+
+    fn save(&mut self, durability: Durability) {
+        self.steps.push_back(Step::Save(Box::new(Save {
+            record: self.session.record(),
+            durability,
+        })));
+    }
+
+    /// The wall clock at `now`, counted on from the one given at the start.
+    fn unix(&self, now: Instant) -> u64 {
+        self.config
+            .unix_now
+            .saturating_add(now.saturating_duration_since(self.made).as_secs())
+    }
+}
+
+/// `now + wait`, or `now` for a wait too long for the clock.
+fn later(now: Instant, wait: Duration) -> Instant {
+    now.checked_add(wait).unwrap_or(now)
+}
+
+/// The sequence number of our chat message that a `DELIVERED` or an `ERROR` names, if it
+/// names one (a handshake notice's `msgID` is a string).
+fn msg_seq(env: &Envelope<'_>) -> Option<u64> {
+    let msg_id = match env.kind {
+        FrameType::Delivered => env.data::<DeliveredData>().ok().map(|d| d.msg_id),
+        _ => env.data::<ErrorData>().ok().and_then(|d| d.msg_id),
+    }?;
+    serde_json::from_str(msg_id.get()).ok()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::error::exit;
+    use crate::session::tests::pair;
+
+    const SID: &str = "00112233445566778899aabbccddeeff";
+
+    /// One output, in the order the conversation gave it.
+    #[derive(Debug)]
+    enum Out {
+        Frame(String),
+        Event(Event),
+        Save(Durability),
+        Link(LinkAction),
+    }
+
+    /// Everything the conversation wants done now, in order (as the driver drains it).
+    fn drain(c: &mut Conversation) -> Vec<Out> {
+        let mut out = Vec::new();
+        loop {
+            if let Some(frame) = c.poll_transmit() {
+                out.push(Out::Frame(frame));
+            } else if let Some(event) = c.poll_event() {
+                out.push(Out::Event(event));
+            } else if let Some(save) = c.poll_save() {
+                out.push(Out::Save(save.durability));
+            } else if let Some(action) = c.poll_link() {
+                out.push(Out::Link(action));
+            } else {
+                return out;
+            }
+        }
+    }
+
+    fn frames(out: &[Out]) -> Vec<String> {
+        out.iter()
+            .filter_map(|o| match o {
+                Out::Frame(f) => Some(f.clone()),
+                _ => None,
+            })
+            .collect()
+    }
+
+    fn events(out: &[Out]) -> Vec<Event> {
+        out.iter()
+            .filter_map(|o| match o {
+                Out::Event(e) => Some(e.clone()),
+                _ => None,
+            })
+            .collect()
+    }
+
+    fn kind(frame: &str) -> FrameType {
+        Envelope::parse(frame).unwrap().kind
+    }
+
+    /// The sequence numbers of the `MSG` frames among `out`.
+    fn msg_seqs(out: &[Out]) -> Vec<u64> {
+        frames(out)
+            .iter()
+            .filter(|f| kind(f) == FrameType::Msg)
+            .map(|f| {
+                Envelope::parse(f)
+                    .unwrap()
+                    .data::<crate::wire::ChatMsgData>()
+                    .unwrap()
+                    .msg_id
+            })
+            .collect()
+    }
+
+    fn receipts(out: &[Out]) -> Vec<String> {
+        frames(out)
+            .into_iter()
+            .filter(|f| kind(f) == FrameType::MsgRead)
+            .collect()
+    }
+
+    fn config() -> Config {
+        Config {
+            interactive: false,
+            exit_after: None,
+            deadline: None,
+            idle: Duration::from_secs(35),
+            others_outbox_bytes: 0,
+            unix_now: 1_000_000,
+        }
+    }
+
+    /// Two sessions as pairing leaves them: the host's Hello (seq 1) sealed and received,
+    /// not yet acknowledged.
+    fn sessions() -> (Session, Session) {
+        let (mut host, mut guest) = pair();
+        let (_, hello) = host
+            .seal(&Plain::Hello {
+                name: "alice".into(),
+            })
+            .unwrap();
+        guest.receive(&Envelope::parse(&hello).unwrap()).unwrap();
+        (host, guest)
+    }
+
+    fn with(change: impl FnOnce(&mut Config)) -> Config {
+        let mut config = config();
+        change(&mut config);
+        config
+    }
+
+    fn paired(session: Session, now: Instant, config: Config) -> (Conversation, Vec<Out>) {
+        let mut c = Conversation::paired(session, Liveness::new(now, config.idle), now, config);
+        let out = drain(&mut c);
+        (c, out)
+    }
+
+    fn relay(t: &str) -> String {
+        format!(r#"{{"t":"{t}","sid":"{SID}"}}"#)
+    }
+
+    fn error(code: &str, msg_id: Option<u64>) -> String {
+        let id = msg_id.map_or(String::new(), |n| format!(r#","msgID":{n}"#));
+        format!(r#"{{"t":"ERROR","sid":"{SID}","data":{{"code":"{code}","message":"m"{id}}}}}"#)
+    }
+
+    fn frame_in(c: &mut Conversation, now: Instant, text: &str) -> Vec<Out> {
+        c.handle_frame(now, text);
+        drain(c)
+    }
+
+    fn lines(c: &mut Conversation, now: Instant, texts: &[&str]) -> Vec<Out> {
+        for text in texts {
+            assert!(c.wants_input());
+            c.handle_line(now, (*text).into());
+        }
+        drain(c)
+    }
+
+    /// Reconnects after a cut (or the conversation's own decision): waits for the backoff,
+    /// dials, reattaches; returns what attaching sent after `PEER_ONLINE`.
+    fn reconnect(c: &mut Conversation, now: &mut Instant) -> Vec<Out> {
+        let at = c.poll_timeout().unwrap();
+        *now = at;
+        c.handle_timeout(at);
+        assert!(matches!(drain(c)[..], [Out::Link(LinkAction::Dial)]));
+        c.handle_connected(*now);
+        let out = drain(c);
+        assert_eq!(frames(&out).len(), 1);
+        assert_eq!(kind(&frames(&out)[0]), FrameType::Reattach);
+        frame_in(c, *now, &relay("PEER_ONLINE"))
+    }
+
+    fn ended(c: &mut Conversation) -> Result<(), ClientError> {
+        drain(c);
+        c.poll_end().expect("the conversation should have ended")
+    }
+
+    fn exit_code(e: &ClientError) -> String {
+        format!("{:?}", e.exit_code())
+    }
+
+    fn code(n: u8) -> String {
+        format!("{:?}", std::process::ExitCode::from(n))
+    }
+
+    /// A sealed message is saved before it is sent; a received one is saved (visibly) before
+    /// it is shown, then saved as shown, and only then acknowledged. This order is what makes
+    /// delivery exactly-once across a crash at any point.
+    #[test]
+    fn saves_come_before_the_frames_and_the_lines_they_protect() {
+        let t0 = Instant::now();
+        let (host, guest) = sessions();
+        let (mut host, out) = paired(host, t0, config());
+        assert!(matches!(
+            &out[..],
+            [
+                Out::Save(Durability::Durable),
+                Out::Event(Event::Paired),
+                Out::Frame(_)
+            ]
+        ));
+        let (mut guest, out) = paired(guest, t0, config());
+        assert!(matches!(
+            &out[..],
+            [Out::Save(Durability::Durable), Out::Event(Event::Paired)]
+        ));
+        // The initial resend check is due at once: the Hello goes again (byte-identical).
+        let hello = frames(&out_of(&mut host, t0))[0].clone();
+
+        let out = lines(&mut host, t0, &["one", "two"]);
+        assert!(matches!(
+            &out[..],
+            [Out::Save(Durability::Durable), Out::Frame(_), Out::Frame(_)]
+        ));
+        assert_eq!(msg_seqs(&out), [2, 3]);
+
+        let sent = frames(&out);
+        let got = frame_in(&mut guest, t0, &hello);
+        assert!(matches!(&got[..], [Out::Frame(f)] if kind(f) == FrameType::MsgRead));
+        let got = frame_in(&mut guest, t0, &sent[0]);
+        assert!(
+            matches!(&got[..], [
+                Out::Save(Durability::Visible),
+                Out::Event(Event::Message { seq: 2, text }),
+                Out::Save(Durability::Durable),
+                Out::Frame(receipt),
+            ] if text == "one" && kind(receipt) == FrameType::MsgRead),
+            "{got:?}"
+        );
+        // The receipt is saved before the window moves on; then it is told.
+        let got = frame_in(&mut host, t0, &frames(&got)[0]);
+        assert!(
+            matches!(
+                &got[..],
+                [
+                    Out::Save(Durability::Durable),
+                    Out::Event(Event::Delivered { seq: 2 }),
+                ]
+            ),
+            "{got:?}"
+        );
+    }
+
+    /// Drives the timer once (at the instant asked for) and returns the outputs.
+    fn out_of(c: &mut Conversation, now: Instant) -> Vec<Out> {
+        c.handle_timeout(now);
+        drain(c)
+    }
+
+    /// A message ahead of a gap is decrypted (its key is gone): saved before anything else,
+    /// not shown, acknowledged only up to the gap.
+    #[test]
+    fn a_message_ahead_of_a_gap_is_saved_and_held() {
+        let t0 = Instant::now();
+        let (host, guest) = sessions();
+        let (mut host, _) = paired(host, t0, config());
+        let (mut guest, _) = paired(guest, t0, config());
+        let sent = frames(&lines(&mut host, t0, &["one", "two"]));
+        let got = frame_in(&mut guest, t0, &sent[1]);
+        assert!(
+            matches!(&got[..], [Out::Save(Durability::Durable), Out::Frame(r)] if kind(r) == FrameType::MsgRead),
+            "{got:?}"
+        );
+        let got = frame_in(&mut guest, t0, &sent[0]);
+        let shown: Vec<_> = events(&got)
+            .into_iter()
+            .map(|e| match e {
+                Event::Message { seq, .. } => seq,
+                other => panic!("{other:?}"),
+            })
+            .collect();
+        assert_eq!(shown, [2, 3]);
+    }
+
+    /// After a cut the whole unacknowledged window goes again, byte-identical, in order; the
+    /// peer shows each message once and acknowledges the duplicates again.
+    #[test]
+    fn a_cut_resends_the_window_and_the_peer_drops_the_duplicates() {
+        let mut now = Instant::now();
+        let (host, guest) = sessions();
+        let (mut host, first) = paired(host, now, config());
+        let (mut guest, _) = paired(guest, now, config());
+        let hello = frames(&first);
+        let sent = frames(&lines(&mut host, now, &["one", "two"]));
+        // Only "one" gets through before the cut.
+        frame_in(&mut guest, now, &hello[0]);
+        frame_in(&mut guest, now, &sent[0]);
+
+        host.handle_disconnected(now, ClientError::ConnectionLost("cut".into()));
+        let out = drain(&mut host);
+        assert!(
+            matches!(&out[..], [Out::Link(LinkAction::Drop), Out::Event(Event::RelayOffline { why })] if why.contains("cut")),
+            "{out:?}"
+        );
+        // The first retry comes after 100 ms ± 20 %.
+        let wait = host.poll_timeout().unwrap() - now;
+        assert!((80..=120).contains(&wait.as_millis()), "{wait:?}");
+        // Lines typed while offline are sealed and saved, not sent.
+        let out = lines(&mut host, now, &["three"]);
+        assert!(
+            matches!(&out[..], [Out::Save(Durability::Durable)]),
+            "{out:?}"
+        );
+
+        let out = reconnect(&mut host, &mut now);
+        assert_eq!(events(&out), [Event::RelayOnline { peer_online: true }]);
+        assert_eq!(msg_seqs(&out), [1, 2, 3, 4]);
+        let resent = frames(&out);
+        assert_eq!(
+            resent[..3],
+            [hello[0].clone(), sent[0].clone(), sent[1].clone()]
+        );
+
+        let mut shown = Vec::new();
+        let mut last_receipt = None;
+        for frame in &resent {
+            let got = frame_in(&mut guest, now, frame);
+            for event in events(&got) {
+                if let Event::Message { seq, .. } = event {
+                    shown.push(seq);
+                }
+            }
+            // Every MSG, a duplicate too, is acknowledged.
+            let r = receipts(&got);
+            assert_eq!(r.len(), 1, "{got:?}");
+            last_receipt = r.into_iter().next();
+        }
+        assert_eq!(shown, [3, 4], "each message is shown once");
+
+        let got = frame_in(&mut host, now, &last_receipt.unwrap());
+        assert_eq!(
+            events(&got),
+            [
+                Event::Delivered { seq: 2 },
+                Event::Delivered { seq: 3 },
+                Event::Delivered { seq: 4 }
+            ]
+        );
+        assert!(!host.session().has_unacked());
+    }
+
+    /// At most 64 messages are in flight: the rest wait in the outbox, and receipts let them
+    /// out, in order.
+    #[test]
+    fn the_send_window_holds_64_and_receipts_open_it() {
+        let t0 = Instant::now();
+        let (host, guest) = sessions();
+        let (mut host, _) = paired(host, t0, config());
+        let (mut guest, _) = paired(guest, t0, config());
+        let texts: Vec<String> = (0..100).map(|i| format!("line {i}")).collect();
+        let texts: Vec<&str> = texts.iter().map(String::as_str).collect();
+        let out = lines(&mut host, t0, &texts);
+        // One save for the batch, then what the window allows beyond the Hello (sent when
+        // the chat began): 63 lines.
+        assert!(matches!(out[0], Out::Save(Durability::Durable)));
+        assert_eq!(out.iter().filter(|o| matches!(o, Out::Save(_))).count(), 1);
+        let window = msg_seqs(&out);
+        assert_eq!(window, (2..=64).collect::<Vec<_>>());
+
+        // The peer records the first ten; its receipt for them moves the window by ten.
+        let mut receipt = None;
+        for frame in frames(&out).iter().take(10) {
+            receipt = receipts(&frame_in(&mut guest, t0, frame)).pop();
+        }
+        let out = frame_in(&mut host, t0, &receipt.unwrap());
+        assert!(matches!(out[0], Out::Save(Durability::Durable)));
+        assert_eq!(msg_seqs(&out), (65..=75).collect::<Vec<_>>());
+        assert_eq!(events(&out).len(), 10);
+        assert_eq!(host.session().outbox_len(), 101 - 11);
+    }
+
+    /// A full outbox stops the input (`outbox_full`) until receipts make room
+    /// (`outbox_ready`); the budget shared with sibling sessions says so.
+    #[test]
+    fn a_full_outbox_pauses_input_until_receipts_make_room() {
+        let t0 = Instant::now();
+        let (host, guest) = sessions();
+        // Siblings hold nearly the whole file's budget: this one keeps two frames' worth.
+        let squeezed = with(|c| {
+            c.others_outbox_bytes = crate::session::MAX_STATE_OUTBOX_BYTES
+                - 2 * parley_protocol::limits::MAX_FRAME_BYTES;
+        });
+        let (mut host, _) = paired(host, t0, squeezed);
+        let (mut guest, _) = paired(guest, t0, config());
+        let long = "x".repeat(20_000);
+        let mut sent = Vec::new();
+        let mut full = None;
+        while host.wants_input() {
+            host.handle_line(t0, long.clone());
+            let out = drain(&mut host);
+            sent.extend(frames(&out));
+            full = events(&out)
+                .into_iter()
+                .find(|e| matches!(e, Event::OutboxFull { .. }));
+        }
+        let Some(Event::OutboxFull {
+            pending,
+            budget_shared: true,
+            ..
+        }) = full
+        else {
+            panic!("no outbox_full: {full:?}");
+        };
+        assert_eq!(pending, host.session().outbox_len());
+        assert!(!host.wants_input());
+        // Told once, however often it is looked at.
+        assert!(
+            events(&out_of(&mut host, t0))
+                .iter()
+                .all(|e| !matches!(e, Event::OutboxFull { .. }))
+        );
+
+        let mut receipt = None;
+        for frame in &sent {
+            receipt = receipts(&frame_in(&mut guest, t0, frame)).pop();
+        }
+        let out = frame_in(&mut host, t0, &receipt.unwrap());
+        assert!(
+            events(&out).contains(&Event::OutboxReady { pending: 0 }),
+            "{out:?}"
+        );
+        assert!(host.wants_input());
+    }
+
+    /// Liveness with time as the only input: silence gets a PING at half the bound, the
+    /// connection is given up at the bound, and reconnecting backs off from 100 ms to 5 s;
+    /// an attach resets the backoff.
+    #[test]
+    fn silence_pings_then_reconnects_with_backoff() {
+        let t0 = Instant::now();
+        // No Hello in flight: no resend timer, only liveness.
+        let (host, _) = pair();
+        let (mut c, _) = paired(host, t0, config());
+        assert_eq!(c.poll_timeout(), Some(t0 + Duration::from_millis(17_500)));
+        // A relay PING is answered, and counts as a sign of life.
+        let t1 = t0 + Duration::from_secs(10);
+        let out = frame_in(&mut c, t1, r#"{"t":"PING"}"#);
+        assert_eq!(frames(&out), [r#"{"t":"PONG"}"#]);
+        let half = t1 + Duration::from_millis(17_500);
+        assert_eq!(c.poll_timeout(), Some(half));
+        assert!(out_of(&mut c, half - Duration::from_millis(1)).is_empty());
+        assert_eq!(frames(&out_of(&mut c, half)), [r#"{"t":"PING"}"#]);
+        let dead = t1 + Duration::from_secs(35);
+        assert_eq!(c.poll_timeout(), Some(dead));
+        let out = out_of(&mut c, dead);
+        assert!(
+            matches!(&out[..], [Out::Link(LinkAction::Drop), Out::Event(Event::RelayOffline { why })]
+                if why.contains("no sign of life")),
+            "{out:?}"
+        );
+        // Each failed attempt waits about twice as long, up to 5 s.
+        let mut now = dead;
+        for expected in [100u128, 200, 400, 800, 1600, 3200, 5000, 5000] {
+            let at = c.poll_timeout().unwrap();
+            let wait = (at - now).as_millis();
+            assert!(
+                (expected * 8 / 10..=expected * 12 / 10).contains(&wait),
+                "{wait} ms, expected about {expected}"
+            );
+            now = at;
+            assert!(matches!(
+                out_of(&mut c, now)[..],
+                [Out::Link(LinkAction::Dial)]
+            ));
+            c.handle_disconnected(
+                now,
+                ClientError::RelayUnreachable {
+                    url: "ws://x".into(),
+                    reason: "refused".into(),
+                },
+            );
+            // A failed dial is not another "relay_offline".
+            assert!(events(&drain(&mut c)).is_empty());
+        }
+        reconnect(&mut c, &mut now);
+        c.handle_disconnected(now, ClientError::ConnectionLost("cut".into()));
+        drain(&mut c);
+        let wait = (c.poll_timeout().unwrap() - now).as_millis();
+        assert!(
+            (80..=120).contains(&wait),
+            "the backoff starts again: {wait}"
+        );
+    }
+
+    /// A relay that sends an oversize frame is waited for the longest step before the next
+    /// attempt: it is likely to do it again.
+    #[test]
+    fn a_relay_that_broke_the_protocol_waits_the_longest_step() {
+        let t0 = Instant::now();
+        let (host, _) = pair();
+        let (mut c, _) = paired(host, t0, config());
+        c.handle_disconnected(t0, ClientError::RelayProtocol("too big".into()));
+        drain(&mut c);
+        assert_eq!(c.poll_timeout(), Some(t0 + Backoff::MAX));
+    }
+
+    /// The relay answers `session_unknown` (it restarted and forgot us) or `token_invalid`
+    /// (the peer restored the session first; our seat awaits us): `RESTORE` with the proof,
+    /// once. A refused `RESTORE` ends the run with exit 7.
+    #[test]
+    fn a_forgotten_session_is_restored_once() {
+        for refusal in ["session_unknown", "token_invalid"] {
+            let mut now = Instant::now();
+            let (host, _) = sessions();
+            let (mut c, _) = paired(host, now, config());
+            let out = frame_in(&mut c, now, &error("not_member", None));
+            assert!(matches!(
+                &out[..],
+                [
+                    Out::Link(LinkAction::Drop),
+                    Out::Event(Event::RelayOffline { .. })
+                ]
+            ));
+            // (not_member: attach again at once, no backoff.)
+            assert_eq!(c.poll_timeout(), Some(now));
+            assert!(matches!(
+                out_of(&mut c, now)[..],
+                [Out::Link(LinkAction::Dial)]
+            ));
+            c.handle_connected(now);
+            let reattach = frames(&drain(&mut c));
+            assert_eq!(
+                reattach,
+                [format!(
+                    r#"{{"t":"REATTACH","sid":"{SID}","data":{{"resumeToken":"t"}}}}"#
+                )]
+            );
+            let out = frame_in(&mut c, now, &error(refusal, None));
+            assert_eq!(
+                frames(&out),
+                [format!(
+                    r#"{{"t":"RESTORE","sid":"{SID}","data":{{"role":"host","resumeToken":"t","proof":"p"}}}}"#
+                )]
+            );
+            let out = frame_in(&mut c, now, &relay("PEER_OFFLINE"));
+            assert_eq!(events(&out), [Event::RelayOnline { peer_online: false }]);
+            assert_eq!(msg_seqs(&out), [1], "the window follows every attach");
+
+            // Next time the relay refuses both: over at this relay.
+            c.handle_disconnected(now, ClientError::ConnectionLost("cut".into()));
+            drain(&mut c);
+            now = c.poll_timeout().unwrap();
+            out_of(&mut c, now);
+            c.handle_connected(now);
+            drain(&mut c);
+            frame_in(&mut c, now, &error(refusal, None));
+            let out = frame_in(&mut c, now, &error("restore_refused", None));
+            assert!(frames(&out).is_empty());
+            let Err(e) = ended(&mut c) else { panic!() };
+            assert!(
+                matches!(&e, ClientError::ResumeRefused { code, .. } if code == "restore_refused")
+            );
+            assert_eq!(exit_code(&e), code(exit::RESUME_REFUSED));
+        }
+    }
+
+    /// `resume`: the stored session reattaches, then the chat begins (`resumed`, saved
+    /// first), and the outbox goes out. A refusal at that point ends the run (exit 7)
+    /// without a `RESTORE`, as does a relay that cannot be reached (exit 3).
+    #[test]
+    fn resume_attaches_first_and_fails_on_any_refusal() {
+        let now = Instant::now();
+        let (host, _) = sessions();
+        let mut c = Conversation::resume(host, now, config());
+        assert!(!c.wants_input());
+        assert!(matches!(drain(&mut c)[..], [Out::Link(LinkAction::Dial)]));
+        c.handle_connected(now);
+        assert_eq!(kind(&frames(&drain(&mut c))[0]), FrameType::Reattach);
+        c.handle_frame(now, &relay("PEER_ONLINE"));
+        assert!(matches!(
+            c.poll_save(),
+            Some(Save {
+                durability: Durability::Durable,
+                ..
+            })
+        ));
+        assert_eq!(c.poll_event(), Some(Event::Resumed { peer_online: true }));
+        assert!(c.wants_input());
+        // A failed write of the window the chat began with ends the run (exit 3), as a
+        // failure while attaching does; a later one is a cut like any other.
+        assert_eq!(c.poll_transmit().map(|f| kind(&f)), Some(FrameType::Msg));
+        c.handle_disconnected(now, ClientError::ConnectionLost("gone".into()));
+        let e = ended(&mut c).unwrap_err();
+        assert_eq!(exit_code(&e), code(exit::RELAY_UNREACHABLE));
+
+        for refusal in ["token_invalid", "session_unknown"] {
+            let mut c = resuming(now);
+            let out = frame_in(&mut c, now, &error(refusal, None));
+            assert!(frames(&out).is_empty(), "no RESTORE on resume: {out:?}");
+            let e = ended(&mut c).unwrap_err();
+            assert_eq!(exit_code(&e), code(exit::RESUME_REFUSED));
+        }
+
+        let (host, _) = sessions();
+        let mut c = Conversation::resume(host, now, config());
+        drain(&mut c);
+        c.handle_disconnected(
+            now,
+            ClientError::RelayUnreachable {
+                url: "ws://x".into(),
+                reason: "refused".into(),
+            },
+        );
+        let e = ended(&mut c).unwrap_err();
+        assert_eq!(exit_code(&e), code(exit::RELAY_UNREACHABLE));
+
+        // A relay that does not answer the REATTACH in 30 s: exit 3 too.
+        let mut c = resuming(now);
+        assert_eq!(c.poll_timeout(), Some(now + Duration::from_millis(17_500)));
+        out_of(&mut c, now + Duration::from_millis(17_500));
+        frame_in(&mut c, now + Duration::from_secs(20), &relay("PONG"));
+        let late = c.poll_timeout().unwrap();
+        assert_eq!(late, now + ATTACH_TIMEOUT);
+        out_of(&mut c, late);
+        let e = ended(&mut c).unwrap_err();
+        assert!(e.to_string().contains("did not answer in time"), "{e}");
+        assert_eq!(exit_code(&e), code(exit::RELAY_UNREACHABLE));
+    }
+
+    /// `resume` of the host's session, connected, its `REATTACH` sent.
+    fn resuming(now: Instant) -> Conversation {
+        let (host, _) = sessions();
+        let mut c = Conversation::resume(host, now, config());
+        drain(&mut c);
+        c.handle_connected(now);
+        drain(&mut c);
+        c
+    }
+
+    /// A certificate the client refuses while reconnecting is reported, not retried.
+    #[test]
+    fn a_refused_certificate_while_reconnecting_ends_the_run() {
+        let now = Instant::now();
+        let (host, _) = pair();
+        let (mut c, _) = paired(host, now, config());
+        c.handle_disconnected(now, ClientError::ConnectionLost("cut".into()));
+        drain(&mut c);
+        let at = c.poll_timeout().unwrap();
+        out_of(&mut c, at);
+        c.handle_disconnected(
+            at,
+            ClientError::RelayCertificate {
+                url: "wss://x".into(),
+                reason: "unknown issuer".into(),
+            },
+        );
+        let e = ended(&mut c).unwrap_err();
+        assert_eq!(e.code(), "relay_certificate");
+        assert_eq!(exit_code(&e), code(exit::RELAY_UNREACHABLE));
+    }
+
+    /// The relay's `ERROR`s during a chat (protocol.md 3.7): a message the relay did not
+    /// keep goes again later; another refusal is reported; `replaced` ends the run (exit 7).
+    #[test]
+    fn relay_errors_during_a_chat() {
+        let now = Instant::now();
+        let (host, _) = sessions();
+        // A person: quitting waits only for the relay to hold our messages.
+        let (mut c, _) = paired(host, now, with(|c| c.interactive = true));
+        lines(&mut c, now, &["one"]);
+        c.handle_input_closed(now);
+        assert!(matches!(&events(&drain(&mut c))[..], []));
+        let out = frame_in(
+            &mut c,
+            now,
+            &format!(r#"{{"t":"DELIVERED","sid":"{SID}","data":{{"msgID":2}}}}"#),
+        );
+        assert_eq!(events(&out), [Event::Sent { seq: 2 }]);
+        frame_in(
+            &mut c,
+            now,
+            &format!(r#"{{"t":"DELIVERED","sid":"{SID}","data":{{"msgID":1}}}}"#),
+        );
+        // Everything is at the relay: a person may go.
+        assert!(ended(&mut c).is_ok());
+
+        let (host, _) = sessions();
+        let (mut c, _) = paired(host, now, with(|c| c.interactive = true));
+        lines(&mut c, now, &["one"]);
+        frame_in(
+            &mut c,
+            now,
+            &format!(r#"{{"t":"DELIVERED","sid":"{SID}","data":{{"msgID":2}}}}"#),
+        );
+        let out = frame_in(&mut c, now, &error("mailbox_full", Some(2)));
+        assert!(
+            matches!(&events(&out)[..], [Event::Problem { code, seq: Some(2), .. }] if code == "mailbox_full"),
+            "{out:?}"
+        );
+        // Not at the relay after all: not "everything out" any more.
+        frame_in(
+            &mut c,
+            now,
+            &format!(r#"{{"t":"DELIVERED","sid":"{SID}","data":{{"msgID":1}}}}"#),
+        );
+        c.handle_input_closed(now);
+        drain(&mut c);
+        assert!(c.poll_end().is_none());
+        // peer_offline / not_paired are silent; another code is reported.
+        assert!(events(&frame_in(&mut c, now, &error("peer_offline", Some(2)))).is_empty());
+        let out = frame_in(&mut c, now, &error("rate_limited", Some(2)));
+        assert!(
+            matches!(&events(&out)[..], [Event::Problem { code, .. }] if code == "refused_message")
+        );
+        let out = frame_in(&mut c, now, &error("odd", None));
+        assert!(
+            matches!(&events(&out)[..], [Event::Problem { code, seq: None, .. }] if code == "odd")
+        );
+        assert!(c.poll_end().is_none());
+        frame_in(&mut c, now, &error("replaced", None));
+        let e = ended(&mut c).unwrap_err();
+        assert!(matches!(e, ClientError::SessionTakenOver));
+        assert_eq!(exit_code(&e), code(exit::RESUME_REFUSED));
+    }
+
+    /// A script's run ends when input is closed, `--exit-after` messages were shown and the
+    /// peer acknowledged ours; `--timeout` ends it with exit 6 whatever it waits for.
+    #[test]
+    fn exit_after_and_timeout() {
+        let now = Instant::now();
+        let (host, guest) = sessions();
+        let (mut host, first) = paired(host, now, config());
+        let (mut guest, _) = paired(guest, now, with(|c| c.exit_after = Some(1)));
+        guest.handle_input_closed(now);
+        drain(&mut guest);
+        assert!(guest.poll_end().is_none(), "one message to wait for");
+        frame_in(&mut guest, now, &frames(&first)[0]);
+        assert!(
+            guest.poll_end().is_none(),
+            "the Hello is not a chat message"
+        );
+        let sent = frames(&lines(&mut host, now, &["hi"]));
+        let got = frame_in(&mut guest, now, &sent[0]);
+        assert!(matches!(&events(&got)[..], [Event::Message { seq: 2, .. }]));
+        assert!(ended(&mut guest).is_ok());
+
+        // The host waits for its receipt; input closed with the peer gone: "waiting".
+        host.handle_input_closed(now);
+        assert!(drain(&mut host).is_empty());
+        let out = frame_in(&mut host, now, &relay("PEER_OFFLINE"));
+        assert_eq!(
+            events(&out),
+            [Event::PeerOffline, Event::Waiting { undelivered: 2 }]
+        );
+        assert!(host.poll_end().is_none());
+
+        let deadline = now + Duration::from_secs(5);
+        let (session, _) = sessions();
+        let (mut c, _) = paired(session, now, with(|c| c.deadline = Some((deadline, 5))));
+        c.handle_frame(now, &relay("PEER_OFFLINE"));
+        drain(&mut c);
+        assert_eq!(c.poll_timeout(), Some(deadline));
+        assert!(out_of(&mut c, deadline - Duration::from_millis(1)).is_empty());
+        out_of(&mut c, deadline);
+        let e = ended(&mut c).unwrap_err();
+        assert!(matches!(e, ClientError::Timeout(5)));
+        assert_eq!(exit_code(&e), code(exit::TIMEOUT));
+    }
+
+    /// While the peer is online and no receipt moves, the window goes again every 2 s; not
+    /// while the peer is away, and at once when it is back.
+    #[test]
+    fn a_stalled_window_is_resent_every_two_seconds() {
+        let t0 = Instant::now();
+        let (host, _) = sessions();
+        let (mut c, first) = paired(host, t0, config());
+        assert_eq!(msg_seqs(&first), [1]);
+        // (The first check is at once, like a fresh interval's first tick.)
+        assert_eq!(c.poll_timeout(), Some(t0));
+        assert_eq!(msg_seqs(&out_of(&mut c, t0)), [1]);
+        let t1 = t0 + RETRANSMIT_EVERY;
+        assert_eq!(c.poll_timeout(), Some(t1));
+        assert_eq!(msg_seqs(&out_of(&mut c, t1)), [1]);
+        // The peer is away: no resends (it gets the window when it is back).
+        frame_in(&mut c, t1, &relay("PEER_OFFLINE"));
+        assert_eq!(c.poll_timeout(), Some(t1 + Duration::from_millis(17_500)));
+        let out = frame_in(&mut c, t1, &relay("PEER_ONLINE"));
+        assert_eq!(events(&out), [Event::PeerOnline]);
+        assert_eq!(msg_seqs(&out), [1]);
+    }
+
+    /// The human rendering of a message names the peer from its Hello, and every event the
+    /// conversation gives renders to the JSON scripts read.
+    #[test]
+    fn events_render_as_before() {
+        let (host, _) = sessions();
+        let s = &host;
+        let json = |e: Event| crate::output::chat_event(&e, s);
+        assert_eq!(
+            json(Event::Delivered { seq: 3 }),
+            serde_json::json!({"event": "delivered", "sid": SID, "seq": 3})
+        );
+        assert_eq!(
+            json(Event::RelayOffline { why: "x".into() }),
+            serde_json::json!({"event": "relay_offline", "message": "x"})
+        );
+        assert_eq!(
+            json(Event::Problem {
+                code: "mailbox_full".into(),
+                message: "m".into(),
+                seq: Some(4)
+            }),
+            serde_json::json!({"event": "error", "code": "mailbox_full", "seq": 4, "message": "m"})
+        );
+        assert_eq!(
+            json(Event::Problem {
+                code: "odd".into(),
+                message: "m".into(),
+                seq: None
+            }),
+            serde_json::json!({"event": "error", "code": "odd", "message": "m"})
+        );
+        assert_eq!(
+            json(Event::Waiting { undelivered: 2 })["message"],
+            "waiting for your peer to receive 2 message(s); Ctrl-C stops (they are kept and sent on the next resume)"
+        );
+    }
+}
