@@ -647,8 +647,9 @@ impl Conversation {
     fn relay_error(&mut self, now: Instant, env: &Envelope<'_>) {
         let (code, message) = error_fields(env);
         match (msg_seq(env), code.as_str()) {
-            // Not kept by the relay: it goes again when the peer is back.
-            (Some(seq), "mailbox_full" | "peer_offline" | "not_paired") => {
+            // Not kept by the relay: it goes again when the peer is back (or, for a cluster
+            // node that cannot reach its store, with the next resend: protocol.md 2.7).
+            (Some(seq), "mailbox_full" | "peer_offline" | "not_paired" | "store_unavailable") => {
                 self.accepted.remove(&seq);
                 if code == "mailbox_full" {
                     self.event(Event::Problem {
@@ -861,6 +862,14 @@ impl Conversation {
                     && (code == "session_unknown" || code == "token_invalid")
                 {
                     self.restore(now);
+                } else if code == "store_unavailable" {
+                    // Not a refusal: the relay (a cluster node) could not look; try again.
+                    self.attach_failed(
+                        now,
+                        ClientError::ConnectionLost(format!(
+                            "the relay answered {asked}: {message}"
+                        )),
+                    );
                 } else {
                     self.attach_failed(now, ClientError::ResumeRefused { code, message });
                 }
@@ -1594,6 +1603,52 @@ mod tests {
         out_of(&mut c, late);
         let e = ended(&mut c).unwrap_err();
         assert!(e.to_string().contains("did not answer in time"), "{e}");
+        assert_eq!(exit_code(&e), code(exit::RELAY_UNREACHABLE));
+    }
+
+    /// A cluster node that cannot reach its store (protocol.md 2.7) refused nothing for good:
+    /// a message it answered `store_unavailable` goes again, and an attach it answered so is
+    /// tried again after a backoff (during a chat) or fails like an unreachable relay (exit 3,
+    /// on `resume`), never as a refusal of the session (exit 7).
+    #[test]
+    fn a_store_unavailable_is_a_passing_trouble() {
+        let now = Instant::now();
+        let (host, _) = sessions();
+        let (mut c, first) = paired(host, now, config());
+        assert_eq!(msg_seqs(&first), [1]);
+        let out = frame_in(&mut c, now, &error("store_unavailable", Some(1)));
+        assert!(
+            events(&out)
+                .iter()
+                .all(|e| !matches!(e, Event::Problem { code, .. } if code == "refused_message")),
+            "{out:?}"
+        );
+        // Sent again by the resend timer, as after mailbox_full.
+        let at = c.poll_timeout().unwrap();
+        assert!(at <= now + Duration::from_secs(2), "{at:?}");
+        assert_eq!(msg_seqs(&out_of(&mut c, at)), [1]);
+
+        // While re-attaching: another try, later.
+        c.handle_disconnected(at, ClientError::ConnectionLost("cut".into()));
+        drain(&mut c);
+        let again = c.poll_timeout().unwrap();
+        out_of(&mut c, again);
+        c.handle_connected(again);
+        drain(&mut c);
+        let out = frame_in(&mut c, again, &error("store_unavailable", None));
+        assert!(frames(&out).is_empty(), "no RESTORE: {out:?}");
+        assert!(c.poll_end().is_none());
+        let retry = c.poll_timeout().unwrap();
+        assert!(retry > again, "backs off before trying again");
+        assert!(matches!(
+            out_of(&mut c, retry)[..],
+            [Out::Link(LinkAction::Dial)]
+        ));
+
+        // On resume: exit 3, like a relay that cannot be reached.
+        let mut c = resuming(now);
+        frame_in(&mut c, now, &error("store_unavailable", None));
+        let e = ended(&mut c).unwrap_err();
         assert_eq!(exit_code(&e), code(exit::RELAY_UNREACHABLE));
     }
 
