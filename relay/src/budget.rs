@@ -18,6 +18,9 @@ pub struct Budget {
     /// Charges outstanding (frames held).
     held: AtomicUsize,
     max_total: usize,
+    /// In a cluster, what the other nodes hold (from their heartbeats): the relay-wide bound
+    /// is the cluster's.
+    others: AtomicUsize,
     per_address: DashMap<AddressKey, usize>,
     max_per_address: usize,
 }
@@ -45,9 +48,19 @@ impl Budget {
             total: AtomicUsize::new(0),
             held: AtomicUsize::new(0),
             max_total,
+            others: AtomicUsize::new(0),
             per_address: DashMap::new(),
             max_per_address,
         })
+    }
+
+    /// What the other nodes of a cluster hold.
+    pub fn set_others(&self, bytes: usize) {
+        self.others.store(bytes, Ordering::Relaxed);
+    }
+
+    fn within_total(&self, total: usize) -> bool {
+        total.saturating_add(self.others.load(Ordering::Relaxed)) <= self.max_total
     }
 
     /// Bytes held in all.
@@ -73,7 +86,7 @@ impl Budget {
             .filter(|after| *after <= self.max_per_address)?;
         self.total
             .fetch_update(Ordering::AcqRel, Ordering::Acquire, |total| {
-                total.checked_add(bytes).filter(|t| *t <= self.max_total)
+                total.checked_add(bytes).filter(|t| self.within_total(*t))
             })
             .ok()?;
         match entry {
@@ -95,7 +108,7 @@ impl Budget {
     pub fn charge_shared(self: &Arc<Self>, bytes: usize) -> Option<Charge> {
         self.total
             .fetch_update(Ordering::AcqRel, Ordering::Acquire, |total| {
-                total.checked_add(bytes).filter(|t| *t <= self.max_total)
+                total.checked_add(bytes).filter(|t| self.within_total(*t))
             })
             .ok()?;
         self.held.fetch_add(1, Ordering::AcqRel);

@@ -50,6 +50,8 @@ impl fmt::Display for SessionId {
 pub struct RelaySecret(Zeroizing<[u8; 32]>);
 
 const TOKEN_LABEL: &[u8] = b"parley/v1/relay/resume-token";
+/// The label of [`RelaySecret::address_tag`]'s MAC, distinct from every other use of the secret.
+const ADDRESS_LABEL: &[u8] = b"parley/v1/relay/address-tag";
 
 impl RelaySecret {
     pub fn random() -> Self {
@@ -74,6 +76,18 @@ impl RelaySecret {
         let mut out = [0u8; 24];
         out.copy_from_slice(full.get(..24).unwrap_or(&[0u8; 24]));
         out
+    }
+
+    /// A name for a client address that does not reveal it, the same on every relay sharing
+    /// this secret: `HMAC-SHA256(secret, label ‖ address)`, first 12 bytes, in hex. A cluster
+    /// keys its shared rate limits by it, so no address is written to Redis.
+    pub fn address_tag(&self, address: &[u8]) -> String {
+        let Ok(mut mac) = Hmac::<Sha256>::new_from_slice(self.0.as_slice()) else {
+            return String::new();
+        };
+        mac.update(ADDRESS_LABEL);
+        mac.update(address);
+        hex::encode(mac.finalize().into_bytes().get(..12).unwrap_or_default())
     }
 
     /// A new token for `role`'s seat in `sid`: a fresh nonce (the seat remembers it, so a

@@ -57,6 +57,16 @@ pub enum AddressKey {
     V6Prefix64(u64),
 }
 
+impl AddressKey {
+    /// The bytes that name the address (for [`crate::ids::RelaySecret::address_tag`]).
+    pub fn bytes(&self) -> Vec<u8> {
+        match self {
+            AddressKey::V4(v4) => v4.to_be_bytes().to_vec(),
+            AddressKey::V6Prefix64(prefix) => prefix.to_be_bytes().to_vec(),
+        }
+    }
+}
+
 impl From<IpAddr> for AddressKey {
     fn from(ip: IpAddr) -> Self {
         match ip.to_canonical() {
@@ -64,6 +74,18 @@ impl From<IpAddr> for AddressKey {
             IpAddr::V6(v6) => AddressKey::V6Prefix64((u128::from(v6) >> 64) as u64),
         }
     }
+}
+
+/// The limits a cluster holds across its nodes, besides each node's own count.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SharedLimit {
+    JoinFailures,
+    SessionsCreated,
+}
+
+/// Where a cluster node also counts what its limiters charge (see `cluster`).
+pub trait SharedLimits: Send + Sync {
+    fn charged(&self, limit: SharedLimit, address: AddressKey);
 }
 
 pub struct AddressLimiter {

@@ -200,8 +200,13 @@ async fn a_code_redeemed_at_two_nodes_at_once_is_spent_once() {
 #[test]
 fn no_code_is_issued_twice_across_nodes() {
     // Every node issues codes from its own reservations in Redis: many codes from three
-    // nodes at once never collide.
-    let nodes = Nodes::start(3, RedisServer::start(), &[]);
+    // nodes at once never collide. (All from one address: its allowance of sessions, which
+    // the cluster shares, is raised for the test.)
+    let nodes = Nodes::start(
+        3,
+        RedisServer::start(),
+        &["--sessions-created-per-address", "1000"],
+    );
     let runtime = tokio::runtime::Runtime::new().unwrap();
     let codes: Vec<String> = runtime.block_on(async {
         let mut tasks = Vec::new();
@@ -452,5 +457,81 @@ fn every_key_expires() {
     for key in keys {
         let ttl: i64 = nodes.redis.cli(&["PTTL", key]).trim().parse().unwrap();
         assert!(ttl > 0, "{key} has no lifetime ({ttl})");
+    }
+}
+
+/// The next frame's error code (or its type, if it is not an `ERROR`).
+async fn answer_code(ws: &mut Ws) -> String {
+    let frame = next(ws).await;
+    if frame["t"] == "ERROR" {
+        frame["data"]["code"].as_str().unwrap().to_string()
+    } else {
+        frame["t"].as_str().unwrap().to_string()
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_limits_hold_across_nodes() {
+    let nodes = Nodes::start(
+        2,
+        RedisServer::start(),
+        &[
+            "--join-failures-per-address",
+            "3",
+            "--sessions-created-per-address",
+            "2",
+            "--max-sessions",
+            "3",
+        ],
+    );
+    // Failed JOINs: three at node 0 use up the address's allowance at node 1 too.
+    let mut guesser = connect(nodes.addr(0)).await;
+    for _ in 0..3 {
+        send(
+            &mut guesser,
+            json!({"t": "JOIN", "data": {"code": "000000"}}),
+        )
+        .await;
+        assert_eq!(answer_code(&mut guesser).await, "invite_unknown");
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await; // the charges reach Redis
+    let mut elsewhere = connect(nodes.addr(1)).await;
+    send(
+        &mut elsewhere,
+        json!({"t": "JOIN", "data": {"code": "000000"}}),
+    )
+    .await;
+    assert_eq!(answer_code(&mut elsewhere).await, "rate_limited");
+
+    // Sessions created: two at node 0, then none at node 1.
+    let mut hosts = Vec::new();
+    for _ in 0..2 {
+        let mut host = connect(nodes.addr(0)).await;
+        send(&mut host, json!({"t": "CREATE_SESSION"})).await;
+        assert_eq!(answer_code(&mut host).await, "SESSION_CREATED");
+        hosts.push(host);
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let mut third = connect(nodes.addr(1)).await;
+    send(&mut third, json!({"t": "CREATE_SESSION"})).await;
+    assert_eq!(answer_code(&mut third).await, "rate_limited");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_session_cap_is_the_clusters() {
+    let nodes = Nodes::start(2, RedisServer::start(), &["--max-sessions", "3"]);
+    let mut hosts = Vec::new();
+    for node in [0, 0, 1] {
+        let mut host = connect(nodes.addr(node)).await;
+        send(&mut host, json!({"t": "CREATE_SESSION"})).await;
+        assert_eq!(answer_code(&mut host).await, "SESSION_CREATED");
+        hosts.push(host);
+    }
+    // Each node learns what the other holds from its heartbeat (every second).
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    for node in [0, 1] {
+        let mut host = connect(nodes.addr(node)).await;
+        send(&mut host, json!({"t": "CREATE_SESSION"})).await;
+        assert_eq!(answer_code(&mut host).await, "relay_full", "node {node}");
     }
 }

@@ -36,6 +36,12 @@ pub enum Write {
     Forget {
         sid: SessionId,
     },
+    /// One token from a shared rate-limit bucket (see `limits`).
+    Charge {
+        key: String,
+        burst: u32,
+        per: u64,
+    },
     ThenQueue {
         outbox: Outbox,
         frame: Utf8Bytes,
@@ -82,6 +88,16 @@ impl Write {
                     keys.mailbox(*sid, Role::Guest),
                 ])
                 .ignore();
+            }
+            Write::Charge { key, burst, per } => {
+                pipe.cmd("EVAL")
+                    .arg(super::limits::BUCKET_SCRIPT)
+                    .arg(1)
+                    .arg(key)
+                    .arg(burst)
+                    .arg(per)
+                    .arg(1)
+                    .ignore();
             }
             Write::ThenQueue { .. } => {}
         }

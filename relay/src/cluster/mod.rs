@@ -24,6 +24,7 @@
 //! docs/cluster.md has the design, the keys and what is not (yet) shared.
 
 mod codes;
+mod limits;
 mod mailboxes;
 mod route;
 mod wire;
@@ -51,6 +52,7 @@ use parley_protocol::{Envelope, ErrorCode, FrameError, FrameType};
 
 use crate::hub::{ConnState, Hub, Role};
 use crate::ids::{InviteCode, SessionId};
+use crate::limiter::{AddressKey, SharedLimit};
 use crate::outbox::{ConnId, Outbox};
 
 /// How long a node counts as alive after its last heartbeat.
@@ -81,6 +83,9 @@ impl Keys {
     fn nodes(&self) -> String {
         format!("{}nodes", self.prefix)
     }
+    fn load(&self) -> String {
+        format!("{}load", self.prefix)
+    }
     fn home(&self, sid: SessionId) -> String {
         format!("{}home:{sid}", self.prefix)
     }
@@ -99,10 +104,11 @@ impl Keys {
     }
 }
 
-/// Renews this node's heartbeat, forgets nodes whose heartbeat has lapsed, keeps this node's
+/// Renews this node's heartbeat and what it holds (`load`: sessions, mailbox bytes), forgets
+/// nodes whose heartbeat has lapsed, keeps this node's
 /// inbox alive as long as the node (creating it with an empty entry: other nodes append only
 /// to an inbox that exists, so a dead node's inbox is not made again), and answers the live
-/// nodes. Deadlines are in Redis's own
+/// nodes, with what the others hold (the relay-wide caps are the cluster's). Deadlines are in Redis's own
 /// clock, so the nodes' clocks need not agree.
 const HEARTBEAT_SCRIPT: &str = r"
 local t = redis.call('TIME')
@@ -114,7 +120,22 @@ if redis.call('EXISTS', KEYS[2]) == 0 then
   redis.call('XADD', KEYS[2], '*', 'm', '')
 end
 redis.call('PEXPIRE', KEYS[2], tonumber(ARGV[2]) * 10)
-return redis.call('ZRANGE', KEYS[1], 0, -1)
+redis.call('HSET', KEYS[3], ARGV[1], ARGV[3] .. ' ' .. ARGV[4])
+redis.call('PEXPIRE', KEYS[3], tonumber(ARGV[2]) * 10)
+local nodes = redis.call('ZRANGE', KEYS[1], 0, -1)
+local alive = {}
+for _, n in ipairs(nodes) do alive[n] = true end
+local sessions, bytes = 0, 0
+for _, n in ipairs(redis.call('HKEYS', KEYS[3])) do
+  if not alive[n] then
+    redis.call('HDEL', KEYS[3], n)
+  elseif n ~= ARGV[1] then
+    local s, b = string.match(redis.call('HGET', KEYS[3], n), '^(%d+) (%d+)$')
+    sessions = sessions + (tonumber(s) or 0)
+    bytes = bytes + (tonumber(b) or 0)
+  end
+end
+return {nodes, sessions, bytes}
 ";
 
 /// Makes this node a session's home unless a live node already is; answers the home.
@@ -183,6 +204,7 @@ pub struct Cluster {
     heartbeat: Script,
     claim: Script,
     live_node: Script,
+    bucket: Script,
 }
 
 /// What `connect` could not do.
@@ -241,11 +263,13 @@ impl Cluster {
             heartbeat: Script::new(HEARTBEAT_SCRIPT),
             claim: Script::new(CLAIM_SCRIPT),
             live_node: Script::new(LIVE_NODE_SCRIPT),
+            bucket: Script::new(limits::BUCKET_SCRIPT),
         });
         // Alive before the first client: a home claimed by a node nobody has heard of yet
         // would be taken over at once.
         cluster.beat().await.map_err(failed)?;
         cluster.hub.set_journal(cluster.clone());
+        cluster.hub.set_shared_limits(cluster.clone());
         tracing::info!(node = %cluster.me, "joined the cluster");
         tracker.spawn(cluster.clone().run_heartbeat(stop.clone()));
         tracker.spawn(cluster.clone().run_inbox(reader, stop.clone()));
@@ -277,17 +301,25 @@ impl Cluster {
 
     async fn beat(&self) -> redis::RedisResult<()> {
         let started = Instant::now();
-        let nodes: Vec<String> = self
+        let stats = self.hub.stats();
+        let (nodes, others_sessions, others_bytes): (Vec<String>, u64, u64) = self
             .store(async |redis| {
                 self.heartbeat
                     .key(self.keys.nodes())
                     .key(self.keys.inbox(self.me))
+                    .key(self.keys.load())
                     .arg(self.me.to_string())
                     .arg(NODE_TTL.as_millis() as u64)
+                    .arg(stats.sessions)
+                    .arg(stats.mailbox_bytes)
                     .invoke_async(redis)
                     .await
             })
             .await?;
+        self.hub.set_others(
+            usize::try_from(others_sessions).unwrap_or(usize::MAX),
+            usize::try_from(others_bytes).unwrap_or(usize::MAX),
+        );
         let now: HashSet<NodeId> = nodes.iter().filter_map(|n| NodeId::parse(n)).collect();
         let gone: Vec<NodeId> = {
             let mut alive = self
@@ -592,8 +624,9 @@ impl Cluster {
                 .lock()
                 .unwrap_or_else(std::sync::PoisonError::into_inner)
         };
+        let address = lock().address;
         let recovering = match Envelope::parse(frame.as_str()) {
-            Ok(env) => match self.recover_for(&env).await {
+            Ok(env) => match self.recover_for(&env, address).await {
                 Ok(recovering) => recovering,
                 Err(e) => {
                     lock().send_error(env.sid(), &e, None);
@@ -621,7 +654,11 @@ impl Cluster {
     /// mailboxes from Redis for the re-creation (see [`Hub::stash_recovered`]); the session,
     /// whose leftovers the caller clears once the frame is applied. A session is never
     /// re-created without them: if Redis cannot be read, the frame is refused.
-    async fn recover_for(&self, env: &Envelope<'_>) -> Result<Option<SessionId>, FrameError> {
+    async fn recover_for(
+        &self,
+        env: &Envelope<'_>,
+        address: AddressKey,
+    ) -> Result<Option<SessionId>, FrameError> {
         if !matches!(env.kind, FrameType::Reattach | FrameType::Restore) {
             return Ok(None);
         }
@@ -631,6 +668,9 @@ impl Cluster {
         if self.hub.holds_session(sid) || !crate::cmd::reattach::could_recreate(&self.hub, env) {
             return Ok(None);
         }
+        // Re-creating counts as creating, across the cluster.
+        self.check_shared(SharedLimit::SessionsCreated, address)
+            .await?;
         let recovered = self
             .load_mailboxes(sid)
             .await

@@ -10,6 +10,7 @@ use super::{Cluster, MAX_ROUTES, new_sessions, store_unavailable};
 use crate::cmd;
 use crate::hub::{ConnState, Flow};
 use crate::ids::{InviteCode, SessionId};
+use crate::limiter::SharedLimit;
 
 /// Where a frame is applied.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -27,6 +28,17 @@ impl Cluster {
         let Ok(env) = Envelope::parse(frame.as_str()) else {
             return self.hub.handle(conn, frame); // which answers what is wrong with it
         };
+        let shared_limit = match env.kind {
+            FrameType::Join => Some(SharedLimit::JoinFailures),
+            FrameType::CreateSession => Some(SharedLimit::SessionsCreated),
+            _ => None,
+        };
+        if let Some(limit) = shared_limit
+            && let Err(e) = self.check_shared(limit, conn.address).await
+        {
+            self.refuse(conn, &env, &e);
+            return Flow::default();
+        }
         let route = match self.route(conn, &env).await {
             Ok(route) => route,
             Err(e) => {
@@ -36,7 +48,7 @@ impl Cluster {
         };
         match route {
             Route::Here => {
-                let recovering = match self.recover_for(&env).await {
+                let recovering = match self.recover_for(&env, conn.address).await {
                     Ok(recovering) => recovering,
                     Err(e) => {
                         self.refuse(conn, &env, &e);

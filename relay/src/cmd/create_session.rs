@@ -3,7 +3,6 @@
 
 use parley_protocol::payload::ResumeTokenData;
 use parley_protocol::{FrameError, FrameType, encode};
-use tokio::time::Instant;
 
 use crate::hub::{Change, ConnState, Connections, Flow, Hub, Role, Seat, Session};
 use crate::ids::{Stage, TokenNonce};
@@ -24,7 +23,7 @@ pub fn handle(hub: &Hub, conn: &mut ConnState) -> Result<Flow, FrameError> {
     let (sid, token) = hub.sessions.insert_new(session, &hub.conns, |sid| {
         IssueHostToken(hub.config.secret.issue(sid, Role::Host, Stage::Member))
     });
-    hub.create_limiter.charge(conn.address, Instant::now());
+    hub.charge_session_created(conn.address);
     conn.memberships.push((sid, Role::Host));
     tracing::info!(session = %sid.tag(), "session created");
     let data = ResumeTokenData {

@@ -56,7 +56,7 @@ pub fn handle(hub: &Hub, conn: &mut ConnState, env: &Envelope<'_>) -> Result<Flo
         Err(refusal) => {
             // Only guesses count: a wrong, spent or stale code.
             conn.join_failures.charge(limit, now);
-            hub.join_limiter.charge(conn.address, now);
+            hub.charge_join_failure(conn.address);
             return Err(refusal);
         }
     };

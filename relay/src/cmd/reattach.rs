@@ -133,7 +133,7 @@ pub fn handle(hub: &Hub, conn: &mut ConnState, env: &Envelope<'_>) -> Result<Flo
                 .insert(sid, session, &hub.conns, take(role, Some(nonce)))
             {
                 Ok(taken) => {
-                    hub.create_limiter.charge(conn.address, Instant::now());
+                    hub.charge_session_created(conn.address);
                     tracing::info!(session = %sid.tag(), ?role, "session re-created from a token");
                     taken
                 }

@@ -31,7 +31,9 @@ use crate::cmd;
 use crate::config::{RelayConfig, later};
 use crate::ids::{InviteCode, SessionId};
 use crate::journal::{Journal, Recovered};
-use crate::limiter::{AddressCounts, AddressKey, AddressLimiter, TokenBucket};
+use crate::limiter::{
+    AddressCounts, AddressKey, AddressLimiter, SharedLimit, SharedLimits, TokenBucket,
+};
 use crate::metrics::Metrics;
 use crate::outbox::ConnId;
 use crate::outbox::Outbox;
@@ -128,6 +130,10 @@ pub struct Hub {
     draining: AtomicBool,
     /// In a cluster, where mailbox changes are mirrored (set once the node has joined).
     journal: OnceLock<Arc<dyn Journal>>,
+    /// In a cluster, where the limiters' charges are counted across nodes too.
+    shared_limits: OnceLock<Arc<dyn SharedLimits>>,
+    /// In a cluster, the sessions the other nodes hold (from their heartbeats).
+    others_sessions: AtomicUsize,
     /// Mailboxes read back from the journal for a session this node is about to re-create,
     /// taken by the re-creation (see `cmd::reattach`).
     recovered: DashMap<SessionId, Recovered>,
@@ -208,6 +214,8 @@ impl Hub {
             connections: AtomicUsize::new(0),
             last_conn_id: AtomicU64::new(0),
             journal: OnceLock::new(),
+            shared_limits: OnceLock::new(),
+            others_sessions: AtomicUsize::new(0),
             recovered: DashMap::new(),
             draining: AtomicBool::new(false),
         }
@@ -254,6 +262,33 @@ impl Hub {
     /// Mirrors every mailbox change to `journal` from now on (a cluster node, once joined).
     pub fn set_journal(&self, journal: Arc<dyn Journal>) {
         let _ = self.journal.set(journal);
+    }
+
+    /// Counts the limiters' charges across the cluster too, from now on.
+    pub fn set_shared_limits(&self, shared: Arc<dyn SharedLimits>) {
+        let _ = self.shared_limits.set(shared);
+    }
+
+    /// What the other nodes of the cluster hold: sessions, and mailbox bytes.
+    pub fn set_others(&self, sessions: usize, mailbox_bytes: usize) {
+        self.others_sessions.store(sessions, Ordering::Relaxed);
+        self.budget.set_others(mailbox_bytes);
+    }
+
+    /// A `JOIN` guessed wrong: charged to its address (across the cluster too).
+    pub(crate) fn charge_join_failure(&self, address: AddressKey) {
+        self.join_limiter.charge(address, Instant::now());
+        if let Some(shared) = self.shared_limits.get() {
+            shared.charged(SharedLimit::JoinFailures, address);
+        }
+    }
+
+    /// A session was created (or re-created) for this address (across the cluster too).
+    pub(crate) fn charge_session_created(&self, address: AddressKey) {
+        self.create_limiter.charge(address, Instant::now());
+        if let Some(shared) = self.shared_limits.get() {
+            shared.charged(SharedLimit::SessionsCreated, address);
+        }
     }
 
     pub fn journal(&self) -> Option<&dyn Journal> {
@@ -507,7 +542,11 @@ impl Hub {
     /// re-created from a token): within the relay's cap and the address's allowance. Only
     /// checks: the caller charges the allowance once the session exists.
     pub(crate) fn check_session_room(&self, conn: &ConnState) -> Result<(), FrameError> {
-        if self.sessions.len() >= self.config.max_sessions {
+        let cluster_wide = self
+            .sessions
+            .len()
+            .saturating_add(self.others_sessions.load(Ordering::Relaxed));
+        if cluster_wide >= self.config.max_sessions {
             return Err(FrameError::new(
                 ErrorCode::RelayFull,
                 "the relay holds its maximum number of sessions; try again later",
