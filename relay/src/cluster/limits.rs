@@ -10,7 +10,7 @@
 use parley_protocol::{ErrorCode, FrameError};
 
 use super::Cluster;
-use super::mailboxes::Write;
+use super::writes::Write;
 use crate::config::RateLimit;
 use crate::limiter::{AddressKey, SharedLimit, SharedLimits};
 

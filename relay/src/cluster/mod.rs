@@ -25,9 +25,9 @@
 
 mod codes;
 mod limits;
-mod mailboxes;
 mod route;
 mod wire;
+mod writes;
 
 use std::collections::{HashMap, HashSet};
 use std::net::IpAddr;
@@ -44,9 +44,9 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 pub use codes::CodePool;
-use mailboxes::Write;
 pub use wire::NodeId;
 use wire::NodeMsg;
+use writes::Write;
 
 use parley_protocol::{Envelope, ErrorCode, FrameError, FrameType};
 
@@ -486,11 +486,7 @@ impl Cluster {
             if taken == 0 {
                 return;
             }
-            let mut pipe = redis::pipe();
-            pipe.atomic();
-            for write in &batch {
-                write.add_to(&mut pipe, &self.keys);
-            }
+            let pipe = writes::pipeline(&batch, &self.keys);
             let mut delay = Duration::from_millis(10);
             loop {
                 match self
@@ -557,13 +553,12 @@ impl Cluster {
                     .map
                     .get("m")
                     .and_then(|v| redis::from_redis_value_ref::<String>(v).ok());
-                match text.as_deref() {
-                    Some("") => {} // the entry that made the inbox
-                    Some(text) => match NodeMsg::parse(text) {
+                // (The entry that made the inbox is empty: no message.)
+                for msg in wire::unpack(text.as_deref().unwrap_or("-")) {
+                    match msg.and_then(NodeMsg::parse) {
                         Some(msg) => self.receive(msg).await,
                         None => tracing::warn!("skipped a damaged inbox entry"),
-                    },
-                    None => tracing::warn!("skipped a damaged inbox entry"),
+                    }
                 }
                 last = entry.id;
             }

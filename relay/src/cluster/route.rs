@@ -60,7 +60,7 @@ impl Cluster {
                     FrameType::CreateSession | FrameType::Reattach | FrameType::Restore
                 );
                 let before = takes_seat.then(|| conn.memberships.clone());
-                let flow = self.hub.handle(conn, frame);
+                let flow = self.hub.handle_parsed(conn, &env, frame);
                 if let Some(sid) = recovering {
                     self.hub.take_recovered(sid);
                 }

@@ -1,6 +1,8 @@
 //! What nodes of a cluster say to each other, through each node's inbox (a Redis stream).
 //!
-//! One text field per entry, `m`, in one of four forms (the frame, which may contain `|`,
+//! One text field per entry, `m`: one or more messages, each as its length in bytes (decimal),
+//! `|`, then the message ([`pack`], [`unpack`]); a writer puts everything it has for one node
+//! at once in one entry. A message has one of four forms (the frame, which may contain `|`,
 //! always comes last):
 //!
 //! - `f|GATE|CONN|IP|FRAME`: a client's frame, from its gate (the node it is connected to) to
@@ -117,9 +119,59 @@ impl NodeMsg {
     }
 }
 
+/// Appends one message to an entry's text.
+pub fn pack(entry: &mut String, msg: &str) {
+    entry.push_str(&msg.len().to_string());
+    entry.push('|');
+    entry.push_str(msg);
+}
+
+/// The messages of an entry's text, in order; `None` where the rest is damaged (it ends
+/// there).
+pub fn unpack(mut entry: &str) -> impl Iterator<Item = Option<&str>> {
+    std::iter::from_fn(move || {
+        if entry.is_empty() {
+            return None;
+        }
+        let next = entry.split_once('|').and_then(|(len, rest)| {
+            let len: usize = len.parse().ok()?;
+            Some((rest.get(..len)?, rest.get(len..)?))
+        });
+        match next {
+            Some((msg, rest)) => {
+                entry = rest;
+                Some(Some(msg))
+            }
+            None => {
+                entry = "";
+                Some(None)
+            }
+        }
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn entries_carry_messages_in_order() {
+        let msgs = ["o|1|{\"t\":\"X\",\"é\":\"|9|\"}", "d|2", ""];
+        let mut entry = String::new();
+        for m in msgs {
+            pack(&mut entry, m);
+        }
+        let back: Vec<Option<&str>> = unpack(&entry).collect();
+        assert_eq!(back, msgs.map(Some));
+        // Damage ends the entry: what came before it is kept.
+        let mut damaged = String::new();
+        pack(&mut damaged, "d|1");
+        damaged.push_str("99|short");
+        assert_eq!(unpack(&damaged).collect::<Vec<_>>(), [Some("d|1"), None]);
+        // A length that would split a character is damage, not a panic.
+        assert_eq!(unpack("1|é").collect::<Vec<_>>(), [None]);
+        assert_eq!(unpack("").count(), 0);
+    }
 
     #[test]
     fn every_message_reads_back_as_written() {

@@ -393,25 +393,35 @@ impl Hub {
     /// Applies one text frame from a connection. Never fails: a refused frame gets an `ERROR`
     /// back on the same connection, which stays usable.
     pub fn handle(&self, conn: &mut ConnState, frame: &Utf8Bytes) -> Flow {
-        let env = match Envelope::parse(frame.as_str()) {
-            Ok(env) => env,
+        match Envelope::parse(frame.as_str()) {
+            Ok(env) => self.handle_parsed(conn, &env, frame),
             Err(e) => {
                 self.metrics.frame_received(None, frame.len());
                 conn.send_error(None, &e, None);
-                return Flow::default();
+                Flow::default()
             }
-        };
+        }
+    }
+
+    /// [`Self::handle`] for a frame already parsed as `env` (a cluster node parses it first,
+    /// to see where it goes).
+    pub fn handle_parsed(
+        &self,
+        conn: &mut ConnState,
+        env: &Envelope<'_>,
+        frame: &Utf8Bytes,
+    ) -> Flow {
         self.metrics.frame_received(Some(env.kind), frame.len());
         let result = match env.kind {
             FrameType::CreateSession => cmd::create_session::handle(self, conn),
-            FrameType::InviteCreate => cmd::invite_create::handle(self, conn, &env),
-            FrameType::Join => cmd::join::handle(self, conn, &env),
+            FrameType::InviteCreate => cmd::invite_create::handle(self, conn, env),
+            FrameType::Join => cmd::join::handle(self, conn, env),
             FrameType::JoinAccept | FrameType::JoinDeny => {
-                cmd::join_answer::handle(self, conn, &env)
+                cmd::join_answer::handle(self, conn, env)
             }
-            FrameType::Msg => return cmd::forward::handle_msg(self, conn, &env, frame),
-            FrameType::MsgRead => cmd::forward::handle(self, conn, &env, frame),
-            FrameType::Reattach | FrameType::Restore => cmd::reattach::handle(self, conn, &env),
+            FrameType::Msg => return cmd::forward::handle_msg(self, conn, env, frame),
+            FrameType::MsgRead => cmd::forward::handle(self, conn, env, frame),
+            FrameType::Reattach | FrameType::Restore => cmd::reattach::handle(self, conn, env),
             FrameType::Ping => {
                 conn.send(encode::<()>(FrameType::Pong, None, None));
                 Ok(Flow::default())

@@ -9,7 +9,7 @@ use redis::Pipeline;
 use tokio::time::Instant;
 use tokio_tungstenite::tungstenite::Utf8Bytes;
 
-use super::wire::NodeId;
+use super::wire::{self, NodeId};
 use super::{Cluster, Keys, WRITES_CAPACITY};
 use crate::hub::Role;
 use crate::ids::SessionId;
@@ -52,21 +52,48 @@ pub enum Write {
 /// Redis); a live node reads its inbox continuously.
 const INBOX_MAX_ENTRIES: usize = 1_000_000;
 
-impl Write {
-    pub fn add_to(&self, pipe: &mut Pipeline, keys: &Keys) {
-        match self {
+/// One batch of writes as one pipeline: the inbox messages for each node packed into one
+/// entry (in order), every other write as its own commands.
+pub fn pipeline(batch: &[Write], keys: &Keys) -> Pipeline {
+    let mut pipe = redis::pipe();
+    pipe.atomic();
+    let mut inboxes: Vec<(NodeId, String)> = Vec::new();
+    for write in batch {
+        match write {
             Write::Inbox { node, msg } => {
-                pipe.cmd("XADD")
-                    .arg(keys.inbox(*node))
-                    .arg("NOMKSTREAM")
-                    .arg("MAXLEN")
-                    .arg("~")
-                    .arg(INBOX_MAX_ENTRIES)
-                    .arg("*")
-                    .arg("m")
-                    .arg(msg)
-                    .ignore();
+                let at = match inboxes.iter().position(|(n, _)| n == node) {
+                    Some(at) => at,
+                    None => {
+                        inboxes.push((*node, String::new()));
+                        inboxes.len().saturating_sub(1)
+                    }
+                };
+                if let Some((_, entry)) = inboxes.get_mut(at) {
+                    wire::pack(entry, msg);
+                }
             }
+            other => other.add_to(&mut pipe, keys),
+        }
+    }
+    for (node, entry) in inboxes {
+        pipe.cmd("XADD")
+            .arg(keys.inbox(node))
+            .arg("NOMKSTREAM")
+            .arg("MAXLEN")
+            .arg("~")
+            .arg(INBOX_MAX_ENTRIES)
+            .arg("*")
+            .arg("m")
+            .arg(entry)
+            .ignore();
+    }
+    pipe
+}
+
+impl Write {
+    fn add_to(&self, pipe: &mut Pipeline, keys: &Keys) {
+        match self {
+            Write::Inbox { .. } => {} // packed by `pipeline`
             Write::Append {
                 sid,
                 role,
