@@ -535,3 +535,104 @@ async fn the_session_cap_is_the_clusters() {
         assert_eq!(answer_code(&mut host).await, "relay_full", "node {node}");
     }
 }
+
+/// Sends `MSG` from one side and checks the other gets it byte for byte and the sender its
+/// `DELIVERED`.
+async fn delivers(from: &mut Ws, to: &mut Ws, sid: &str, id: &str) {
+    let msg = format!(r#"{{"t":"MSG","sid":"{sid}","data":{{"payload":"ab01","msgID":"{id}"}}}}"#);
+    from.send(Message::text(msg.clone())).await.unwrap();
+    let got = next(to).await;
+    assert_eq!(got, serde_json::from_str::<Value>(&msg).unwrap());
+    let delivered = next(from).await;
+    assert_eq!(delivered["t"], "DELIVERED", "{delivered}");
+    assert_eq!(delivered["data"]["msgID"], id);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_original_clients_flow_across_nodes() {
+    // The original system's client (seed 003), frame by frame, host on one node and guest on
+    // the other: it works unchanged, including its token-less REATTACH, at another node.
+    let nodes = Nodes::start(2, RedisServer::start(), &["--allow-tokenless-reattach"]);
+    let mut alice = connect(nodes.addr(0)).await;
+    send(&mut alice, json!({"t": "CREATE_SESSION"})).await;
+    let sid = next(&mut alice).await["sid"].as_str().unwrap().to_string();
+    send(&mut alice, json!({"t": "INVITE_CREATE", "sid": sid})).await;
+    let code = next(&mut alice).await["data"]["code"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let params =
+        json!({"prime": "ff".repeat(256), "generator": "02", "publicKey": "a1".repeat(256)});
+    send(
+        &mut alice,
+        json!({"t": "INVITE_CREATE", "sid": sid, "data": params}),
+    )
+    .await;
+
+    let mut bob = connect(nodes.addr(1)).await;
+    send(
+        &mut bob,
+        json!({"t": "JOIN", "data": {"code": code, "publicKey": "b2b2"}}),
+    )
+    .await;
+    let request = next(&mut alice).await;
+    assert_eq!(request["t"], "JOIN_REQUEST", "{request}");
+    assert_eq!(request["data"]["publicKey"], "b2b2");
+    let client_id = request["data"]["clientID"].clone();
+    let joined = next(&mut bob).await;
+    assert_eq!(joined["t"], "JOINED");
+    for field in ["prime", "generator", "publicKey"] {
+        assert_eq!(joined["data"][field], params[field], "{field}");
+    }
+    send(
+        &mut alice,
+        json!({"t": "JOIN_ACCEPT", "sid": sid, "data": {"clientID": client_id, "publicKey": "a1a1"}}),
+    )
+    .await;
+    let accepted = next(&mut bob).await;
+    assert_eq!(accepted["t"], "JOINED");
+    assert_eq!(accepted["data"]["publicKey"], "a1a1");
+
+    delivers(&mut alice, &mut bob, &sid, "m1").await;
+    delivers(&mut bob, &mut alice, &sid, "m2").await;
+    let read = format!(r#"{{"t":"MSG_READ","sid":"{sid}","data":{{"msgID":"m1"}}}}"#);
+    bob.send(Message::text(read.clone())).await.unwrap();
+    assert_eq!(
+        next(&mut alice).await,
+        serde_json::from_str::<Value>(&read).unwrap()
+    );
+
+    // Bob restarts and comes back at the other node, with the original token-less REATTACH.
+    drop(bob);
+    assert_eq!(next(&mut alice).await["t"], "PEER_OFFLINE");
+    let mut bob = connect(nodes.addr(0)).await;
+    send(&mut bob, json!({"t": "REATTACH", "sid": sid})).await;
+    assert_eq!(next(&mut alice).await["t"], "PEER_ONLINE");
+    assert_eq!(next(&mut bob).await["t"], "PEER_ONLINE");
+    delivers(&mut alice, &mut bob, &sid, "m3").await;
+    delivers(&mut bob, &mut alice, &sid, "m4").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_burst_of_invites_never_runs_out_of_codes() {
+    // Each node reserves codes ahead; a burst larger than its reserve waits for more rather
+    // than failing. (All from one address: its session allowance is raised for the test.)
+    let nodes = Nodes::start(
+        1,
+        RedisServer::start(),
+        &["--sessions-created-per-address", "1000"],
+    );
+    let mut hosts = Vec::new();
+    for _ in 0..150 {
+        let mut host = connect(nodes.addr(0)).await;
+        send(&mut host, json!({"t": "CREATE_SESSION"})).await;
+        let sid = next(&mut host).await["sid"].as_str().unwrap().to_string();
+        hosts.push((host, sid));
+    }
+    for (host, sid) in &mut hosts {
+        send(host, json!({"t": "INVITE_CREATE", "sid": sid})).await;
+    }
+    for (host, _) in &mut hosts {
+        assert_eq!(answer_code(host).await, "INVITE_CODE");
+    }
+}

@@ -21,7 +21,7 @@ pub struct CodePool {
 }
 
 /// The reserver tops the pool up to this many codes.
-pub(super) const POOL_TARGET: usize = 32;
+pub(super) const POOL_TARGET: usize = 64;
 
 impl CodePool {
     pub fn new(invite_ttl: Duration) -> CodePool {

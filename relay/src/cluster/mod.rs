@@ -621,7 +621,7 @@ impl Cluster {
         };
         let address = lock().address;
         let recovering = match Envelope::parse(frame.as_str()) {
-            Ok(env) => match self.recover_for(&env, address).await {
+            Ok(env) => match self.prepare(&env, address).await {
                 Ok(recovering) => recovering,
                 Err(e) => {
                     lock().send_error(env.sid(), &e, None);
@@ -645,15 +645,26 @@ impl Cluster {
         self.claim_homes(&new_seats).await;
     }
 
-    /// If `env` may re-create a session this node does not hold, reads the session's
-    /// mailboxes from Redis for the re-creation (see [`Hub::stash_recovered`]); the session,
-    /// whose leftovers the caller clears once the frame is applied. A session is never
-    /// re-created without them: if Redis cannot be read, the frame is refused.
-    async fn recover_for(
+    /// What the hub will need from Redis to apply `env` here, fetched before it does (the hub
+    /// never waits): a reserved code for an `INVITE_CREATE` when this node's reserve is spent
+    /// (a burst waits for codes rather than failing), and, if `env` may re-create a session
+    /// this node does not hold, the session's mailboxes (see [`Hub::stash_recovered`]). The
+    /// session so prepared is returned: the caller clears its leftovers once the frame is
+    /// applied. A session is never re-created without its mailboxes: if Redis cannot be
+    /// read, the frame is refused.
+    async fn prepare(
         &self,
         env: &Envelope<'_>,
         address: AddressKey,
     ) -> Result<Option<SessionId>, FrameError> {
+        if env.kind == FrameType::InviteCreate
+            && let Some(pool) = self.hub.code_pool()
+            && pool.fresh(Instant::now()) == 0
+        {
+            self.reserve_codes(&pool, codes::POOL_TARGET)
+                .await
+                .map_err(|_| store_unavailable())?;
+        }
         if !matches!(env.kind, FrameType::Reattach | FrameType::Restore) {
             return Ok(None);
         }

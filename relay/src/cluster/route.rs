@@ -48,7 +48,7 @@ impl Cluster {
         };
         match route {
             Route::Here => {
-                let recovering = match self.recover_for(&env, conn.address).await {
+                let recovering = match self.prepare(&env, conn.address).await {
                     Ok(recovering) => recovering,
                     Err(e) => {
                         self.refuse(conn, &env, &e);
