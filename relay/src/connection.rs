@@ -36,7 +36,7 @@ use crate::config::{RelayConfig, later};
 use crate::http;
 use crate::hub::{ConnState, ConnectionSlot, Flow, Hub};
 use crate::metrics::Metrics;
-use crate::outbox::{ConnId, Outbox, OutboxReceiver};
+use crate::outbox::{ConnId, Outbox, OutboxReceiver, PEER_DRAIN_PATIENCE};
 use crate::read_ahead::ReadAhead;
 use crate::tls::Transport;
 
@@ -51,10 +51,6 @@ const WRITE_BUFFER_BYTES: usize = 64 * 1024;
 /// Most frames handled from one wake-up before the outbox is written (fairness between
 /// connections on a worker thread, and a bound on the replies queued meanwhile).
 const READ_BATCH: usize = 64;
-/// How long a connection stops reading while its peer's queue is congested (see `outbox`),
-/// before it deems the peer stalled and carries on, so that a peer that has stopped reading is
-/// dropped as a slow consumer rather than holding its sender forever.
-const PEER_DRAIN_PATIENCE: Duration = Duration::from_secs(1);
 
 /// Why a connection ended (for the log; never contains client data).
 #[derive(Debug)]
@@ -346,6 +342,8 @@ async fn run(
                 // is off meanwhile); our own queue is still written.
                 if let Some(peer) = flow.wait_for {
                     peer_drain = Some(Box::pin(async move { peer.drained(PEER_DRAIN_PATIENCE).await }));
+                } else if let Some(wait) = flow.wait_until {
+                    peer_drain = Some(wait);
                 }
             }
             _ = ping.tick() => {

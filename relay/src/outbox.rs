@@ -77,6 +77,12 @@ pub struct Outbox(Arc<Shared>);
 #[derive(Debug)]
 pub struct Overflow;
 
+/// How long a connection stops reading while its peer's queue is congested, before it deems
+/// the peer stalled and carries on, so that a peer that has stopped reading is dropped as a
+/// slow consumer rather than holding its sender forever. (A cluster node waits as long for a
+/// peer on another node.)
+pub const PEER_DRAIN_PATIENCE: std::time::Duration = std::time::Duration::from_secs(1);
+
 /// The connection overflowed its queue and must be dropped.
 #[derive(Debug)]
 pub struct Killed;
@@ -229,6 +235,41 @@ impl OutboxReceiver {
             if shared.killed.load(Ordering::Acquire) {
                 Poll::Ready(Err(Killed))
             } else if take_all(shared, batch) {
+                Poll::Ready(Ok(()))
+            } else {
+                Poll::Pending
+            }
+        })
+        .await
+    }
+
+    /// [`Self::next_batch`], but at most `max` frames (at least one): the rest stay queued,
+    /// and count against the bound. (A cluster node's proxy limits what is in flight to the
+    /// client's own node this way.)
+    pub async fn next_batch_up_to(
+        &mut self,
+        batch: &mut VecDeque<Utf8Bytes>,
+        max: usize,
+    ) -> Result<(), Killed> {
+        let shared = &*self.shared;
+        let max = max.max(1);
+        let take = |batch: &mut VecDeque<Utf8Bytes>| {
+            let mut frames = shared.frames();
+            let n = frames.len().min(max);
+            batch.extend(frames.drain(..n));
+            n > 0
+        };
+        poll_fn(|cx| {
+            if shared.killed.load(Ordering::Acquire) {
+                return Poll::Ready(Err(Killed));
+            }
+            if take(batch) {
+                return Poll::Ready(Ok(()));
+            }
+            shared.waker.register(cx.waker());
+            if shared.killed.load(Ordering::Acquire) {
+                Poll::Ready(Err(Killed))
+            } else if take(batch) {
                 Poll::Ready(Ok(()))
             } else {
                 Poll::Pending

@@ -636,3 +636,106 @@ async fn a_burst_of_invites_never_runs_out_of_codes() {
         assert_eq!(answer_code(host).await, "INVITE_CODE");
     }
 }
+
+/// A paired host (on `host_at`) and guest (on `guest_at`): (host, guest, sid).
+async fn paired_sockets(host_at: &str, guest_at: &str) -> (Ws, Ws, String) {
+    let (mut host, sid, code) = host_with_code(host_at).await;
+    let mut guest = connect(guest_at).await;
+    send(&mut guest, json!({"t": "JOIN", "data": {"code": code}})).await;
+    let request = next(&mut host).await;
+    assert_eq!(request["t"], "JOIN_REQUEST", "{request}");
+    assert_eq!(next(&mut guest).await["t"], "JOINED");
+    let client_id = request["data"]["clientID"].clone();
+    send(
+        &mut host,
+        json!({"t": "JOIN_ACCEPT", "sid": sid, "data": {"clientID": client_id}}),
+    )
+    .await;
+    assert_eq!(next(&mut guest).await["t"], "JOINED");
+    (host, guest, sid)
+}
+
+/// Sends `n` MSGs at once, without waiting, while reading: what it received (payload ids in
+/// order) and how many DELIVERED it got, once it has `n` of each or `STEP` passes.
+async fn flood(
+    ws: &mut Ws,
+    sid: &str,
+    tag: &str,
+    n: usize,
+    pause_every: usize,
+) -> (Vec<String>, usize) {
+    let (mut sink, mut stream) = futures_util::StreamExt::split(ws);
+    let sending = async {
+        for i in 0..n {
+            let frame = format!(
+                r#"{{"t":"MSG","sid":"{sid}","data":{{"payload":"00","msgID":"{tag}{i}"}}}}"#
+            );
+            sink.send(Message::text(frame)).await.unwrap();
+        }
+    };
+    let receiving = async {
+        let (mut got, mut delivered) = (Vec::new(), 0);
+        while got.len() < n || delivered < n {
+            let message = stream.next().await.expect("connection closed").unwrap();
+            let Message::Text(text) = message else {
+                continue;
+            };
+            let frame: Value = serde_json::from_str(&text).unwrap();
+            match frame["t"].as_str().unwrap() {
+                "MSG" => {
+                    got.push(frame["data"]["msgID"].as_str().unwrap().to_string());
+                    // A slow reader, now and then.
+                    if pause_every > 0 && got.len() % pause_every == 0 {
+                        tokio::time::sleep(Duration::from_millis(5)).await;
+                    }
+                }
+                "DELIVERED" => delivered += 1,
+                "PING" | "PEER_ONLINE" => {}
+                other => panic!("unexpected {other}: {frame}"),
+            }
+        }
+        (got, delivered)
+    };
+    let ((), result) = tokio::time::timeout(STEP, async { tokio::join!(sending, receiving) })
+        .await
+        .expect("the flood did not finish in time");
+    result
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_flood_across_nodes_is_slowed_not_dropped() {
+    // Small queues, two members on two nodes sending as fast as they can to a reader that
+    // dawdles: as on one relay, senders are slowed down; nobody is dropped, nothing is lost.
+    let nodes = Nodes::start(
+        2,
+        RedisServer::start(),
+        &[
+            "--outbound-queue-frames",
+            "32",
+            "--outbound-queue-bytes",
+            "131072",
+        ],
+    );
+    let (mut host, mut guest, sid) = paired_sockets(nodes.addr(0), nodes.addr(1)).await;
+    let n = 3000;
+    let (host_side, guest_side) = tokio::join!(
+        flood(&mut host, &sid, "h", n, 0),
+        flood(&mut guest, &sid, "g", n, 100)
+    );
+    let expect = |tag: &str| (0..n).map(|i| format!("{tag}{i}")).collect::<Vec<_>>();
+    assert_eq!(
+        guest_side.0,
+        expect("h"),
+        "the guest got every host message, in order"
+    );
+    assert_eq!(
+        host_side.0,
+        expect("g"),
+        "the host got every guest message, in order"
+    );
+    assert_eq!(
+        (host_side.1, guest_side.1),
+        (n, n),
+        "every MSG was DELIVERED"
+    );
+}

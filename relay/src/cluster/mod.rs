@@ -25,12 +25,13 @@
 
 mod codes;
 mod limits;
+mod proxy;
 mod route;
 mod wire;
 mod writes;
 
 use std::collections::{HashMap, HashSet};
-use std::net::IpAddr;
+
 use std::sync::{Arc, Mutex, PoisonError, RwLock};
 use std::time::Duration;
 
@@ -39,11 +40,12 @@ use redis::Script;
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use tokio::sync::mpsc;
 use tokio::time::Instant;
-use tokio_tungstenite::tungstenite::Utf8Bytes;
+
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 pub use codes::CodePool;
+use proxy::Proxy;
 pub use wire::NodeId;
 use wire::NodeMsg;
 use writes::Write;
@@ -53,7 +55,7 @@ use parley_protocol::{Envelope, ErrorCode, FrameError, FrameType};
 use crate::hub::{ConnState, Hub, Role};
 use crate::ids::{InviteCode, SessionId};
 use crate::limiter::{AddressKey, SharedLimit};
-use crate::outbox::{ConnId, Outbox};
+use crate::outbox::ConnId;
 
 /// How long a node counts as alive after its last heartbeat.
 pub const NODE_TTL: Duration = Duration::from_secs(5);
@@ -170,12 +172,6 @@ struct Beats {
     steady_since: Instant,
 }
 
-/// A client of another node, whose frames this node applies to a session at home here.
-struct Proxy {
-    state: Arc<Mutex<ConnState>>,
-    stop: CancellationToken,
-}
-
 /// The sessions (and homes) a local client's frames went to, at other nodes.
 #[derive(Default)]
 struct Routes {
@@ -201,6 +197,8 @@ pub struct Cluster {
     beats: Mutex<Beats>,
     routes: DashMap<ConnId, Routes>,
     proxies: Mutex<HashMap<(NodeId, ConnId), Proxy>>,
+    /// Local clients' frames forwarded to homes and not yet applied (see `proxy`).
+    windows: DashMap<ConnId, Arc<proxy::Window>>,
     heartbeat: Script,
     claim: Script,
     live_node: Script,
@@ -260,6 +258,7 @@ impl Cluster {
             }),
             routes: DashMap::new(),
             proxies: Mutex::new(HashMap::new()),
+            windows: DashMap::new(),
             heartbeat: Script::new(HEARTBEAT_SCRIPT),
             claim: Script::new(CLAIM_SCRIPT),
             live_node: Script::new(LIVE_NODE_SCRIPT),
@@ -548,6 +547,7 @@ impl Cluster {
                 }
             };
             let Some(reply) = reply else { continue };
+            let mut acks = proxy::Acks::default();
             for entry in reply.keys.into_iter().flat_map(|k| k.ids) {
                 let text = entry
                     .map
@@ -556,12 +556,13 @@ impl Cluster {
                 // (The entry that made the inbox is empty: no message.)
                 for msg in wire::unpack(text.as_deref().unwrap_or("-")) {
                     match msg.and_then(NodeMsg::parse) {
-                        Some(msg) => self.receive(msg).await,
+                        Some(msg) => self.receive(msg, &mut acks).await,
                         None => tracing::warn!("skipped a damaged inbox entry"),
                     }
                 }
                 last = entry.id;
             }
+            self.send_acks(acks);
             // What has been read is done with: trim it (the last entry stays as the mark).
             let trimmed = self
                 .store(async |redis| {
@@ -579,70 +580,44 @@ impl Cluster {
         }
     }
 
-    async fn receive(&self, msg: NodeMsg) {
+    async fn receive(self: &Arc<Self>, msg: NodeMsg, acks: &mut proxy::Acks) {
         match msg {
             NodeMsg::Frame {
                 gate,
                 conn,
                 ip,
                 frame,
-            } => self.apply_for_proxy(gate, conn, ip, &frame).await,
+            } => self.apply_for_proxy(gate, conn, ip, frame),
             NodeMsg::Closed { gate, conn } => {
                 let proxy = self.lock_proxies().remove(&(gate, conn));
                 if let Some(proxy) = proxy {
                     self.end_proxy(proxy);
                 }
             }
-            NodeMsg::Out { conn, frame } => {
+            NodeMsg::Out { home, conn, frame } => {
+                let len = frame.len();
                 // Gone meanwhile: its sessions' homes hear `Closed` from us.
-                let _ = self.hub.conns.push(conn, frame);
+                if self.hub.conns.push(conn, frame).is_ok() {
+                    acks.add(home, conn, len);
+                }
             }
+            NodeMsg::Written {
+                gate,
+                conn,
+                frames,
+                bytes,
+            } => {
+                if let Some(proxy) = self.lock_proxies().get(&(gate, conn)) {
+                    proxy.in_flight.acknowledge(frames, bytes);
+                }
+            }
+            NodeMsg::Applied { conn, frames } => self.applied(conn, frames),
             NodeMsg::Drop { conn } => {
                 if let Some(outbox) = self.hub.conns.get(conn) {
                     outbox.kill();
                 }
             }
         }
-    }
-
-    /// Applies a frame a gate forwarded, for that gate's client's proxy here.
-    async fn apply_for_proxy(&self, gate: NodeId, conn: ConnId, ip: IpAddr, frame: &Utf8Bytes) {
-        let state = {
-            let mut proxies = self.lock_proxies();
-            let proxy = proxies
-                .entry((gate, conn))
-                .or_insert_with(|| self.start_proxy(gate, conn, ip));
-            proxy.state.clone()
-        };
-        let lock = || {
-            state
-                .lock()
-                .unwrap_or_else(std::sync::PoisonError::into_inner)
-        };
-        let address = lock().address;
-        let recovering = match Envelope::parse(frame.as_str()) {
-            Ok(env) => match self.prepare(&env, address).await {
-                Ok(recovering) => recovering,
-                Err(e) => {
-                    lock().send_error(env.sid(), &e, None);
-                    return;
-                }
-            },
-            Err(_) => None,
-        };
-        let new_seats = {
-            let mut state = lock();
-            let before = state.memberships.clone();
-            // Flow is for a socket's reader: a proxy's task hands mailboxes over after every
-            // batch it sends on, and a congested peer slows the gate's client down through
-            // the bounded channel to the inboxes instead.
-            let _ = self.hub.handle(&mut state, frame);
-            new_sessions(&before, &state)
-        };
-        if let Some(sid) = recovering {
-            self.hub.take_recovered(sid);
-        }
-        self.claim_homes(&new_seats).await;
     }
 
     /// What the hub will need from Redis to apply `env` here, fetched before it does (the hub
@@ -683,61 +658,6 @@ impl Cluster {
             .map_err(|_| store_unavailable())?;
         self.hub.stash_recovered(sid, recovered);
         Ok(Some(sid))
-    }
-
-    /// A proxy: the hub's connection state for a remote client, and a task that sends what
-    /// the hub queues for it to its gate.
-    fn start_proxy(&self, gate: NodeId, conn: ConnId, ip: IpAddr) -> Proxy {
-        let config = self.hub.config();
-        let (outbox, mut outbound) = Outbox::new(
-            self.hub.next_conn_id(),
-            config.outbound_queue_frames,
-            config.outbound_queue_bytes,
-        );
-        let state = Arc::new(Mutex::new(self.hub.attach(outbox, ip)));
-        let stop = CancellationToken::new();
-        let task_state = state.clone();
-        let task_stop = stop.clone();
-        let hub = self.hub.clone();
-        let writes = self.writes.clone();
-        tokio::spawn(async move {
-            let mut batch = std::collections::VecDeque::new();
-            loop {
-                let taken = tokio::select! {
-                    () = task_stop.cancelled() => return,
-                    taken = outbound.next_batch(&mut batch) => taken,
-                };
-                if taken.is_err() {
-                    let msg = NodeMsg::Drop { conn }.encode();
-                    let _ = writes.try_send(Write::Inbox { node: gate, msg });
-                    return;
-                }
-                let mut bytes = 0usize;
-                for frame in batch.drain(..) {
-                    bytes = bytes.saturating_add(frame.len());
-                    // Waits for room: the gate's client is slowed rather than losing frames.
-                    let msg = NodeMsg::Out { conn, frame }.encode();
-                    if writes.send(Write::Inbox { node: gate, msg }).await.is_err() {
-                        return;
-                    }
-                }
-                outbound.written(bytes);
-                let state = task_state
-                    .lock()
-                    .unwrap_or_else(std::sync::PoisonError::into_inner);
-                let _ = hub.hand_over(&state);
-            }
-        });
-        Proxy { state, stop }
-    }
-
-    fn end_proxy(&self, proxy: Proxy) {
-        proxy.stop.cancel();
-        let state = proxy
-            .state
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
-        self.hub.disconnect(&state);
     }
 
     /// Makes this node the home of sessions it has just taken in (created, or re-created from
@@ -850,6 +770,7 @@ impl Cluster {
 
     /// A local connection has closed: the homes that applied its frames drop its proxies.
     pub fn connection_closed(&self, conn: ConnId) {
+        self.windows.remove(&conn);
         if let Some((_, routes)) = self.routes.remove(&conn) {
             for home in routes.homes {
                 let _ = self.send(

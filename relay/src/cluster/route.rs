@@ -75,8 +75,9 @@ impl Cluster {
                 let sid = env.sid().and_then(SessionId::parse);
                 if let Err(e) = self.forward(conn, node, sid, frame) {
                     self.refuse(conn, &env, &e);
+                    return Flow::default();
                 }
-                Flow::default()
+                self.forward_flow(conn.outbox.id())
             }
         }
     }
@@ -197,6 +198,7 @@ impl Cluster {
             frame: frame.clone(),
         };
         if self.send(node, &msg) {
+            self.forwarded(id);
             Ok(())
         } else {
             Err(store_unavailable())

@@ -8,7 +8,11 @@
 //! - `f|GATE|CONN|IP|FRAME`: a client's frame, from its gate (the node it is connected to) to
 //!   the session's home (the node that holds the session);
 //! - `c|GATE|CONN`: that client's connection closed at its gate;
-//! - `o|CONN|FRAME`: a frame for a client, from a home to the client's gate;
+//! - `o|HOME|CONN|FRAME`: a frame for a client, from a home to the client's gate;
+//! - `w|GATE|CONN|FRAMES|BYTES`: the gate has queued that many of the home's frames for the
+//!   client and its queue has room again: the home may send as many more (flow control);
+//! - `a|CONN|FRAMES`: the home has applied that many of the client's frames: the gate may
+//!   forward as many more (flow control);
 //! - `d|CONN`: the home dropped the client (its queue there overflowed); the gate closes it.
 //!
 //! Redis is the operator's, not the peer's, but a damaged entry is still only skipped: it
@@ -58,8 +62,19 @@ pub enum NodeMsg {
         conn: ConnId,
     },
     Out {
+        home: NodeId,
         conn: ConnId,
         frame: Utf8Bytes,
+    },
+    Written {
+        gate: NodeId,
+        conn: ConnId,
+        frames: usize,
+        bytes: usize,
+    },
+    Applied {
+        conn: ConnId,
+        frames: usize,
     },
     Drop {
         conn: ConnId,
@@ -76,7 +91,14 @@ impl NodeMsg {
                 frame,
             } => format!("f|{gate}|{conn}|{ip}|{}", frame.as_str()),
             NodeMsg::Closed { gate, conn } => format!("c|{gate}|{conn}"),
-            NodeMsg::Out { conn, frame } => format!("o|{conn}|{}", frame.as_str()),
+            NodeMsg::Out { home, conn, frame } => format!("o|{home}|{conn}|{}", frame.as_str()),
+            NodeMsg::Written {
+                gate,
+                conn,
+                frames,
+                bytes,
+            } => format!("w|{gate}|{conn}|{frames}|{bytes}"),
+            NodeMsg::Applied { conn, frames } => format!("a|{conn}|{frames}"),
             NodeMsg::Drop { conn } => format!("d|{conn}"),
         }
     }
@@ -105,10 +127,28 @@ impl NodeMsg {
                 })
             }
             "o" => {
-                let (conn, frame) = rest.split_once('|')?;
+                let mut parts = rest.splitn(3, '|');
                 Some(NodeMsg::Out {
+                    home: NodeId::parse(parts.next()?)?,
+                    conn: parts.next()?.parse().ok()?,
+                    frame: Utf8Bytes::from(parts.next()?),
+                })
+            }
+            "w" => {
+                let mut parts = rest.split('|');
+                let msg = NodeMsg::Written {
+                    gate: NodeId::parse(parts.next()?)?,
+                    conn: parts.next()?.parse().ok()?,
+                    frames: parts.next()?.parse().ok()?,
+                    bytes: parts.next()?.parse().ok()?,
+                };
+                parts.next().is_none().then_some(msg)
+            }
+            "a" => {
+                let (conn, frames) = rest.split_once('|')?;
+                Some(NodeMsg::Applied {
                     conn: conn.parse().ok()?,
-                    frame: Utf8Bytes::from(frame),
+                    frames: frames.parse().ok()?,
                 })
             }
             "d" => Some(NodeMsg::Drop {
@@ -191,7 +231,18 @@ mod tests {
                 frame: Utf8Bytes::from(""),
             },
             NodeMsg::Closed { gate, conn: 9 },
-            NodeMsg::Out { conn: 3, frame },
+            NodeMsg::Out {
+                home: gate,
+                conn: 3,
+                frame,
+            },
+            NodeMsg::Written {
+                gate,
+                conn: 3,
+                frames: 12,
+                bytes: 3456,
+            },
+            NodeMsg::Applied { conn: 5, frames: 7 },
             NodeMsg::Drop { conn: 4 },
         ];
         for msg in all {
@@ -210,6 +261,11 @@ mod tests {
             "f|0011223344556677|1|nowhere|{}",
             "c|0011223344556677",
             "o|abc|{}",
+            "o|0011223344556677|x|{}",
+            "w|0011223344556677|1|2",
+            "w|0011223344556677|1|2|3|4",
+            "a|5",
+            "a|5|-1",
             "d|",
             "d|18446744073709551616",
         ] {

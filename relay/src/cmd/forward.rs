@@ -90,6 +90,7 @@ fn forward(
             Flow {
                 wait_for: congested,
                 hand_over_pending: false,
+                wait_until: None,
             },
             false,
         )),
@@ -97,6 +98,7 @@ fn forward(
             Flow {
                 wait_for,
                 hand_over_pending: false,
+                wait_until: None,
             },
             true,
         )),

@@ -151,6 +151,7 @@ pub fn handle(hub: &Hub, conn: &mut ConnState, env: &Envelope<'_>) -> Result<Flo
     Ok(Flow {
         wait_for: None,
         hand_over_pending: pending,
+        wait_until: None,
     })
 }
 

@@ -88,6 +88,9 @@ pub struct Flow {
     /// Mailboxed frames are still waiting to be handed to this connection: call
     /// [`Hub::hand_over`] again once its queue has room.
     pub hand_over_pending: bool,
+    /// Read nothing more until this resolves (a cluster node whose peer is on another node:
+    /// that node asked it to wait, see `cluster`).
+    pub wait_until: Option<std::pin::Pin<Box<dyn Future<Output = ()> + Send>>>,
 }
 
 impl Flow {
@@ -95,6 +98,7 @@ impl Flow {
         Flow {
             wait_for: self.wait_for.or(other.wait_for),
             hand_over_pending: self.hand_over_pending || other.hand_over_pending,
+            wait_until: self.wait_until.or(other.wait_until),
         }
     }
 }
