@@ -52,6 +52,8 @@ pub struct RelaySecret(Zeroizing<[u8; 32]>);
 const TOKEN_LABEL: &[u8] = b"parley/v1/relay/resume-token";
 /// The label of [`RelaySecret::address_tag`]'s MAC, distinct from every other use of the secret.
 const ADDRESS_LABEL: &[u8] = b"parley/v1/relay/address-tag";
+/// The label of [`RelaySecret::inbox_key`].
+const INBOX_LABEL: &[u8] = b"parley/v1/relay/cluster-inbox";
 
 impl RelaySecret {
     pub fn random() -> Self {
@@ -88,6 +90,17 @@ impl RelaySecret {
         mac.update(ADDRESS_LABEL);
         mac.update(address);
         hex::encode(mac.finalize().into_bytes().get(..12).unwrap_or_default())
+    }
+
+    /// The key that seals what cluster nodes write to each other's inboxes:
+    /// `HKDF-SHA256(ikm = secret, info = label)`. Only nodes with the secret file can read or
+    /// forge an entry, so Redis (and its append-only file) never holds a readable token.
+    pub fn inbox_key(&self) -> Zeroizing<[u8; 32]> {
+        let hkdf = hkdf::Hkdf::<Sha256>::new(None, self.0.as_slice());
+        let mut key = Zeroizing::new([0u8; 32]);
+        // 32 bytes is far below HKDF-SHA256's limit: expand cannot fail.
+        let _ = hkdf.expand(INBOX_LABEL, key.as_mut());
+        key
     }
 
     /// A new token for `role`'s seat in `sid`: a fresh nonce (the seat remembers it, so a

@@ -25,6 +25,9 @@ pub trait Journal: Send + Sync {
     fn removed(&self, sid: SessionId, role: Role, n: usize);
     /// The session is forgotten, mailboxes and all.
     fn forgotten(&self, sid: SessionId);
+    /// The seat's mailbox is now exactly `frames` (a session just taken in: what the
+    /// journal held, less what was too old or over the bounds).
+    fn rewritten(&self, sid: SessionId, role: Role, frames: &[(Instant, Utf8Bytes)]);
     /// Queues `frame` on `outbox` once everything journaled before this call is written.
     fn when_durable(&self, outbox: Outbox, frame: Utf8Bytes);
 }

@@ -101,6 +101,14 @@ impl Mailbox {
         }
     }
 
+    /// Every frame kept, oldest first, with when it was kept.
+    pub fn entries(&self) -> Vec<(Instant, Utf8Bytes)> {
+        self.frames
+            .iter()
+            .map(|kept| (kept.at, kept.frame.clone()))
+            .collect()
+    }
+
     pub fn is_empty(&self) -> bool {
         self.frames.is_empty()
     }

@@ -82,6 +82,11 @@ impl RedisServer {
         }
     }
 
+    /// Where it keeps its files (the append-only file, when persistent).
+    pub fn dir(&self) -> &std::path::Path {
+        self.dir.path()
+    }
+
     pub fn url(&self) -> String {
         format!("redis://127.0.0.1:{}", self.port)
     }

@@ -62,7 +62,8 @@ impl Nodes {
 
 #[test]
 fn pairing_chat_and_resume_across_nodes() {
-    let nodes = Nodes::start(2, RedisServer::start(), &[]);
+    // With persistence on, so that what the nodes wrote to each other stays on disk.
+    let nodes = Nodes::start(2, RedisServer::start_persistent(), &[]);
     // Each client's own way in, so the test says which node it reaches.
     let to_alice = Balancer::start(&[nodes.addr(0)]);
     let to_bob = Balancer::start(&[nodes.addr(1)]);
@@ -118,6 +119,32 @@ fn pairing_chat_and_resume_across_nodes() {
     let (status, events) = alice.wait();
     assert!(status.success(), "{status}: {events:?}");
     assert_eq!(texts(&events), ["bob again, now on node 0"]);
+
+    // Resume tokens went between the nodes (REATTACH forwarded, JOINED sent back), yet
+    // nothing Redis keeps on disk can be read for one.
+    let mut on_disk = Vec::new();
+    let mut dirs = vec![nodes.redis.dir().to_path_buf()];
+    while let Some(dir) = dirs.pop() {
+        for entry in std::fs::read_dir(&dir).unwrap() {
+            let path = entry.unwrap().path();
+            if path.is_dir() {
+                dirs.push(path);
+            } else {
+                on_disk.extend(std::fs::read(&path).unwrap());
+            }
+        }
+    }
+    assert!(
+        on_disk.len() > 1000,
+        "the append-only file holds the writes"
+    );
+    for readable in [&b"resumeToken"[..], b"REATTACH", b"JOINED"] {
+        assert!(
+            !on_disk.windows(readable.len()).any(|w| w == readable),
+            "{} is readable in Redis's files",
+            String::from_utf8_lossy(readable)
+        );
+    }
 }
 
 type Ws =
@@ -738,4 +765,71 @@ async fn a_flood_across_nodes_is_slowed_not_dropped() {
         (n, n),
         "every MSG was DELIVERED"
     );
+}
+
+#[test]
+fn redis_away_longer_than_a_heartbeat() {
+    // Redis is gone for 7 s, longer than a node's heartbeat lasts: nodes stop acting for
+    // their sessions (others could count them dead), then start afresh when it is back;
+    // clients re-attach, and every line arrives once, in order.
+    let mut nodes = Nodes::start(2, RedisServer::start_persistent(), &[]);
+    let to_alice = Balancer::start(&[nodes.addr(0)]);
+    let to_bob = Balancer::start(&[nodes.addr(1)]);
+    let (alice_dir, bob_dir) = (TempDir::new("alice"), TempDir::new("bob"));
+    let lines = 20;
+    let mut alice = Client::spawn(
+        to_alice.url(),
+        alice_dir.path(),
+        "alice",
+        &[
+            "--exit-after",
+            &lines.to_string(),
+            "--timeout",
+            "120",
+            "host",
+        ],
+    );
+    let code = alice.expect("invite")["code"].as_str().unwrap().to_string();
+    let mut bob = Client::spawn(
+        to_bob.url(),
+        bob_dir.path(),
+        "bob",
+        &[
+            "--exit-after",
+            &lines.to_string(),
+            "--timeout",
+            "120",
+            "join",
+            &code,
+        ],
+    );
+    alice.expect("paired");
+    bob.expect("paired");
+    for i in 0..lines {
+        if i == lines / 2 {
+            nodes.redis.kill();
+        }
+        alice.send_line(&format!("a{i}"));
+        bob.send_line(&format!("b{i}"));
+        std::thread::sleep(Duration::from_millis(if i == lines / 2 {
+            7000
+        } else {
+            20
+        }));
+        if i == lines / 2 {
+            nodes.redis.restart();
+        }
+    }
+    alice.close_stdin();
+    bob.close_stdin();
+    let (status, alice_events) = alice.wait();
+    assert!(status.success(), "alice: {status}: {alice_events:?}");
+    let (status, bob_events) = bob.wait();
+    assert!(status.success(), "bob: {status}: {bob_events:?}");
+    let expect = |who: &str| (0..lines).map(|i| format!("{who}{i}")).collect::<Vec<_>>();
+    assert_eq!(texts(&bob_events), expect("a"));
+    assert_eq!(texts(&alice_events), expect("b"));
+    for node in &nodes.relays {
+        node.expect_log("starting afresh");
+    }
 }

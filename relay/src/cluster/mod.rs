@@ -61,6 +61,9 @@ use crate::outbox::ConnId;
 pub const NODE_TTL: Duration = Duration::from_secs(5);
 /// How often a node renews its heartbeat and reads who else is alive.
 const HEARTBEAT: Duration = Duration::from_secs(1);
+/// How long after its last good heartbeat began a node still acts for its sessions: a
+/// heartbeat short of [`NODE_TTL`], so it stops before any other node can count it dead.
+const LEASE: Duration = NODE_TTL.saturating_sub(HEARTBEAT);
 /// Writes waiting for Redis; beyond it, frames for other nodes, and frames to be kept in a
 /// mailbox, are refused with `store_unavailable` (Redis is down or too slow).
 const WRITES_CAPACITY: usize = 65_536;
@@ -188,8 +191,10 @@ pub struct Cluster {
     keys: Keys,
     redis: ConnectionManager,
     hub: Arc<Hub>,
-    /// What is to be written to Redis, in order (see [`Write`]).
-    writes: mpsc::Sender<Write>,
+    /// What is to be written to Redis, in order (see [`Write`]), each with the generation it
+    /// was queued in: what was queued before the node started afresh is not written.
+    writes: mpsc::Sender<(u64, Write)>,
+    generation: std::sync::atomic::AtomicU64,
     alive: RwLock<HashSet<NodeId>>,
     /// When the heartbeat last succeeded, and since when it has without a gap: after Redis
     /// was away, other nodes' heartbeats need a moment to come back before a missing one
@@ -199,6 +204,10 @@ pub struct Cluster {
     proxies: Mutex<HashMap<(NodeId, ConnId), Proxy>>,
     /// Local clients' frames forwarded to homes and not yet applied (see `proxy`).
     windows: DashMap<ConnId, Arc<proxy::Window>>,
+    /// What this gate has queued for each local client from each home, in all (see `proxy`).
+    queued: DashMap<ConnId, Vec<(NodeId, usize, usize)>>,
+    /// Seals what this node writes to inboxes, and opens what it reads (see `wire`).
+    seal: wire::InboxSeal,
     heartbeat: Script,
     claim: Script,
     live_node: Script,
@@ -243,6 +252,7 @@ impl Cluster {
         .await
         .map_err(failed)?;
         let (writes, queued_writes) = mpsc::channel(WRITES_CAPACITY);
+        let seal = wire::InboxSeal::new(&hub.config().secret.inbox_key());
         let cluster = Arc::new(Cluster {
             me: NodeId::random(),
             keys: Keys {
@@ -251,6 +261,7 @@ impl Cluster {
             redis,
             hub,
             writes,
+            generation: std::sync::atomic::AtomicU64::new(0),
             alive: RwLock::new(HashSet::new()),
             beats: Mutex::new(Beats {
                 last: Instant::now(),
@@ -259,6 +270,8 @@ impl Cluster {
             routes: DashMap::new(),
             proxies: Mutex::new(HashMap::new()),
             windows: DashMap::new(),
+            queued: DashMap::new(),
+            seal,
             heartbeat: Script::new(HEARTBEAT_SCRIPT),
             claim: Script::new(CLAIM_SCRIPT),
             live_node: Script::new(LIVE_NODE_SCRIPT),
@@ -331,7 +344,9 @@ impl Cluster {
         };
         let (absent, steady) = {
             let mut beats = self.beats.lock().unwrap_or_else(PoisonError::into_inner);
-            let absent = started.saturating_duration_since(beats.last);
+            // From the start of the last good beat (the earliest Redis can have set our
+            // deadline) to the end of this one (the latest it can have run).
+            let absent = Instant::now().saturating_duration_since(beats.last);
             beats.last = started;
             if absent >= HEARTBEAT.saturating_mul(2) {
                 beats.steady_since = started;
@@ -341,7 +356,7 @@ impl Cluster {
                 started.saturating_duration_since(beats.steady_since),
             )
         };
-        if absent >= NODE_TTL {
+        if absent >= LEASE {
             // The others have counted this node dead, and may have taken its sessions in
             // meanwhile: what it holds can no longer be trusted.
             tracing::warn!(
@@ -363,13 +378,29 @@ impl Cluster {
     /// Forgets every session (not their mailboxes in Redis: whoever takes them in reads
     /// those) and closes every connection and proxy; clients come back and re-attach.
     fn start_afresh(&self) {
+        // What is queued for Redis described sessions others may hold now: void.
+        self.generation
+            .fetch_add(1, std::sync::atomic::Ordering::AcqRel);
         self.hub.forget_all_sessions();
         let proxies: Vec<Proxy> = self.lock_proxies().drain().map(|(_, p)| p).collect();
         for proxy in proxies {
             self.end_proxy(proxy);
         }
-        self.routes.clear();
+        // The homes our clients' frames went to drop their proxies.
+        let routed: Vec<ConnId> = self.routes.iter().map(|r| *r.key()).collect();
+        for conn in routed {
+            self.connection_closed(conn);
+        }
         self.hub.conns.kill_all();
+    }
+
+    /// Whether this node may still act for the sessions it holds: its last heartbeat is
+    /// recent enough that no other node can have counted it dead. Past that, every frame
+    /// is refused (`store_unavailable`) until the heartbeat comes back and the node has
+    /// started afresh.
+    pub(super) fn holds_lease(&self) -> bool {
+        let beats = self.beats.lock().unwrap_or_else(PoisonError::into_inner);
+        beats.last.elapsed() < LEASE
     }
 
     async fn run_heartbeat(self: Arc<Self>, stop: CancellationToken) {
@@ -378,7 +409,19 @@ impl Cluster {
         let mut refreshed = Instant::now();
         loop {
             tokio::select! {
-                () = stop.cancelled() => return,
+                () = stop.cancelled() => {
+                    // Leaving: the others need not wait for our heartbeat to lapse.
+                    let _ = self
+                        .store(async |redis| {
+                            redis::cmd("ZREM")
+                                .arg(self.keys.nodes())
+                                .arg(self.me.to_string())
+                                .query_async::<()>(redis)
+                                .await
+                        })
+                        .await;
+                    return;
+                }
                 _ = every.tick() => {}
             }
             if let Err(e) = self.beat().await {
@@ -402,16 +445,30 @@ impl Cluster {
             .saturating_add(Duration::from_secs(60))
     }
 
+    /// Claims the home of every session held here again (which renews it, or records it
+    /// if it was lost); a session whose home is now another node is let go.
     async fn refresh_homes(&self) -> redis::RedisResult<()> {
         let ttl = self.home_ttl().as_millis() as u64;
         let sids = self.hub.session_ids();
         for chunk in sids.chunks(1000) {
             let mut pipe = redis::pipe();
             for sid in chunk {
-                pipe.pexpire(self.keys.home(*sid), ttl as i64).ignore();
+                pipe.cmd("EVAL")
+                    .arg(CLAIM_SCRIPT)
+                    .arg(2)
+                    .arg(self.keys.home(*sid))
+                    .arg(self.keys.nodes())
+                    .arg(self.me.to_string())
+                    .arg(ttl);
             }
-            self.store(async |redis| pipe.query_async::<()>(redis).await)
+            let homes: Vec<String> = self
+                .store(async |redis| pipe.query_async(redis).await)
                 .await?;
+            for (sid, home) in chunk.iter().zip(homes) {
+                if NodeId::parse(&home).is_some_and(|home| home != self.me) {
+                    self.let_go(*sid);
+                }
+            }
         }
         Ok(())
     }
@@ -465,47 +522,103 @@ impl Cluster {
 
     /// Queues a write; `false` if too much is waiting already (Redis is down or slow).
     fn write(&self, write: Write) -> bool {
-        self.writes.try_send(write).is_ok()
+        self.writes.try_send((self.generation(), write)).is_ok()
+    }
+
+    /// Queues a write, waiting for room; `false` if the node is stopping.
+    async fn write_waiting(&self, write: Write) -> bool {
+        self.writes.send((self.generation(), write)).await.is_ok()
+    }
+
+    fn generation(&self) -> u64 {
+        self.generation.load(std::sync::atomic::Ordering::Acquire)
     }
 
     /// Writes what was queued to Redis, in order, batched: messages to other nodes' inboxes
     /// and mailbox changes. Retried until Redis takes them (what the relay accepted is not
     /// given up while the node lives); then the frames that waited for them are queued.
+    ///
+    /// Each batch is one transaction that also sets `wseq:NODE` to the batch's number: after
+    /// an error (a timeout may come after Redis ran it), the node asks whether the batch ran
+    /// before running it again, so nothing is written twice.
     async fn run_writes(
         self: Arc<Self>,
-        mut queued: mpsc::Receiver<Write>,
+        mut queued: mpsc::Receiver<(u64, Write)>,
         stop: CancellationToken,
     ) {
-        let mut batch = Vec::new();
+        let mut tagged = Vec::new();
+        let mut taken = Vec::new();
+        let mut number = 0u64;
+        let mark = format!("{}wseq:{}", self.keys.prefix, self.me);
         loop {
-            let taken = tokio::select! {
+            let n = tokio::select! {
                 () = stop.cancelled() => return,
-                n = queued.recv_many(&mut batch, 512) => n,
+                n = queued.recv_many(&mut tagged, 512) => n,
             };
-            if taken == 0 {
+            if n == 0 {
                 return;
             }
-            let pipe = writes::pipeline(&batch, &self.keys);
-            let mut delay = Duration::from_millis(10);
-            loop {
-                match self
-                    .store(async |redis| pipe.query_async::<()>(redis).await)
-                    .await
-                {
-                    Ok(()) => break,
-                    Err(e) => {
-                        tracing::warn!(error = %e, "cannot write to Redis; retrying");
-                        tokio::select! {
-                            () = stop.cancelled() => return,
-                            () = tokio::time::sleep(delay) => {}
+            // What was queued before the node started afresh is void: it described sessions
+            // that other nodes may hold now.
+            let current = self.generation();
+            taken.extend(
+                tagged
+                    .drain(..)
+                    .filter(|(generation, _)| *generation == current)
+                    .map(|(_, write)| write),
+            );
+            for batch in writes::batches(&mut taken) {
+                number = number.wrapping_add(1);
+                let pipe = writes::pipeline(&batch, &self.keys, &self.seal, (&mark, number));
+                if !self.write_once(&pipe, &mark, number, &stop).await {
+                    return;
+                }
+                for write in batch {
+                    match write {
+                        Write::ThenQueue { outbox, frame } => {
+                            let _ = outbox.push(frame);
                         }
-                        delay = (delay * 2).min(Duration::from_secs(1));
+                        Write::Flushed(flushed) => {
+                            let _ = flushed.send(());
+                        }
+                        _ => {}
                     }
                 }
             }
-            for write in batch.drain(..) {
-                if let Write::ThenQueue { outbox, frame } = write {
-                    let _ = outbox.push(frame);
+        }
+    }
+
+    /// Runs a batch's transaction until Redis has it, exactly once; `false` if stopped first.
+    async fn write_once(
+        &self,
+        pipe: &redis::Pipeline,
+        mark: &str,
+        number: u64,
+        stop: &CancellationToken,
+    ) -> bool {
+        let mut delay = Duration::from_millis(10);
+        loop {
+            match self
+                .store(async |redis| pipe.query_async::<()>(redis).await)
+                .await
+            {
+                Ok(()) => return true,
+                Err(e) => tracing::warn!(error = %e, "cannot write to Redis; retrying"),
+            }
+            // Did it run after all? Ask until Redis answers.
+            loop {
+                tokio::select! {
+                    () = stop.cancelled() => return false,
+                    () = tokio::time::sleep(delay) => {}
+                }
+                delay = (delay * 2).min(Duration::from_secs(1));
+                let ran: redis::RedisResult<Option<u64>> = self
+                    .store(async |redis| redis::cmd("GET").arg(mark).query_async(redis).await)
+                    .await;
+                match ran {
+                    Ok(Some(n)) if n == number => return true,
+                    Ok(_) => break, // it did not: run it again
+                    Err(_) => continue,
                 }
             }
         }
@@ -549,15 +662,25 @@ impl Cluster {
             let Some(reply) = reply else { continue };
             let mut acks = proxy::Acks::default();
             for entry in reply.keys.into_iter().flat_map(|k| k.ids) {
-                let text = entry
+                let sealed = entry
                     .map
                     .get("m")
-                    .and_then(|v| redis::from_redis_value_ref::<String>(v).ok());
-                // (The entry that made the inbox is empty: no message.)
-                for msg in wire::unpack(text.as_deref().unwrap_or("-")) {
-                    match msg.and_then(NodeMsg::parse) {
-                        Some(msg) => self.receive(msg, &mut acks).await,
-                        None => tracing::warn!("skipped a damaged inbox entry"),
+                    .and_then(|v| redis::from_redis_value_ref::<Vec<u8>>(v).ok())
+                    .unwrap_or_default();
+                // The entry that made the inbox is empty: no message.
+                if !sealed.is_empty() {
+                    match self.seal.open(self.me, &sealed) {
+                        Some(text) => {
+                            for msg in wire::unpack(&text) {
+                                match msg.and_then(NodeMsg::parse) {
+                                    Some(msg) => self.receive(msg, &mut acks).await,
+                                    None => tracing::warn!("skipped a damaged inbox message"),
+                                }
+                            }
+                        }
+                        None => tracing::warn!(
+                            "skipped an inbox entry not sealed for this node (another secret file?)"
+                        ),
                     }
                 }
                 last = entry.id;
@@ -667,11 +790,27 @@ impl Cluster {
         for sid in sids {
             match self.claim_home(*sid).await {
                 Ok(home) if home == self.me => {}
-                Ok(home) => tracing::warn!(
-                    session = %sid.tag(), home = %home,
-                    "a session taken in here already has a live home elsewhere"
-                ),
-                Err(e) => tracing::warn!(error = %e, "cannot record a session's home"),
+                Ok(home) => {
+                    tracing::warn!(
+                        session = %sid.tag(), home = %home,
+                        "a session taken in here has a live home elsewhere; letting it go"
+                    );
+                    self.let_go(*sid);
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "cannot record a session's home; letting it go");
+                    self.let_go(*sid);
+                }
+            }
+        }
+    }
+
+    /// Forgets a session this node may not keep (another node is its home, or none could be
+    /// recorded) and closes its members here; they come back and re-attach where it lives.
+    fn let_go(&self, sid: SessionId) {
+        for conn in self.hub.forget_session(sid) {
+            if let Some(outbox) = self.hub.conns.get(conn) {
+                outbox.kill();
             }
         }
     }
@@ -771,6 +910,7 @@ impl Cluster {
     /// A local connection has closed: the homes that applied its frames drop its proxies.
     pub fn connection_closed(&self, conn: ConnId) {
         self.windows.remove(&conn);
+        self.queued.remove(&conn);
         if let Some((_, routes)) = self.routes.remove(&conn) {
             for home in routes.homes {
                 let _ = self.send(

@@ -43,29 +43,32 @@ pub struct Proxy {
     inbound: mpsc::Sender<Utf8Bytes>,
 }
 
-/// The gate's side: a client's frames forwarded and not yet applied.
+/// The gate's side: a client's frames forwarded, and applied, since it connected. Counts
+/// are totals, so a lost acknowledgement is made good by the next one.
 #[derive(Default)]
 pub struct Window {
-    frames: AtomicUsize,
-    applied: Notify,
+    forwarded: AtomicUsize,
+    applied: AtomicUsize,
+    progress: Notify,
 }
 
 impl Window {
     pub fn forwarded(&self) {
-        self.frames.fetch_add(1, Ordering::AcqRel);
+        self.forwarded.fetch_add(1, Ordering::AcqRel);
     }
 
-    pub fn applied(&self, frames: usize) {
-        let _ = self
-            .frames
-            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
-                Some(n.saturating_sub(frames))
-            });
-        self.applied.notify_waiters();
+    /// The home has applied `total` of the client's frames in all.
+    pub fn applied(&self, total: usize) {
+        self.applied.fetch_max(total, Ordering::AcqRel);
+        self.progress.notify_waiters();
     }
 
     fn is_full(&self) -> bool {
-        self.frames.load(Ordering::Acquire) >= FORWARD_WINDOW
+        let applied = self.applied.load(Ordering::Acquire);
+        self.forwarded
+            .load(Ordering::Acquire)
+            .saturating_sub(applied)
+            >= FORWARD_WINDOW
     }
 
     /// Resolves once there is room again, or after `patience` (the home is slow or gone;
@@ -73,13 +76,13 @@ impl Window {
     async fn room(self: Arc<Self>, patience: std::time::Duration) {
         let wait = async {
             loop {
-                let applied = self.applied.notified();
-                tokio::pin!(applied);
-                applied.as_mut().enable();
+                let progress = self.progress.notified();
+                tokio::pin!(progress);
+                progress.as_mut().enable();
                 if !self.is_full() {
                     return;
                 }
-                applied.await;
+                progress.await;
             }
         };
         let _ = tokio::time::timeout(patience, wait).await;
@@ -89,26 +92,44 @@ impl Window {
 /// How long a gate waits for a home to apply a full window before it reads on anyway.
 const FORWARD_PATIENCE: std::time::Duration = std::time::Duration::from_secs(10);
 
-/// Frames a proxy has sent its gate that the gate has not acknowledged.
+/// What a proxy has sent its gate, and what the gate has acknowledged, since the proxy
+/// started (totals: a lost acknowledgement is made good by the next one).
 #[derive(Default)]
 pub struct InFlight {
-    frames: AtomicUsize,
-    bytes: AtomicUsize,
+    sent_frames: AtomicUsize,
+    sent_bytes: AtomicUsize,
+    acked_frames: AtomicUsize,
+    acked_bytes: AtomicUsize,
     acked: Notify,
 }
 
 impl InFlight {
+    /// The gate has queued `frames` and `bytes` of ours in all.
     pub fn acknowledge(&self, frames: usize, bytes: usize) {
-        let less = |n: usize, by: usize| Some(n.saturating_sub(by));
-        let _ = self
-            .frames
-            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| less(n, frames));
-        let _ = self
-            .bytes
-            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| less(n, bytes));
+        self.acked_frames.fetch_max(frames, Ordering::AcqRel);
+        self.acked_bytes.fetch_max(bytes, Ordering::AcqRel);
         self.acked.notify_waiters();
     }
+
+    fn sent(&self, frames: usize, bytes: usize) {
+        self.sent_frames.fetch_add(frames, Ordering::AcqRel);
+        self.sent_bytes.fetch_add(bytes, Ordering::AcqRel);
+    }
+
+    /// Frames and bytes in flight.
+    fn now(&self) -> (usize, usize) {
+        let frames = self.sent_frames.load(Ordering::Acquire);
+        let bytes = self.sent_bytes.load(Ordering::Acquire);
+        (
+            frames.saturating_sub(self.acked_frames.load(Ordering::Acquire)),
+            bytes.saturating_sub(self.acked_bytes.load(Ordering::Acquire)),
+        )
+    }
 }
+
+/// How long a proxy waits for its gate to acknowledge a full window before it gives the
+/// client up (the gate is gone, or lost our messages): dropped, the client reconnects.
+const ACK_PATIENCE: std::time::Duration = std::time::Duration::from_secs(30);
 
 /// What a gate has queued for its clients in one read of its inbox, per home and client, to
 /// acknowledge.
@@ -146,15 +167,18 @@ impl Cluster {
         if !queued {
             // More than the window allows: the gate is not ours to trust blindly either.
             tracing::warn!("a gate sent beyond its window; dropping that client");
-            if let Some(proxy) = self.lock_proxies().remove(&(gate, conn)) {
-                self.end_proxy(proxy);
-            }
-            let _ = self.send(gate, &NodeMsg::Drop { conn });
+            self.drop_proxy(gate, conn);
         }
     }
 
     /// Applies one of a proxy's frames: what Redis must provide first, then the hub.
     async fn apply_one(&self, state: &Mutex<ConnState>, frame: &Utf8Bytes) -> Flow {
+        if !self.holds_lease() {
+            let env = Envelope::parse(frame.as_str()).ok();
+            let sid = env.as_ref().and_then(|e| e.sid());
+            lock(state).send_error(sid, &super::store_unavailable(), None);
+            return Flow::default();
+        }
         let address = lock(state).address;
         let recovering = match Envelope::parse(frame.as_str()) {
             Ok(env) => match self.prepare(&env, address).await {
@@ -198,34 +222,40 @@ impl Cluster {
         let in_flight = Arc::new(InFlight::default());
         let stop = CancellationToken::new();
         let (task_state, task_stop, task_flight) = (state.clone(), stop.clone(), in_flight.clone());
-        let (hub, writes, home) = (self.hub.clone(), self.writes.clone(), self.me);
+        let (cluster, home) = (self.clone(), self.me);
         tokio::spawn(async move {
             let mut batch = VecDeque::new();
             loop {
                 // Room in the window first.
-                loop {
-                    let acked = task_flight.acked.notified();
-                    tokio::pin!(acked);
-                    acked.as_mut().enable();
-                    let frames = task_flight.frames.load(Ordering::Acquire);
-                    if frames < window.0 && task_flight.bytes.load(Ordering::Acquire) < window.1 {
-                        break;
+                let waited = tokio::time::timeout(ACK_PATIENCE, async {
+                    loop {
+                        let acked = task_flight.acked.notified();
+                        tokio::pin!(acked);
+                        acked.as_mut().enable();
+                        let (frames, bytes) = task_flight.now();
+                        if frames < window.0 && bytes < window.1 {
+                            return;
+                        }
+                        acked.await;
                     }
+                });
+                let room = tokio::select! {
+                    () = task_stop.cancelled() => return,
+                    waited = waited => waited.is_ok(),
+                };
+                let taken = if room {
+                    let room = window.0.saturating_sub(task_flight.now().0);
                     tokio::select! {
                         () = task_stop.cancelled() => return,
-                        () = acked => {}
+                        taken = outbound.next_batch_up_to(&mut batch, room) => taken.is_ok(),
                     }
-                }
-                let room = window
-                    .0
-                    .saturating_sub(task_flight.frames.load(Ordering::Acquire));
-                let taken = tokio::select! {
-                    () = task_stop.cancelled() => return,
-                    taken = outbound.next_batch_up_to(&mut batch, room) => taken,
+                } else {
+                    false
                 };
-                if taken.is_err() {
-                    let msg = NodeMsg::Drop { conn }.encode();
-                    let _ = writes.try_send(Write::Inbox { node: gate, msg });
+                if !taken {
+                    // Overflowed (the client does not read), or the gate stopped answering:
+                    // the client is dropped, and its seats here freed.
+                    cluster.drop_proxy(gate, conn);
                     return;
                 }
                 let mut bytes = 0usize;
@@ -233,16 +263,18 @@ impl Cluster {
                 for frame in batch.drain(..) {
                     bytes = bytes.saturating_add(frame.len());
                     let msg = NodeMsg::Out { home, conn, frame }.encode();
-                    if writes.send(Write::Inbox { node: gate, msg }).await.is_err() {
+                    if !cluster
+                        .write_waiting(Write::Inbox { node: gate, msg })
+                        .await
+                    {
                         return;
                     }
                 }
-                task_flight.frames.fetch_add(frames, Ordering::AcqRel);
-                task_flight.bytes.fetch_add(bytes, Ordering::AcqRel);
+                task_flight.sent(frames, bytes);
                 // The queue's own bound now counts only what is not in flight; the window
                 // bounds the rest.
                 outbound.written(bytes);
-                let _ = hub.hand_over(&lock(&task_state));
+                let _ = cluster.hub.hand_over(&lock(&task_state));
             }
         });
         // The applying task: in order; a congested peer here holds the client's next frames
@@ -251,6 +283,7 @@ impl Cluster {
         let (cluster, apply_state, apply_stop) = (self.clone(), state.clone(), stop.clone());
         tokio::spawn(async move {
             let mut batch = Vec::with_capacity(FORWARD_WINDOW);
+            let mut applied = 0usize;
             loop {
                 let n = tokio::select! {
                     () = apply_stop.cancelled() => return,
@@ -271,7 +304,18 @@ impl Cluster {
                         peer.drained(PEER_DRAIN_PATIENCE).await;
                     }
                 }
-                let _ = cluster.send(gate, &NodeMsg::Applied { conn, frames: n });
+                applied = applied.saturating_add(n);
+                let msg = NodeMsg::Applied {
+                    conn,
+                    frames: applied,
+                }
+                .encode();
+                if !cluster
+                    .write_waiting(Write::Inbox { node: gate, msg })
+                    .await
+                {
+                    return;
+                }
             }
         });
         Proxy {
@@ -287,10 +331,38 @@ impl Cluster {
         self.hub.disconnect(&lock(&proxy.state));
     }
 
-    /// The gate's side: acknowledges what it has queued for its clients, each once the
-    /// client's queue has room (within the single relay's patience).
-    pub(super) fn send_acks(&self, acks: Acks) {
+    /// Gives a proxy's client up: its seats here are freed, and its gate closes it.
+    fn drop_proxy(&self, gate: NodeId, conn: ConnId) {
+        let proxy = self.lock_proxies().remove(&(gate, conn));
+        if let Some(proxy) = proxy {
+            self.end_proxy(proxy);
+        }
+        let _ = self.send(gate, &NodeMsg::Drop { conn });
+    }
+
+    /// The gate's side: acknowledges what it has queued for its clients (as totals since
+    /// each client's first frame from that home), each once the client's queue has room
+    /// (within the single relay's patience).
+    pub(super) fn send_acks(self: &Arc<Self>, acks: Acks) {
         for ((home, conn), (frames, bytes)) in acks.0 {
+            let (frames, bytes) = {
+                let mut homes = self.queued.entry(conn).or_default();
+                let at = match homes.iter().position(|(h, _, _)| *h == home) {
+                    Some(at) => at,
+                    None => {
+                        homes.push((home, 0, 0));
+                        homes.len().saturating_sub(1)
+                    }
+                };
+                match homes.get_mut(at) {
+                    Some((_, f, b)) => {
+                        *f = f.saturating_add(frames);
+                        *b = b.saturating_add(bytes);
+                        (*f, *b)
+                    }
+                    None => (frames, bytes),
+                }
+            };
             let ack = NodeMsg::Written {
                 gate: self.me,
                 conn,
@@ -299,11 +371,13 @@ impl Cluster {
             };
             match self.hub.conns.get(conn) {
                 Some(outbox) if outbox.is_congested() => {
-                    let writes = self.writes.clone();
+                    let cluster = self.clone();
                     tokio::spawn(async move {
                         outbox.drained(PEER_DRAIN_PATIENCE).await;
                         let msg = ack.encode();
-                        let _ = writes.send(Write::Inbox { node: home, msg }).await;
+                        cluster
+                            .write_waiting(Write::Inbox { node: home, msg })
+                            .await;
                     });
                 }
                 _ => {
@@ -319,9 +393,9 @@ impl Cluster {
     }
 
     /// The gate's side: a home has applied some of a client's frames.
-    pub(super) fn applied(&self, conn: ConnId, frames: usize) {
+    pub(super) fn applied(&self, conn: ConnId, total: usize) {
         if let Some(window) = self.windows.get(&conn) {
-            window.applied(frames);
+            window.applied(total);
         }
     }
 

@@ -28,6 +28,11 @@ impl Cluster {
         let Ok(env) = Envelope::parse(frame.as_str()) else {
             return self.hub.handle(conn, frame); // which answers what is wrong with it
         };
+        // A node that may have been counted dead acts for no session (see `holds_lease`).
+        if !self.holds_lease() && !matches!(env.kind, FrameType::Ping | FrameType::Pong) {
+            self.refuse(conn, &env, &store_unavailable());
+            return Flow::default();
+        }
         let shared_limit = match env.kind {
             FrameType::Join => Some(SharedLimit::JoinFailures),
             FrameType::CreateSession => Some(SharedLimit::SessionsCreated),

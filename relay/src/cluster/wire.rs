@@ -1,8 +1,12 @@
 //! What nodes of a cluster say to each other, through each node's inbox (a Redis stream).
 //!
-//! One text field per entry, `m`: one or more messages, each as its length in bytes (decimal),
-//! `|`, then the message ([`pack`], [`unpack`]); a writer puts everything it has for one node
-//! at once in one entry. A message has one of four forms (the frame, which may contain `|`,
+//! One field per entry, `m`: one or more messages, each as its length in bytes (decimal), `|`,
+//! then the message ([`pack`], [`unpack`]), the whole sealed with AES-256-GCM under a key
+//! derived from the relay secret ([`InboxSeal`]): a random 96-bit nonce, then the ciphertext
+//! and tag, with the destination node's id as associated data. Entries carry clients' frames,
+//! resume tokens among them: whoever reads Redis (or its append-only file) must not be able
+//! to read them, nor forge or redirect one. A writer puts everything it has for one node at
+//! once in one entry. A message has one of four forms (the frame, which may contain `|`,
 //! always comes last):
 //!
 //! - `f|GATE|CONN|IP|FRAME`: a client's frame, from its gate (the node it is connected to) to
@@ -159,6 +163,49 @@ impl NodeMsg {
     }
 }
 
+/// Seals and opens inbox entries.
+pub struct InboxSeal(aes_gcm::Aes256Gcm);
+
+const NONCE_BYTES: usize = 12;
+
+impl InboxSeal {
+    pub fn new(key: &[u8; 32]) -> InboxSeal {
+        use aes_gcm::aead::KeyInit;
+        InboxSeal(aes_gcm::Aes256Gcm::new(key.into()))
+    }
+
+    /// `nonce ‖ AES-256-GCM(text, aad = to)`.
+    pub fn seal(&self, to: NodeId, text: &str) -> Vec<u8> {
+        use aes_gcm::aead::{Aead, Payload};
+        let nonce: [u8; NONCE_BYTES] = rand::random();
+        let aad = to.to_string();
+        let payload = Payload {
+            msg: text.as_bytes(),
+            aad: aad.as_bytes(),
+        };
+        // Only fails beyond 64 GiB of text, far beyond any batch.
+        let sealed = self.0.encrypt(&nonce.into(), payload).unwrap_or_default();
+        let mut out = Vec::with_capacity(NONCE_BYTES.saturating_add(sealed.len()));
+        out.extend_from_slice(&nonce);
+        out.extend_from_slice(&sealed);
+        out
+    }
+
+    /// The text of an entry sealed for `to`; `None` if it was not (damaged, forged, or meant
+    /// for another node).
+    pub fn open(&self, to: NodeId, sealed: &[u8]) -> Option<String> {
+        use aes_gcm::aead::{Aead, Payload};
+        let nonce: [u8; NONCE_BYTES] = sealed.get(..NONCE_BYTES)?.try_into().ok()?;
+        let aad = to.to_string();
+        let payload = Payload {
+            msg: sealed.get(NONCE_BYTES..)?,
+            aad: aad.as_bytes(),
+        };
+        let text = self.0.decrypt(&nonce.into(), payload).ok()?;
+        String::from_utf8(text).ok()
+    }
+}
+
 /// Appends one message to an entry's text.
 pub fn pack(entry: &mut String, msg: &str) {
     entry.push_str(&msg.len().to_string());
@@ -193,6 +240,36 @@ pub fn unpack(mut entry: &str) -> impl Iterator<Item = Option<&str>> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn entries_are_sealed_for_their_node() {
+        let seal = InboxSeal::new(&[7; 32]);
+        let (to, other) = (NodeId::random(), NodeId::random());
+        let text = r#"37|f|0011223344556677|1|127.0.0.1|{"t":"REATTACH"}"#;
+        let sealed = seal.seal(to, text);
+        assert!(
+            !sealed.windows(8).any(|w| w == b"REATTACH"),
+            "readable in Redis"
+        );
+        assert_eq!(seal.open(to, &sealed).as_deref(), Some(text));
+        assert_eq!(
+            seal.open(other, &sealed),
+            None,
+            "redirected to another node"
+        );
+        assert_eq!(
+            InboxSeal::new(&[8; 32]).open(to, &sealed),
+            None,
+            "another secret"
+        );
+        let mut flipped = sealed.clone();
+        if let Some(b) = flipped.last_mut() {
+            *b ^= 1;
+        }
+        assert_eq!(seal.open(to, &flipped), None, "altered");
+        assert_eq!(seal.open(to, &sealed[..5]), None, "cut short");
+        assert_ne!(seal.seal(to, text), sealed, "a fresh nonce each time");
+    }
 
     #[test]
     fn entries_carry_messages_in_order() {

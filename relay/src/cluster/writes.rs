@@ -42,6 +42,15 @@ pub enum Write {
         burst: u32,
         per: u64,
     },
+    /// A seat's list replaced by these entries.
+    Rewrite {
+        sid: SessionId,
+        role: Role,
+        entries: Vec<String>,
+        ttl: Duration,
+    },
+    /// Resolved once everything queued before it is written.
+    Flushed(tokio::sync::oneshot::Sender<()>),
     ThenQueue {
         outbox: Outbox,
         frame: Utf8Bytes,
@@ -54,9 +63,48 @@ const INBOX_MAX_ENTRIES: usize = 1_000_000;
 
 /// One batch of writes as one pipeline: the inbox messages for each node packed into one
 /// entry (in order), every other write as its own commands.
-pub fn pipeline(batch: &[Write], keys: &Keys) -> Pipeline {
+/// Most bytes one transaction carries: a batch of large frames is split (a transaction that
+/// takes long to send and run times out, and is then asked after, see `run_writes`).
+const BATCH_BYTES: usize = 4 << 20;
+
+/// Splits what was taken from the queue into batches of at most [`BATCH_BYTES`] (a write
+/// bigger than that goes alone), in order.
+pub fn batches(taken: &mut Vec<Write>) -> Vec<Vec<Write>> {
+    let mut out = Vec::new();
+    let mut current = Vec::new();
+    let mut bytes = 0usize;
+    for write in taken.drain(..) {
+        let size = write.size();
+        if !current.is_empty() && bytes.saturating_add(size) > BATCH_BYTES {
+            out.push(std::mem::take(&mut current));
+            bytes = 0;
+        }
+        bytes = bytes.saturating_add(size);
+        current.push(write);
+    }
+    if !current.is_empty() {
+        out.push(current);
+    }
+    out
+}
+
+/// One batch as one transaction: first the batch's number in `mark` (see `run_writes`), then
+/// the inbox messages for each node packed into one entry (in order), and every other write
+/// as its own commands.
+pub fn pipeline(
+    batch: &[Write],
+    keys: &Keys,
+    seal: &wire::InboxSeal,
+    (mark, number): (&str, u64),
+) -> Pipeline {
     let mut pipe = redis::pipe();
     pipe.atomic();
+    pipe.cmd("SET")
+        .arg(mark)
+        .arg(number)
+        .arg("PX")
+        .arg(MARK_TTL_MS)
+        .ignore();
     let mut inboxes: Vec<(NodeId, String)> = Vec::new();
     for write in batch {
         match write {
@@ -84,13 +132,26 @@ pub fn pipeline(batch: &[Write], keys: &Keys) -> Pipeline {
             .arg(INBOX_MAX_ENTRIES)
             .arg("*")
             .arg("m")
-            .arg(entry)
+            .arg(seal.seal(node, &entry))
             .ignore();
     }
     pipe
 }
 
+/// How long a node's batch mark lives (it is renewed by every batch).
+const MARK_TTL_MS: u64 = 600_000;
+
 impl Write {
+    /// About how many bytes it sends.
+    fn size(&self) -> usize {
+        match self {
+            Write::Inbox { msg, .. } => msg.len(),
+            Write::Append { entry, .. } => entry.len(),
+            Write::Rewrite { entries, .. } => entries.iter().map(String::len).sum(),
+            _ => 64,
+        }
+    }
+
     fn add_to(&self, pipe: &mut Pipeline, keys: &Keys) {
         match self {
             Write::Inbox { .. } => {} // packed by `pipeline`
@@ -126,7 +187,20 @@ impl Write {
                     .arg(1)
                     .ignore();
             }
-            Write::ThenQueue { .. } => {}
+            Write::Rewrite {
+                sid,
+                role,
+                entries,
+                ttl,
+            } => {
+                let key = keys.mailbox(*sid, *role);
+                pipe.del(&key).ignore();
+                if !entries.is_empty() {
+                    pipe.rpush(&key, entries).ignore();
+                    pipe.pexpire(&key, millis(*ttl)).ignore();
+                }
+            }
+            Write::ThenQueue { .. } | Write::Flushed(_) => {}
         }
     }
 }
@@ -160,12 +234,30 @@ impl Journal for Cluster {
         self.must_write(Write::Forget { sid });
     }
 
+    fn rewritten(&self, sid: SessionId, role: Role, frames: &[(Instant, Utf8Bytes)]) {
+        let (now, now_ms) = (Instant::now(), journal::unix_ms());
+        let entries = frames
+            .iter()
+            .map(|(at, frame)| {
+                let age = u64::try_from(now.saturating_duration_since(*at).as_millis())
+                    .unwrap_or(u64::MAX);
+                journal::entry(now_ms.saturating_sub(age), frame)
+            })
+            .collect();
+        let ttl = self.hub.config().mailbox.max_age;
+        self.must_write(Write::Rewrite {
+            sid,
+            role,
+            entries,
+            ttl,
+        });
+    }
+
     fn when_durable(&self, outbox: Outbox, frame: Utf8Bytes) {
-        if let Err(e) = self.writes.try_send(Write::ThenQueue { outbox, frame }) {
+        if !self.write(Write::ThenQueue { outbox, frame }) {
             // Only when Redis has been away long enough to fill the queue: the sender hears
             // nothing for this frame and sends it again (it keeps it until acknowledged).
             tracing::warn!("a DELIVERED could not wait for its write; dropped");
-            drop(e);
         }
     }
 }
@@ -182,8 +274,18 @@ impl Cluster {
         }
     }
 
-    /// The mailboxes Redis holds for a session (empty if none).
+    /// The mailboxes Redis holds for a session (empty if none), once every mailbox change
+    /// this node queued before has been written (a sweep's forgetting, a hand-over).
     pub(super) async fn load_mailboxes(&self, sid: SessionId) -> redis::RedisResult<Recovered> {
+        let (flushed, written) = tokio::sync::oneshot::channel();
+        let unavailable = || redis::RedisError::from((redis::ErrorKind::Io, "writes pending"));
+        if !self.write(Write::Flushed(flushed)) {
+            return Err(unavailable());
+        }
+        match tokio::time::timeout(super::STORE_TIMEOUT.saturating_mul(2), written).await {
+            Ok(Ok(())) => {}
+            _ => return Err(unavailable()),
+        }
         let (host, guest): (Vec<String>, Vec<String>) = self
             .store(async |redis| {
                 redis::pipe()

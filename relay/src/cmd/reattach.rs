@@ -125,6 +125,10 @@ pub fn handle(hub: &Hub, conn: &mut ConnState, env: &Envelope<'_>) -> Result<Flo
                             &hub.budget,
                             &hub.config.mailbox,
                         );
+                        // What the journal holds must be what memory holds, frame for frame.
+                        if let Some(journal) = hub.journal() {
+                            journal.rewritten(sid, role, &seat.mailbox.entries());
+                        }
                     }
                 }
             }

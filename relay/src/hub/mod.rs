@@ -251,6 +251,17 @@ impl Hub {
         self.join_limiter.allows(conn.address, Instant::now())
     }
 
+    /// Forgets one session without telling anyone (a cluster node that may not keep it); the
+    /// connections that held its seats here.
+    pub fn forget_session(&self, sid: SessionId) -> Vec<ConnId> {
+        let Some(session) = self.sessions.remove(sid) else {
+            return Vec::new();
+        };
+        let mut held: Vec<ConnId> = session.host.conn.into_iter().collect();
+        held.extend(session.guest.as_ref().and_then(|g| g.conn));
+        held
+    }
+
     /// Forgets every session and invite at once, without telling anyone (not even the
     /// journal): a cluster node that must start afresh, see `cluster`.
     pub fn forget_all_sessions(&self) {

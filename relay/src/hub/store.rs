@@ -207,6 +207,13 @@ impl Sessions {
         }
     }
 
+    /// Takes a session out, if held.
+    pub fn remove(&self, sid: SessionId) -> Option<Session> {
+        let (_, session) = self.map.remove(&sid)?;
+        self.counted(session.state(), false);
+        Some(session)
+    }
+
     /// Keeps the sessions `keep` says to keep (the sweep).
     pub fn retain(&self, mut keep: impl FnMut(SessionId, &mut Session) -> bool) {
         self.map.retain(|sid, session| {
