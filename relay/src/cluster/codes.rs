@@ -2,11 +2,12 @@
 //! the hub and no two nodes ever hand out the same code.
 
 use std::collections::VecDeque;
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use tokio::sync::Notify;
 use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
 
 use crate::ids::InviteCode;
 
@@ -68,6 +69,62 @@ impl CodePool {
     /// How long a reservation must last in Redis.
     pub(super) fn reservation(&self) -> Duration {
         self.max_age.saturating_mul(3)
+    }
+}
+
+impl super::Cluster {
+    /// Keeps the hub's pool of reserved invite codes full.
+    pub(super) async fn run_codes(self: Arc<Self>, stop: CancellationToken) {
+        let Some(pool) = self.hub.code_pool() else {
+            return;
+        };
+        loop {
+            let missing = POOL_TARGET.saturating_sub(pool.fresh(Instant::now()));
+            let wait = if missing == 0 {
+                Duration::from_secs(10)
+            } else {
+                match self.reserve_codes(&pool, missing).await {
+                    Ok(()) => Duration::ZERO,
+                    Err(e) => {
+                        tracing::warn!(error = %e, "cannot reserve invite codes; retrying");
+                        Duration::from_secs(1)
+                    }
+                }
+            };
+            if wait.is_zero() {
+                continue;
+            }
+            tokio::select! {
+                () = stop.cancelled() => return,
+                () = pool.low.notified() => {}
+                () = tokio::time::sleep(wait) => {}
+            }
+        }
+    }
+
+    /// Reserves up to `n` random codes (fewer if some are taken by other nodes).
+    pub(super) async fn reserve_codes(&self, pool: &CodePool, n: usize) -> redis::RedisResult<()> {
+        let candidates: Vec<InviteCode> = (0..n).map(|_| InviteCode::random()).collect();
+        let mut pipe = redis::pipe();
+        let ttl = pool.reservation().as_millis() as u64;
+        for code in &candidates {
+            pipe.cmd("SET")
+                .arg(self.keys.code(*code))
+                .arg(self.me.to_string())
+                .arg("NX")
+                .arg("PX")
+                .arg(ttl);
+        }
+        let answers: Vec<Option<String>> = self
+            .store(async |redis| pipe.query_async(redis).await)
+            .await?;
+        let now = Instant::now();
+        for (code, answer) in candidates.into_iter().zip(answers) {
+            if answer.is_some() {
+                pool.add(code, now);
+            }
+        }
+        Ok(())
     }
 }
 

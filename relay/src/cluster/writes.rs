@@ -1,13 +1,21 @@
+//! Everything a node writes to Redis, in order, from one queue: messages for other nodes'
+//! inboxes (packed and sealed per node), mailbox changes, shared rate-limit charges, and the
+//! frames that wait for those writes (a kept frame's `DELIVERED`). One writer task sends each
+//! batch as one transaction, exactly once (see `run_writes`).
+//!
 //! Mailboxes in Redis: every change the hub makes to a mailbox is mirrored to a list per seat
-//! (`mbox:SID:ROLE`, entries `UNIX_MS|FRAME`), written in order with everything else this node
-//! writes. A node that takes a session in (re-created from a member's token: its home died, or
-//! the relay restarted) reads the lists back, so what waited for a member is still there.
+//! (`mbox:SID:ROLE`, entries `UNIX_MS|FRAME`). A node that takes a session in (re-created from
+//! a member's token: its home died, or the relay restarted) reads the lists back, so what
+//! waited for a member is still there.
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use redis::Pipeline;
+use tokio::sync::mpsc;
 use tokio::time::Instant;
 use tokio_tungstenite::tungstenite::Utf8Bytes;
+use tokio_util::sync::CancellationToken;
 
 use super::wire::{self, NodeId};
 use super::{Cluster, Keys, WRITES_CAPACITY};
@@ -306,5 +314,97 @@ impl Cluster {
             host: read(host),
             guest: read(guest),
         })
+    }
+}
+
+impl Cluster {
+    /// Writes what was queued to Redis, in order, batched: messages to other nodes' inboxes
+    /// and mailbox changes. Retried until Redis takes them (what the relay accepted is not
+    /// given up while the node lives); then the frames that waited for them are queued.
+    ///
+    /// Each batch is one transaction that also sets `wseq:NODE` to the batch's number: after
+    /// an error (a timeout may come after Redis ran it), the node asks whether the batch ran
+    /// before running it again, so nothing is written twice.
+    pub(super) async fn run_writes(
+        self: Arc<Self>,
+        mut queued: mpsc::Receiver<(u64, Write)>,
+        stop: CancellationToken,
+    ) {
+        let mut tagged = Vec::new();
+        let mut taken = Vec::new();
+        let mut number = 0u64;
+        let mark = format!("{}wseq:{}", self.keys.prefix, self.me);
+        loop {
+            let n = tokio::select! {
+                () = stop.cancelled() => return,
+                n = queued.recv_many(&mut tagged, 512) => n,
+            };
+            if n == 0 {
+                return;
+            }
+            // What was queued before the node started afresh is void: it described sessions
+            // that other nodes may hold now.
+            let current = self.generation();
+            taken.extend(
+                tagged
+                    .drain(..)
+                    .filter(|(generation, _)| *generation == current)
+                    .map(|(_, write)| write),
+            );
+            for batch in batches(&mut taken) {
+                number = number.wrapping_add(1);
+                let pipe = pipeline(&batch, &self.keys, &self.seal, (&mark, number));
+                if !self.write_once(&pipe, &mark, number, &stop).await {
+                    return;
+                }
+                for write in batch {
+                    match write {
+                        Write::ThenQueue { outbox, frame } => {
+                            let _ = outbox.push(frame);
+                        }
+                        Write::Flushed(flushed) => {
+                            let _ = flushed.send(());
+                        }
+                        _ => {}
+                    }
+                }
+            }
+        }
+    }
+
+    /// Runs a batch's transaction until Redis has it, exactly once; `false` if stopped first.
+    pub(super) async fn write_once(
+        &self,
+        pipe: &redis::Pipeline,
+        mark: &str,
+        number: u64,
+        stop: &CancellationToken,
+    ) -> bool {
+        let mut delay = Duration::from_millis(10);
+        loop {
+            match self
+                .store(async |redis| pipe.query_async::<()>(redis).await)
+                .await
+            {
+                Ok(()) => return true,
+                Err(e) => tracing::warn!(error = %e, "cannot write to Redis; retrying"),
+            }
+            // Did it run after all? Ask until Redis answers.
+            loop {
+                tokio::select! {
+                    () = stop.cancelled() => return false,
+                    () = tokio::time::sleep(delay) => {}
+                }
+                delay = (delay * 2).min(Duration::from_secs(1));
+                let ran: redis::RedisResult<Option<u64>> = self
+                    .store(async |redis| redis::cmd("GET").arg(mark).query_async(redis).await)
+                    .await;
+                match ran {
+                    Ok(Some(n)) if n == number => return true,
+                    Ok(_) => break, // it did not: run it again
+                    Err(_) => continue,
+                }
+            }
+        }
     }
 }
