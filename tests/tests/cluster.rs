@@ -472,9 +472,32 @@ fn every_key_expires() {
     alice.expect("sent");
     alice.kill();
 
+    // A wrong code, so a shared rate-limit bucket exists too.
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    runtime.block_on(async {
+        let mut guesser = connect(nodes.addr(1)).await;
+        send(
+            &mut guesser,
+            json!({"t": "JOIN", "data": {"code": "000000"}}),
+        )
+        .await;
+        assert_eq!(answer_code(&mut guesser).await, "invite_unknown");
+    });
+    std::thread::sleep(Duration::from_millis(300)); // the charge reaches Redis
+
     let keys = nodes.redis.cli(&["--scan", "--pattern", "parley:*"]);
     let keys: Vec<&str> = keys.lines().filter(|k| !k.is_empty()).collect();
-    for kind in ["nodes", "home:", "code:", "inbox:", "mbox:"] {
+    for kind in [
+        "nodes",
+        "load",
+        "home:",
+        "code:",
+        "inbox:",
+        "mbox:",
+        "wseq:",
+        "limit:join:",
+        "limit:create:",
+    ] {
         assert!(
             keys.iter()
                 .any(|k| k.starts_with(&format!("parley:{kind}"))),
