@@ -770,7 +770,10 @@ mod tests {
         let (tx, rx) = std::sync::mpsc::channel();
         std::thread::spawn(move || {
             let store = Store::open(&dir, "alice").unwrap();
-            let _ = tx.send(store.load().map(|_| ()));
+            let loaded = store.load().map(|_| ());
+            // Unlocked before the answer: the caller's next load must not find it held.
+            drop(store);
+            let _ = tx.send(loaded);
         });
         match rx.recv_timeout(limit) {
             Ok(Err(e)) => Ok(e),
