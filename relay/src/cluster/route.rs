@@ -126,15 +126,27 @@ impl Cluster {
         if self.hub.holds_session(sid) {
             return Ok(Route::Here);
         }
-        let known = self.routes.get(&conn.outbox.id()).and_then(|routes| {
-            routes
-                .sessions
-                .iter()
-                .find(|(s, _)| *s == sid)
-                .map(|(_, node)| *node)
-        });
+        let (known, anything_remote) = match self.routes.get(&conn.outbox.id()) {
+            Some(routes) => (
+                routes
+                    .sessions
+                    .iter()
+                    .find(|(s, _)| *s == sid)
+                    .map(|(_, node)| *node),
+                !routes.homes.is_empty(),
+            ),
+            None => (None, false),
+        };
         if let Some(node) = known.filter(|n| self.is_alive(*n)) {
             return Ok(Route::Home(node));
+        }
+        // Only a frame that takes a seat (`REATTACH`, `RESTORE`) can make a connection a
+        // member of a session held elsewhere, and a `JOIN` at another home, which leaves a
+        // route: a connection with neither is a member nowhere but here, and its frame is
+        // refused here without asking Redis (a client naming random sessions costs nothing).
+        let takes_seat = matches!(env.kind, FrameType::Reattach | FrameType::Restore);
+        if !takes_seat && !anything_remote {
+            return Ok(Route::Here);
         }
         let home = self.home_of(sid).await.map_err(|_| store_unavailable())?;
         let home = match home {
