@@ -18,6 +18,8 @@ pub mod receive;
 pub mod send;
 #[cfg(test)]
 mod tests_transfer;
+#[cfg(test)]
+mod tests_vectors;
 
 /// The largest chunk (bytes of file data) a sender may use and a receiver accepts: the largest
 /// multiple of 4 KiB whose sealed frame, in base64, stays under the relay's 64 KiB frame limit
