@@ -246,13 +246,11 @@ impl Receiver {
         if self.status != ReceiveStatus::Offered {
             return;
         }
-        self.status = ReceiveStatus::Receiving;
-        self.outputs.push_back(ReceiveOutput::Save(self.record()));
-        self.outputs
-            .push_back(ReceiveOutput::Message(Plain::FileAccept(FileAccept {
-                id: self.offer.id,
-                offset: self.bytes_at(self.durable),
-            })));
+        let accept = Plain::FileAccept(FileAccept {
+            id: self.offer.id,
+            offset: self.bytes_at(self.durable),
+        });
+        self.settle(ReceiveStatus::Receiving, Some(accept));
     }
 
     /// The person says no.
@@ -260,15 +258,16 @@ impl Receiver {
         if self.status != ReceiveStatus::Offered {
             return;
         }
-        self.status = ReceiveStatus::Failed {
-            code: FailCode::Declined,
-        };
-        self.outputs.push_back(ReceiveOutput::Save(self.record()));
-        self.outputs
-            .push_back(ReceiveOutput::Message(Plain::FileDecline(FileDecline {
-                id: self.offer.id,
-                reason: FailCode::Declined,
-            })));
+        let decline = Plain::FileDecline(FileDecline {
+            id: self.offer.id,
+            reason: FailCode::Declined,
+        });
+        self.settle(
+            ReceiveStatus::Failed {
+                code: FailCode::Declined,
+            },
+            Some(decline),
+        );
     }
 
     /// The sender gave the file up (its `file_failed`).
@@ -277,8 +276,7 @@ impl Receiver {
             self.status,
             ReceiveStatus::Offered | ReceiveStatus::Receiving
         ) {
-            self.status = ReceiveStatus::Failed { code };
-            self.outputs.push_back(ReceiveOutput::Save(self.record()));
+            self.settle(ReceiveStatus::Failed { code }, None);
             self.outputs.push_back(ReceiveOutput::RemovePart);
             self.outputs
                 .push_back(ReceiveOutput::Event(ReceiveEvent::Failed { code }));
@@ -360,12 +358,8 @@ impl Receiver {
         if self.status != ReceiveStatus::Verified {
             return;
         }
-        self.status = ReceiveStatus::Done;
-        self.outputs.push_back(ReceiveOutput::Save(self.record()));
-        self.outputs
-            .push_back(ReceiveOutput::Message(Plain::FileDone(FileDone {
-                id: self.offer.id,
-            })));
+        let done = Plain::FileDone(FileDone { id: self.offer.id });
+        self.settle(ReceiveStatus::Done, Some(done));
         self.outputs
             .push_back(ReceiveOutput::Event(ReceiveEvent::Received));
     }
@@ -388,8 +382,7 @@ impl Receiver {
         if digest != self.sha256 {
             return self.fail(FailCode::HashMismatch);
         }
-        self.status = ReceiveStatus::Verified;
-        self.outputs.push_back(ReceiveOutput::Save(self.record()));
+        self.settle(ReceiveStatus::Verified, None);
         self.acknowledge();
         self.outputs.push_back(ReceiveOutput::Place {
             name: self.name.clone(),
@@ -402,15 +395,23 @@ impl Receiver {
             .push_back(ReceiveOutput::Transmit(chunk::ack_frame(&self.sid, &ack)));
     }
 
-    fn fail(&mut self, code: FailCode) {
-        self.status = ReceiveStatus::Failed { code };
+    /// Moves to `status`: saved first, then the message (if any) to seal and send, so that
+    /// what the peer hears is never ahead of what is on disk.
+    fn settle(&mut self, status: ReceiveStatus, message: Option<Plain>) {
+        self.status = status;
         self.outputs.push_back(ReceiveOutput::Save(self.record()));
+        if let Some(message) = message {
+            self.outputs.push_back(ReceiveOutput::Message(message));
+        }
+    }
+
+    fn fail(&mut self, code: FailCode) {
+        let failed = Plain::FileFailed(FileFailed {
+            id: self.offer.id,
+            code,
+        });
+        self.settle(ReceiveStatus::Failed { code }, Some(failed));
         self.outputs.push_back(ReceiveOutput::RemovePart);
-        self.outputs
-            .push_back(ReceiveOutput::Message(Plain::FileFailed(FileFailed {
-                id: self.offer.id,
-                code,
-            })));
         self.outputs
             .push_back(ReceiveOutput::Event(ReceiveEvent::Failed { code }));
     }

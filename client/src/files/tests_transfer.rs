@@ -215,6 +215,27 @@ impl Pair {
         }
     }
 
+    /// Chunks go one by one, answers back, until `n` have reached the receiver: then the
+    /// tests crash one side. Returns the sender's first saved record of its pass.
+    fn deliver_until(&mut self, n: usize) -> SendRecord {
+        let mut delivered = 0;
+        let mut first_record = None;
+        loop {
+            let frames = self.drain_sender();
+            if first_record.is_none() {
+                first_record = self.send_record.clone();
+            }
+            for f in &frames {
+                self.deliver_to_receiver(f);
+                delivered += 1;
+                if delivered == n {
+                    return first_record.unwrap();
+                }
+            }
+            self.deliver_to_sender();
+        }
+    }
+
     fn is_over(&self) -> bool {
         matches!(
             self.sender.status(),
@@ -303,40 +324,29 @@ fn an_altered_chunk_fails_the_file() {
     p.failed_with(FailCode::ChunkCorrupt);
 }
 
+/// A relay that drops, repeats or swaps a chunk inside a pass: each fails the file with its
+/// own code.
 #[test]
-fn a_dropped_chunk_fails_the_file() {
-    let mut p = Pair::new(content(10_000, 5), CHUNK);
-    p.run(|round, mut frames| {
-        if round == 1 && frames.len() > 1 {
-            frames.remove(0);
-        }
-        frames
-    });
-    p.failed_with(FailCode::ChunkMissing);
-}
-
-#[test]
-fn a_duplicated_chunk_fails_the_file() {
-    let mut p = Pair::new(content(10_000, 6), CHUNK);
-    p.run(|round, mut frames| {
-        if round == 1 && !frames.is_empty() {
-            frames.insert(1, frames[0].clone());
-        }
-        frames
-    });
-    p.failed_with(FailCode::ChunkReplayed);
-}
-
-#[test]
-fn swapped_chunks_fail_the_file() {
-    let mut p = Pair::new(content(10_000, 7), CHUNK);
-    p.run(|round, mut frames| {
-        if round == 1 && frames.len() > 1 {
-            frames.swap(0, 1);
-        }
-        frames
-    });
-    p.failed_with(FailCode::ChunkMissing);
+fn dropped_duplicated_or_swapped_chunks_fail_the_file() {
+    type Tamper = fn(&mut Vec<String>);
+    let cases: [(Tamper, FailCode); 3] = [
+        (|frames| drop(frames.remove(0)), FailCode::ChunkMissing),
+        (
+            |frames| frames.insert(1, frames[0].clone()),
+            FailCode::ChunkReplayed,
+        ),
+        (|frames| frames.swap(0, 1), FailCode::ChunkMissing),
+    ];
+    for (seed, (tamper, code)) in cases.into_iter().enumerate() {
+        let mut p = Pair::new(content(10_000, seed as u8), CHUNK);
+        p.run(|round, mut frames| {
+            if round == 1 && frames.len() > 1 {
+                tamper(&mut frames);
+            }
+            frames
+        });
+        p.failed_with(code);
+    }
 }
 
 /// A chunk of another file, relabelled as this one's (its clear file id rewritten), does not
@@ -472,19 +482,7 @@ fn a_receiver_restart_resends_at_most_one_window() {
     let whole = p.chunks_sent;
     for crash_after in [3usize, 7, 11, 20] {
         let mut p = Pair::new(content(len, 15), CHUNK);
-        // Deliver chunks one by one until `crash_after` have arrived, then crash.
-        let mut delivered = 0;
-        'outer: loop {
-            let frames = p.drain_sender();
-            for f in &frames {
-                p.deliver_to_receiver(f);
-                delivered += 1;
-                if delivered == crash_after {
-                    break 'outer;
-                }
-            }
-            p.deliver_to_sender();
-        }
+        p.deliver_until(crash_after);
         // The receiver dies: only its last saved record survives, and the synced part.
         let record = p.recv_record.clone().unwrap();
         p.part.data.truncate(p.part.synced);
@@ -520,24 +518,9 @@ fn a_sender_restart_resends_at_most_one_window() {
     let whole = super::chunk_count(len as u64, CHUNK);
     for crash_after in [2usize, 9, 17] {
         let mut p = Pair::new(content(len, 16), CHUNK);
-        let mut delivered = 0;
-        let mut first_record = None;
-        'outer: loop {
-            let frames = p.drain_sender();
-            if first_record.is_none() {
-                first_record = p.send_record.clone();
-            }
-            for f in &frames {
-                p.deliver_to_receiver(f);
-                delivered += 1;
-                if delivered == crash_after {
-                    break 'outer;
-                }
-            }
-            p.deliver_to_sender();
-        }
+        let delivered = crash_after;
         // The oldest record the sender saved during its pass (acked = 0): the worst case.
-        let record = first_record.unwrap();
+        let record = p.deliver_until(crash_after);
         let old_pass = p.send_record.as_ref().unwrap().pass;
         p.to_sender.clear();
         let mut stale = record;
