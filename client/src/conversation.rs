@@ -715,6 +715,19 @@ impl Conversation {
             match incoming.plain {
                 Plain::Hello { name } => self.session.set_peer_name(name),
                 Plain::Text { text } => lines.push((incoming.seq, text)),
+                // Files are implemented by the library (`crate::files`) but not yet wired
+                // into the chat: until they are, a file message is counted and reported.
+                Plain::FileOffer(_)
+                | Plain::FileAccept(_)
+                | Plain::FileDecline(_)
+                | Plain::FileDone(_)
+                | Plain::FileFailed(_) => self.problem(
+                    "unsupported_file",
+                    format!(
+                        "message {} is a file transfer message; this version cannot take part in file transfers yet",
+                        incoming.seq
+                    ),
+                ),
                 Plain::Unknown => self.problem(
                     "unknown_message",
                     format!(

@@ -775,9 +775,13 @@ fn open_hello(session: &mut Session, env: &Envelope<'_>) -> Result<(), PairingEr
             session.set_peer_name(name);
             Ok(())
         }
-        Plain::Text { .. } | Plain::Unknown => {
-            Err(PairingError::Protocol("chat message before the hello"))
-        }
+        Plain::Text { .. }
+        | Plain::Unknown
+        | Plain::FileOffer(_)
+        | Plain::FileAccept(_)
+        | Plain::FileDecline(_)
+        | Plain::FileDone(_)
+        | Plain::FileFailed(_) => Err(PairingError::Protocol("chat message before the hello")),
     }
 }
 

@@ -11,6 +11,7 @@ pub mod conversation;
 pub mod dh;
 pub mod driver;
 pub mod error;
+pub mod files;
 pub mod handshake;
 pub mod keys;
 pub mod liveness;

@@ -17,6 +17,7 @@ use parley_state::{OutboxEntry, Role, Secret, SessionRecord, Unshown};
 use serde::{Deserialize, Serialize};
 
 use crate::dh::DhKeyPair;
+use crate::files::offer::{FileAccept, FileDecline, FileDone, FileFailed, FileOffer};
 use crate::message::{self, Direction, MessageError};
 use crate::ratchet::{Ratchet, RatchetError};
 use crate::wire::{ChatMsgData, ReceiptData};
@@ -29,6 +30,17 @@ pub enum Plain {
     Hello { name: String },
     /// A chat line.
     Text { text: String },
+    /// File transfer messages (protocol.md 3.10; `crate::files`).
+    #[serde(rename = "file_offer")]
+    FileOffer(FileOffer),
+    #[serde(rename = "file_accept")]
+    FileAccept(FileAccept),
+    #[serde(rename = "file_decline")]
+    FileDecline(FileDecline),
+    #[serde(rename = "file_done")]
+    FileDone(FileDone),
+    #[serde(rename = "file_failed")]
+    FileFailed(FileFailed),
     /// A kind this version does not know (from a newer peer): received and counted, so the
     /// stream goes on, but not shown.
     #[serde(other)]

@@ -1,0 +1,373 @@
+//! Sealing and opening file chunks, and making and checking acknowledgements (protocol.md
+//! 3.10 "Chunks", "Acknowledgements"). Chunks do not go through the ratchet: each is sealed
+//! under the file's chunk key with AES-256-GCM, its nonce made of the pass and the index (each
+//! pair is sealed once: a pass number is saved before it is used), and its associated data
+//! binding the file, the place and the end, so that no chunk can be moved, repeated, cut off or
+//! carried into another file without failing.
+
+use aes_gcm::aead::{AeadInOut, KeyInit};
+use aes_gcm::{Aes256Gcm, Nonce, Tag};
+use base64::Engine;
+use base64::engine::general_purpose::STANDARD as BASE64;
+use hmac::{Hmac, Mac};
+use parley_protocol::{Envelope, FrameType, encode};
+use sha2::Sha256;
+
+use super::{FileId, FileKey, LABEL_ACK_KEY, LABEL_CHUNK_KEY, chunk_count};
+use crate::wire::{FileAckData, FileChunkData, KIND_FILE_ACK, KIND_FILE_CHUNK};
+
+pub const CHUNK_AAD_LABEL: &[u8] = b"parley/v1/file/chunk";
+pub const ACK_LABEL: &[u8] = b"parley/v1/file/ack";
+/// `file id (16) || u32_be(pass) || u64_be(index)`, in clear before the ciphertext.
+pub const HEADER_BYTES: usize = 16 + 4 + 8;
+pub const TAG_BYTES: usize = 16;
+/// `file id (16) || u64_be(offset) || HMAC-SHA256 (32)`.
+pub const ACK_BYTES: usize = 16 + 8 + 32;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum ChunkError {
+    #[error("not a chunk: malformed payload")]
+    Malformed,
+    #[error("chunk failed authentication")]
+    Authentication,
+    #[error("chunk index is beyond the file's end")]
+    BeyondEnd,
+}
+
+/// The keys of one file, derived from its key (each under its own label).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FileKeys {
+    chunk: FileKey,
+    ack: FileKey,
+}
+
+impl FileKeys {
+    pub fn new(file_key: &FileKey) -> FileKeys {
+        FileKeys {
+            chunk: file_key.derive(LABEL_CHUNK_KEY),
+            ack: file_key.derive(LABEL_ACK_KEY),
+        }
+    }
+
+    pub fn chunk_key(&self) -> &FileKey {
+        &self.chunk
+    }
+
+    pub fn ack_key(&self) -> &FileKey {
+        &self.ack
+    }
+}
+
+/// What a file's chunks are sealed against: fixed by its offer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Layout {
+    pub id: FileId,
+    pub size: u64,
+    pub chunk: u32,
+}
+
+impl Layout {
+    pub fn chunks(&self) -> u64 {
+        chunk_count(self.size, self.chunk)
+    }
+
+    /// Where chunk `index` starts in the file.
+    pub fn offset(&self, index: u64) -> Option<u64> {
+        index.checked_mul(u64::from(self.chunk))
+    }
+
+    /// How many bytes chunk `index` holds: the chunk size, less for the last, `None` beyond it.
+    pub fn len(&self, index: u64) -> Option<usize> {
+        if index >= self.chunks() {
+            return None;
+        }
+        let start = self.offset(index)?;
+        let len = self.size.saturating_sub(start).min(u64::from(self.chunk));
+        usize::try_from(len).ok()
+    }
+
+    pub fn is_last(&self, index: u64) -> bool {
+        index.checked_add(1) == Some(self.chunks())
+    }
+}
+
+/// The clear header of a sealed chunk.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ChunkHeader {
+    pub id: FileId,
+    pub pass: u32,
+    pub index: u64,
+}
+
+/// `label || file id (16) || u64_be(size) || u64_be(index) || u8(last) || u32_be(pass)`.
+pub fn associated_data(layout: &Layout, index: u64, pass: u32) -> Vec<u8> {
+    let mut aad = Vec::with_capacity(CHUNK_AAD_LABEL.len() + 16 + 8 + 8 + 1 + 4);
+    aad.extend_from_slice(CHUNK_AAD_LABEL);
+    aad.extend_from_slice(&layout.id);
+    aad.extend_from_slice(&layout.size.to_be_bytes());
+    aad.extend_from_slice(&index.to_be_bytes());
+    aad.push(u8::from(layout.is_last(index)));
+    aad.extend_from_slice(&pass.to_be_bytes());
+    aad
+}
+
+/// `u32_be(pass) || u64_be(index)`: unique under a file's key as long as a pass number is
+/// never used for two passes (the sender saves it before the pass starts).
+pub fn nonce(pass: u32, index: u64) -> [u8; 12] {
+    let mut nonce = [0u8; 12];
+    let (p, i) = nonce.split_at_mut(4);
+    p.copy_from_slice(&pass.to_be_bytes());
+    i.copy_from_slice(&index.to_be_bytes());
+    nonce
+}
+
+/// Seals chunk `index` of pass `pass`: `header || ciphertext || tag`. `data` must be the
+/// chunk's bytes (its length is checked).
+pub fn seal(
+    keys: &FileKeys,
+    layout: &Layout,
+    pass: u32,
+    index: u64,
+    data: &[u8],
+) -> Result<Vec<u8>, ChunkError> {
+    if layout.len(index) != Some(data.len()) {
+        return Err(ChunkError::BeyondEnd);
+    }
+    let cipher = Aes256Gcm::new(keys.chunk.as_bytes().into());
+    let mut out = Vec::with_capacity(HEADER_BYTES + data.len() + TAG_BYTES);
+    out.extend_from_slice(&layout.id);
+    out.extend_from_slice(&pass.to_be_bytes());
+    out.extend_from_slice(&index.to_be_bytes());
+    out.extend_from_slice(data);
+    let body = out.get_mut(HEADER_BYTES..).ok_or(ChunkError::Malformed)?;
+    let tag = cipher
+        .encrypt_inout_detached(
+            &Nonce::from(nonce(pass, index)),
+            &associated_data(layout, index, pass),
+            body.into(),
+        )
+        .map_err(|_| ChunkError::Malformed)?;
+    out.extend_from_slice(&tag);
+    Ok(out)
+}
+
+/// Reads a sealed chunk's clear header (to route it to its file; nothing in it is trusted
+/// until [`open`] authenticates it).
+pub fn peek(sealed: &[u8]) -> Option<ChunkHeader> {
+    let id = sealed.get(..16)?.try_into().ok()?;
+    let pass = u32::from_be_bytes(sealed.get(16..20)?.try_into().ok()?);
+    let index = u64::from_be_bytes(sealed.get(20..HEADER_BYTES)?.try_into().ok()?);
+    Some(ChunkHeader { id, pass, index })
+}
+
+/// Authenticates and decrypts a sealed chunk of the file `layout` describes. Whatever was
+/// changed (a byte, the index, the pass, the file id, the length), it fails.
+pub fn open(
+    keys: &FileKeys,
+    layout: &Layout,
+    sealed: &[u8],
+) -> Result<(ChunkHeader, Vec<u8>), ChunkError> {
+    let header = peek(sealed).ok_or(ChunkError::Malformed)?;
+    if header.id != layout.id {
+        return Err(ChunkError::Authentication);
+    }
+    let len = layout.len(header.index).ok_or(ChunkError::BeyondEnd)?;
+    let body_end = HEADER_BYTES.checked_add(len).ok_or(ChunkError::Malformed)?;
+    if sealed.len()
+        != body_end
+            .checked_add(TAG_BYTES)
+            .ok_or(ChunkError::Malformed)?
+    {
+        return Err(ChunkError::Authentication);
+    }
+    let mut body = sealed
+        .get(HEADER_BYTES..body_end)
+        .ok_or(ChunkError::Malformed)?
+        .to_vec();
+    let tag = Tag::try_from(sealed.get(body_end..).ok_or(ChunkError::Malformed)?)
+        .map_err(|_| ChunkError::Malformed)?;
+    let cipher = Aes256Gcm::new(keys.chunk.as_bytes().into());
+    cipher
+        .decrypt_inout_detached(
+            &Nonce::from(nonce(header.pass, header.index)),
+            &associated_data(layout, header.index, header.pass),
+            body.as_mut_slice().into(),
+            &tag,
+        )
+        .map_err(|_| ChunkError::Authentication)?;
+    Ok((header, body))
+}
+
+/// The `MSG` frame that carries a sealed chunk.
+pub fn chunk_frame(sid: &str, sealed: &[u8]) -> String {
+    let payload = BASE64.encode(sealed);
+    let data = FileChunkData {
+        kind: KIND_FILE_CHUNK,
+        msg_id: KIND_FILE_CHUNK,
+        payload: &payload,
+    };
+    encode(FrameType::Msg, Some(sid), Some(&data))
+}
+
+/// The sealed chunk in a `MSG`, if it is a file chunk (`None` for any other `MSG`).
+pub fn chunk_in(env: &Envelope<'_>) -> Option<Result<Vec<u8>, ChunkError>> {
+    if env.kind != FrameType::Msg {
+        return None;
+    }
+    let data = env.data::<FileChunkData<'_>>().ok()?;
+    if data.kind != KIND_FILE_CHUNK {
+        return None;
+    }
+    Some(
+        BASE64
+            .decode(data.payload)
+            .map_err(|_| ChunkError::Malformed),
+    )
+}
+
+fn ack_mac(keys: &FileKeys, id: &FileId, offset: u64) -> Option<Hmac<Sha256>> {
+    // HMAC takes keys of any length: new_from_slice cannot fail.
+    let mut mac = <Hmac<Sha256> as Mac>::new_from_slice(keys.ack.as_bytes()).ok()?;
+    mac.update(ACK_LABEL);
+    mac.update(id);
+    mac.update(&offset.to_be_bytes());
+    Some(mac)
+}
+
+/// An acknowledgement: `file id || u64_be(offset) || HMAC-SHA256(ack key, label || file id ||
+/// u64_be(offset))`.
+pub fn ack(keys: &FileKeys, id: &FileId, offset: u64) -> Vec<u8> {
+    let tag = ack_mac(keys, id, offset)
+        .map(|mac| mac.finalize().into_bytes().to_vec())
+        .unwrap_or_default();
+    let mut out = Vec::with_capacity(ACK_BYTES);
+    out.extend_from_slice(id);
+    out.extend_from_slice(&offset.to_be_bytes());
+    out.extend_from_slice(&tag);
+    out
+}
+
+/// The file id an acknowledgement names (to route it; not yet trusted).
+pub fn ack_id(bytes: &[u8]) -> Option<FileId> {
+    bytes.get(..16)?.try_into().ok()
+}
+
+/// The offset of an authentic acknowledgement for file `id`; `None` for anything else.
+pub fn verify_ack(keys: &FileKeys, id: &FileId, bytes: &[u8]) -> Option<u64> {
+    if bytes.len() != ACK_BYTES || bytes.get(..16)? != id {
+        return None;
+    }
+    let offset = u64::from_be_bytes(bytes.get(16..24)?.try_into().ok()?);
+    ack_mac(keys, id, offset)?
+        .verify_slice(bytes.get(24..)?)
+        .ok()?;
+    Some(offset)
+}
+
+/// The `MSG_READ` frame that carries an acknowledgement.
+pub fn ack_frame(sid: &str, ack: &[u8]) -> String {
+    let text = BASE64.encode(ack);
+    let data = FileAckData {
+        ack: &text,
+        kind: KIND_FILE_ACK,
+    };
+    encode(FrameType::MsgRead, Some(sid), Some(&data))
+}
+
+/// The acknowledgement in a `MSG_READ`, if it is one (`None` for a receipt or anything else).
+pub fn ack_in(env: &Envelope<'_>) -> Option<Vec<u8>> {
+    if env.kind != FrameType::MsgRead {
+        return None;
+    }
+    let data = env.data::<FileAckData<'_>>().ok()?;
+    if data.kind != KIND_FILE_ACK || data.ack.len() > 4 * ACK_BYTES {
+        return None;
+    }
+    BASE64.decode(data.ack).ok()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use parley_protocol::limits::MAX_FRAME_BYTES;
+
+    const SID: &str = "7f1c0d2e9a4b3c5d6e7f8091a2b3c4d5";
+
+    fn keys(b: u8) -> FileKeys {
+        FileKeys::new(&FileKey::from_bytes([b; 32]))
+    }
+
+    fn layout(id: u8, size: u64, chunk: u32) -> Layout {
+        Layout {
+            id: [id; 16],
+            size,
+            chunk,
+        }
+    }
+
+    /// The largest chunk, sealed and in its frame, stays under the relay's frame limit with
+    /// room to spare; one 4 KiB step more would not leave that room.
+    #[test]
+    fn the_largest_chunk_frame_fits_the_relay_limit() {
+        let l = layout(
+            1,
+            u64::from(super::super::MAX_CHUNK_BYTES) * 3,
+            super::super::MAX_CHUNK_BYTES,
+        );
+        let data = vec![0xffu8; super::super::MAX_CHUNK_BYTES as usize];
+        let sealed = seal(&keys(1), &l, u32::MAX, 1, &data).unwrap();
+        let frame = chunk_frame(SID, &sealed);
+        assert!(frame.len() <= MAX_FRAME_BYTES - 4096, "{}", frame.len());
+        let bigger = (super::super::MAX_CHUNK_BYTES as usize + 4096 + HEADER_BYTES + TAG_BYTES)
+            .div_ceil(3)
+            * 4;
+        assert!(bigger + (frame.len() - BASE64.encode(&sealed).len()) > MAX_FRAME_BYTES - 4096);
+        let env = Envelope::parse(&frame).unwrap();
+        assert_eq!(chunk_in(&env).unwrap().unwrap(), sealed);
+    }
+
+    #[test]
+    fn chunks_round_trip_and_every_change_fails() {
+        let k = keys(2);
+        let l = layout(3, 25, 10);
+        let sealed = seal(&k, &l, 1, 1, &[7u8; 10]).unwrap();
+        let (h, data) = open(&k, &l, &sealed).unwrap();
+        assert_eq!((h.pass, h.index, data), (1, 1, vec![7u8; 10]));
+        for i in 0..sealed.len() {
+            let mut t = sealed.clone();
+            t[i] ^= 1;
+            assert!(open(&k, &l, &t).is_err(), "flip at {i} accepted");
+        }
+        // Another file (same key, other id or size), another key, cut short.
+        assert!(open(&k, &layout(4, 25, 10), &sealed).is_err());
+        assert!(open(&k, &layout(3, 26, 10), &sealed).is_err());
+        assert!(open(&keys(9), &l, &sealed).is_err());
+        assert!(open(&k, &l, &sealed[..sealed.len() - 1]).is_err());
+        // The last chunk is bound as the last: a file cut after chunk 1 (size 20) rejects it.
+        let last = seal(&k, &l, 1, 2, &[1u8; 5]).unwrap();
+        assert!(open(&k, &l, &last).is_ok());
+        assert!(open(&k, &layout(3, 20, 10), &last).is_err());
+        assert_eq!(seal(&k, &l, 1, 3, &[]), Err(ChunkError::BeyondEnd));
+        assert_eq!(seal(&k, &l, 1, 0, &[1u8; 9]), Err(ChunkError::BeyondEnd));
+    }
+
+    #[test]
+    fn acks_are_authenticated_and_bound_to_their_file() {
+        let k = keys(5);
+        let a = ack(&k, &[1; 16], 40);
+        assert_eq!(verify_ack(&k, &[1; 16], &a), Some(40));
+        assert_eq!(verify_ack(&k, &[2; 16], &a), None);
+        assert_eq!(verify_ack(&keys(6), &[1; 16], &a), None);
+        let mut raised = a.clone();
+        raised[23] = 0xff;
+        assert_eq!(verify_ack(&k, &[1; 16], &raised), None);
+        let frame = ack_frame(SID, &a);
+        assert_eq!(ack_in(&Envelope::parse(&frame).unwrap()).unwrap(), a);
+        // A receipt is not an ack, and an ack is not a chunk.
+        let receipt = r#"{"t":"MSG_READ","sid":"x","data":{"receipt":"00"}}"#;
+        assert_eq!(ack_in(&Envelope::parse(receipt).unwrap()), None);
+        assert!(chunk_in(&Envelope::parse(&frame).unwrap()).is_none());
+        // Chunk keys and ack keys differ: an ack key cannot open chunks.
+        assert_ne!(k.chunk_key(), k.ack_key());
+    }
+}

@@ -1,0 +1,600 @@
+//! The two ends of a transfer driven against each other through a channel the tests control:
+//! a hostile relay (altering, dropping, repeating, swapping, mixing chunks), restarts of
+//! either side, a decline, a size bound, the window.
+
+use std::collections::VecDeque;
+use std::io;
+use std::time::{Duration, Instant};
+
+use parley_protocol::Envelope;
+use parley_protocol::limits::{MAILBOX_BYTES, MAILBOX_FRAMES, OUTBOUND_QUEUE_BYTES};
+use sha2::{Digest, Sha256};
+
+use super::chunk::{self, ack_in, chunk_in};
+use super::offer::FileOffer;
+use super::receive::{
+    PartFile, ReceiveEvent, ReceiveOutput, ReceiveRecord, ReceiveStatus, Receiver,
+};
+use super::send::{SendEvent, SendOutput, SendRecord, SendStatus, Sender};
+use super::{FailCode, FileKey, WINDOW_CHUNKS};
+use crate::session::Plain;
+
+const SID: &str = "00112233445566778899aabbccddeeff";
+
+/// A `.part` in memory. `synced` is what a power cut would keep.
+#[derive(Default, Clone)]
+struct MemPart {
+    data: Vec<u8>,
+    synced: usize,
+    full_after: Option<usize>,
+}
+
+impl PartFile for MemPart {
+    fn write_at(&mut self, offset: u64, bytes: &[u8]) -> io::Result<()> {
+        let at = offset as usize;
+        if self
+            .full_after
+            .is_some_and(|limit| at + bytes.len() > limit)
+        {
+            return Err(io::Error::other("disk full"));
+        }
+        if self.data.len() < at + bytes.len() {
+            self.data.resize(at + bytes.len(), 0);
+        }
+        self.data[at..at + bytes.len()].copy_from_slice(bytes);
+        Ok(())
+    }
+    fn sync(&mut self) -> io::Result<()> {
+        self.synced = self.data.len();
+        Ok(())
+    }
+    fn read_at(&mut self, offset: u64, buf: &mut [u8]) -> io::Result<()> {
+        let at = offset as usize;
+        buf.copy_from_slice(
+            self.data
+                .get(at..at + buf.len())
+                .ok_or(io::ErrorKind::UnexpectedEof)?,
+        );
+        Ok(())
+    }
+    fn truncate(&mut self, len: u64) -> io::Result<()> {
+        self.data.truncate(len as usize);
+        self.synced = self.synced.min(self.data.len());
+        Ok(())
+    }
+}
+
+fn content(len: usize, seed: u8) -> Vec<u8> {
+    (0..len)
+        .map(|i| (i as u8).wrapping_mul(31).wrapping_add(seed))
+        .collect()
+}
+
+fn offer_for(file: &[u8], chunk: u32, id: u8) -> FileOffer {
+    FileOffer {
+        id: [id; 16],
+        name: "dir/report.pdf".into(),
+        size: file.len() as u64,
+        sha256: hex::encode(Sha256::digest(file)),
+        chunk,
+        key: FileKey::from_bytes([id.wrapping_add(100); 32]),
+    }
+}
+
+/// Both ends, the file, the `.part`, and what crossed the wire.
+struct Pair {
+    file: Vec<u8>,
+    sender: Sender,
+    receiver: Receiver,
+    part: MemPart,
+    now: Instant,
+    send_record: Option<SendRecord>,
+    recv_record: Option<ReceiveRecord>,
+    /// Chunk frames sent, over the whole run.
+    chunks_sent: u64,
+    placed: Option<Vec<u8>>,
+    removed: bool,
+    send_events: Vec<SendEvent>,
+    recv_events: Vec<ReceiveEvent>,
+    to_sender: VecDeque<String>,
+}
+
+impl Pair {
+    fn new(file: Vec<u8>, chunk: u32) -> Pair {
+        let offer = offer_for(&file, chunk, 1);
+        let now = Instant::now();
+        let sender = Sender::new(offer.clone(), SID);
+        let mut receiver = Receiver::offered(offer, u64::MAX, SID).unwrap();
+        receiver.accept();
+        let mut pair = Pair {
+            file,
+            sender,
+            receiver,
+            part: MemPart::default(),
+            now,
+            send_record: None,
+            recv_record: None,
+            chunks_sent: 0,
+            placed: None,
+            removed: false,
+            send_events: Vec::new(),
+            recv_events: Vec::new(),
+            to_sender: VecDeque::new(),
+        };
+        pair.sender.handle_link(now, true, true);
+        pair.drain_receiver();
+        pair.deliver_to_sender();
+        pair
+    }
+
+    /// The chunk frames the sender sends now (the window allowing).
+    fn drain_sender(&mut self) -> Vec<String> {
+        let mut frames = Vec::new();
+        while let Some(out) = self.sender.poll_output() {
+            match out {
+                SendOutput::Save(record) => self.send_record = Some(record),
+                SendOutput::Chunk(req) => {
+                    let data = &self.file[req.offset as usize..req.offset as usize + req.len];
+                    frames.push(self.sender.seal(&req, data).unwrap());
+                    self.chunks_sent += 1;
+                }
+                SendOutput::Event(e) => self.send_events.push(e),
+            }
+        }
+        frames
+    }
+
+    fn drain_receiver(&mut self) {
+        while let Some(out) = self.receiver.poll_output() {
+            match out {
+                ReceiveOutput::Save(record) => self.recv_record = Some(record),
+                ReceiveOutput::Message(plain) => self
+                    .to_sender
+                    .push_back(serde_json::to_string(&plain).unwrap()),
+                ReceiveOutput::Transmit(frame) => self.to_sender.push_back(frame),
+                ReceiveOutput::Place { .. } => {
+                    self.placed = Some(self.part.data.clone());
+                    self.receiver.handle_placed();
+                }
+                ReceiveOutput::RemovePart => self.removed = true,
+                ReceiveOutput::Event(e) => self.recv_events.push(e),
+            }
+        }
+    }
+
+    fn deliver_to_sender(&mut self) {
+        while let Some(text) = self.to_sender.pop_front() {
+            if let Ok(env) = Envelope::parse(&text) {
+                if let Some(ack) = ack_in(&env) {
+                    self.sender.handle_ack(self.now, &ack);
+                }
+                continue;
+            }
+            match serde_json::from_str::<Plain>(&text).unwrap() {
+                Plain::FileAccept(a) => self.sender.handle_accept(self.now, &a),
+                Plain::FileDecline(d) => self.sender.handle_decline(&d),
+                Plain::FileDone(_) => self.sender.handle_done(),
+                Plain::FileFailed(f) => self.sender.handle_failed(f.code),
+                other => panic!("{other:?}"),
+            }
+        }
+    }
+
+    fn deliver_to_receiver(&mut self, frame: &str) {
+        let env = Envelope::parse(frame).unwrap();
+        let sealed = chunk_in(&env).unwrap().unwrap();
+        self.receiver.handle_chunk(&sealed, &mut self.part);
+        self.drain_receiver();
+    }
+
+    /// Rounds of: the sender sends what its window allows, `relay` does what it likes with
+    /// the frames, the receiver takes them, its answers reach the sender.
+    fn run(&mut self, mut relay: impl FnMut(usize, Vec<String>) -> Vec<String>) {
+        for round in 0..10_000 {
+            let frames = self.drain_sender();
+            if frames.is_empty() && self.to_sender.is_empty() {
+                // Nothing moves: a silence, then the sender's timer.
+                self.now += Duration::from_secs(30);
+                self.sender.handle_timeout(self.now);
+                if self.sender.poll_timeout().is_none() && self.is_over() {
+                    return;
+                }
+                if round > 9_000 {
+                    return;
+                }
+            }
+            for frame in relay(round, frames) {
+                self.deliver_to_receiver(&frame);
+            }
+            self.deliver_to_sender();
+            self.drain_receiver();
+            if self.is_over() {
+                self.drain_sender();
+                return;
+            }
+        }
+    }
+
+    /// Chunks go one by one, answers back, until `n` have reached the receiver: then the
+    /// tests crash one side. Returns the sender's first saved record of its pass.
+    fn deliver_until(&mut self, n: usize) -> SendRecord {
+        let mut delivered = 0;
+        let mut first_record = None;
+        loop {
+            let frames = self.drain_sender();
+            if first_record.is_none() {
+                first_record = self.send_record.clone();
+            }
+            for f in &frames {
+                self.deliver_to_receiver(f);
+                delivered += 1;
+                if delivered == n {
+                    return first_record.unwrap();
+                }
+            }
+            self.deliver_to_sender();
+        }
+    }
+
+    fn is_over(&self) -> bool {
+        matches!(
+            self.sender.status(),
+            SendStatus::Done | SendStatus::Failed { .. }
+        ) && matches!(
+            self.receiver.status(),
+            ReceiveStatus::Done | ReceiveStatus::Failed { .. }
+        )
+    }
+
+    fn failed_with(&self, code: FailCode) {
+        assert_eq!(self.receiver.status(), ReceiveStatus::Failed { code });
+        assert_eq!(self.sender.status(), SendStatus::Failed { code });
+        assert!(self.placed.is_none(), "a failed file must never be placed");
+        assert!(self.removed, "its .part is removed");
+        assert!(self.recv_events.contains(&ReceiveEvent::Failed { code }));
+        assert!(self.send_events.contains(&SendEvent::Failed { code }));
+    }
+}
+
+const CHUNK: u32 = 1000;
+
+#[test]
+fn a_file_arrives_whole_and_verified() {
+    for len in [0usize, 1, 999, 1000, 1001, 10_500] {
+        let mut p = Pair::new(content(len, 3), CHUNK);
+        p.run(|_, frames| frames);
+        assert_eq!(p.placed.as_deref(), Some(&p.file[..]), "{len}");
+        assert_eq!(p.sender.status(), SendStatus::Done);
+        assert_eq!(p.receiver.status(), ReceiveStatus::Done);
+        assert!(p.send_events.contains(&SendEvent::Sent));
+        assert!(p.recv_events.contains(&ReceiveEvent::Received));
+        // Each chunk went once: nothing was lost, so nothing was sent again.
+        assert_eq!(
+            p.chunks_sent,
+            super::chunk_count(len as u64, CHUNK),
+            "{len}"
+        );
+    }
+}
+
+/// The sender never has more than the window beyond the receiver's acknowledgement, and a
+/// window of the largest chunks is far inside the relay's bounds.
+#[test]
+fn the_window_bounds_what_is_in_flight() {
+    let mut p = Pair::new(content(20_000, 1), CHUNK);
+    // Acknowledgements held back: the sender stops at the window.
+    let frames = p.drain_sender();
+    assert_eq!(frames.len() as u64, WINDOW_CHUNKS);
+    assert!(p.drain_sender().is_empty());
+    for f in &frames[..2] {
+        p.deliver_to_receiver(f);
+    }
+    p.deliver_to_sender();
+    assert_eq!(
+        p.drain_sender().len(),
+        2,
+        "an ack of two chunks opens two places"
+    );
+    // Relay bounds with the largest chunk frame.
+    let mut big = Pair::new(
+        content(super::MAX_CHUNK_BYTES as usize * 5, 2),
+        super::MAX_CHUNK_BYTES,
+    );
+    let frames = big.drain_sender();
+    let bytes: usize = frames.iter().map(String::len).sum();
+    assert_eq!(frames.len() as u64, WINDOW_CHUNKS);
+    assert!(bytes <= MAILBOX_BYTES / 2, "{bytes}");
+    assert!(bytes <= OUTBOUND_QUEUE_BYTES / 4);
+    assert!((frames.len()) < MAILBOX_FRAMES / 8);
+}
+
+#[test]
+fn an_altered_chunk_fails_the_file() {
+    let mut p = Pair::new(content(10_000, 4), CHUNK);
+    p.run(|round, mut frames| {
+        if round == 1 && !frames.is_empty() {
+            // Change one base64 character of the payload's ciphertext.
+            let f = &mut frames[0];
+            let at = f.len() - 40;
+            let c = if &f[at..at + 1] == "A" { "B" } else { "A" };
+            f.replace_range(at..at + 1, c);
+        }
+        frames
+    });
+    p.failed_with(FailCode::ChunkCorrupt);
+}
+
+/// A relay that drops, repeats or swaps a chunk inside a pass: each fails the file with its
+/// own code.
+#[test]
+fn dropped_duplicated_or_swapped_chunks_fail_the_file() {
+    type Tamper = fn(&mut Vec<String>);
+    let cases: [(Tamper, FailCode); 3] = [
+        (|frames| drop(frames.remove(0)), FailCode::ChunkMissing),
+        (
+            |frames| frames.insert(1, frames[0].clone()),
+            FailCode::ChunkReplayed,
+        ),
+        (|frames| frames.swap(0, 1), FailCode::ChunkMissing),
+    ];
+    for (seed, (tamper, code)) in cases.into_iter().enumerate() {
+        let mut p = Pair::new(content(10_000, seed as u8), CHUNK);
+        p.run(|round, mut frames| {
+            if round == 1 && frames.len() > 1 {
+                tamper(&mut frames);
+            }
+            frames
+        });
+        p.failed_with(code);
+    }
+}
+
+/// A chunk of another file, relabelled as this one's (its clear file id rewritten), does not
+/// authenticate: the file fails, nothing of the other file is written.
+#[test]
+fn a_chunk_from_another_file_fails_the_file() {
+    let other = content(10_000, 8);
+    let mut q = Pair::new(other, CHUNK);
+    let foreign = q.drain_sender();
+    let mut p = Pair::new(content(10_000, 9), CHUNK);
+    p.run(|round, mut frames| {
+        if round == 1 {
+            let env = Envelope::parse(&foreign[0]).unwrap();
+            let mut sealed = chunk_in(&env).unwrap().unwrap();
+            sealed[..16].copy_from_slice(&[1u8; 16]);
+            sealed[16..20].copy_from_slice(&2u32.to_be_bytes());
+            frames.insert(0, chunk::chunk_frame(SID, &sealed));
+        }
+        frames
+    });
+    p.failed_with(FailCode::ChunkCorrupt);
+}
+
+/// Truncation: the relay withholds the last chunk. The file is never placed (the sender
+/// resends after a silence, and the file completes only once the real last chunk arrives).
+#[test]
+fn a_withheld_end_never_looks_complete() {
+    let mut p = Pair::new(content(5_500, 10), CHUNK);
+    let mut withheld = 0;
+    p.run(|_, frames| {
+        frames
+            .into_iter()
+            .filter(|f| {
+                let sealed = chunk_in(&Envelope::parse(f).unwrap()).unwrap().unwrap();
+                let last = chunk::peek(&sealed).unwrap().index == 5;
+                if last && withheld < 3 {
+                    withheld += 1;
+                    return false;
+                }
+                true
+            })
+            .collect()
+    });
+    assert_eq!(withheld, 3);
+    assert_eq!(p.placed.as_deref(), Some(&p.file[..]));
+}
+
+#[test]
+fn a_wrong_hash_fails_the_file_and_nothing_is_placed() {
+    let file = content(3_000, 11);
+    let mut offer = offer_for(&file, CHUNK, 1);
+    offer.sha256 = hex::encode(Sha256::digest(b"something else"));
+    let mut p = Pair::new(file, CHUNK);
+    p.sender = Sender::new(offer.clone(), SID);
+    p.receiver = Receiver::offered(offer, u64::MAX, SID).unwrap();
+    p.receiver.accept();
+    p.sender.handle_link(p.now, true, true);
+    p.drain_receiver();
+    p.deliver_to_sender();
+    p.run(|_, frames| frames);
+    p.failed_with(FailCode::HashMismatch);
+}
+
+#[test]
+fn a_full_disk_fails_the_file() {
+    let mut p = Pair::new(content(10_000, 12), CHUNK);
+    p.part.full_after = Some(4_500);
+    p.run(|_, frames| frames);
+    p.failed_with(FailCode::WriteFailed);
+}
+
+#[test]
+fn a_declined_offer_fails_for_the_sender_and_writes_nothing() {
+    let file = content(100, 13);
+    let offer = offer_for(&file, CHUNK, 1);
+    let mut sender = Sender::new(offer.clone(), SID);
+    let mut receiver = Receiver::offered(offer, u64::MAX, SID).unwrap();
+    receiver.decline();
+    let outs: Vec<_> = std::iter::from_fn(|| receiver.poll_output()).collect();
+    let Some(ReceiveOutput::Message(Plain::FileDecline(d))) = outs.last().cloned() else {
+        panic!("{outs:?}");
+    };
+    assert_eq!(d.reason, FailCode::Declined);
+    sender.handle_decline(&d);
+    sender.handle_link(Instant::now(), true, true);
+    let outs: Vec<_> = std::iter::from_fn(|| sender.poll_output()).collect();
+    assert!(outs.contains(&SendOutput::Event(SendEvent::Failed {
+        code: FailCode::Declined
+    })));
+    assert!(!outs.iter().any(|o| matches!(o, SendOutput::Chunk(_))));
+}
+
+#[test]
+fn offers_over_the_receivers_bound_or_malformed_are_declined() {
+    let file = content(5_000, 14);
+    let decline = |offer: FileOffer, max| match Receiver::offered(offer, max, SID) {
+        Err(Plain::FileDecline(d)) => d.reason,
+        Err(other) => panic!("{other:?}"),
+        Ok(_) => panic!("accepted"),
+    };
+    assert_eq!(
+        decline(offer_for(&file, CHUNK, 1), 4_999),
+        FailCode::TooLarge
+    );
+    assert!(Receiver::offered(offer_for(&file, CHUNK, 1), 5_000, SID).is_ok());
+    assert_eq!(
+        decline(offer_for(&file, 0, 1), u64::MAX),
+        FailCode::BadOffer
+    );
+    assert_eq!(
+        decline(offer_for(&file, super::MAX_CHUNK_BYTES + 1, 1), u64::MAX),
+        FailCode::BadOffer
+    );
+    let mut bad_hash = offer_for(&file, CHUNK, 1);
+    bad_hash.sha256 = "zz".into();
+    assert_eq!(decline(bad_hash, u64::MAX), FailCode::BadOffer);
+    let mut bad_name = offer_for(&file, CHUNK, 1);
+    bad_name.name = "../../etc/passwd".into();
+    assert_eq!(decline(bad_name, u64::MAX), FailCode::BadName);
+    let mut huge = offer_for(&file, CHUNK, 1);
+    huge.size = super::MAX_FILE_BYTES + 1;
+    assert_eq!(decline(huge, u64::MAX), FailCode::BadOffer);
+}
+
+/// The receiver is killed mid-transfer (what it wrote but did not sync is lost with a power
+/// cut, too) and comes back from its record: the transfer completes, byte-identical, and what
+/// is sent again is at most one window.
+#[test]
+fn a_receiver_restart_resends_at_most_one_window() {
+    let len = 40_000;
+    let mut p = Pair::new(content(len, 15), CHUNK);
+    p.run(|_, frames| frames);
+    let whole = p.chunks_sent;
+    for crash_after in [3usize, 7, 11, 20] {
+        let mut p = Pair::new(content(len, 15), CHUNK);
+        p.deliver_until(crash_after);
+        // The receiver dies: only its last saved record survives, and the synced part.
+        let record = p.recv_record.clone().unwrap();
+        p.part.data.truncate(p.part.synced);
+        p.to_sender.clear();
+        p.receiver = Receiver::from_record(&record, SID, &mut p.part).unwrap();
+        assert_eq!(p.part.data.len() as u64, record.durable * u64::from(CHUNK));
+        // Both see the link come back (the sender: PEER_ONLINE).
+        p.sender.handle_link(p.now, true, false);
+        p.receiver.handle_link_reset();
+        p.drain_receiver();
+        p.sender.handle_link(p.now, true, true);
+        p.deliver_to_sender();
+        p.run(|_, frames| frames);
+        assert_eq!(
+            p.placed.as_deref(),
+            Some(&p.file[..]),
+            "crash after {crash_after}"
+        );
+        let again = p.chunks_sent - whole;
+        assert!(
+            again <= WINDOW_CHUNKS,
+            "crash after {crash_after}: {again} sent again"
+        );
+    }
+}
+
+/// The sender is killed mid-transfer and comes back from its record (whose acknowledged
+/// position may be old): it waits for the receiver's word, then sends at most one window
+/// again; the pass number moves on, so no nonce is used twice.
+#[test]
+fn a_sender_restart_resends_at_most_one_window() {
+    let len = 40_000;
+    let whole = super::chunk_count(len as u64, CHUNK);
+    for crash_after in [2usize, 9, 17] {
+        let mut p = Pair::new(content(len, 16), CHUNK);
+        let delivered = crash_after;
+        // The oldest record the sender saved during its pass (acked = 0): the worst case.
+        let record = p.deliver_until(crash_after);
+        let old_pass = p.send_record.as_ref().unwrap().pass;
+        p.to_sender.clear();
+        let mut stale = record;
+        stale.pass = old_pass;
+        p.sender = Sender::from_record(&stale, SID);
+        p.sender.handle_link(p.now, true, true);
+        assert!(
+            p.drain_sender().is_empty(),
+            "it waits for the receiver's position"
+        );
+        p.receiver.handle_link_reset();
+        p.drain_receiver();
+        p.deliver_to_sender();
+        let before = p.chunks_sent;
+        p.run(|_, frames| frames);
+        assert_eq!(
+            p.placed.as_deref(),
+            Some(&p.file[..]),
+            "crash after {crash_after}"
+        );
+        let total = p.chunks_sent - before + delivered as u64;
+        assert!(
+            total - whole <= WINDOW_CHUNKS,
+            "crash after {crash_after}: {} again",
+            total - whole
+        );
+        assert!(p.send_record.as_ref().unwrap().pass > old_pass);
+    }
+}
+
+/// Chunks of a pass that is over (left in a mailbox when the link dropped) arrive after the
+/// link came back: they are dropped without failing the file.
+#[test]
+fn stale_chunks_after_a_reconnection_are_harmless() {
+    let mut p = Pair::new(content(10_000, 17), CHUNK);
+    let first = p.drain_sender();
+    p.deliver_to_receiver(&first[0]);
+    // The link drops; the rest of the window waits in the mailbox.
+    p.sender.handle_link(p.now, true, false);
+    p.receiver.handle_link_reset();
+    p.drain_receiver();
+    for f in &first[1..] {
+        p.deliver_to_receiver(f);
+    }
+    assert_eq!(p.receiver.status(), ReceiveStatus::Receiving);
+    p.deliver_to_sender();
+    p.sender.handle_link(p.now, true, true);
+    p.run(|_, frames| frames);
+    assert_eq!(p.placed.as_deref(), Some(&p.file[..]));
+}
+
+/// Acknowledgements: a forged one (no key), one for more than was sent, or an old one
+/// replayed cannot make the sender skip data or go back.
+#[test]
+fn acknowledgements_cannot_make_the_sender_skip() {
+    let mut p = Pair::new(content(10_000, 18), CHUNK);
+    let frames = p.drain_sender();
+    assert_eq!(frames.len() as u64, WINDOW_CHUNKS);
+    // Forged: wrong key.
+    let forged = chunk::ack(
+        &chunk::FileKeys::new(&FileKey::from_bytes([0; 32])),
+        &[1; 16],
+        10_000,
+    );
+    p.sender.handle_ack(p.now, &forged);
+    assert_eq!(p.sender.acked_bytes(), 0);
+    // Authentic but for more than was sent (a receiver cannot have it): capped at what was.
+    let keys = chunk::FileKeys::new(&FileKey::from_bytes([101; 32]));
+    p.sender
+        .handle_ack(p.now, &chunk::ack(&keys, &[1; 16], 10_000));
+    assert_eq!(p.sender.acked_bytes(), WINDOW_CHUNKS * u64::from(CHUNK));
+    assert_eq!(p.sender.status(), SendStatus::Sending);
+    // An old one replayed: no step back.
+    p.sender
+        .handle_ack(p.now, &chunk::ack(&keys, &[1; 16], 1_000));
+    assert_eq!(p.sender.acked_bytes(), WINDOW_CHUNKS * u64::from(CHUNK));
+}
