@@ -41,6 +41,10 @@ pub const ATTACH_TIMEOUT: Duration = Duration::from_secs(30);
 /// How often unacknowledged messages are sent again while the peer is online and no receipt
 /// has moved (a frame can be lost with a connection that dies).
 pub const RETRANSMIT_EVERY: Duration = Duration::from_secs(2);
+/// After `store_unavailable` (protocol.md 2.4), the window goes again after this, doubling up
+/// to [`STORE_RETRY_MAX`] while the relay keeps answering so.
+const STORE_RETRY_FIRST: Duration = Duration::from_secs(1);
+const STORE_RETRY_MAX: Duration = Duration::from_secs(5);
 
 /// Each side's first message is its Hello (part of pairing): not reported as chat.
 const HELLO_SEQ: u64 = 1;
@@ -232,6 +236,10 @@ pub struct Conversation {
     backoff: Backoff,
     next_retransmit: Instant,
     oldest_at_last_tick: Option<u64>,
+    /// A cluster node answered `store_unavailable` to a message: when to send the window
+    /// again (peer online or not: the relay could not take it), and the wait after that.
+    store_retry: Option<Instant>,
+    store_backoff: Duration,
 }
 
 impl Conversation {
@@ -258,6 +266,8 @@ impl Conversation {
             backoff: Backoff::new(),
             next_retransmit: now,
             oldest_at_last_tick: None,
+            store_retry: None,
+            store_backoff: STORE_RETRY_FIRST,
         }
     }
 
@@ -377,16 +387,18 @@ impl Conversation {
     /// The connection failed: dialing it, reading from it or writing to it (the caller has
     /// dropped it).
     pub fn handle_disconnected(&mut self, now: Instant, why: ClientError) {
+        if self.end.is_none() && self.fatal_write && matches!(self.phase, Phase::Online { .. }) {
+            // Nothing decided after that write happens (it would not have before either); but
+            // lines already sealed are still saved, or their numbers would be used again.
+            self.steps.clear();
+            self.flush_sealed();
+            return self.finish(Err(why));
+        }
         self.flush_sealed();
         if self.end.is_some() {
             return;
         }
         match self.phase {
-            Phase::Online { .. } if self.fatal_write => {
-                // Nothing decided after that write happens (it would not have before either).
-                self.steps.clear();
-                self.finish(Err(why));
-            }
             Phase::Online { .. } => {
                 // A relay that broke the protocol (an oversize frame) is handled like a cut:
                 // the stream cannot be resynchronised, the outboxes resend whatever was lost.
@@ -445,6 +457,12 @@ impl Conversation {
                 self.steps.push_back(Step::Link(LinkAction::Dial));
             }
             Phase::Offline { .. } | Phase::Dialing => {}
+        }
+        if self.store_retry.is_some_and(|at| now >= at)
+            && matches!(self.phase, Phase::Online { .. })
+        {
+            self.store_retry = None;
+            self.resend_window();
         }
         if self.retransmitting() && now >= self.next_retransmit {
             let oldest = self.session.unacked().next().map(|(seq, _)| seq);
@@ -534,10 +552,18 @@ impl Conversation {
             Phase::Dialing => None,
         };
         let retransmit = self.retransmitting().then_some(self.next_retransmit);
-        [phase, retransmit, self.config.deadline.map(|(at, _)| at)]
-            .into_iter()
-            .flatten()
-            .min()
+        let store_retry = self
+            .store_retry
+            .filter(|_| matches!(self.phase, Phase::Online { .. }));
+        [
+            phase,
+            retransmit,
+            store_retry,
+            self.config.deadline.map(|(at, _)| at),
+        ]
+        .into_iter()
+        .flatten()
+        .min()
     }
 
     // -----------------------------------------------------------------------------------------
@@ -619,6 +645,10 @@ impl Conversation {
                 Err(e) => self.problem("rejected_receipt", format!("a receipt was rejected: {e}")),
             },
             FrameType::Delivered => {
+                // The relay takes messages again: the next store trouble starts from the
+                // shortest wait.
+                self.store_retry = None;
+                self.store_backoff = STORE_RETRY_FIRST;
                 if let Some(seq) = msg_seq(&env)
                     && self.session.unacked().any(|(s, _)| s == seq)
                     && self.accepted.insert(seq)
@@ -651,6 +681,12 @@ impl Conversation {
             // node that cannot reach its store, with the next resend: protocol.md 2.7).
             (Some(seq), "mailbox_full" | "peer_offline" | "not_paired" | "store_unavailable") => {
                 self.accepted.remove(&seq);
+                if code == "store_unavailable" && self.store_retry.is_none() {
+                    // Not the peer's absence: the relay could not look. Again after a short
+                    // wait, backing off (protocol.md 2.4), whether the peer is online or not.
+                    self.store_retry = Some(later(now, self.store_backoff));
+                    self.store_backoff = self.store_backoff.saturating_mul(2).min(STORE_RETRY_MAX);
+                }
                 if code == "mailbox_full" {
                     self.event(Event::Problem {
                         code,
@@ -1629,6 +1665,9 @@ mod tests {
         let (host, _) = sessions();
         let (mut c, first) = paired(host, now, config());
         assert_eq!(msg_seqs(&first), [1]);
+        // The peer is away (so the stalled-window timer is off): only the store retry can
+        // send the message again.
+        frame_in(&mut c, now, &relay("PEER_OFFLINE"));
         let out = frame_in(&mut c, now, &error("store_unavailable", Some(1)));
         assert!(
             events(&out)
@@ -1636,10 +1675,16 @@ mod tests {
                 .all(|e| !matches!(e, Event::Problem { code, .. } if code == "refused_message")),
             "{out:?}"
         );
-        // Sent again by the resend timer, as after mailbox_full.
         let at = c.poll_timeout().unwrap();
-        assert!(at <= now + Duration::from_secs(2), "{at:?}");
+        assert_eq!(at, now + Duration::from_secs(1), "one second first");
+        assert!(out_of(&mut c, at - Duration::from_millis(1)).is_empty());
         assert_eq!(msg_seqs(&out_of(&mut c, at)), [1]);
+        // Refused again: the wait doubles.
+        frame_in(&mut c, at, &error("store_unavailable", Some(1)));
+        let again = c.poll_timeout().unwrap();
+        assert_eq!(again, at + Duration::from_secs(2));
+        assert_eq!(msg_seqs(&out_of(&mut c, again)), [1]);
+        let at = again;
 
         // While re-attaching: another try, later.
         c.handle_disconnected(at, ClientError::ConnectionLost("cut".into()));

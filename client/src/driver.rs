@@ -538,6 +538,18 @@ async fn chat(
         }
         let wake = conversation.poll_timeout();
         tokio::select! {
+            // What has arrived is looked at before a timer fires (a liveness check must not
+            // count as silence a frame that is already waiting), and before new input.
+            biased;
+            arrived = next_arrival(&mut link) => match arrived {
+                Ok(Arrived::Text(text)) => conversation.handle_frame(now(), &text),
+                Ok(Arrived::Other) => conversation.handle_traffic(now()),
+                Err(e) => {
+                    link = None;
+                    conversation.handle_disconnected(now(), e);
+                }
+            },
+            () = sleep_until(wake) => conversation.handle_timeout(now()),
             line = next_line(&mut input), if reading => match line {
                 Some(line) => {
                     conversation.handle_line(now(), line);
@@ -557,15 +569,6 @@ async fn chat(
                 }
                 None => conversation.handle_input_closed(now()),
             },
-            arrived = next_arrival(&mut link) => match arrived {
-                Ok(Arrived::Text(text)) => conversation.handle_frame(now(), &text),
-                Ok(Arrived::Other) => conversation.handle_traffic(now()),
-                Err(e) => {
-                    link = None;
-                    conversation.handle_disconnected(now(), e);
-                }
-            },
-            () = sleep_until(wake) => conversation.handle_timeout(now()),
         }
     }
 }

@@ -214,10 +214,19 @@ impl Session {
             .iter()
             .map(|e| (e.seq, e.frame.clone()))
             .collect();
-        if outbox
-            .keys()
-            .any(|seq| *seq > record.send_seq || *seq <= record.peer_acked)
-        {
+        // Exactly the messages sent and not acknowledged: a record that claims more (a
+        // damaged or crafted `send_seq`) would have a receipt walk a range of any length.
+        let unacked = record.send_seq.checked_sub(record.peer_acked);
+        let exact = unacked.is_some_and(|n| n == outbox.len() as u64)
+            && outbox
+                .keys()
+                .next()
+                .is_none_or(|first| Some(*first) == record.peer_acked.checked_add(1))
+            && outbox
+                .keys()
+                .next_back()
+                .is_none_or(|last| *last == record.send_seq);
+        if !exact {
             return Err(damaged("outbox"));
         }
         let mut early = BTreeMap::new();
@@ -962,8 +971,36 @@ pub(crate) mod tests {
         assert_eq!(host.seal(&text("ok")).unwrap().0, 1);
         let mut record = host.record();
         record.send_seq = u64::MAX;
+        record.peer_acked = u64::MAX;
+        record.outbox.clear();
         let mut exhausted = Session::from_record(&record).unwrap();
         assert_eq!(exhausted.seal(&text("x")), Err(SendError::Exhausted));
+    }
+
+    /// A record whose counters claim more unacknowledged messages than its outbox holds is
+    /// damaged: a receipt would otherwise walk a range of any length.
+    #[test]
+    fn a_record_whose_outbox_does_not_match_its_counters_is_refused() {
+        let (mut host, _) = pair();
+        host.seal(&text("one")).unwrap();
+        host.seal(&text("two")).unwrap();
+        let good = host.record();
+        assert!(Session::from_record(&good).is_ok());
+        for damage in [
+            |r: &mut SessionRecord| r.send_seq = u64::MAX,
+            |r: &mut SessionRecord| r.peer_acked = r.send_seq,
+            |r: &mut SessionRecord| {
+                r.outbox.pop();
+            },
+            |r: &mut SessionRecord| r.peer_acked = r.send_seq.saturating_add(1),
+        ] {
+            let mut record = good.clone();
+            damage(&mut record);
+            assert!(matches!(
+                Session::from_record(&record),
+                Err(DamagedRecord { what: "outbox", .. })
+            ));
+        }
     }
 
     /// Sequence numbers come from the peer (and the state file): at the top of the range the
