@@ -62,6 +62,10 @@ return {nodes, sessions, bytes}
 pub(super) struct Beats {
     last: Instant,
     steady_since: Instant,
+    /// After starting afresh, the node acts for no session until then: every other node
+    /// that lost Redis too has had a heartbeat to come back and start afresh itself, so no
+    /// session is taken in while another node still holds its old copy.
+    quiet_until: Instant,
 }
 
 impl Beats {
@@ -69,9 +73,13 @@ impl Beats {
         Beats {
             last: Instant::now(),
             steady_since: Instant::now(),
+            quiet_until: Instant::now(),
         }
     }
 }
+
+/// How long a node that started afresh waits before it acts for sessions again.
+const QUIET_AFTER_AFRESH: Duration = HEARTBEAT.saturating_mul(3);
 
 impl Cluster {
     pub(super) async fn beat(&self) -> redis::RedisResult<()> {
@@ -126,6 +134,10 @@ impl Cluster {
                 seconds = absent.as_secs(),
                 "this node lost Redis for longer than a heartbeat lasts; closing every connection and starting afresh"
             );
+            self.beats
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .quiet_until = Instant::now() + QUIET_AFTER_AFRESH;
             self.start_afresh();
             return Ok(());
         }
@@ -163,7 +175,7 @@ impl Cluster {
     /// started afresh.
     pub(super) fn holds_lease(&self) -> bool {
         let beats = self.beats.lock().unwrap_or_else(PoisonError::into_inner);
-        beats.last.elapsed() < LEASE
+        beats.last.elapsed() < LEASE && Instant::now() >= beats.quiet_until
     }
 
     pub(super) async fn run_heartbeat(self: Arc<Self>, stop: CancellationToken) {
