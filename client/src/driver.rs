@@ -499,6 +499,7 @@ fn conversation_config(
     Config {
         interactive,
         exit_after: opts.exit_after,
+        exit_after_files: None,
         deadline: deadline.map(|at| (at.into_std(), opts.timeout.map_or(0, |t| t.as_secs()))),
         idle: opts.dialer.idle(),
         // The other sessions stored here keep their outboxes (no other process writes this

@@ -10,6 +10,7 @@ use serde_json::{Value, json};
 
 use crate::conversation::Event;
 use crate::session::{MAX_OUTBOX, MAX_OUTBOX_BYTES, Session};
+use crate::transfers::FileEvent;
 
 /// Prints above the line being edited (rustyline's external printer).
 pub type LinePrinter = Box<dyn rustyline::ExternalPrinter + Send>;
@@ -222,6 +223,7 @@ pub fn chat_event(event: &Event, session: &Session) -> Value {
             "pending": pending,
             "message": format!("receipts made room in the outbox ({pending} message(s) still wait); reading input again"),
         }),
+        Event::File(file) => file_event(file, sid),
         Event::Problem {
             code,
             message,
@@ -232,6 +234,53 @@ pub fn chat_event(event: &Event, session: &Session) -> Value {
             message,
             seq: None,
         } => error_event(code, message),
+    }
+}
+
+/// A transfer's event (README "Events"): the peer's names are data, never markup.
+fn file_event(event: &FileEvent, sid: &str) -> Value {
+    match event {
+        FileEvent::Offer { id, name, size } => {
+            json!({"event": "file_offer", "sid": sid, "id": id, "name": name, "size": size})
+        }
+        FileEvent::Progress { id, bytes } => {
+            json!({"event": "file_progress", "sid": sid, "id": id, "bytes": bytes})
+        }
+        FileEvent::Received {
+            id,
+            name,
+            path,
+            size,
+            sha256,
+        } => json!({
+            "event": "file_received",
+            "sid": sid,
+            "id": id,
+            "name": name,
+            "path": path.to_string_lossy(),
+            "size": size,
+            "sha256": sha256,
+        }),
+        FileEvent::Sent {
+            id,
+            name,
+            size,
+            sha256,
+        } => json!({
+            "event": "file_sent",
+            "sid": sid,
+            "id": id,
+            "name": name,
+            "size": size,
+            "sha256": sha256,
+        }),
+        FileEvent::Failed { id, code, message } => json!({
+            "event": "file_failed",
+            "sid": sid,
+            "id": id,
+            "code": code,
+            "message": message,
+        }),
     }
 }
 
