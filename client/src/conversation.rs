@@ -1105,7 +1105,9 @@ impl Conversation {
     /// When nothing else is queued, the transfers' next steps: chat, receipts and saves go
     /// first, file data after (protocol.md 3.10: chat goes ahead of chunks).
     fn pull_files(&mut self) {
-        if !self.steps.is_empty() || self.end.is_some() || !self.begun {
+        // (Also after the end is decided: what the transfers still have to say, their last
+        // events, is told before the run ends.)
+        if !self.steps.is_empty() || !self.begun {
             return;
         }
         let now = self.last_now;

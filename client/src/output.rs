@@ -125,6 +125,21 @@ fn human(event: &Value) -> Option<String> {
         "peer_online" => format!("* {} is online", peer()),
         "peer_offline" => format!("* {} is offline; messages wait until they are back", peer()),
         "error" => format!("! {}", text(event, "message")),
+        // Plain lines until part B's prompts and progress bars; the peer's names sanitised.
+        "file_offer" => format!(
+            "* {} offers {} ({} bytes)",
+            peer(),
+            text(event, "name"),
+            event.get("size").and_then(Value::as_u64).unwrap_or(0)
+        ),
+        "file_received" => format!(
+            "* received {} -> {} (SHA-256 {})",
+            text(event, "name"),
+            text(event, "path"),
+            text(event, "sha256")
+        ),
+        "file_sent" => format!("* sent {}, verified by {}", text(event, "name"), peer()),
+        "file_failed" => format!("! file {}: {}", text(event, "id"), text(event, "message")),
         "session" => format!(
             "{}  {:<5}  peer {:<12}  created {}  last used {}  safety {}",
             text(event, "sid"),

@@ -138,10 +138,10 @@ pub struct Transfers {
     steps: VecDeque<FileStep>,
     attached: bool,
     peer_online: bool,
-    sent: u64,
+    /// Files received and verified in this run.
     received: u64,
-    /// Our files that failed or were declined in this run.
-    send_failed: u64,
+    /// Files that could not even be offered.
+    unoffered: u64,
 }
 
 impl Transfers {
@@ -163,9 +163,8 @@ impl Transfers {
             steps: VecDeque::new(),
             attached: false,
             peer_online: false,
-            sent: 0,
             received: 0,
-            send_failed: 0,
+            unoffered: 0,
         };
         for stored in files_out {
             let Some((record, path)) = store::send_from_state(stored) else {
@@ -237,14 +236,14 @@ impl Transfers {
         self.received
     }
 
-    /// Files sent and verified by the peer in this run.
-    pub fn sent(&self) -> u64 {
-        self.sent
-    }
-
-    /// Our files that failed or were declined in this run.
+    /// Our files that failed or were declined (read from their status, so that it is right
+    /// as soon as the answer came, before its event is told).
     pub fn send_failed(&self) -> u64 {
-        self.send_failed
+        self.outgoing
+            .iter()
+            .filter(|o| matches!(o.sender.status(), SendStatus::Failed { .. }))
+            .count() as u64
+            + self.unoffered
     }
 
     /// The records the state file keeps: transfers still going (finished ones are forgotten,
@@ -511,7 +510,6 @@ impl Transfers {
                 }
             }
             SendOutput::Event(SendEvent::Sent) => {
-                self.sent = self.sent.saturating_add(1);
                 self.steps.push_back(FileStep::Event(FileEvent::Sent {
                     id,
                     name: o.name.clone(),
@@ -521,7 +519,6 @@ impl Transfers {
                 self.offer_next(now);
             }
             SendOutput::Event(SendEvent::Failed { code }) => {
-                self.send_failed = self.send_failed.saturating_add(1);
                 self.steps.push_back(FileStep::Event(FileEvent::Failed {
                     id,
                     code,
@@ -551,8 +548,6 @@ impl Transfers {
         let Some(file) = self.to_offer.pop_front() else {
             return;
         };
-        // Finished ones are reported already; only the moving ones stay.
-        self.outgoing.retain(|o| !is_final_send(o.sender.status()));
         match new_offer(file.name.clone(), file.size, &file.sha256) {
             Ok(offer) => {
                 let mut sender = Sender::new(offer.clone(), &self.sid);
@@ -572,7 +567,7 @@ impl Transfers {
                     .push_back(FileStep::Message(Plain::FileOffer(offer)));
             }
             Err(code) => {
-                self.send_failed = self.send_failed.saturating_add(1);
+                self.unoffered = self.unoffered.saturating_add(1);
                 self.steps.push_back(FileStep::Event(FileEvent::Failed {
                     id: String::new(),
                     code,
