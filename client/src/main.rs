@@ -16,6 +16,7 @@ Examples:
   parley --name bob join 042917-553108     # on the other machine
   parley --name alice resume               # later: back into the same session, no new code
   parley --name alice sessions
+  parley --name alice send report.pdf photos/   # files to the stored session's peer
 
 Scripting: --json makes stdout one JSON object per line (events: invite, paired, resumed,
 message, sent, delivered, read, relay_offline, relay_online, peer_online, peer_offline,

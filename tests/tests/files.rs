@@ -194,6 +194,50 @@ fn max_file_bytes_refuses_a_larger_offer() {
     assert!(!downloads.exists() || leftover_files(&downloads).is_empty());
 }
 
+#[test]
+fn a_receiver_killed_halfway_then_resumed_completes_with_the_right_hash() {
+    let relay = RelayProcess::start(&[]);
+    let (alice_dir, bob_dir) = paired(&relay);
+    let work = TempDir::new("files-work");
+    let source = work.path().join("big.bin");
+    let data = random_file(&source, 12 * 1024 * 1024);
+    let downloads = work.path().join("downloads");
+    let accept = ["--accept-files", "--exit-after-files", "1"];
+
+    let mut bob = receiver(&relay, bob_dir.path(), &downloads, &accept);
+    bob.close_stdin();
+    bob.expect("resumed");
+    let alice = sender(&relay, alice_dir.path(), &[&source]);
+    // SIGKILL once a quarter is durable: no chance to save anything more.
+    loop {
+        let progress = bob.expect("file_progress");
+        if progress["bytes"].as_u64().unwrap() >= data.len() as u64 / 4 {
+            break;
+        }
+    }
+    bob.kill();
+    let parts = leftover_parts(&downloads);
+    assert_eq!(parts.len(), 1, "the .part stays for the resume: {parts:?}");
+
+    let mut bob = receiver(&relay, bob_dir.path(), &downloads, &accept);
+    bob.close_stdin();
+    let (bob_status, bob_events) = bob.wait_long();
+    assert!(bob_status.success(), "{bob_status}: {bob_events:?}");
+    // The offer is not made again: the resumed receiver goes on from its record.
+    assert!(
+        named(&bob_events, "file_offer").is_empty(),
+        "{bob_events:?}"
+    );
+    let received = named(&bob_events, "file_received");
+    assert_eq!(received[0]["sha256"], sha(&data));
+    let path = PathBuf::from(received[0]["path"].as_str().unwrap());
+    assert!(std::fs::read(&path).unwrap() == data, "the bytes differ");
+    assert!(leftover_parts(&downloads).is_empty());
+    let (alice_status, alice_events) = alice.wait_long();
+    assert!(alice_status.success(), "{alice_status}: {alice_events:?}");
+    assert_eq!(named(&alice_events, "file_sent")[0]["sha256"], sha(&data));
+}
+
 fn leftover_parts(dir: &Path) -> Vec<PathBuf> {
     leftover_files(dir)
         .into_iter()
