@@ -212,9 +212,19 @@ impl Transfers {
         transfers
     }
 
-    /// Files to send, offered one after another once the chat has begun.
+    /// Files to send, offered one after another once the chat has begun. A file already
+    /// being sent (stored by a run that stopped: same path, same SHA-256) is not offered
+    /// again: that transfer goes on from where the receiver is.
     pub fn send(&mut self, files: Vec<LocalFile>) {
-        self.to_offer.extend(files);
+        for file in files {
+            let sha256 = hex::encode(file.sha256);
+            let going = self.outgoing.iter().any(|o| {
+                o.path == file.path && o.sha256 == sha256 && !is_final_send(o.sender.status())
+            });
+            if !going {
+                self.to_offer.push_back(file);
+            }
+        }
     }
 
     /// Nothing is waiting to be offered or moving: every file sent or received is done or

@@ -238,6 +238,50 @@ fn a_receiver_killed_halfway_then_resumed_completes_with_the_right_hash() {
     assert_eq!(named(&alice_events, "file_sent")[0]["sha256"], sha(&data));
 }
 
+#[test]
+fn a_sender_killed_halfway_then_sending_again_goes_on_with_the_same_transfer() {
+    let relay = RelayProcess::start(&[]);
+    let (alice_dir, bob_dir) = paired(&relay);
+    let work = TempDir::new("files-work");
+    let source = work.path().join("big.bin");
+    let data = random_file(&source, 12 * 1024 * 1024);
+    let downloads = work.path().join("downloads");
+
+    let mut bob = receiver(
+        &relay,
+        bob_dir.path(),
+        &downloads,
+        &["--accept-files", "--exit-after-files", "1"],
+    );
+    bob.close_stdin();
+    bob.expect("resumed");
+    let mut alice = sender(&relay, alice_dir.path(), &[&source]);
+    loop {
+        let progress = alice.expect("file_progress");
+        if progress["bytes"].as_u64().unwrap() >= data.len() as u64 / 4 {
+            break;
+        }
+    }
+    alice.kill();
+
+    // The same command again: the stored transfer goes on (no second offer).
+    let alice = sender(&relay, alice_dir.path(), &[&source]);
+    let (alice_status, alice_events) = alice.wait_long();
+    assert!(alice_status.success(), "{alice_status}: {alice_events:?}");
+    assert_eq!(
+        named(&alice_events, "file_sent").len(),
+        1,
+        "{alice_events:?}"
+    );
+    let (bob_status, bob_events) = bob.wait_long();
+    assert!(bob_status.success(), "{bob_status}: {bob_events:?}");
+    assert_eq!(named(&bob_events, "file_offer").len(), 1, "{bob_events:?}");
+    let received = named(&bob_events, "file_received");
+    assert_eq!(received[0]["sha256"], sha(&data));
+    let path = PathBuf::from(received[0]["path"].as_str().unwrap());
+    assert!(std::fs::read(&path).unwrap() == data, "the bytes differ");
+}
+
 fn leftover_parts(dir: &Path) -> Vec<PathBuf> {
     leftover_files(dir)
         .into_iter()
