@@ -2168,10 +2168,14 @@ mod file_tests {
         placed: Placed,
     }
 
-    /// Host sends `file` to a guest that accepts (or not) up to `max_bytes`; `line` is typed
-    /// on the host once the first chunk is out.
-    fn run(file: &[u8], accept: bool, max_bytes: u64, line: Option<&str>) -> (Run, Vec<String>) {
-        let now = Instant::now();
+    /// A host about to send `file` to a guest that accepts (or not) up to `max_bytes`, and
+    /// where the guest's files are placed.
+    fn setup(
+        now: Instant,
+        file: &[u8],
+        accept: bool,
+        max_bytes: u64,
+    ) -> (Conversation, Conversation, Arc<Mutex<Placed>>) {
         let (mut h, mut g) = pair();
         let (_, hello) = h
             .seal(&Plain::Hello {
@@ -2200,6 +2204,14 @@ mod file_tests {
         // (Set after pairing: the link is told again, as attaching would.)
         host.files_link(now);
         guest.files_link(now);
+        (host, guest, placed)
+    }
+
+    /// Host sends `file` to a guest that accepts (or not) up to `max_bytes`; `line` is typed
+    /// on the host once the first chunk is out.
+    fn run(file: &[u8], accept: bool, max_bytes: u64, line: Option<&str>) -> (Run, Vec<String>) {
+        let now = Instant::now();
+        let (mut host, mut guest, placed) = setup(now, file, accept, max_bytes);
         let mut result = Run {
             host_events: Vec::new(),
             guest_events: Vec::new(),
@@ -2308,6 +2320,46 @@ mod file_tests {
                 .iter()
                 .any(|f| f.contains("file_chunk"))
         );
+    }
+
+    /// A chunk the relay refused stops the sender; it goes on with a new pass only after a
+    /// while (or when the peer comes back), not at every refusal.
+    #[test]
+    fn a_refused_chunk_pauses_the_sender_instead_of_a_pass_per_refusal() {
+        let now = Instant::now();
+        let file = vec![5u8; 400_000];
+        let (mut host, mut guest, _) = setup(now, &file, true, u64::MAX);
+        let chunks = |frames: &[String]| frames.iter().filter(|f| f.contains("file_chunk")).count();
+        // Offer, accept: the first window goes.
+        let (offer, _) = drain(&mut host);
+        for f in forwarded(&offer) {
+            guest.handle_frame(now, &f);
+        }
+        let (answer, _) = drain(&mut guest);
+        for f in forwarded(&answer) {
+            host.handle_frame(now, &f);
+        }
+        let (window, _) = drain(&mut host);
+        assert_eq!(chunks(&window), 4);
+        let refused = format!(
+            r#"{{"t":"ERROR","sid":"{}","data":{{"code":"mailbox_full","message":"m","msgID":"file_chunk"}}}}"#,
+            host.session().sid()
+        );
+        for _ in 0..4 {
+            host.handle_frame(now, &refused);
+        }
+        let (after, events) = drain(&mut host);
+        assert_eq!(chunks(&after), 0);
+        assert!(!events.iter().any(|e| matches!(e, Event::Problem { .. })));
+        let at = host.poll_timeout().unwrap();
+        assert!(
+            at >= now + crate::files::send::RESEND_AFTER,
+            "{:?}",
+            at - now
+        );
+        host.handle_timeout(at);
+        let (again, _) = drain(&mut host);
+        assert_eq!(chunks(&again), 4);
     }
 
     #[test]

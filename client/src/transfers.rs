@@ -20,7 +20,7 @@ use parley_state::{FileReceiveState, FileSendState, MAX_FILE_RECORDS};
 use crate::files::names::{part_name, unique_target};
 use crate::files::offer::{FileDecline, FileFailed, FileOffer};
 use crate::files::receive::{PartFile, ReceiveEvent, ReceiveOutput, ReceiveStatus, Receiver};
-use crate::files::send::{SendEvent, SendOutput, SendStatus, Sender, new_offer};
+use crate::files::send::{RESEND_AFTER, SendEvent, SendOutput, SendStatus, Sender, new_offer};
 use crate::files::{FailCode, FileId, chunk, store};
 use crate::session::Plain;
 
@@ -138,6 +138,9 @@ pub struct Transfers {
     steps: VecDeque<FileStep>,
     attached: bool,
     peer_online: bool,
+    /// The relay refused a chunk while the peer seemed online: senders wait until then (or
+    /// until the link changes) rather than start a pass at every refusal.
+    paused_until: Option<Instant>,
     /// Files received and verified in this run.
     received: u64,
     /// Files that could not even be offered.
@@ -163,6 +166,7 @@ impl Transfers {
             steps: VecDeque::new(),
             attached: false,
             peer_online: false,
+            paused_until: None,
             received: 0,
             unoffered: 0,
         };
@@ -286,6 +290,7 @@ impl Transfers {
         let was = self.attached && self.peer_online;
         self.attached = attached;
         self.peer_online = peer_online;
+        self.paused_until = None;
         for o in &mut self.outgoing {
             o.sender.handle_link(now, attached, peer_online);
         }
@@ -364,16 +369,26 @@ impl Transfers {
     }
 
     /// The relay refused a chunk (`ERROR` with `msgID` `"file_chunk"`: the peer went offline,
-    /// its mailbox is full): it is lost, so each sender starts again from what is
-    /// acknowledged (a new pass now if the peer is still online, else when it is back).
+    /// its mailbox is full): it and those after it are lost, so the senders stop. They start
+    /// a new pass from what is acknowledged when the peer comes back (`PEER_ONLINE`), or, if
+    /// the relay said nothing of the peer, after [`RESEND_AFTER`]: never at once, or a relay
+    /// that keeps refusing would have us spend a pass (and a save) on every refusal.
     pub fn handle_chunk_refused(&mut self, now: Instant) {
         for o in &mut self.outgoing {
             o.sender.handle_link(now, self.attached, false);
-            o.sender.handle_link(now, self.attached, self.peer_online);
+        }
+        if self.paused_until.is_none() {
+            self.paused_until = now.checked_add(RESEND_AFTER);
         }
     }
 
     pub fn handle_timeout(&mut self, now: Instant) {
+        if self.paused_until.is_some_and(|at| now >= at) {
+            self.paused_until = None;
+            for o in &mut self.outgoing {
+                o.sender.handle_link(now, self.attached, self.peer_online);
+            }
+        }
         for o in &mut self.outgoing {
             o.sender.handle_timeout(now);
         }
@@ -383,6 +398,7 @@ impl Transfers {
         self.outgoing
             .iter()
             .filter_map(|o| o.sender.poll_timeout())
+            .chain(self.paused_until)
             .min()
     }
 
