@@ -204,13 +204,23 @@ impl Transfers {
                     target: None,
                     last_progress: None,
                 }),
-                Err(code) => transfers
-                    .steps
-                    .push_back(FileStep::Event(FileEvent::Failed {
-                        id: hex::encode(record.offer.id),
-                        code,
-                        message: code.to_string(),
-                    })),
+                // Its `.part` cannot be opened: the file fails, and the sender is told (it
+                // would otherwise wait for it for ever). Nothing stored is kept of it.
+                Err(code) => {
+                    transfers
+                        .steps
+                        .push_back(FileStep::Message(Plain::FileFailed(FileFailed {
+                            id: record.offer.id,
+                            code,
+                        })));
+                    transfers
+                        .steps
+                        .push_back(FileStep::Event(FileEvent::Failed {
+                            id: hex::encode(record.offer.id),
+                            code,
+                            message: code.to_string(),
+                        }));
+                }
             }
         }
         transfers
@@ -679,4 +689,76 @@ fn is_final_send(status: SendStatus) -> bool {
 
 fn is_final_receive(status: ReceiveStatus) -> bool {
     matches!(status, ReceiveStatus::Done | ReceiveStatus::Failed { .. })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::files::FileKey;
+    use crate::files::receive::ReceiveRecord;
+
+    /// A disk that refuses everything.
+    struct Refusing;
+
+    impl FileSystem for Refusing {
+        fn read_at(&mut self, _: &Path, _: u64, _: &mut [u8]) -> io::Result<()> {
+            Err(io::ErrorKind::PermissionDenied.into())
+        }
+        fn part(&mut self, _: &Path) -> io::Result<&mut dyn PartFile> {
+            Err(io::ErrorKind::PermissionDenied.into())
+        }
+        fn remove_part(&mut self, _: &Path) -> io::Result<()> {
+            Ok(())
+        }
+        fn exists(&self, _: &Path) -> bool {
+            false
+        }
+        fn place(&mut self, _: &Path, _: &Path) -> io::Result<()> {
+            Err(io::ErrorKind::PermissionDenied.into())
+        }
+    }
+
+    /// A stored transfer whose `.part` cannot be opened after a restart fails, and the sender
+    /// hears it (`file_failed`), rather than waiting for ever.
+    #[test]
+    fn a_stored_receive_whose_part_cannot_be_opened_fails_and_tells_the_sender() {
+        let record = ReceiveRecord {
+            offer: FileOffer {
+                id: [3; 16],
+                name: "a.bin".into(),
+                size: 10,
+                sha256: "00".repeat(32),
+                chunk: 4,
+                key: FileKey::from_bytes([1; 32]),
+            },
+            durable: 1,
+            pass: 1,
+            status: ReceiveStatus::Receiving,
+        };
+        let stored = store::receive_state(&record, Path::new("/dl")).unwrap();
+        let config = FileConfig {
+            accept: true,
+            download_dir: PathBuf::from("/dl"),
+            max_bytes: u64::MAX,
+        };
+        let mut transfers = Transfers::new(Box::new(Refusing), config, "s", &[], &[stored]);
+        let now = Instant::now();
+        assert!(matches!(
+            transfers.poll_step(now),
+            Some(FileStep::Message(Plain::FileFailed(FileFailed {
+                id,
+                code: FailCode::WriteFailed
+            }))) if id == [3; 16]
+        ));
+        assert!(matches!(
+            transfers.poll_step(now),
+            Some(FileStep::Event(FileEvent::Failed {
+                code: FailCode::WriteFailed,
+                ..
+            }))
+        ));
+        assert!(transfers.poll_step(now).is_none());
+        assert!(transfers.idle());
+        assert_eq!(transfers.records(), (Vec::new(), Vec::new()));
+    }
 }
