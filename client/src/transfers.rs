@@ -694,7 +694,6 @@ fn is_final_receive(status: ReceiveStatus) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::files::FileKey;
     use crate::files::receive::ReceiveRecord;
 
     /// A disk that refuses everything.
@@ -723,14 +722,7 @@ mod tests {
     #[test]
     fn a_stored_receive_whose_part_cannot_be_opened_fails_and_tells_the_sender() {
         let record = ReceiveRecord {
-            offer: FileOffer {
-                id: [3; 16],
-                name: "a.bin".into(),
-                size: 10,
-                sha256: "00".repeat(32),
-                chunk: 4,
-                key: FileKey::from_bytes([1; 32]),
-            },
+            offer: crate::files::store::tests::offer(),
             durable: 1,
             pass: 1,
             status: ReceiveStatus::Receiving,
@@ -748,7 +740,7 @@ mod tests {
             Some(FileStep::Message(Plain::FileFailed(FileFailed {
                 id,
                 code: FailCode::WriteFailed
-            }))) if id == [3; 16]
+            }))) if id == [0xa0; 16]
         ));
         assert!(matches!(
             transfers.poll_step(now),

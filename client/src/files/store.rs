@@ -93,13 +93,13 @@ pub fn receive_from_state(state: &FileReceiveState) -> Option<(ReceiveRecord, Pa
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::super::FailCode;
     use super::super::receive::ReceiveStatus;
     use super::super::send::SendStatus;
     use super::*;
 
-    fn offer() -> FileOffer {
+    pub(crate) fn offer() -> FileOffer {
         FileOffer {
             id: [0xa0; 16],
             name: "docs/hello.txt".into(),
