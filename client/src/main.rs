@@ -205,10 +205,11 @@ fn options(cli: &Cli) -> Result<Options, ClientError> {
     };
     let download_dir = match &cli.download_dir {
         Some(dir) => dir.clone(),
-        // No download directory on this system: the data directory's, beside the state.
+        // No download directory on this system (a server): a folder of the data directory's
+        // own, apart from the state files.
         None => dirs::download_dir()
-            .or_else(dirs::data_dir)
             .map(|d| d.join("parley"))
+            .or_else(|| dirs::data_dir().map(|d| d.join("parley").join("downloads")))
             .ok_or_else(|| {
                 usage(ClientError::Usage(
                     "no per-user download directory here; pass --download-dir DIR".into(),
