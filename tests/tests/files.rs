@@ -282,6 +282,40 @@ fn a_sender_killed_halfway_then_sending_again_goes_on_with_the_same_transfer() {
     assert!(std::fs::read(&path).unwrap() == data, "the bytes differ");
 }
 
+#[test]
+fn a_chat_line_sent_during_a_transfer_arrives_while_it_runs() {
+    let relay = RelayProcess::start(&[]);
+    let (alice_dir, bob_dir) = paired(&relay);
+    let work = TempDir::new("files-work");
+    let source = work.path().join("big.bin");
+    let data = random_file(&source, 12 * 1024 * 1024);
+    let downloads = work.path().join("downloads");
+
+    let mut bob = receiver(
+        &relay,
+        bob_dir.path(),
+        &downloads,
+        &["--accept-files", "--exit-after-files", "1"],
+    );
+    bob.expect("resumed");
+    let mut alice = sender(&relay, alice_dir.path(), &[&source]);
+    bob.expect("file_progress");
+    bob.send_line("while the file moves");
+    bob.close_stdin();
+    // Alice (whose `send` reads no lines but shows them) has it before the file is done.
+    assert_eq!(alice.expect("message")["text"], "while the file moves");
+    assert!(
+        named(&alice.seen, "file_sent").is_empty(),
+        "the line came only after the file: {:?}",
+        alice.seen
+    );
+    let (alice_status, alice_events) = alice.wait_long();
+    assert!(alice_status.success(), "{alice_status}: {alice_events:?}");
+    assert_eq!(named(&alice_events, "file_sent")[0]["sha256"], sha(&data));
+    let (bob_status, bob_events) = bob.wait_long();
+    assert!(bob_status.success(), "{bob_status}: {bob_events:?}");
+}
+
 fn leftover_parts(dir: &Path) -> Vec<PathBuf> {
     leftover_files(dir)
         .into_iter()
