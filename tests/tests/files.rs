@@ -194,111 +194,134 @@ fn max_file_bytes_refuses_a_larger_offer() {
     assert!(!downloads.exists() || leftover_files(&downloads).is_empty());
 }
 
-#[test]
-fn a_receiver_killed_halfway_then_resumed_completes_with_the_right_hash() {
-    let relay = RelayProcess::start(&[]);
-    let (alice_dir, bob_dir) = paired(&relay);
-    let work = TempDir::new("files-work");
-    let source = work.path().join("big.bin");
-    let data = random_file(&source, 12 * 1024 * 1024);
-    let downloads = work.path().join("downloads");
-    let accept = ["--accept-files", "--exit-after-files", "1"];
+/// Alice paired with Bob, and a file of `len` random bytes for her to send.
+struct Scene {
+    relay: RelayProcess,
+    alice_dir: TempDir,
+    bob_dir: TempDir,
+    _work: TempDir,
+    source: PathBuf,
+    data: Vec<u8>,
+    downloads: PathBuf,
+}
 
-    let mut bob = receiver(&relay, bob_dir.path(), &downloads, &accept);
-    bob.close_stdin();
-    bob.expect("resumed");
-    let alice = sender(&relay, alice_dir.path(), &[&source]);
-    // SIGKILL once a quarter is durable: no chance to save anything more.
-    loop {
-        let progress = bob.expect("file_progress");
-        if progress["bytes"].as_u64().unwrap() >= data.len() as u64 / 4 {
-            break;
+impl Scene {
+    fn new(len: usize) -> Scene {
+        let relay = RelayProcess::start(&[]);
+        let (alice_dir, bob_dir) = paired(&relay);
+        let work = TempDir::new("files-work");
+        let source = work.path().join("big.bin");
+        let data = random_file(&source, len);
+        let downloads = work.path().join("downloads");
+        Scene {
+            relay,
+            alice_dir,
+            bob_dir,
+            _work: work,
+            source,
+            data,
+            downloads,
         }
     }
+
+    /// Bob receiving one file, accepted; his stdin left open.
+    fn bob(&self) -> Client {
+        let accept = ["--accept-files", "--exit-after-files", "1"];
+        receiver(&self.relay, self.bob_dir.path(), &self.downloads, &accept)
+    }
+
+    fn alice(&self) -> Client {
+        sender(&self.relay, self.alice_dir.path(), &[&self.source])
+    }
+
+    /// Waits for `client` to exit 0; returns its events.
+    fn success(client: Client) -> Vec<serde_json::Value> {
+        let (status, events) = client.wait_long();
+        assert!(status.success(), "{status}: {events:?}");
+        events
+    }
+
+    /// Bob's run ended with the file in place, intact, and no .part left.
+    fn received_intact(&self, bob_events: &[serde_json::Value]) {
+        let received = named(bob_events, "file_received");
+        assert_eq!(received.len(), 1, "{bob_events:?}");
+        assert_eq!(received[0]["sha256"], sha(&self.data));
+        let path = PathBuf::from(received[0]["path"].as_str().unwrap());
+        assert!(
+            std::fs::read(&path).unwrap() == self.data,
+            "the bytes differ"
+        );
+        assert!(leftover_parts(&self.downloads).is_empty());
+    }
+
+    /// Waits until `client` reports that a quarter of the file is durable.
+    fn until_a_quarter(&self, client: &mut Client) {
+        loop {
+            let progress = client.expect("file_progress");
+            if progress["bytes"].as_u64().unwrap() >= self.data.len() as u64 / 4 {
+                return;
+            }
+        }
+    }
+}
+
+#[test]
+fn a_receiver_killed_halfway_then_resumed_completes_with_the_right_hash() {
+    let scene = Scene::new(12 * 1024 * 1024);
+    let mut bob = scene.bob();
+    bob.close_stdin();
+    bob.expect("resumed");
+    let alice = scene.alice();
+    // SIGKILL once a quarter is durable: no chance to save anything more.
+    scene.until_a_quarter(&mut bob);
     bob.kill();
-    let parts = leftover_parts(&downloads);
+    let parts = leftover_parts(&scene.downloads);
     assert_eq!(parts.len(), 1, "the .part stays for the resume: {parts:?}");
 
-    let mut bob = receiver(&relay, bob_dir.path(), &downloads, &accept);
+    let mut bob = scene.bob();
     bob.close_stdin();
-    let (bob_status, bob_events) = bob.wait_long();
-    assert!(bob_status.success(), "{bob_status}: {bob_events:?}");
+    let bob_events = Scene::success(bob);
     // The offer is not made again: the resumed receiver goes on from its record.
     assert!(
         named(&bob_events, "file_offer").is_empty(),
         "{bob_events:?}"
     );
-    let received = named(&bob_events, "file_received");
-    assert_eq!(received[0]["sha256"], sha(&data));
-    let path = PathBuf::from(received[0]["path"].as_str().unwrap());
-    assert!(std::fs::read(&path).unwrap() == data, "the bytes differ");
-    assert!(leftover_parts(&downloads).is_empty());
-    let (alice_status, alice_events) = alice.wait_long();
-    assert!(alice_status.success(), "{alice_status}: {alice_events:?}");
-    assert_eq!(named(&alice_events, "file_sent")[0]["sha256"], sha(&data));
+    scene.received_intact(&bob_events);
+    let alice_events = Scene::success(alice);
+    assert_eq!(
+        named(&alice_events, "file_sent")[0]["sha256"],
+        sha(&scene.data)
+    );
 }
 
 #[test]
 fn a_sender_killed_halfway_then_sending_again_goes_on_with_the_same_transfer() {
-    let relay = RelayProcess::start(&[]);
-    let (alice_dir, bob_dir) = paired(&relay);
-    let work = TempDir::new("files-work");
-    let source = work.path().join("big.bin");
-    let data = random_file(&source, 12 * 1024 * 1024);
-    let downloads = work.path().join("downloads");
-
-    let mut bob = receiver(
-        &relay,
-        bob_dir.path(),
-        &downloads,
-        &["--accept-files", "--exit-after-files", "1"],
-    );
+    let scene = Scene::new(12 * 1024 * 1024);
+    let mut bob = scene.bob();
     bob.close_stdin();
     bob.expect("resumed");
-    let mut alice = sender(&relay, alice_dir.path(), &[&source]);
-    loop {
-        let progress = alice.expect("file_progress");
-        if progress["bytes"].as_u64().unwrap() >= data.len() as u64 / 4 {
-            break;
-        }
-    }
+    let mut alice = scene.alice();
+    scene.until_a_quarter(&mut alice);
     alice.kill();
 
     // The same command again: the stored transfer goes on (no second offer).
-    let alice = sender(&relay, alice_dir.path(), &[&source]);
-    let (alice_status, alice_events) = alice.wait_long();
-    assert!(alice_status.success(), "{alice_status}: {alice_events:?}");
+    let alice_events = Scene::success(scene.alice());
     assert_eq!(
         named(&alice_events, "file_sent").len(),
         1,
         "{alice_events:?}"
     );
-    let (bob_status, bob_events) = bob.wait_long();
-    assert!(bob_status.success(), "{bob_status}: {bob_events:?}");
+    let bob_events = Scene::success(bob);
     assert_eq!(named(&bob_events, "file_offer").len(), 1, "{bob_events:?}");
-    let received = named(&bob_events, "file_received");
-    assert_eq!(received[0]["sha256"], sha(&data));
-    let path = PathBuf::from(received[0]["path"].as_str().unwrap());
-    assert!(std::fs::read(&path).unwrap() == data, "the bytes differ");
+    scene.received_intact(&bob_events);
 }
 
 #[test]
 fn a_chat_line_sent_during_a_transfer_arrives_while_it_runs() {
-    let relay = RelayProcess::start(&[]);
-    let (alice_dir, bob_dir) = paired(&relay);
-    let work = TempDir::new("files-work");
-    let source = work.path().join("big.bin");
-    let data = random_file(&source, 12 * 1024 * 1024);
-    let downloads = work.path().join("downloads");
-
-    let mut bob = receiver(
-        &relay,
-        bob_dir.path(),
-        &downloads,
-        &["--accept-files", "--exit-after-files", "1"],
-    );
+    let scene = Scene::new(12 * 1024 * 1024);
+    let mut bob = scene.bob();
     bob.expect("resumed");
-    let mut alice = sender(&relay, alice_dir.path(), &[&source]);
+    let mut alice = scene.alice();
     bob.expect("file_progress");
     bob.send_line("while the file moves");
     bob.close_stdin();
@@ -309,11 +332,12 @@ fn a_chat_line_sent_during_a_transfer_arrives_while_it_runs() {
         "the line came only after the file: {:?}",
         alice.seen
     );
-    let (alice_status, alice_events) = alice.wait_long();
-    assert!(alice_status.success(), "{alice_status}: {alice_events:?}");
-    assert_eq!(named(&alice_events, "file_sent")[0]["sha256"], sha(&data));
-    let (bob_status, bob_events) = bob.wait_long();
-    assert!(bob_status.success(), "{bob_status}: {bob_events:?}");
+    let alice_events = Scene::success(alice);
+    assert_eq!(
+        named(&alice_events, "file_sent")[0]["sha256"],
+        sha(&scene.data)
+    );
+    scene.received_intact(&Scene::success(bob));
 }
 
 fn leftover_parts(dir: &Path) -> Vec<PathBuf> {
