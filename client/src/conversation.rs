@@ -29,10 +29,14 @@ use parley_protocol::{Envelope, FrameType, encode};
 use parley_state::SessionRecord;
 
 use crate::error::ClientError;
+#[cfg(test)]
+use crate::files::FailCode;
+use crate::files::chunk::{ack_in, chunk_in};
 use crate::handshake::{error_fields, msg_kind};
 use crate::liveness::{Alarm, Liveness, pong_for};
 use crate::ratchet::RatchetError;
 use crate::session::{Plain, Receipt, ReceiveError, SendError, Session};
+use crate::transfers::{FileEvent, FileStep, Transfers};
 use crate::wire::{DeliveredData, ErrorData, ReattachData, RestoreData};
 
 /// The relay must answer `REATTACH` (and `RESTORE`) within this.
@@ -58,6 +62,8 @@ pub struct Config {
     pub interactive: bool,
     /// End once this many chat messages were shown (and ours are out).
     pub exit_after: Option<u64>,
+    /// `--exit-after-files`: end once this many files were received and verified.
+    pub exit_after_files: Option<u64>,
     /// `--timeout`: give up at this instant, reporting this many seconds.
     pub deadline: Option<(Instant, u64)>,
     /// The liveness bound of a relay connection ([`Liveness`]).
@@ -120,6 +126,8 @@ pub enum Event {
     OutboxReady {
         pending: usize,
     },
+    /// A file offered, moving, received, sent or failed.
+    File(FileEvent),
     /// A problem that does not end the run (an `error` event).
     Problem {
         code: String,
@@ -240,6 +248,13 @@ pub struct Conversation {
     /// again (peer online or not: the relay could not take it), and the wait after that.
     store_retry: Option<Instant>,
     store_backoff: Duration,
+    /// File transfers (none: file messages are reported as unsupported, as before).
+    files: Option<Transfers>,
+    /// The last instant handed in (outputs are polled without one).
+    last_now: Instant,
+    /// A transfer asked for a save: made before its next frame or event, or together with
+    /// the message it seals next (the accept and its record in one write, protocol.md 3.10).
+    files_save_pending: bool,
 }
 
 impl Conversation {
@@ -268,7 +283,19 @@ impl Conversation {
             oldest_at_last_tick: None,
             store_retry: None,
             store_backoff: STORE_RETRY_FIRST,
+            files: None,
+            last_now: now,
+            files_save_pending: false,
         }
+    }
+
+    /// Takes part in file transfers (protocol.md 3.10) through `files`.
+    pub fn set_files(&mut self, files: Transfers) {
+        self.files = Some(files);
+    }
+
+    pub fn files(&self) -> Option<&Transfers> {
+        self.files.as_ref()
     }
 
     /// A session just paired on a connection that is still open (its liveness so far given):
@@ -338,6 +365,7 @@ impl Conversation {
 
     /// A text frame from the relay.
     pub fn handle_frame(&mut self, now: Instant, text: &str) {
+        self.last_now = now;
         self.flush_sealed();
         if self.end.is_some() {
             return;
@@ -368,6 +396,7 @@ impl Conversation {
 
     /// The connection asked for with [`LinkAction::Dial`] is open: attach.
     pub fn handle_connected(&mut self, now: Instant) {
+        self.last_now = now;
         self.flush_sealed();
         if self.end.is_some() || !matches!(self.phase, Phase::Dialing) {
             return;
@@ -387,6 +416,7 @@ impl Conversation {
     /// The connection failed: dialing it, reading from it or writing to it (the caller has
     /// dropped it).
     pub fn handle_disconnected(&mut self, now: Instant, why: ClientError) {
+        self.last_now = now;
         if self.end.is_none() && self.fatal_write && matches!(self.phase, Phase::Online { .. }) {
             // Nothing decided after that write happens (it would not have before either); but
             // lines already sealed are still saved, or their numbers would be used again.
@@ -418,6 +448,7 @@ impl Conversation {
 
     /// The instant from [`Conversation::poll_timeout`] came (or went).
     pub fn handle_timeout(&mut self, now: Instant) {
+        self.last_now = now;
         self.flush_sealed();
         if self.end.is_some() {
             return;
@@ -464,6 +495,9 @@ impl Conversation {
             self.store_retry = None;
             self.resend_window();
         }
+        if let Some(files) = &mut self.files {
+            files.handle_timeout(now);
+        }
         if self.retransmitting() && now >= self.next_retransmit {
             let oldest = self.session.unacked().next().map(|(seq, _)| seq);
             if oldest == self.oldest_at_last_tick {
@@ -481,6 +515,7 @@ impl Conversation {
     /// The next frame to write, if the next output is one.
     pub fn poll_transmit(&mut self) -> Option<String> {
         self.flush_sealed();
+        self.pull_files();
         if let Some(Step::Transmit(..)) = self.steps.front()
             && let Some(Step::Transmit(frame, fatal)) = self.steps.pop_front()
         {
@@ -494,6 +529,7 @@ impl Conversation {
     /// The next event to tell, if the next output is one.
     pub fn poll_event(&mut self) -> Option<Event> {
         self.flush_sealed();
+        self.pull_files();
         if let Some(Step::Event(_)) = self.steps.front()
             && let Some(Step::Event(event)) = self.steps.pop_front()
         {
@@ -505,6 +541,7 @@ impl Conversation {
     /// The record to store before anything else happens, if the next output is one.
     pub fn poll_save(&mut self) -> Option<Save> {
         self.flush_sealed();
+        self.pull_files();
         if let Some(Step::Save(_)) = self.steps.front()
             && let Some(Step::Save(save)) = self.steps.pop_front()
         {
@@ -516,6 +553,7 @@ impl Conversation {
     /// What to do with the connection, if the next output is that.
     pub fn poll_link(&mut self) -> Option<LinkAction> {
         self.flush_sealed();
+        self.pull_files();
         if let Some(Step::Link(action)) = self.steps.front() {
             let action = *action;
             self.steps.pop_front();
@@ -527,6 +565,7 @@ impl Conversation {
     /// The run is over, once every output before that is drained: `Ok` (close the connection
     /// gracefully, exit 0) or the error to exit with.
     pub fn poll_end(&mut self) -> Option<Result<(), ClientError>> {
+        self.pull_files();
         if self.steps.is_empty() {
             self.end.take()
         } else {
@@ -552,6 +591,7 @@ impl Conversation {
             Phase::Dialing => None,
         };
         let retransmit = self.retransmitting().then_some(self.next_retransmit);
+        let files = self.files.as_ref().and_then(Transfers::poll_timeout);
         let store_retry = self
             .store_retry
             .filter(|_| matches!(self.phase, Phase::Online { .. }));
@@ -559,6 +599,7 @@ impl Conversation {
             phase,
             retransmit,
             store_retry,
+            files,
             self.config.deadline.map(|(at, _)| at),
         ]
         .into_iter()
@@ -605,6 +646,7 @@ impl Conversation {
         self.oldest_at_last_tick = self.session.unacked().next().map(|(seq, _)| seq);
         // The first resend check is due at once (as a fresh interval's first tick is).
         self.next_retransmit = now;
+        self.files_link(now);
         self.settle();
     }
 
@@ -613,6 +655,18 @@ impl Conversation {
             return;
         };
         match env.kind {
+            FrameType::Msg if chunk_in(&env).is_some() => {
+                // A file chunk, outside the ratchet: no receipt, nothing shown. One that is
+                // not base64 is no chunk of ours (a file's chunks are checked by its key).
+                if let (Some(Ok(sealed)), Some(files)) = (chunk_in(&env), &mut self.files) {
+                    files.handle_chunk(&sealed);
+                }
+            }
+            FrameType::MsgRead if ack_in(&env).is_some() => {
+                if let (Some(bytes), Some(files)) = (ack_in(&env), &mut self.files) {
+                    files.handle_ack(now, &bytes);
+                }
+            }
             FrameType::Msg => {
                 let shown = self.receive(now, &env);
                 self.shown = self.shown.saturating_add(shown);
@@ -663,10 +717,12 @@ impl Conversation {
                 self.event(Event::PeerOnline);
                 // What the peer's last connection had not yet written may be lost.
                 self.resend_window();
+                self.files_link(now);
             }
             FrameType::PeerOffline => {
                 self.peer_online = false;
                 self.event(Event::PeerOffline);
+                self.files_link(now);
             }
             FrameType::Error => self.relay_error(now, &env),
             _ => {}
@@ -676,6 +732,12 @@ impl Conversation {
     /// An `ERROR` during the chat (protocol.md 3.7, "Other frames during a chat").
     fn relay_error(&mut self, now: Instant, env: &Envelope<'_>) {
         let (code, message) = error_fields(env);
+        if is_chunk_error(env) {
+            if let Some(files) = &mut self.files {
+                files.handle_chunk_refused(now);
+            }
+            return;
+        }
         match (msg_seq(env), code.as_str()) {
             // Not kept by the relay: it goes again when the peer is back (or, for a cluster
             // node that cannot reach its store, with the next resend: protocol.md 2.7).
@@ -751,8 +813,19 @@ impl Conversation {
             match incoming.plain {
                 Plain::Hello { name } => self.session.set_peer_name(name),
                 Plain::Text { text } => lines.push((incoming.seq, text)),
-                // Files are implemented by the library (`crate::files`) but not yet wired
-                // into the chat: until they are, a file message is counted and reported.
+                plain @ (Plain::FileOffer(_)
+                | Plain::FileAccept(_)
+                | Plain::FileDecline(_)
+                | Plain::FileDone(_)
+                | Plain::FileFailed(_))
+                    if self.files.is_some() =>
+                {
+                    if let Some(files) = &mut self.files {
+                        files.handle_message(now, plain);
+                    }
+                }
+                // A conversation that takes no part in transfers (no `Transfers` given)
+                // counts a file message and reports it.
                 Plain::FileOffer(_)
                 | Plain::FileAccept(_)
                 | Plain::FileDecline(_)
@@ -861,11 +934,24 @@ impl Conversation {
             !self.session.has_unacked()
         };
         let online = matches!(self.phase, Phase::Online { .. });
+        let files_over = self.files.as_ref().is_none_or(|f| {
+            f.idle()
+                && self
+                    .config
+                    .exit_after_files
+                    .is_none_or(|n| f.received() >= n)
+        });
         if !self.input_open
             && self.config.exit_after.is_none_or(|n| self.shown >= n)
             && everything_out
+            && files_over
         {
-            self.finish(Ok(()));
+            let failed = self.files.as_ref().map_or(0, Transfers::send_failed);
+            self.finish(if failed == 0 {
+                Ok(())
+            } else {
+                Err(ClientError::FilesFailed(failed))
+            });
         } else if !self.input_open
             && !everything_out
             && (!self.peer_online || !online)
@@ -960,6 +1046,7 @@ impl Conversation {
         self.told_waiting = false;
         self.event(Event::RelayOnline { peer_online });
         self.resend_window();
+        self.files_link(now);
     }
 
     /// Dialing or attaching failed. Before the chat began, that ends the run; after, only a
@@ -980,6 +1067,7 @@ impl Conversation {
         self.phase = Phase::Offline {
             reconnect_at: later(now, self.backoff.step()),
         };
+        self.files_link(now);
         self.settle();
     }
 
@@ -994,6 +1082,7 @@ impl Conversation {
         self.phase = Phase::Offline {
             reconnect_at: later(now, wait),
         };
+        self.files_link(now);
     }
 
     // -----------------------------------------------------------------------------------------
@@ -1028,10 +1117,78 @@ impl Conversation {
     }
 
     fn save(&mut self, durability: Durability) {
-        self.steps.push_back(Step::Save(Box::new(Save {
-            record: self.session.record(),
-            durability,
-        })));
+        let mut record = self.session.record();
+        if let Some(files) = &self.files {
+            (record.files_out, record.files_in) = files.records();
+        }
+        self.steps
+            .push_back(Step::Save(Box::new(Save { record, durability })));
+    }
+
+    /// Tells the transfers where the link and the peer stand.
+    fn files_link(&mut self, now: Instant) {
+        let attached = matches!(self.phase, Phase::Online { .. });
+        let peer_online = self.peer_online;
+        if let Some(files) = &mut self.files {
+            files.handle_link(now, attached, peer_online);
+        }
+    }
+
+    /// When nothing else is queued, the transfers' next steps: chat, receipts and saves go
+    /// first, file data after (protocol.md 3.10: chat goes ahead of chunks).
+    fn pull_files(&mut self) {
+        // (Also after the end is decided: what the transfers still have to say, their last
+        // events, is told before the run ends.)
+        if !self.steps.is_empty() || !self.begun {
+            return;
+        }
+        let now = self.last_now;
+        let online = matches!(self.phase, Phase::Online { .. });
+        let mut pulled = false;
+        while self.steps.is_empty() {
+            let Some(step) = self.files.as_mut().and_then(|f| f.poll_step(now)) else {
+                break;
+            };
+            pulled = true;
+            match step {
+                FileStep::Save => self.files_save_pending = true,
+                FileStep::Message(plain) => {
+                    self.files_save_pending = false;
+                    match self.session.seal(&plain) {
+                        // Saved (with the transfer's record) before it is sent.
+                        Ok(_) => {
+                            self.save(Durability::Durable);
+                            self.pump();
+                        }
+                        Err(e) => self.problem("file_message_not_sent", e.to_string()),
+                    }
+                }
+                FileStep::Transmit(frame) => {
+                    self.flush_files_save();
+                    // Chunks and acknowledgements are never queued for a link that is not
+                    // there: the next pass, or the next link reset, sends what is needed.
+                    if online {
+                        self.transmit(frame);
+                    }
+                }
+                FileStep::Event(event) => {
+                    self.flush_files_save();
+                    self.event(Event::File(event));
+                }
+            }
+        }
+        if self.steps.is_empty() {
+            self.flush_files_save();
+        }
+        if pulled {
+            self.settle();
+        }
+    }
+
+    fn flush_files_save(&mut self) {
+        if std::mem::take(&mut self.files_save_pending) {
+            self.save(Durability::Durable);
+        }
     }
 
     /// The wall clock at `now`, counted on from the one given at the start.
@@ -1045,6 +1202,14 @@ impl Conversation {
 /// `now + wait`, or `now` for a wait too long for the clock.
 fn later(now: Instant, wait: Duration) -> Instant {
     now.checked_add(wait).unwrap_or(now)
+}
+
+/// Whether an `ERROR` names a file chunk (`msgID` `"file_chunk"`, protocol.md 3.10).
+fn is_chunk_error(env: &Envelope<'_>) -> bool {
+    env.data::<ErrorData>()
+        .ok()
+        .and_then(|d| d.msg_id)
+        .is_some_and(|id| id.get() == "\"file_chunk\"")
 }
 
 /// The sequence number of our chat message that a `DELIVERED` or an `ERROR` names, if it
@@ -1136,10 +1301,11 @@ mod tests {
             .collect()
     }
 
-    fn config() -> Config {
+    pub(super) fn config() -> Config {
         Config {
             interactive: false,
             exit_after: None,
+            exit_after_files: None,
             deadline: None,
             idle: Duration::from_secs(35),
             others_outbox_bytes: 0,
@@ -1907,5 +2073,352 @@ mod tests {
             json(Event::Waiting { undelivered: 2 })["message"],
             "waiting for your peer to receive 2 message(s); Ctrl-C stops (they are kept and sent on the next resume)"
         );
+    }
+}
+
+/// File transfers wired into the conversation: two conversations, a relay that forwards what
+/// one writes to the other, files in memory.
+#[cfg(test)]
+mod file_tests {
+    use std::collections::HashMap;
+    use std::io;
+    use std::path::{Path, PathBuf};
+    use std::sync::{Arc, Mutex};
+
+    use sha2::{Digest, Sha256};
+
+    use super::tests::config;
+    use super::*;
+    use crate::files::receive::PartFile;
+    use crate::session::tests::pair;
+    use crate::transfers::{FileConfig, FileSystem, LocalFile};
+
+    #[derive(Default)]
+    struct MemFile(Vec<u8>);
+
+    impl PartFile for MemFile {
+        fn write_at(&mut self, offset: u64, data: &[u8]) -> io::Result<()> {
+            let at = offset as usize;
+            if self.0.len() < at + data.len() {
+                self.0.resize(at + data.len(), 0);
+            }
+            self.0[at..at + data.len()].copy_from_slice(data);
+            Ok(())
+        }
+        fn sync(&mut self) -> io::Result<()> {
+            Ok(())
+        }
+        fn read_at(&mut self, offset: u64, buf: &mut [u8]) -> io::Result<()> {
+            let at = offset as usize;
+            buf.copy_from_slice(
+                self.0
+                    .get(at..at + buf.len())
+                    .ok_or(io::ErrorKind::UnexpectedEof)?,
+            );
+            Ok(())
+        }
+        fn truncate(&mut self, len: u64) -> io::Result<()> {
+            self.0.truncate(len as usize);
+            Ok(())
+        }
+    }
+
+    /// Where each file was placed, with its bytes.
+    type Placed = Vec<(PathBuf, Vec<u8>)>;
+
+    /// Files in memory; what is placed is also logged where the test can see it.
+    #[derive(Default)]
+    struct MemFs {
+        files: HashMap<PathBuf, MemFile>,
+        placed: Arc<Mutex<Placed>>,
+    }
+
+    impl FileSystem for MemFs {
+        fn read_at(&mut self, path: &Path, offset: u64, buf: &mut [u8]) -> io::Result<()> {
+            self.files
+                .get_mut(path)
+                .ok_or(io::ErrorKind::NotFound)?
+                .read_at(offset, buf)
+        }
+        fn part(&mut self, path: &Path) -> io::Result<&mut dyn PartFile> {
+            Ok(self.files.entry(path.to_path_buf()).or_default())
+        }
+        fn remove_part(&mut self, path: &Path) -> io::Result<()> {
+            self.files.remove(path);
+            Ok(())
+        }
+        fn exists(&self, path: &Path) -> bool {
+            self.files.contains_key(path)
+        }
+        fn place(&mut self, part: &Path, target: &Path) -> io::Result<()> {
+            if self.files.contains_key(target) {
+                return Err(io::ErrorKind::AlreadyExists.into());
+            }
+            let file = self.files.remove(part).ok_or(io::ErrorKind::NotFound)?;
+            self.placed
+                .lock()
+                .unwrap()
+                .push((target.to_path_buf(), file.0.clone()));
+            self.files.insert(target.to_path_buf(), file);
+            Ok(())
+        }
+    }
+
+    fn transfers(sid: &str, fs: MemFs, accept: bool, max_bytes: u64) -> Transfers {
+        let config = FileConfig {
+            accept,
+            download_dir: PathBuf::from("/dl"),
+            max_bytes,
+        };
+        Transfers::new(Box::new(fs), config, sid, &[], &[])
+    }
+
+    /// Every output of `c`: frames to forward, and events.
+    fn drain(c: &mut Conversation) -> (Vec<String>, Vec<Event>) {
+        let (mut frames, mut events) = (Vec::new(), Vec::new());
+        loop {
+            if let Some(frame) = c.poll_transmit() {
+                frames.push(frame);
+            } else if let Some(event) = c.poll_event() {
+                events.push(event);
+            } else if c.poll_save().is_some() || c.poll_link().is_some() {
+            } else {
+                return (frames, events);
+            }
+        }
+    }
+
+    fn forwarded(frames: &[String]) -> Vec<String> {
+        frames
+            .iter()
+            .filter(|f| {
+                matches!(
+                    Envelope::parse(f).unwrap().kind,
+                    FrameType::Msg | FrameType::MsgRead
+                )
+            })
+            .cloned()
+            .collect()
+    }
+
+    struct Run {
+        host_events: Vec<Event>,
+        guest_events: Vec<Event>,
+        /// Every frame the guest wrote.
+        guest_frames: Vec<String>,
+        placed: Placed,
+    }
+
+    /// A host about to send `file` to a guest that accepts (or not) up to `max_bytes`, and
+    /// where the guest's files are placed.
+    fn setup(
+        now: Instant,
+        file: &[u8],
+        accept: bool,
+        max_bytes: u64,
+    ) -> (Conversation, Conversation, Arc<Mutex<Placed>>) {
+        let (mut h, mut g) = pair();
+        let (_, hello) = h
+            .seal(&Plain::Hello {
+                name: "alice".into(),
+            })
+            .unwrap();
+        g.receive(&Envelope::parse(&hello).unwrap()).unwrap();
+        let sid = h.sid().to_string();
+        let mut host_fs = MemFs::default();
+        host_fs
+            .files
+            .insert(PathBuf::from("/src/a.bin"), MemFile(file.to_vec()));
+        let guest_fs = MemFs::default();
+        let placed = guest_fs.placed.clone();
+        let mut host = Conversation::paired(h, Liveness::new(now, config().idle), now, config());
+        let mut guest = Conversation::paired(g, Liveness::new(now, config().idle), now, config());
+        let mut host_files = transfers(&sid, host_fs, false, 0);
+        host_files.send(vec![LocalFile {
+            name: "dir/a.bin".into(),
+            path: PathBuf::from("/src/a.bin"),
+            size: file.len() as u64,
+            sha256: Sha256::digest(file).into(),
+        }]);
+        host.set_files(host_files);
+        guest.set_files(transfers(&sid, guest_fs, accept, max_bytes));
+        // (Set after pairing: the link is told again, as attaching would.)
+        host.files_link(now);
+        guest.files_link(now);
+        (host, guest, placed)
+    }
+
+    /// Host sends `file` to a guest that accepts (or not) up to `max_bytes`; `line` is typed
+    /// on the host once the first chunk is out.
+    fn run(file: &[u8], accept: bool, max_bytes: u64, line: Option<&str>) -> (Run, Vec<String>) {
+        let now = Instant::now();
+        let (mut host, mut guest, placed) = setup(now, file, accept, max_bytes);
+        let mut result = Run {
+            host_events: Vec::new(),
+            guest_events: Vec::new(),
+            guest_frames: Vec::new(),
+            placed: Vec::new(),
+        };
+        let mut host_order = Vec::new();
+        let mut line = line;
+        for _ in 0..10_000 {
+            let (hf, he) = drain(&mut host);
+            if let Some(text) = line.filter(|_| hf.iter().any(|f| f.contains("file_chunk"))) {
+                host.handle_line(now, text.into());
+                line = None;
+            }
+            host_order.extend(hf.iter().cloned());
+            let (gf, ge) = drain(&mut guest);
+            result.host_events.extend(he);
+            result.guest_events.extend(ge);
+            result.guest_frames.extend(gf.iter().cloned());
+            if hf.is_empty() && gf.is_empty() && line.is_none() {
+                break;
+            }
+            for f in forwarded(&hf) {
+                guest.handle_frame(now, &f);
+            }
+            for f in forwarded(&gf) {
+                host.handle_frame(now, &f);
+            }
+        }
+        result.placed = placed.lock().unwrap().clone();
+        (result, host_order)
+    }
+
+    fn file_events(events: &[Event]) -> Vec<FileEvent> {
+        events
+            .iter()
+            .filter_map(|e| match e {
+                Event::File(f) => Some(f.clone()),
+                _ => None,
+            })
+            .collect()
+    }
+
+    #[test]
+    fn a_file_moves_between_two_conversations_and_is_no_chat() {
+        let file: Vec<u8> = (0..200_000u32).map(|i| (i * 7 % 251) as u8).collect();
+        let sha = hex::encode(Sha256::digest(&file));
+        let (run, host_order) = run(&file, true, u64::MAX, Some("hello during the transfer"));
+        assert_eq!(
+            run.placed,
+            vec![(PathBuf::from("/dl/dir/a.bin"), file.clone())]
+        );
+        let guest = file_events(&run.guest_events);
+        assert!(
+            matches!(&guest[0], FileEvent::Offer { name, size: 200_000, .. } if name == "dir/a.bin")
+        );
+        assert!(
+            guest.iter().any(|e| matches!(e, FileEvent::Received { sha256, path, .. } if *sha256 == sha && path == Path::new("/dl/dir/a.bin")))
+        );
+        assert!(
+            file_events(&run.host_events)
+                .iter()
+                .any(|e| matches!(e, FileEvent::Sent { sha256, .. } if *sha256 == sha))
+        );
+        // The chat line arrived and was shown; nothing of the file was shown as chat, and
+        // chunks drew no receipts (every guest MSG_READ is either a receipt of a sealed
+        // message or an acknowledgement).
+        let shown: Vec<_> = run
+            .guest_events
+            .iter()
+            .filter_map(|e| match e {
+                Event::Message { text, .. } => Some(text.clone()),
+                _ => None,
+            })
+            .collect();
+        assert_eq!(shown, vec!["hello during the transfer".to_string()]);
+        assert!(
+            !run.guest_events
+                .iter()
+                .any(|e| matches!(e, Event::Problem { .. }))
+        );
+        let receipts = run
+            .guest_frames
+            .iter()
+            .filter(|f| f.contains("MSG_READ") && !f.contains("file_ack"))
+            .count();
+        let acks = run
+            .guest_frames
+            .iter()
+            .filter(|f| f.contains("file_ack"))
+            .count();
+        assert!(acks >= 2, "{acks}");
+        assert!(
+            receipts < 10,
+            "{receipts} receipts: chunks must not draw receipts"
+        );
+        // The line went out ahead of the chunks still to send.
+        let line_at = host_order
+            .iter()
+            .position(|f| {
+                f.contains("\"MSG\"") && !f.contains("file_chunk") && !f.contains("MSG_READ")
+            })
+            .unwrap();
+        assert!(
+            host_order[line_at + 1..]
+                .iter()
+                .any(|f| f.contains("file_chunk"))
+        );
+    }
+
+    /// A chunk the relay refused stops the sender; it goes on with a new pass only after a
+    /// while (or when the peer comes back), not at every refusal.
+    #[test]
+    fn a_refused_chunk_pauses_the_sender_instead_of_a_pass_per_refusal() {
+        let now = Instant::now();
+        let file = vec![5u8; 400_000];
+        let (mut host, mut guest, _) = setup(now, &file, true, u64::MAX);
+        let chunks = |frames: &[String]| frames.iter().filter(|f| f.contains("file_chunk")).count();
+        // Offer, accept: the first window goes.
+        let (offer, _) = drain(&mut host);
+        for f in forwarded(&offer) {
+            guest.handle_frame(now, &f);
+        }
+        let (answer, _) = drain(&mut guest);
+        for f in forwarded(&answer) {
+            host.handle_frame(now, &f);
+        }
+        let (window, _) = drain(&mut host);
+        assert_eq!(chunks(&window), 4);
+        let refused = format!(
+            r#"{{"t":"ERROR","sid":"{}","data":{{"code":"mailbox_full","message":"m","msgID":"file_chunk"}}}}"#,
+            host.session().sid()
+        );
+        for _ in 0..4 {
+            host.handle_frame(now, &refused);
+        }
+        let (after, events) = drain(&mut host);
+        assert_eq!(chunks(&after), 0);
+        assert!(!events.iter().any(|e| matches!(e, Event::Problem { .. })));
+        let at = host.poll_timeout().unwrap();
+        assert!(
+            at >= now + crate::files::send::RESEND_AFTER,
+            "{:?}",
+            at - now
+        );
+        host.handle_timeout(at);
+        let (again, _) = drain(&mut host);
+        assert_eq!(chunks(&again), 4);
+    }
+
+    #[test]
+    fn declined_and_too_large_offers_fail_on_both_sides_and_write_nothing() {
+        for (accept, max, code) in [
+            (false, u64::MAX, FailCode::Declined),
+            (true, 10, FailCode::TooLarge),
+        ] {
+            let (run, _) = run(&[1; 100], accept, max, None);
+            assert!(run.placed.is_empty());
+            for events in [&run.guest_events, &run.host_events] {
+                assert!(
+                    file_events(events)
+                        .iter()
+                        .any(|e| matches!(e, FileEvent::Failed { code: c, .. } if *c == code)),
+                    "{events:?}"
+                );
+            }
+        }
     }
 }

@@ -4,7 +4,7 @@
 //! `handshake`, `conversation` and `session`.
 
 use std::io::IsTerminal;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use futures_util::{SinkExt, StreamExt};
@@ -19,10 +19,12 @@ use tokio_tungstenite::tungstenite::error::{CapacityError, Error as WsError};
 use crate::code::InviteCode;
 use crate::conversation::{Config, Conversation, Durability, LinkAction};
 use crate::error::ClientError;
+use crate::files::receive::PartFile;
 use crate::handshake::{Guest, Host, Pairing, PairingError, Step};
 use crate::liveness::{Alarm, Liveness, pong_for};
 use crate::output::{Output, chat_event, error_event};
 use crate::session::Session;
+use crate::transfers::{FileConfig, FileSystem, LocalFile, Transfers};
 use crate::transport::{Dialer, RelaySocket};
 
 /// Each stage of the handshake (once a joiner is there) must complete within this.
@@ -37,6 +39,10 @@ pub struct Options {
     pub exit_after: Option<u64>,
     /// Give up (exit code 6) if not done by then.
     pub timeout: Option<Duration>,
+    /// Files: how offers are answered, where they land, how large they may be.
+    pub files: FileConfig,
+    /// Exit once this many files have been received and verified.
+    pub exit_after_files: Option<u64>,
     /// Opens relay connections: `ws://` or `wss://`, the certificates to trust, and the
     /// liveness bound (a connection that delivers no frame at all for that long is dead; we
     /// PING it half-way through the silence first, see [`crate::liveness`]).
@@ -51,6 +57,12 @@ pub enum Command {
     Host,
     Join(InviteCode),
     Resume(Option<String>),
+    /// Resume (the only stored session, or the one named), send these files and folders,
+    /// exit once the peer has every one, verified.
+    Send {
+        sid: Option<String>,
+        paths: Vec<PathBuf>,
+    },
     Sessions,
 }
 
@@ -87,7 +99,16 @@ async fn run_command(
             };
             let interactive = is_interactive(output);
             let config = conversation_config(opts, deadline, &state, &session, interactive);
-            let conversation = Conversation::paired(session, relay.liveness.clone(), now(), config);
+            let mut conversation =
+                Conversation::paired(session, relay.liveness.clone(), now(), config);
+            let sid = conversation.session().sid().to_owned();
+            conversation.set_files(Transfers::new(
+                Box::new(DiskFiles::default()),
+                opts.files.clone(),
+                &sid,
+                &[],
+                &[],
+            ));
             let link = Some(relay);
             chat(
                 conversation,
@@ -100,18 +121,34 @@ async fn run_command(
             )
             .await
         }
-        Command::Resume(sid) => {
+        Command::Resume(_) | Command::Send { .. } => {
+            let (sid, to_send) = match command {
+                Command::Send { sid, paths } => (sid, Some(local_files(&paths)?)),
+                Command::Resume(sid) => (sid, None),
+                _ => (None, None),
+            };
             let (store, mut state) = open_state(opts, true, output)?;
-            let session =
-                Session::from_record(pick_session(&state, sid.as_deref())?).map_err(|record| {
-                    ClientError::Damaged {
-                        path: store.path().to_path_buf(),
-                        record,
-                    }
-                })?;
-            let interactive = is_interactive(output);
+            let record = pick_session(&state, sid.as_deref())?;
+            let session = Session::from_record(record).map_err(|record| ClientError::Damaged {
+                path: store.path().to_path_buf(),
+                record,
+            })?;
+            let mut files = Transfers::new(
+                Box::new(DiskFiles::default()),
+                opts.files.clone(),
+                session.sid(),
+                &record.files_out,
+                &record.files_in,
+            );
+            // `send` reads no lines: its input is the files.
+            let interactive = to_send.is_none() && is_interactive(output);
             let config = conversation_config(opts, deadline, &state, &session, interactive);
-            let conversation = Conversation::resume(session, now(), config);
+            let mut conversation = Conversation::resume(session, now(), config);
+            if let Some(to_send) = to_send {
+                files.send(to_send);
+                conversation.handle_input_closed(now());
+            }
+            conversation.set_files(files);
             chat(
                 conversation,
                 None,
@@ -499,6 +536,7 @@ fn conversation_config(
     Config {
         interactive,
         exit_after: opts.exit_after,
+        exit_after_files: opts.exit_after_files,
         deadline: deadline.map(|at| (at.into_std(), opts.timeout.map_or(0, |t| t.as_secs()))),
         idle: opts.dialer.idle(),
         // The other sessions stored here keep their outboxes (no other process writes this
@@ -638,6 +676,161 @@ async fn sleep_until(at: Option<std::time::Instant>) {
     match at {
         Some(at) => tokio::time::sleep_until(at.into()).await,
         None => std::future::pending().await,
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Files
+
+/// The files to send: each file as its name, each folder as its files (not following links)
+/// named by their paths relative to it, `/` between components. Each is hashed here, before
+/// it is offered (the offer carries its SHA-256).
+fn local_files(paths: &[PathBuf]) -> Result<Vec<LocalFile>, ClientError> {
+    let mut files = Vec::new();
+    for path in paths {
+        let meta = std::fs::metadata(path).map_err(|e| unreadable(path, &e))?;
+        let base = path
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_else(|| "file".into());
+        if meta.is_dir() {
+            let mut found = Vec::new();
+            walk(path, &mut Vec::new(), &mut found)?;
+            found.sort();
+            for (relative, file) in found {
+                files.push(local_file(format!("{base}/{relative}"), file)?);
+            }
+        } else {
+            files.push(local_file(base, path.clone())?);
+        }
+    }
+    Ok(files)
+}
+
+/// The regular files below `dir`, with their paths relative to where the walk began.
+fn walk(
+    dir: &Path,
+    prefix: &mut Vec<String>,
+    found: &mut Vec<(String, PathBuf)>,
+) -> Result<(), ClientError> {
+    let entries = std::fs::read_dir(dir).map_err(|e| unreadable(dir, &e))?;
+    for entry in entries {
+        let entry = entry.map_err(|e| unreadable(dir, &e))?;
+        let kind = entry
+            .file_type()
+            .map_err(|e| unreadable(&entry.path(), &e))?;
+        let name = entry.file_name().to_string_lossy().into_owned();
+        prefix.push(name);
+        if kind.is_dir() {
+            walk(&entry.path(), prefix, found)?;
+        } else if kind.is_file() {
+            found.push((prefix.join("/"), entry.path()));
+        }
+        prefix.pop();
+    }
+    Ok(())
+}
+
+fn local_file(name: String, path: PathBuf) -> Result<LocalFile, ClientError> {
+    use sha2::Digest;
+    use std::io::Read;
+    let mut file = std::fs::File::open(&path).map_err(|e| unreadable(&path, &e))?;
+    let mut hasher = sha2::Sha256::new();
+    let mut buf = vec![0u8; 1 << 16];
+    let mut size = 0u64;
+    loop {
+        let n = file.read(&mut buf).map_err(|e| unreadable(&path, &e))?;
+        let Some(read) = buf.get(..n).filter(|_| n > 0) else {
+            break;
+        };
+        hasher.update(read);
+        size = size.saturating_add(n as u64);
+    }
+    Ok(LocalFile {
+        name,
+        path,
+        size,
+        sha256: hasher.finalize().into(),
+    })
+}
+
+fn unreadable(path: &Path, e: &std::io::Error) -> ClientError {
+    ClientError::Usage(format!("cannot read {}: {e}", path.display()))
+}
+
+/// A `.part` on disk.
+struct DiskPart(std::fs::File);
+
+impl PartFile for DiskPart {
+    fn write_at(&mut self, offset: u64, data: &[u8]) -> std::io::Result<()> {
+        std::os::unix::fs::FileExt::write_all_at(&self.0, data, offset)
+    }
+    fn sync(&mut self) -> std::io::Result<()> {
+        self.0.sync_data()
+    }
+    fn read_at(&mut self, offset: u64, buf: &mut [u8]) -> std::io::Result<()> {
+        std::os::unix::fs::FileExt::read_exact_at(&self.0, buf, offset)
+    }
+    fn truncate(&mut self, len: u64) -> std::io::Result<()> {
+        self.0.set_len(len)
+    }
+}
+
+/// The transfers' file system: the disk. Open files are kept (one source, the `.part`s) so a
+/// chunk costs no `open`.
+#[derive(Default)]
+struct DiskFiles {
+    source: Option<(PathBuf, std::fs::File)>,
+    parts: std::collections::HashMap<PathBuf, DiskPart>,
+}
+
+impl FileSystem for DiskFiles {
+    fn read_at(&mut self, path: &Path, offset: u64, buf: &mut [u8]) -> std::io::Result<()> {
+        let file = match self.source.take() {
+            Some((open, file)) if open == path => file,
+            _ => std::fs::File::open(path)?,
+        };
+        let read = std::os::unix::fs::FileExt::read_exact_at(&file, buf, offset);
+        self.source = Some((path.to_path_buf(), file));
+        read
+    }
+
+    fn part(&mut self, path: &Path) -> std::io::Result<&mut dyn PartFile> {
+        use std::collections::hash_map::Entry;
+        match self.parts.entry(path.to_path_buf()) {
+            Entry::Occupied(open) => Ok(open.into_mut()),
+            Entry::Vacant(slot) => {
+                if let Some(parent) = path.parent() {
+                    std::fs::create_dir_all(parent)?;
+                }
+                let mut options = std::fs::OpenOptions::new();
+                options.read(true).write(true).create(true);
+                std::os::unix::fs::OpenOptionsExt::mode(&mut options, 0o600);
+                Ok(slot.insert(DiskPart(options.open(path)?)))
+            }
+        }
+    }
+
+    fn remove_part(&mut self, path: &Path) -> std::io::Result<()> {
+        self.parts.remove(path);
+        match std::fs::remove_file(path) {
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(e),
+            _ => Ok(()),
+        }
+    }
+
+    fn exists(&self, path: &Path) -> bool {
+        std::fs::symlink_metadata(path).is_ok()
+    }
+
+    fn place(&mut self, part: &Path, target: &Path) -> std::io::Result<()> {
+        self.parts.remove(part);
+        if let Some(parent) = target.parent() {
+            std::fs::create_dir_all(parent)?;
+        }
+        // A hard link fails if the name exists: nothing is ever replaced.
+        std::fs::hard_link(part, target)?;
+        std::fs::remove_file(part)
     }
 }
 

@@ -18,6 +18,8 @@ pub mod exit {
     pub const STATE: u8 = 5;
     pub const TIMEOUT: u8 = 6;
     pub const RESUME_REFUSED: u8 = 7;
+    /// `send`: a file was declined or failed (each has its `file_failed` event).
+    pub const FILES_FAILED: u8 = 8;
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -51,6 +53,8 @@ pub enum ClientError {
     SessionTakenOver,
     #[error("{0}")]
     Internal(String),
+    #[error("{0} file(s) could not be sent (declined or failed)")]
+    FilesFailed(u64),
 }
 
 impl ClientError {
@@ -68,6 +72,7 @@ impl ClientError {
             ClientError::ResumeRefused { .. } => "resume_refused",
             ClientError::SessionTakenOver => "session_taken_over",
             ClientError::Internal(_) => "internal",
+            ClientError::FilesFailed(_) => "files_failed",
         }
     }
 
@@ -85,6 +90,7 @@ impl ClientError {
                 exit::RESUME_REFUSED
             }
             ClientError::Internal(_) => exit::INTERNAL,
+            ClientError::FilesFailed(_) => exit::FILES_FAILED,
         })
     }
 }

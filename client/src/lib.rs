@@ -19,5 +19,6 @@ pub mod message;
 pub mod output;
 pub mod ratchet;
 pub mod session;
+pub mod transfers;
 pub mod transport;
 pub mod wire;

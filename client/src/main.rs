@@ -16,10 +16,12 @@ Examples:
   parley --name bob join 042917-553108     # on the other machine
   parley --name alice resume               # later: back into the same session, no new code
   parley --name alice sessions
+  parley --name alice send report.pdf photos/   # files to the stored session's peer
 
 Scripting: --json makes stdout one JSON object per line (events: invite, paired, resumed,
 message, sent, delivered, read, relay_offline, relay_online, peer_online, peer_offline,
-waiting, outbox_full, outbox_ready, error, warning, session). Feed messages on stdin, one
+waiting, outbox_full, outbox_ready, error, warning, session, file_offer, file_progress,
+file_received, file_sent, file_failed). Feed messages on stdin, one
 per line. At end of input the client exits 0 once the peer has acknowledged everything typed
 (a `delivered` event for each), and, with --exit-after N, once N messages have been received
 too. Stopping earlier loses nothing: unacknowledged messages stay in the state file and go
@@ -39,7 +41,7 @@ wrong host name, expired), connection lost, or the relay broke the protocol;
 5 state file problem (missing, corrupt, too large, not a regular file, foreign,
 locked by another process);
 6 --timeout reached; 7 the relay refused to resume the session (unknown session or token),
-or another device resumed it.";
+or another device resumed it; 8 `send`: a file was declined or failed.";
 
 /// Pair two terminals through a relay with a short invite code, then chat end-to-end
 /// encrypted; resume the same session after a restart without a new code.
@@ -94,6 +96,24 @@ struct Cli {
     )]
     idle_timeout_ms: Option<u64>,
 
+    /// Accept file offers without asking (scripts). Without it, offers are declined when no
+    /// terminal can ask.
+    #[arg(long, global = true)]
+    accept_files: bool,
+
+    /// Where received files land (never outside it). Default: your download directory's
+    /// `parley` folder.
+    #[arg(long, global = true, env = "PARLEY_DOWNLOAD_DIR", value_name = "DIR")]
+    download_dir: Option<PathBuf>,
+
+    /// Decline offers of files larger than BYTES (`too_large`).
+    #[arg(long, global = true, value_name = "BYTES")]
+    max_file_bytes: Option<u64>,
+
+    /// Exit 0 once N files have been received and verified.
+    #[arg(long, global = true, value_name = "N")]
+    exit_after_files: Option<u64>,
+
     #[command(subcommand)]
     command: Cmd,
 }
@@ -111,6 +131,16 @@ enum Cmd {
     Resume {
         /// Session id or a unique prefix of it; optional when only one session is stored.
         sid: Option<String>,
+    },
+    /// Resume the stored session and send files or folders (a folder as its files, with
+    /// their paths relative to it); exit 0 once the peer has every one, verified.
+    Send {
+        /// The session (id or a unique prefix); optional when only one session is stored.
+        #[arg(long)]
+        sid: Option<String>,
+        /// Files and folders to send.
+        #[arg(required = true, value_name = "PATH")]
+        paths: Vec<PathBuf>,
     },
     /// List stored sessions.
     Sessions,
@@ -131,6 +161,7 @@ fn main() -> ExitCode {
             Cmd::Host => Command::Host,
             Cmd::Join { code } => Command::Join(code),
             Cmd::Resume { sid } => Command::Resume(sid),
+            Cmd::Send { sid, paths } => Command::Send { sid, paths },
             Cmd::Sessions => Command::Sessions,
         };
         let runtime = tokio::runtime::Builder::new_multi_thread()
@@ -172,7 +203,29 @@ fn options(cli: &Cli) -> Result<Options, ClientError> {
             ))
         })?,
     };
+    let download_dir = match &cli.download_dir {
+        Some(dir) => dir.clone(),
+        // No download directory on this system (a server): a folder of the data directory's
+        // own, apart from the state files.
+        None => dirs::download_dir()
+            .map(|d| d.join("parley"))
+            .or_else(|| dirs::data_dir().map(|d| d.join("parley").join("downloads")))
+            .ok_or_else(|| {
+                usage(ClientError::Usage(
+                    "no per-user download directory here; pass --download-dir DIR".into(),
+                ))
+            })?,
+    };
     Ok(Options {
+        files: parley::transfers::FileConfig {
+            accept: cli.accept_files,
+            download_dir,
+            max_bytes: cli
+                .max_file_bytes
+                .unwrap_or(parley::files::MAX_FILE_BYTES)
+                .min(parley::files::MAX_FILE_BYTES),
+        },
+        exit_after_files: cli.exit_after_files,
         relay_url: cli.relay.clone(),
         state_dir,
         name,

@@ -10,6 +10,7 @@ use serde_json::{Value, json};
 
 use crate::conversation::Event;
 use crate::session::{MAX_OUTBOX, MAX_OUTBOX_BYTES, Session};
+use crate::transfers::FileEvent;
 
 /// Prints above the line being edited (rustyline's external printer).
 pub type LinePrinter = Box<dyn rustyline::ExternalPrinter + Send>;
@@ -124,6 +125,21 @@ fn human(event: &Value) -> Option<String> {
         "peer_online" => format!("* {} is online", peer()),
         "peer_offline" => format!("* {} is offline; messages wait until they are back", peer()),
         "error" => format!("! {}", text(event, "message")),
+        // Plain lines until part B's prompts and progress bars; the peer's names sanitised.
+        "file_offer" => format!(
+            "* {} offers {} ({} bytes)",
+            peer(),
+            text(event, "name"),
+            event.get("size").and_then(Value::as_u64).unwrap_or(0)
+        ),
+        "file_received" => format!(
+            "* received {} -> {} (SHA-256 {})",
+            text(event, "name"),
+            text(event, "path"),
+            text(event, "sha256")
+        ),
+        "file_sent" => format!("* sent {}, verified by {}", text(event, "name"), peer()),
+        "file_failed" => format!("! file {}: {}", text(event, "id"), text(event, "message")),
         "session" => format!(
             "{}  {:<5}  peer {:<12}  created {}  last used {}  safety {}",
             text(event, "sid"),
@@ -222,6 +238,7 @@ pub fn chat_event(event: &Event, session: &Session) -> Value {
             "pending": pending,
             "message": format!("receipts made room in the outbox ({pending} message(s) still wait); reading input again"),
         }),
+        Event::File(file) => file_event(file, sid),
         Event::Problem {
             code,
             message,
@@ -232,6 +249,53 @@ pub fn chat_event(event: &Event, session: &Session) -> Value {
             message,
             seq: None,
         } => error_event(code, message),
+    }
+}
+
+/// A transfer's event (README "Events"): the peer's names are data, never markup.
+fn file_event(event: &FileEvent, sid: &str) -> Value {
+    match event {
+        FileEvent::Offer { id, name, size } => {
+            json!({"event": "file_offer", "sid": sid, "id": id, "name": name, "size": size})
+        }
+        FileEvent::Progress { id, bytes } => {
+            json!({"event": "file_progress", "sid": sid, "id": id, "bytes": bytes})
+        }
+        FileEvent::Received {
+            id,
+            name,
+            path,
+            size,
+            sha256,
+        } => json!({
+            "event": "file_received",
+            "sid": sid,
+            "id": id,
+            "name": name,
+            "path": path.to_string_lossy(),
+            "size": size,
+            "sha256": sha256,
+        }),
+        FileEvent::Sent {
+            id,
+            name,
+            size,
+            sha256,
+        } => json!({
+            "event": "file_sent",
+            "sid": sid,
+            "id": id,
+            "name": name,
+            "size": size,
+            "sha256": sha256,
+        }),
+        FileEvent::Failed { id, code, message } => json!({
+            "event": "file_failed",
+            "sid": sid,
+            "id": id,
+            "code": code,
+            "message": message,
+        }),
     }
 }
 

@@ -303,6 +303,9 @@ impl Session {
             restore_proof: self.restore_proof.clone(),
             created: self.created,
             last_used: self.last_used,
+            // The conversation's transfers add theirs (`crate::transfers`).
+            files_out: Vec::new(),
+            files_in: Vec::new(),
         }
     }
 

@@ -167,6 +167,68 @@ pub struct SessionRecord {
     /// Unix seconds.
     pub created: u64,
     pub last_used: u64,
+    /// Files this side is sending (protocol.md 3.10 "What each side stores"): saved with the
+    /// sealed offer, in the same write. Only the offer and positions, never file content, and
+    /// at most [`MAX_FILE_RECORDS`]: the state file does not grow with a file's size. Absent
+    /// in files written before transfers existed (and while there are none).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub files_out: Vec<FileSendState>,
+    /// Files this side is receiving: saved with the sealed `file_accept`, in the same write.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub files_in: Vec<FileReceiveState>,
+}
+
+/// How many transfers (each way) a session keeps records of: finished ones are dropped, and
+/// a peer offering more at once is declined, so these lists stay small.
+pub const MAX_FILE_RECORDS: usize = 64;
+
+/// A file offer as stored (protocol.md 3.10 "Messages"): the file key is as secret as a
+/// message key, so it is a [`Secret`] (zeroized, never printed).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FileOfferState {
+    /// 32 hex digits.
+    pub id: String,
+    pub name: String,
+    pub size: u64,
+    /// 64 hex digits.
+    pub sha256: String,
+    pub chunk: u32,
+    /// 64 hex digits.
+    pub key: Secret,
+}
+
+/// Where a transfer stands: `offered`, `sending`, `verifying`, `receiving`, `verified`,
+/// `done`, or `failed` with its code (the client's status names).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FileStatusState {
+    pub s: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub code: Option<String>,
+}
+
+/// The sending end of a file: the offer, the local file it reads, the last pass number used
+/// (saved before that pass's first chunk is sealed) and the acknowledged position (a lower
+/// bound).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FileSendState {
+    pub offer: FileOfferState,
+    pub path: PathBuf,
+    pub pass: u32,
+    /// Chunks acknowledged.
+    pub acked: u64,
+    pub status: FileStatusState,
+}
+
+/// The receiving end of a file: the offer, the directory it lands in, the current pass and
+/// the durable position (chunks written and synced, saved before they are acknowledged).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FileReceiveState {
+    pub offer: FileOfferState,
+    pub dir: PathBuf,
+    pub pass: u32,
+    /// Chunks written and synced.
+    pub durable: u64,
+    pub status: FileStatusState,
 }
 
 /// The Double Ratchet's state, every key as hex. Field names follow the Signal specification.
@@ -582,7 +644,19 @@ fn parse(bytes: &[u8], path: &Path, name: &str) -> Result<StateFile, StateError>
             found: schema,
         });
     }
-    serde_json::from_slice(bytes).map_err(|e| corrupt(e.to_string()))
+    let state: StateFile = serde_json::from_slice(bytes).map_err(|e| corrupt(e.to_string()))?;
+    // The client never stores more; a file with more was not written by it.
+    if let Some(s) = state
+        .sessions
+        .iter()
+        .find(|s| s.files_out.len() > MAX_FILE_RECORDS || s.files_in.len() > MAX_FILE_RECORDS)
+    {
+        return Err(corrupt(format!(
+            "session {} records more than {MAX_FILE_RECORDS} file transfers",
+            s.sid
+        )));
+    }
+    Ok(state)
 }
 
 fn create_private_dir(dir: &Path) -> Result<(), StateError> {
@@ -655,7 +729,85 @@ mod tests {
             restore_proof: Secret::new("cd".repeat(32)),
             created: 1,
             last_used: 2,
+            files_out: Vec::new(),
+            files_in: Vec::new(),
         }
+    }
+
+    fn offer_state(id: u8) -> FileOfferState {
+        FileOfferState {
+            id: format!("{id:02x}").repeat(16),
+            name: "docs/report.pdf".into(),
+            size: 1 << 40,
+            sha256: "ab".repeat(32),
+            chunk: 45_056,
+            key: Secret::new("cd".repeat(32)),
+        }
+    }
+
+    /// Transfers round-trip; a state file from before them (no `files_out`/`files_in`) still
+    /// loads; a file with more records than the client ever keeps is refused as corrupt; and
+    /// the record's size does not depend on the file's size.
+    #[test]
+    fn file_transfer_records_round_trip_and_stay_bounded() {
+        let dir = tempdir();
+        let store = Store::open(&dir, "alice").unwrap();
+        let mut state = StateFile::new("alice");
+        let mut with_files = record("s1");
+        with_files.files_out.push(FileSendState {
+            offer: offer_state(1),
+            path: PathBuf::from("/home/a/report.pdf"),
+            pass: 3,
+            acked: 10,
+            status: FileStatusState {
+                s: "sending".into(),
+                code: None,
+            },
+        });
+        with_files.files_in.push(FileReceiveState {
+            offer: offer_state(2),
+            dir: PathBuf::from("/home/a/Downloads/parley"),
+            pass: 1,
+            durable: 4,
+            status: FileStatusState {
+                s: "failed".into(),
+                code: Some("declined".into()),
+            },
+        });
+        state.upsert(with_files);
+        store.save(&state).unwrap();
+        assert_eq!(store.load().unwrap(), Some(state.clone()));
+        // A terabyte offer costs what a byte's does.
+        let text = fs::read_to_string(store.path()).unwrap();
+        assert!(text.len() < 8 * 1024, "{}", text.len());
+
+        // Without transfers the members are left out, so the file is what it was before.
+        let mut plain = StateFile::new("alice");
+        plain.upsert(record("s1"));
+        let text = serde_json::to_string(&plain).unwrap();
+        assert!(!text.contains("files_"));
+        assert_eq!(serde_json::from_str::<StateFile>(&text).unwrap(), plain);
+
+        let mut too_many = StateFile::new("alice");
+        let mut crowded = record("s1");
+        crowded.files_in = (0..=MAX_FILE_RECORDS)
+            .map(|_| FileReceiveState {
+                offer: offer_state(3),
+                dir: PathBuf::from("/d"),
+                pass: 0,
+                durable: 0,
+                status: FileStatusState {
+                    s: "receiving".into(),
+                    code: None,
+                },
+            })
+            .collect();
+        too_many.upsert(crowded);
+        let bytes = serde_json::to_vec(&too_many).unwrap();
+        assert!(matches!(
+            parse(&bytes, Path::new("/x"), "alice"),
+            Err(StateError::Corrupt { .. })
+        ));
     }
 
     fn tempdir() -> PathBuf {

@@ -16,6 +16,7 @@ pub mod names;
 pub mod offer;
 pub mod receive;
 pub mod send;
+pub mod store;
 #[cfg(test)]
 mod tests_transfer;
 #[cfg(test)]

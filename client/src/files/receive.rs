@@ -364,6 +364,13 @@ impl Receiver {
             .push_back(ReceiveOutput::Event(ReceiveEvent::Received));
     }
 
+    /// The `.part` could not even be opened: the file fails as a failed write would.
+    pub fn fail_write(&mut self) {
+        if self.status == ReceiveStatus::Receiving {
+            self.fail(FailCode::WriteFailed);
+        }
+    }
+
     /// Moving the `.part` into place failed (no unique name left, a full disk).
     pub fn handle_place_failed(&mut self) {
         if self.status == ReceiveStatus::Verified {

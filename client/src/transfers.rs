@@ -1,0 +1,756 @@
+//! A conversation's file transfers (protocol.md 3.10), sans-IO: the [`Sender`]s and
+//! [`Receiver`]s of one session, the files still to offer, the answer to offers
+//! (`--accept-files`), and the records the state file keeps of them.
+//!
+//! The conversation owns this and routes to it: file messages (`Plain::File*`), chunks (`MSG`
+//! with `kind:"file_chunk"`), acknowledgements (`MSG_READ` with `kind:"file_ack"`), the link.
+//! What comes out is turned into the conversation's own outputs (messages to seal, frames,
+//! saves, events). The file system is reached only through [`FileSystem`], which the driver
+//! implements on the disk and the tests in memory: a receiver writes its `.part` as a chunk
+//! authenticates (it must know at once whether the write failed), so these calls are made
+//! synchronously rather than queued as outputs.
+
+use std::collections::VecDeque;
+use std::io;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use parley_state::{FileReceiveState, FileSendState, MAX_FILE_RECORDS};
+
+use crate::files::names::{part_name, unique_target};
+use crate::files::offer::{FileDecline, FileFailed, FileOffer};
+use crate::files::receive::{PartFile, ReceiveEvent, ReceiveOutput, ReceiveStatus, Receiver};
+use crate::files::send::{RESEND_AFTER, SendEvent, SendOutput, SendStatus, Sender, new_offer};
+use crate::files::{FailCode, FileId, chunk, store};
+use crate::session::Plain;
+
+/// At most this often a transfer reports progress (`file_progress`, at most 4 per second).
+pub const PROGRESS_EVERY: Duration = Duration::from_millis(250);
+
+/// What the conversation needs from the file system. The driver's implementation is the
+/// disk; nothing here decides anything.
+pub trait FileSystem {
+    /// Fills `buf` from the sender's file at `path`, from `offset`.
+    fn read_at(&mut self, path: &Path, offset: u64, buf: &mut [u8]) -> io::Result<()>;
+    /// The `.part` at `path`, created (with its folders) if it is not there.
+    fn part(&mut self, path: &Path) -> io::Result<&mut dyn PartFile>;
+    /// Removes the `.part` (a failed file); one already gone is no error.
+    fn remove_part(&mut self, path: &Path) -> io::Result<()>;
+    /// Whether anything exists at `path` (to choose a name that replaces nothing).
+    fn exists(&self, path: &Path) -> bool;
+    /// Moves the `.part` to `target` without replacing anything: a hard link that fails if
+    /// `target` exists (its folders created first), then the `.part` removed.
+    fn place(&mut self, part: &Path, target: &Path) -> io::Result<()>;
+}
+
+/// How this side answers offers and where files land.
+#[derive(Debug, Clone)]
+pub struct FileConfig {
+    /// `--accept-files`: take offers without asking. Otherwise (no person to ask in part A)
+    /// they are declined.
+    pub accept: bool,
+    pub download_dir: PathBuf,
+    /// `--max-file-bytes`.
+    pub max_bytes: u64,
+}
+
+/// A file the person asked to send: its name for the peer (a relative path), where it is
+/// here, its size and SHA-256 (read by the driver beforehand).
+#[derive(Debug, Clone)]
+pub struct LocalFile {
+    pub name: String,
+    pub path: PathBuf,
+    pub size: u64,
+    pub sha256: [u8; 32],
+}
+
+/// Something to tell the user about a file.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum FileEvent {
+    Offer {
+        id: String,
+        name: String,
+        size: u64,
+    },
+    Progress {
+        id: String,
+        bytes: u64,
+    },
+    Received {
+        id: String,
+        name: String,
+        path: PathBuf,
+        size: u64,
+        sha256: String,
+    },
+    Sent {
+        id: String,
+        name: String,
+        size: u64,
+        sha256: String,
+    },
+    Failed {
+        id: String,
+        code: FailCode,
+        message: String,
+    },
+}
+
+/// What the transfers want the conversation to do, in order.
+#[derive(Debug)]
+pub enum FileStep {
+    /// Seal this through the session (it travels in the ratchet), then save.
+    Message(Plain),
+    /// Save the session record (with these transfers' records) before going on.
+    Save,
+    /// Write this frame as it is (a chunk or an acknowledgement, outside the ratchet).
+    Transmit(String),
+    Event(FileEvent),
+}
+
+struct Outgoing {
+    sender: Sender,
+    path: PathBuf,
+    name: String,
+    size: u64,
+    sha256: String,
+    last_progress: Option<Instant>,
+}
+
+struct Incoming {
+    receiver: Receiver,
+    dir: PathBuf,
+    part: PathBuf,
+    /// Where it was placed.
+    target: Option<PathBuf>,
+    last_progress: Option<Instant>,
+}
+
+pub struct Transfers {
+    fs: Box<dyn FileSystem + Send>,
+    config: FileConfig,
+    sid: String,
+    outgoing: Vec<Outgoing>,
+    incoming: Vec<Incoming>,
+    /// Files still to offer: one is offered at a time, so that one file's chunks use the
+    /// window (protocol.md 3.10 "Window" is per connection in effect) and few records wait.
+    to_offer: VecDeque<LocalFile>,
+    steps: VecDeque<FileStep>,
+    attached: bool,
+    peer_online: bool,
+    /// The relay refused a chunk while the peer seemed online: senders wait until then (or
+    /// until the link changes) rather than start a pass at every refusal.
+    paused_until: Option<Instant>,
+    /// Files received and verified in this run.
+    received: u64,
+    /// Files that could not even be offered.
+    unoffered: u64,
+}
+
+impl Transfers {
+    /// Transfers for session `sid`, resuming those in its stored record.
+    pub fn new(
+        fs: Box<dyn FileSystem + Send>,
+        config: FileConfig,
+        sid: &str,
+        files_out: &[FileSendState],
+        files_in: &[FileReceiveState],
+    ) -> Transfers {
+        let mut transfers = Transfers {
+            fs,
+            config,
+            sid: sid.to_string(),
+            outgoing: Vec::new(),
+            incoming: Vec::new(),
+            to_offer: VecDeque::new(),
+            steps: VecDeque::new(),
+            attached: false,
+            peer_online: false,
+            paused_until: None,
+            received: 0,
+            unoffered: 0,
+        };
+        for stored in files_out {
+            let Some((record, path)) = store::send_from_state(stored) else {
+                continue;
+            };
+            let sender = Sender::from_record(&record, sid);
+            transfers.outgoing.push(Outgoing {
+                path,
+                name: record.offer.name.clone(),
+                size: record.offer.size,
+                sha256: record.offer.sha256.clone(),
+                sender,
+                last_progress: None,
+            });
+        }
+        for stored in files_in {
+            let Some((record, dir)) = store::receive_from_state(stored) else {
+                continue;
+            };
+            let Ok(checked) = record.offer.clone().check(u64::MAX) else {
+                continue;
+            };
+            let part = dir.join(part_name(&checked.safe_name, &record.offer.id));
+            let restored = match transfers.fs.part(&part) {
+                Ok(file) => Receiver::from_record(&record, sid, file),
+                Err(_) => Err(FailCode::WriteFailed),
+            };
+            match restored {
+                Ok(receiver) => transfers.incoming.push(Incoming {
+                    receiver,
+                    dir,
+                    part,
+                    target: None,
+                    last_progress: None,
+                }),
+                // Its `.part` cannot be opened: the file fails, and the sender is told (it
+                // would otherwise wait for it for ever). Nothing stored is kept of it.
+                Err(code) => {
+                    transfers
+                        .steps
+                        .push_back(FileStep::Message(Plain::FileFailed(FileFailed {
+                            id: record.offer.id,
+                            code,
+                        })));
+                    transfers
+                        .steps
+                        .push_back(FileStep::Event(FileEvent::Failed {
+                            id: hex::encode(record.offer.id),
+                            code,
+                            message: code.to_string(),
+                        }));
+                }
+            }
+        }
+        transfers
+    }
+
+    /// Files to send, offered one after another once the chat has begun. A file already
+    /// being sent (stored by a run that stopped: same path, same SHA-256) is not offered
+    /// again: that transfer goes on from where the receiver is.
+    pub fn send(&mut self, files: Vec<LocalFile>) {
+        for file in files {
+            let sha256 = hex::encode(file.sha256);
+            let going = self.outgoing.iter().any(|o| {
+                o.path == file.path && o.sha256 == sha256 && !is_final_send(o.sender.status())
+            });
+            if !going {
+                self.to_offer.push_back(file);
+            }
+        }
+    }
+
+    /// Nothing is waiting to be offered or moving: every file sent or received is done or
+    /// failed (offers still unanswered by the person count as moving).
+    pub fn idle(&self) -> bool {
+        self.to_offer.is_empty()
+            && self
+                .outgoing
+                .iter()
+                .all(|o| is_final_send(o.sender.status()))
+            && self
+                .incoming
+                .iter()
+                .all(|i| is_final_receive(i.receiver.status()))
+    }
+
+    /// Files received and verified in this run.
+    pub fn received(&self) -> u64 {
+        self.received
+    }
+
+    /// Our files that failed or were declined (read from their status, so that it is right
+    /// as soon as the answer came, before its event is told).
+    pub fn send_failed(&self) -> u64 {
+        self.outgoing
+            .iter()
+            .filter(|o| matches!(o.sender.status(), SendStatus::Failed { .. }))
+            .count() as u64
+            + self.unoffered
+    }
+
+    /// The records the state file keeps: transfers still going (finished ones are forgotten,
+    /// so the lists stay short).
+    pub fn records(&self) -> (Vec<FileSendState>, Vec<FileReceiveState>) {
+        let out = self
+            .outgoing
+            .iter()
+            .filter(|o| !is_final_send(o.sender.status()))
+            .filter_map(|o| store::send_state(&o.sender.record(), &o.path))
+            .take(MAX_FILE_RECORDS)
+            .collect();
+        let inc = self
+            .incoming
+            .iter()
+            .filter(|i| !is_final_receive(i.receiver.status()))
+            .filter_map(|i| store::receive_state(&i.receiver.record(), &i.dir))
+            .take(MAX_FILE_RECORDS)
+            .collect();
+        (out, inc)
+    }
+
+    // -------------------------------------------------------------------------------------
+    // Inputs
+
+    /// The relay link and the peer (attached after `REATTACH`, `PEER_ONLINE`/`PEER_OFFLINE`,
+    /// a lost connection). Each time both come up, senders start a new pass and receivers
+    /// tell where they are.
+    pub fn handle_link(&mut self, now: Instant, attached: bool, peer_online: bool) {
+        let was = self.attached && self.peer_online;
+        self.attached = attached;
+        self.peer_online = peer_online;
+        self.paused_until = None;
+        for o in &mut self.outgoing {
+            o.sender.handle_link(now, attached, peer_online);
+        }
+        if attached && peer_online && !was {
+            for i in &mut self.incoming {
+                i.receiver.handle_link_reset();
+            }
+        }
+        if attached {
+            self.offer_next(now);
+        }
+    }
+
+    /// A file message from the peer.
+    pub fn handle_message(&mut self, now: Instant, plain: Plain) {
+        match plain {
+            Plain::FileOffer(offer) => self.handle_offer(offer),
+            Plain::FileAccept(accept) => {
+                if let Some(o) = self.outgoing_mut(&accept.id) {
+                    o.sender.handle_accept(now, &accept);
+                }
+            }
+            Plain::FileDecline(decline) => {
+                if let Some(o) = self.outgoing_mut(&decline.id) {
+                    o.sender.handle_decline(&decline);
+                }
+            }
+            Plain::FileDone(done) => {
+                if let Some(o) = self.outgoing_mut(&done.id) {
+                    o.sender.handle_done();
+                }
+            }
+            Plain::FileFailed(failed) => {
+                if let Some(o) = self.outgoing_mut(&failed.id) {
+                    o.sender.handle_failed(failed.code);
+                } else if let Some(i) = self
+                    .incoming
+                    .iter_mut()
+                    .find(|i| i.receiver.id() == &failed.id)
+                {
+                    i.receiver.handle_failed(failed.code);
+                }
+            }
+            Plain::Hello { .. } | Plain::Text { .. } | Plain::Unknown => {}
+        }
+    }
+
+    /// A sealed chunk (from a `MSG` with `kind:"file_chunk"`). One naming no file being
+    /// received is ignored.
+    pub fn handle_chunk(&mut self, sealed: &[u8]) {
+        let Some(header) = chunk::peek(sealed) else {
+            return;
+        };
+        let Some(i) = self
+            .incoming
+            .iter_mut()
+            .find(|i| i.receiver.id() == &header.id)
+        else {
+            return;
+        };
+        match self.fs.part(&i.part) {
+            Ok(file) => i.receiver.handle_chunk(sealed, file),
+            // Could not even open it: as a failed write.
+            Err(_) => i.receiver.fail_write(),
+        }
+    }
+
+    /// An acknowledgement (from a `MSG_READ` with `kind:"file_ack"`).
+    pub fn handle_ack(&mut self, now: Instant, bytes: &[u8]) {
+        let Some(id) = chunk::ack_id(bytes) else {
+            return;
+        };
+        if let Some(o) = self.outgoing_mut(&id) {
+            o.sender.handle_ack(now, bytes);
+        }
+    }
+
+    /// The relay refused a chunk (`ERROR` with `msgID` `"file_chunk"`: the peer went offline,
+    /// its mailbox is full): it and those after it are lost, so the senders stop. They start
+    /// a new pass from what is acknowledged when the peer comes back (`PEER_ONLINE`), or, if
+    /// the relay said nothing of the peer, after [`RESEND_AFTER`]: never at once, or a relay
+    /// that keeps refusing would have us spend a pass (and a save) on every refusal.
+    pub fn handle_chunk_refused(&mut self, now: Instant) {
+        for o in &mut self.outgoing {
+            o.sender.handle_link(now, self.attached, false);
+        }
+        if self.paused_until.is_none() {
+            self.paused_until = now.checked_add(RESEND_AFTER);
+        }
+    }
+
+    pub fn handle_timeout(&mut self, now: Instant) {
+        if self.paused_until.is_some_and(|at| now >= at) {
+            self.paused_until = None;
+            for o in &mut self.outgoing {
+                o.sender.handle_link(now, self.attached, self.peer_online);
+            }
+        }
+        for o in &mut self.outgoing {
+            o.sender.handle_timeout(now);
+        }
+    }
+
+    pub fn poll_timeout(&self) -> Option<Instant> {
+        self.outgoing
+            .iter()
+            .filter_map(|o| o.sender.poll_timeout())
+            .chain(self.paused_until)
+            .min()
+    }
+
+    // -------------------------------------------------------------------------------------
+    // Outputs
+
+    /// The next step: queued ones first, then what the senders and receivers have (chunks
+    /// last, and only when asked: the conversation asks once its own steps are done, so chat
+    /// goes ahead of file data).
+    pub fn poll_step(&mut self, now: Instant) -> Option<FileStep> {
+        loop {
+            if let Some(step) = self.steps.pop_front() {
+                return Some(step);
+            }
+            if !self.pull(now) {
+                return None;
+            }
+        }
+    }
+
+    /// Moves one output of a sender or receiver into `steps`; false when none has any.
+    fn pull(&mut self, now: Instant) -> bool {
+        for index in 0..self.incoming.len() {
+            if let Some(out) = self
+                .incoming
+                .get_mut(index)
+                .and_then(|i| i.receiver.poll_output())
+            {
+                self.receive_output(now, index, out);
+                return true;
+            }
+        }
+        for index in 0..self.outgoing.len() {
+            if let Some(out) = self
+                .outgoing
+                .get_mut(index)
+                .and_then(|o| o.sender.poll_output())
+            {
+                self.send_output(now, index, out);
+                return true;
+            }
+        }
+        false
+    }
+
+    fn receive_output(&mut self, now: Instant, index: usize, out: ReceiveOutput) {
+        let Some(i) = self.incoming.get_mut(index) else {
+            return;
+        };
+        let id = hex::encode(i.receiver.id());
+        match out {
+            ReceiveOutput::Save(_) => self.steps.push_back(FileStep::Save),
+            ReceiveOutput::Message(plain) => self.steps.push_back(FileStep::Message(plain)),
+            ReceiveOutput::Transmit(frame) => self.steps.push_back(FileStep::Transmit(frame)),
+            ReceiveOutput::Place { .. } if !self.fs.exists(&i.part) => {
+                // Verified before a restart and its `.part` gone: the move had happened.
+                i.receiver.handle_placed();
+            }
+            ReceiveOutput::Place { name } => {
+                let fs = &mut self.fs;
+                let target = unique_target(&i.dir, &name, |p| fs.exists(p));
+                match target.map(|t| fs.place(&i.part, &t).map(|()| t)) {
+                    Some(Ok(target)) => {
+                        i.target = Some(target);
+                        i.receiver.handle_placed();
+                    }
+                    // No free name, a full disk: the file fails (its `.part` removed).
+                    _ => i.receiver.handle_place_failed(),
+                }
+            }
+            ReceiveOutput::RemovePart => {
+                let _ = self.fs.remove_part(&i.part);
+            }
+            ReceiveOutput::Event(ReceiveEvent::Progress { bytes }) => {
+                if due(&mut i.last_progress, now) {
+                    self.steps
+                        .push_back(FileStep::Event(FileEvent::Progress { id, bytes }));
+                }
+            }
+            ReceiveOutput::Event(ReceiveEvent::Received) => {
+                self.received = self.received.saturating_add(1);
+                let offer = i.receiver.record().offer;
+                let event = FileEvent::Received {
+                    id,
+                    name: i.receiver.name().to_string(),
+                    path: i.target.clone().unwrap_or_default(),
+                    size: offer.size,
+                    sha256: offer.sha256,
+                };
+                self.steps.push_back(FileStep::Event(event));
+            }
+            ReceiveOutput::Event(ReceiveEvent::Failed { code }) => {
+                self.steps.push_back(FileStep::Event(FileEvent::Failed {
+                    id,
+                    code,
+                    message: code.to_string(),
+                }));
+            }
+        }
+    }
+
+    fn send_output(&mut self, now: Instant, index: usize, out: SendOutput) {
+        let Some(o) = self.outgoing.get_mut(index) else {
+            return;
+        };
+        let id = hex::encode(o.sender.id());
+        match out {
+            SendOutput::Save(_) => self.steps.push_back(FileStep::Save),
+            SendOutput::Chunk(request) => {
+                let mut data = vec![0u8; request.len];
+                let read = self.fs.read_at(&o.path, request.offset, &mut data);
+                let sealed = match read {
+                    Ok(()) => o.sender.seal(&request, &data),
+                    Err(_) => {
+                        o.sender.cancel(FailCode::ReadFailed);
+                        Err(FailCode::ReadFailed)
+                    }
+                };
+                match sealed {
+                    Ok(frame) => self.steps.push_back(FileStep::Transmit(frame)),
+                    // The sender failed the file: tell the receiver too.
+                    Err(code) => {
+                        self.steps
+                            .push_back(FileStep::Message(Plain::FileFailed(FileFailed {
+                                id: *o.sender.id(),
+                                code,
+                            })))
+                    }
+                }
+            }
+            SendOutput::Event(SendEvent::Progress { bytes }) => {
+                if due(&mut o.last_progress, now) {
+                    self.steps
+                        .push_back(FileStep::Event(FileEvent::Progress { id, bytes }));
+                }
+            }
+            SendOutput::Event(SendEvent::Sent) => {
+                self.steps.push_back(FileStep::Event(FileEvent::Sent {
+                    id,
+                    name: o.name.clone(),
+                    size: o.size,
+                    sha256: o.sha256.clone(),
+                }));
+                self.offer_next(now);
+            }
+            SendOutput::Event(SendEvent::Failed { code }) => {
+                self.steps.push_back(FileStep::Event(FileEvent::Failed {
+                    id,
+                    code,
+                    message: code.to_string(),
+                }));
+                self.offer_next(now);
+            }
+        }
+    }
+
+    // -------------------------------------------------------------------------------------
+
+    fn outgoing_mut(&mut self, id: &FileId) -> Option<&mut Outgoing> {
+        self.outgoing.iter_mut().find(|o| o.sender.id() == id)
+    }
+
+    /// Offers the next file once none of ours is moving (one at a time).
+    fn offer_next(&mut self, now: Instant) {
+        if !self.attached
+            || self
+                .outgoing
+                .iter()
+                .any(|o| !is_final_send(o.sender.status()))
+        {
+            return;
+        }
+        let Some(file) = self.to_offer.pop_front() else {
+            return;
+        };
+        match new_offer(file.name.clone(), file.size, &file.sha256) {
+            Ok(offer) => {
+                let mut sender = Sender::new(offer.clone(), &self.sid);
+                // Chunks go once it is accepted, if the link is up then.
+                sender.handle_link(now, self.attached, self.peer_online);
+                self.outgoing.push(Outgoing {
+                    sender,
+                    path: file.path,
+                    name: file.name,
+                    size: file.size,
+                    sha256: offer.sha256.clone(),
+                    last_progress: None,
+                });
+                // Sealed and saved in one write with the sender's record (the conversation
+                // saves after sealing).
+                self.steps
+                    .push_back(FileStep::Message(Plain::FileOffer(offer)));
+            }
+            Err(code) => {
+                self.unoffered = self.unoffered.saturating_add(1);
+                self.steps.push_back(FileStep::Event(FileEvent::Failed {
+                    id: String::new(),
+                    code,
+                    message: format!("cannot offer {}: no randomness", file.name),
+                }));
+            }
+        }
+    }
+
+    fn handle_offer(&mut self, offer: FileOffer) {
+        let id = offer.id;
+        if self.incoming.iter().any(|i| i.receiver.id() == &id) {
+            // Messages come exactly once; a second offer of one id is ignored.
+            return;
+        }
+        self.steps.push_back(FileStep::Event(FileEvent::Offer {
+            id: hex::encode(id),
+            name: offer.name.clone(),
+            size: offer.size,
+        }));
+        let moving = self
+            .incoming
+            .iter()
+            .filter(|i| !is_final_receive(i.receiver.status()))
+            .count();
+        let decline = |reason: FailCode, steps: &mut VecDeque<FileStep>| {
+            steps.push_back(FileStep::Message(Plain::FileDecline(FileDecline {
+                id,
+                reason,
+            })));
+            steps.push_back(FileStep::Event(FileEvent::Failed {
+                id: hex::encode(id),
+                code: reason,
+                message: reason.to_string(),
+            }));
+        };
+        if moving >= MAX_FILE_RECORDS {
+            // More at once than the state file keeps: a peer that floods offers.
+            return decline(FailCode::Cancelled, &mut self.steps);
+        }
+        let mut receiver = match Receiver::offered(offer, self.config.max_bytes, &self.sid) {
+            Ok(receiver) => receiver,
+            Err(Plain::FileDecline(d)) => return decline(d.reason, &mut self.steps),
+            Err(_) => return decline(FailCode::BadOffer, &mut self.steps),
+        };
+        let dir = self.config.download_dir.clone();
+        let part = dir.join(part_name(receiver.name(), &id));
+        if self.config.accept {
+            receiver.accept();
+        } else {
+            // No person to ask (part A has no prompt): no means no.
+            receiver.decline();
+            self.steps.push_back(FileStep::Event(FileEvent::Failed {
+                id: hex::encode(id),
+                code: FailCode::Declined,
+                message: FailCode::Declined.to_string(),
+            }));
+        }
+        // Finished ones are reported already; forget them.
+        self.incoming
+            .retain(|i| !is_final_receive(i.receiver.status()));
+        self.incoming.push(Incoming {
+            receiver,
+            dir,
+            part,
+            target: None,
+            last_progress: None,
+        });
+    }
+}
+
+fn due(last: &mut Option<Instant>, now: Instant) -> bool {
+    if last.is_some_and(|at| now.saturating_duration_since(at) < PROGRESS_EVERY) {
+        return false;
+    }
+    *last = Some(now);
+    true
+}
+
+fn is_final_send(status: SendStatus) -> bool {
+    matches!(status, SendStatus::Done | SendStatus::Failed { .. })
+}
+
+fn is_final_receive(status: ReceiveStatus) -> bool {
+    matches!(status, ReceiveStatus::Done | ReceiveStatus::Failed { .. })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::files::receive::ReceiveRecord;
+
+    /// A disk that refuses everything.
+    struct Refusing;
+
+    impl FileSystem for Refusing {
+        fn read_at(&mut self, _: &Path, _: u64, _: &mut [u8]) -> io::Result<()> {
+            Err(io::ErrorKind::PermissionDenied.into())
+        }
+        fn part(&mut self, _: &Path) -> io::Result<&mut dyn PartFile> {
+            Err(io::ErrorKind::PermissionDenied.into())
+        }
+        fn remove_part(&mut self, _: &Path) -> io::Result<()> {
+            Ok(())
+        }
+        fn exists(&self, _: &Path) -> bool {
+            false
+        }
+        fn place(&mut self, _: &Path, _: &Path) -> io::Result<()> {
+            Err(io::ErrorKind::PermissionDenied.into())
+        }
+    }
+
+    /// A stored transfer whose `.part` cannot be opened after a restart fails, and the sender
+    /// hears it (`file_failed`), rather than waiting for ever.
+    #[test]
+    fn a_stored_receive_whose_part_cannot_be_opened_fails_and_tells_the_sender() {
+        let record = ReceiveRecord {
+            offer: crate::files::store::tests::offer(),
+            durable: 1,
+            pass: 1,
+            status: ReceiveStatus::Receiving,
+        };
+        let stored = store::receive_state(&record, Path::new("/dl")).unwrap();
+        let config = FileConfig {
+            accept: true,
+            download_dir: PathBuf::from("/dl"),
+            max_bytes: u64::MAX,
+        };
+        let mut transfers = Transfers::new(Box::new(Refusing), config, "s", &[], &[stored]);
+        let now = Instant::now();
+        assert!(matches!(
+            transfers.poll_step(now),
+            Some(FileStep::Message(Plain::FileFailed(FileFailed {
+                id,
+                code: FailCode::WriteFailed
+            }))) if id == [0xa0; 16]
+        ));
+        assert!(matches!(
+            transfers.poll_step(now),
+            Some(FileStep::Event(FileEvent::Failed {
+                code: FailCode::WriteFailed,
+                ..
+            }))
+        ));
+        assert!(transfers.poll_step(now).is_none());
+        assert!(transfers.idle());
+        assert_eq!(transfers.records(), (Vec::new(), Vec::new()));
+    }
+}
