@@ -7,7 +7,6 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 
 use futures_util::{SinkExt, StreamExt};
-use tokio::net::TcpListener;
 use tokio_tungstenite::tungstenite::Message;
 
 /// What to answer to one text frame, given the connection's number (0 for the first) and the
@@ -25,40 +24,25 @@ impl FakeRelay {
     pub fn start(script: Script) -> FakeRelay {
         let connections = Arc::new(AtomicUsize::new(0));
         let received = Arc::new(Mutex::new(Vec::new()));
-        let (tx, rx) = std::sync::mpsc::channel();
         let (count, log) = (connections.clone(), received.clone());
-        std::thread::spawn(move || {
-            let runtime = tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()
-                .unwrap();
-            runtime.block_on(async move {
-                let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-                tx.send(listener.local_addr().unwrap()).unwrap();
-                loop {
-                    let Ok((stream, _)) = listener.accept().await else {
-                        return;
-                    };
-                    let (script, count, log) = (script.clone(), count.clone(), log.clone());
-                    tokio::spawn(async move {
-                        let Ok(mut ws) = tokio_tungstenite::accept_async(stream).await else {
+        let addr = crate::serve_on_loopback(move |stream| {
+            let (script, count, log) = (script.clone(), count.clone(), log.clone());
+            async move {
+                let Ok(mut ws) = tokio_tungstenite::accept_async(stream).await else {
+                    return;
+                };
+                let index = count.fetch_add(1, Ordering::SeqCst);
+                while let Some(Ok(msg)) = ws.next().await {
+                    let Message::Text(text) = msg else { continue };
+                    log.lock().unwrap().push((index, text.to_string()));
+                    for answer in script(index, text.as_str()) {
+                        if ws.send(answer).await.is_err() {
                             return;
-                        };
-                        let index = count.fetch_add(1, Ordering::SeqCst);
-                        while let Some(Ok(msg)) = ws.next().await {
-                            let Message::Text(text) = msg else { continue };
-                            log.lock().unwrap().push((index, text.to_string()));
-                            for answer in script(index, text.as_str()) {
-                                if ws.send(answer).await.is_err() {
-                                    return;
-                                }
-                            }
                         }
-                    });
+                    }
                 }
-            });
+            }
         });
-        let addr = rx.recv().unwrap();
         FakeRelay {
             url: format!("ws://{addr}"),
             connections,

@@ -205,6 +205,31 @@ impl Drop for RelayProcess {
     }
 }
 
+/// A server on 127.0.0.1 (a free port), on its own thread and runtime, living until the test
+/// process ends: `serve` is called for each accepted connection, and what it returns runs as a
+/// task of its own. Its address.
+pub fn serve_on_loopback<F, Fut>(serve: F) -> std::net::SocketAddr
+where
+    F: Fn(tokio::net::TcpStream) -> Fut + Send + 'static,
+    Fut: std::future::Future<Output = ()> + Send + 'static,
+{
+    let (tx, rx) = mpsc::channel();
+    std::thread::spawn(move || {
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        runtime.block_on(async move {
+            let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+            tx.send(listener.local_addr().unwrap()).unwrap();
+            while let Ok((stream, _)) = listener.accept().await {
+                tokio::spawn(serve(stream));
+            }
+        });
+    });
+    rx.recv().unwrap()
+}
+
 /// A fresh, private directory for state files, removed when dropped.
 pub struct TempDir(PathBuf);
 

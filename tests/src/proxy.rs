@@ -4,7 +4,6 @@
 use std::sync::Arc;
 
 use futures_util::{SinkExt, StreamExt};
-use tokio::net::TcpListener;
 use tokio_tungstenite::tungstenite::Message;
 
 /// Which way a frame is going.
@@ -39,34 +38,18 @@ impl Proxy {
     /// A proxy that also cuts connections whenever `cut` says so.
     pub fn start_cutting(relay_url: &str, tamper: Tamper, cut: Cut) -> Proxy {
         let relay_url = relay_url.to_string();
-        let (tx, rx) = std::sync::mpsc::channel();
-        std::thread::spawn(move || {
-            let runtime = tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()
-                .unwrap();
-            runtime.block_on(async move {
-                let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-                tx.send(listener.local_addr().unwrap()).unwrap();
-                loop {
-                    let Ok((stream, _)) = listener.accept().await else {
-                        return;
-                    };
-                    let (relay_url, tamper, cut) = (relay_url.clone(), tamper.clone(), cut.clone());
-                    tokio::spawn(async move {
-                        let Ok(client) = tokio_tungstenite::accept_async(stream).await else {
-                            return;
-                        };
-                        let Ok((relay, _)) = tokio_tungstenite::connect_async(&relay_url).await
-                        else {
-                            return;
-                        };
-                        splice(client, relay, tamper, cut).await;
-                    });
-                }
-            });
+        let addr = crate::serve_on_loopback(move |stream| {
+            let (relay_url, tamper, cut) = (relay_url.clone(), tamper.clone(), cut.clone());
+            async move {
+                let Ok(client) = tokio_tungstenite::accept_async(stream).await else {
+                    return;
+                };
+                let Ok((relay, _)) = tokio_tungstenite::connect_async(&relay_url).await else {
+                    return;
+                };
+                splice(client, relay, tamper, cut).await;
+            }
         });
-        let addr = rx.recv().unwrap();
         Proxy {
             url: format!("ws://{addr}"),
         }
