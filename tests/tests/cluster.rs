@@ -346,6 +346,9 @@ fn a_relay_restarted_while_both_are_away_keeps_the_mailbox() {
     assert_eq!(texts(&events), ["one", "two"]);
 }
 
+/// How long the clients of a disrupted conversation have to finish.
+const RECOVERY: Duration = Duration::from_secs(90);
+
 /// Pairs alice (through `to_alice`) and bob (through `to_bob`); both then send `lines` lines,
 /// 20 ms apart, `before_line(i)` called before the i-th. Every line must arrive once, in order.
 fn converse(to_alice: &str, to_bob: &str, lines: usize, mut before_line: impl FnMut(usize)) {
@@ -374,9 +377,19 @@ fn converse(to_alice: &str, to_bob: &str, lines: usize, mut before_line: impl Fn
     }
     alice.close_stdin();
     bob.close_stdin();
-    let (status, alice_events) = alice.wait();
+    // Recovering from the disruption takes reconnects with backoff, and on a loaded machine
+    // (the whole suite at once) more than the harness's usual step.
+    let finished = |client: &mut Client, who: &str| {
+        client.wait_up_to(RECOVERY).unwrap_or_else(|| {
+            panic!(
+                "{who} did not finish within {RECOVERY:?}: {:?}",
+                client.seen
+            )
+        })
+    };
+    let (status, alice_events) = finished(&mut alice, "alice");
     assert!(status.success(), "alice: {status}: {alice_events:?}");
-    let (status, bob_events) = bob.wait();
+    let (status, bob_events) = finished(&mut bob, "bob");
     assert!(status.success(), "bob: {status}: {bob_events:?}");
     let expect = |who: &str| (0..lines).map(|i| format!("{who}{i}")).collect::<Vec<_>>();
     assert_eq!(texts(&bob_events), expect("a"));
