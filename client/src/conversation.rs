@@ -31,12 +31,12 @@ use parley_state::SessionRecord;
 use crate::error::ClientError;
 #[cfg(test)]
 use crate::files::FailCode;
-use crate::files::chunk::{ack_in, chunk_in};
+use crate::files::chunk::{FileData, data_in};
 use crate::handshake::{error_fields, msg_kind};
 use crate::liveness::{Alarm, Liveness, pong_for};
 use crate::ratchet::RatchetError;
 use crate::session::{Plain, Receipt, ReceiveError, SendError, Session};
-use crate::transfers::{FileEvent, FileStep, Transfers};
+use crate::transfers::{FileEvent, FileStep, SyncDone, SyncJob, Transfers};
 use crate::wire::{DeliveredData, ErrorData, ReattachData, RestoreData};
 
 /// The relay must answer `REATTACH` (and `RESTORE`) within this.
@@ -163,13 +163,28 @@ pub enum LinkAction {
     Drop,
 }
 
+/// A frame to write: JSON text, or a binary DATA frame (protocol.md 2.2; file chunks and
+/// acknowledgements, 3.10).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Frame {
+    Text(String),
+    Data(Vec<u8>),
+}
+
+impl From<String> for Frame {
+    fn from(text: String) -> Frame {
+        Frame::Text(text)
+    }
+}
+
 enum Step {
     /// A frame, and whether a failure to write it ends the run (the window sent when the
     /// chat begins, like the attaching before it).
-    Transmit(String, bool),
+    Transmit(Frame, bool),
     Event(Event),
     /// (Boxed: a record is large beside the other steps.)
     Save(Box<Save>),
+    Sync(SyncJob),
     Link(LinkAction),
 }
 
@@ -386,6 +401,31 @@ impl Conversation {
         self.settle();
     }
 
+    /// A binary DATA frame arrived (protocol.md 2.2): a file chunk or an acknowledgement
+    /// (3.10), outside the ratchet. One for another session, or of a kind this version does
+    /// not know, is ignored; it still shows the connection is alive.
+    pub fn handle_data(&mut self, now: Instant, message: &[u8]) {
+        self.last_now = now;
+        self.handle_traffic(now);
+        if self.end.is_some() || !matches!(self.phase, Phase::Online { .. }) {
+            return;
+        }
+        let Some((sid, body)) = parley_protocol::data::parse(message) else {
+            return;
+        };
+        if Some(sid) != parley_protocol::data::sid_bytes(self.session.sid()) {
+            return;
+        }
+        if let Some(files) = &mut self.files {
+            match data_in(body) {
+                Some(FileData::Chunk(sealed)) => files.handle_chunk(sealed),
+                Some(FileData::Ack(ack)) => files.handle_ack(now, ack),
+                None => {}
+            }
+        }
+        self.settle();
+    }
+
     /// Something other than a text frame arrived (a WebSocket ping or pong, say): the
     /// connection is alive.
     pub fn handle_traffic(&mut self, now: Instant) {
@@ -513,7 +553,7 @@ impl Conversation {
     // Outputs
 
     /// The next frame to write, if the next output is one.
-    pub fn poll_transmit(&mut self) -> Option<String> {
+    pub fn poll_transmit(&mut self) -> Option<Frame> {
         self.flush_sealed();
         self.pull_files();
         if let Some(Step::Transmit(..)) = self.steps.front()
@@ -548,6 +588,29 @@ impl Conversation {
             return Some(*save);
         }
         None
+    }
+
+    /// A `.part` to make durable off the event loop, if the next output is that: run the job
+    /// (it may take a while) and report with [`Conversation::handle_synced`]. Nothing waits
+    /// for it meanwhile.
+    pub fn poll_sync(&mut self) -> Option<SyncJob> {
+        self.flush_sealed();
+        self.pull_files();
+        if let Some(Step::Sync(_)) = self.steps.front()
+            && let Some(Step::Sync(job)) = self.steps.pop_front()
+        {
+            return Some(job);
+        }
+        None
+    }
+
+    /// A sync from [`Conversation::poll_sync`] ended.
+    pub fn handle_synced(&mut self, now: Instant, done: SyncDone) {
+        self.last_now = now;
+        if let Some(files) = &mut self.files {
+            files.handle_synced(done);
+        }
+        self.settle();
     }
 
     /// What to do with the connection, if the next output is that.
@@ -655,18 +718,6 @@ impl Conversation {
             return;
         };
         match env.kind {
-            FrameType::Msg if chunk_in(&env).is_some() => {
-                // A file chunk, outside the ratchet: no receipt, nothing shown. One that is
-                // not base64 is no chunk of ours (a file's chunks are checked by its key).
-                if let (Some(Ok(sealed)), Some(files)) = (chunk_in(&env), &mut self.files) {
-                    files.handle_chunk(&sealed);
-                }
-            }
-            FrameType::MsgRead if ack_in(&env).is_some() => {
-                if let (Some(bytes), Some(files)) = (ack_in(&env), &mut self.files) {
-                    files.handle_ack(now, &bytes);
-                }
-            }
             FrameType::Msg => {
                 let shown = self.receive(now, &env);
                 self.shown = self.shown.saturating_add(shown);
@@ -732,12 +783,6 @@ impl Conversation {
     /// An `ERROR` during the chat (protocol.md 3.7, "Other frames during a chat").
     fn relay_error(&mut self, now: Instant, env: &Envelope<'_>) {
         let (code, message) = error_fields(env);
-        if is_chunk_error(env) {
-            if let Some(files) = &mut self.files {
-                files.handle_chunk_refused(now);
-            }
-            return;
-        }
         match (msg_seq(env), code.as_str()) {
             // Not kept by the relay: it goes again when the peer is back (or, for a cluster
             // node that cannot reach its store, with the next resend: protocol.md 2.7).
@@ -1101,7 +1146,8 @@ impl Conversation {
     }
 
     fn transmit(&mut self, frame: String) {
-        self.steps.push_back(Step::Transmit(frame, false));
+        self.steps
+            .push_back(Step::Transmit(Frame::Text(frame), false));
     }
 
     fn event(&mut self, event: Event) {
@@ -1168,8 +1214,13 @@ impl Conversation {
                     // Chunks and acknowledgements are never queued for a link that is not
                     // there: the next pass, or the next link reset, sends what is needed.
                     if online {
-                        self.transmit(frame);
+                        self.steps
+                            .push_back(Step::Transmit(Frame::Data(frame), false));
                     }
+                }
+                FileStep::Sync(job) => {
+                    self.flush_files_save();
+                    self.steps.push_back(Step::Sync(job));
                 }
                 FileStep::Event(event) => {
                     self.flush_files_save();
@@ -1204,14 +1255,6 @@ fn later(now: Instant, wait: Duration) -> Instant {
     now.checked_add(wait).unwrap_or(now)
 }
 
-/// Whether an `ERROR` names a file chunk (`msgID` `"file_chunk"`, protocol.md 3.10).
-fn is_chunk_error(env: &Envelope<'_>) -> bool {
-    env.data::<ErrorData>()
-        .ok()
-        .and_then(|d| d.msg_id)
-        .is_some_and(|id| id.get() == "\"file_chunk\"")
-}
-
 /// The sequence number of our chat message that a `DELIVERED` or an `ERROR` names, if it
 /// names one (a handshake notice's `msgID` is a string).
 fn msg_seq(env: &Envelope<'_>) -> Option<u64> {
@@ -1239,12 +1282,51 @@ mod tests {
         Link(LinkAction),
     }
 
+    /// A frame as text: itself, or for a DATA frame `DATA <kind> <hex of the frame>`, kind
+    /// `file_chunk` or `file_ack` (what the tests look for).
+    pub(super) fn describe(frame: Frame) -> String {
+        match frame {
+            Frame::Text(text) => text,
+            Frame::Data(bytes) => {
+                let (_, body) = parley_protocol::data::parse(&bytes).unwrap();
+                let kind = match data_in(body) {
+                    Some(FileData::Chunk(_)) => "file_chunk",
+                    Some(FileData::Ack(_)) => "file_ack",
+                    None => "unknown",
+                };
+                format!("DATA {kind} {}", hex::encode(bytes))
+            }
+        }
+    }
+
+    /// Hands `c` a frame as [`describe`] wrote it.
+    pub(super) fn deliver(c: &mut Conversation, now: Instant, frame: &str) {
+        match frame.strip_prefix("DATA ") {
+            Some(data) => {
+                let hex = data.rsplit(' ').next().unwrap();
+                c.handle_data(now, &hex::decode(hex).unwrap());
+            }
+            None => c.handle_frame(now, frame),
+        }
+    }
+
+    /// Runs a sync at once, as the driver would on another thread.
+    pub(super) fn sync_now(c: &mut Conversation) -> bool {
+        let Some(job) = c.poll_sync() else {
+            return false;
+        };
+        let now = c.last_now;
+        c.handle_synced(now, job.run());
+        true
+    }
+
     /// Everything the conversation wants done now, in order (as the driver drains it).
     fn drain(c: &mut Conversation) -> Vec<Out> {
         let mut out = Vec::new();
         loop {
             if let Some(frame) = c.poll_transmit() {
-                out.push(Out::Frame(frame));
+                out.push(Out::Frame(describe(frame)));
+            } else if sync_now(c) {
             } else if let Some(event) = c.poll_event() {
                 out.push(Out::Event(event));
             } else if let Some(save) = c.poll_save() {
@@ -1782,7 +1864,10 @@ mod tests {
         assert!(c.wants_input());
         // A failed write of the window the chat began with ends the run (exit 3), as a
         // failure while attaching does; a later one is a cut like any other.
-        assert_eq!(c.poll_transmit().map(|f| kind(&f)), Some(FrameType::Msg));
+        assert_eq!(
+            c.poll_transmit().map(|f| kind(&describe(f))),
+            Some(FrameType::Msg)
+        );
         c.handle_disconnected(now, ClientError::ConnectionLost("gone".into()));
         let e = ended(&mut c).unwrap_err();
         assert_eq!(exit_code(&e), code(exit::RELAY_UNREACHABLE));
@@ -2087,7 +2172,7 @@ mod file_tests {
 
     use sha2::{Digest, Sha256};
 
-    use super::tests::config;
+    use super::tests::{config, deliver, describe, sync_now};
     use super::*;
     use crate::files::receive::PartFile;
     use crate::session::tests::pair;
@@ -2103,9 +2188,6 @@ mod file_tests {
                 self.0.resize(at + data.len(), 0);
             }
             self.0[at..at + data.len()].copy_from_slice(data);
-            Ok(())
-        }
-        fn sync(&mut self) -> io::Result<()> {
             Ok(())
         }
         fn read_at(&mut self, offset: u64, buf: &mut [u8]) -> io::Result<()> {
@@ -2150,6 +2232,9 @@ mod file_tests {
         fn exists(&self, path: &Path) -> bool {
             self.files.contains_key(path)
         }
+        fn sync_job(&mut self, _: &Path) -> io::Result<crate::transfers::SyncFn> {
+            Ok(Box::new(|| Ok(())))
+        }
         fn place(&mut self, part: &Path, target: &Path) -> io::Result<()> {
             if self.files.contains_key(target) {
                 return Err(io::ErrorKind::AlreadyExists.into());
@@ -2178,10 +2263,10 @@ mod file_tests {
         let (mut frames, mut events) = (Vec::new(), Vec::new());
         loop {
             if let Some(frame) = c.poll_transmit() {
-                frames.push(frame);
+                frames.push(describe(frame));
             } else if let Some(event) = c.poll_event() {
                 events.push(event);
-            } else if c.poll_save().is_some() || c.poll_link().is_some() {
+            } else if sync_now(c) || c.poll_save().is_some() || c.poll_link().is_some() {
             } else {
                 return (frames, events);
             }
@@ -2192,10 +2277,11 @@ mod file_tests {
         frames
             .iter()
             .filter(|f| {
-                matches!(
-                    Envelope::parse(f).unwrap().kind,
-                    FrameType::Msg | FrameType::MsgRead
-                )
+                f.starts_with("DATA ")
+                    || matches!(
+                        Envelope::parse(f).unwrap().kind,
+                        FrameType::Msg | FrameType::MsgRead
+                    )
             })
             .cloned()
             .collect()
@@ -2276,10 +2362,10 @@ mod file_tests {
                 break;
             }
             for f in forwarded(&hf) {
-                guest.handle_frame(now, &f);
+                deliver(&mut guest, now, &f);
             }
             for f in forwarded(&gf) {
-                host.handle_frame(now, &f);
+                deliver(&mut host, now, &f);
             }
         }
         result.placed = placed.lock().unwrap().clone();
@@ -2363,44 +2449,64 @@ mod file_tests {
         );
     }
 
-    /// A chunk the relay refused stops the sender; it goes on with a new pass only after a
-    /// while (or when the peer comes back), not at every refusal.
+    /// The peer goes away mid-transfer (the relay drops DATA frames for an absent member):
+    /// the sender stops; when the peer is back it waits for the receiver's word and goes on
+    /// from there.
     #[test]
-    fn a_refused_chunk_pauses_the_sender_instead_of_a_pass_per_refusal() {
+    fn chunks_stop_while_the_peer_is_away_and_go_on_from_its_word() {
         let now = Instant::now();
-        let file = vec![5u8; 400_000];
+        let file = vec![5u8; 2_000_000];
         let (mut host, mut guest, _) = setup(now, &file, true, u64::MAX);
         let chunks = |frames: &[String]| frames.iter().filter(|f| f.contains("file_chunk")).count();
-        // Offer, accept: the first window goes.
+        // Offer, accept: the first window goes, and reaches the guest.
         let (offer, _) = drain(&mut host);
         for f in forwarded(&offer) {
-            guest.handle_frame(now, &f);
+            deliver(&mut guest, now, &f);
         }
         let (answer, _) = drain(&mut guest);
         for f in forwarded(&answer) {
-            host.handle_frame(now, &f);
+            deliver(&mut host, now, &f);
         }
         let (window, _) = drain(&mut host);
-        assert_eq!(chunks(&window), 4);
-        let refused = format!(
-            r#"{{"t":"ERROR","sid":"{}","data":{{"code":"mailbox_full","message":"m","msgID":"file_chunk"}}}}"#,
-            host.session().sid()
-        );
-        for _ in 0..4 {
-            host.handle_frame(now, &refused);
+        assert_eq!(chunks(&window) as u64, crate::files::WINDOW_CHUNKS);
+        for f in forwarded(&window) {
+            deliver(&mut guest, now, &f);
         }
-        let (after, events) = drain(&mut host);
-        assert_eq!(chunks(&after), 0);
-        assert!(!events.iter().any(|e| matches!(e, Event::Problem { .. })));
-        let at = host.poll_timeout().unwrap();
-        assert!(
-            at >= now + crate::files::send::RESEND_AFTER,
-            "{:?}",
-            at - now
-        );
-        host.handle_timeout(at);
+        let sid = host.session().sid().to_string();
+        let peer = |t: &str| format!(r#"{{"t":"{t}","sid":"{sid}"}}"#);
+        host.handle_frame(now, &peer("PEER_OFFLINE"));
+        // The guest's acknowledgements arrive: nothing more goes while the peer is away.
+        let (acks, _) = drain(&mut guest);
+        for f in forwarded(&acks) {
+            deliver(&mut host, now, &f);
+        }
+        let (away, _) = drain(&mut host);
+        assert_eq!(chunks(&away), 0);
+        // Back: nothing until the guest's word (it sends it when the peer comes online).
+        host.handle_frame(now, &peer("PEER_ONLINE"));
+        let (waiting, _) = drain(&mut host);
+        assert_eq!(chunks(&waiting), 0);
+        guest.handle_frame(now, &peer("PEER_OFFLINE"));
+        guest.handle_frame(now, &peer("PEER_ONLINE"));
+        let (word, _) = drain(&mut guest);
+        assert!(word.iter().any(|f| f.contains("file_ack")));
+        for f in forwarded(&word) {
+            deliver(&mut host, now, &f);
+        }
         let (again, _) = drain(&mut host);
-        assert_eq!(chunks(&again), 4);
+        assert_eq!(chunks(&again) as u64, crate::files::WINDOW_CHUNKS);
+        // It goes on from what the guest has: the first chunk of the new pass is the next one
+        // the guest wants, so the guest takes it without failing.
+        for f in forwarded(&again) {
+            deliver(&mut guest, now, &f);
+        }
+        let (_, events) = drain(&mut guest);
+        assert!(
+            !events
+                .iter()
+                .any(|e| matches!(e, Event::File(FileEvent::Failed { .. }))),
+            "{events:?}"
+        );
     }
 
     #[test]

@@ -17,14 +17,14 @@ use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::tungstenite::error::{CapacityError, Error as WsError};
 
 use crate::code::InviteCode;
-use crate::conversation::{Config, Conversation, Durability, LinkAction};
+use crate::conversation::{Config, Conversation, Durability, Frame, LinkAction};
 use crate::error::ClientError;
 use crate::files::receive::PartFile;
 use crate::handshake::{Guest, Host, Pairing, PairingError, Step};
 use crate::liveness::{Alarm, Liveness, pong_for};
 use crate::output::{Output, chat_event, error_event};
 use crate::session::Session;
-use crate::transfers::{FileConfig, FileSystem, LocalFile, Transfers};
+use crate::transfers::{FileConfig, FileSystem, LocalFile, SyncDone, SyncFn, Transfers};
 use crate::transport::{Dialer, RelaySocket};
 
 /// Each stage of the handshake (once a joiner is there) must complete within this.
@@ -275,7 +275,10 @@ struct RelayLink {
 /// What one read from the relay connection brought.
 enum Arrived {
     Text(String),
-    /// A WebSocket control frame or a binary message: a sign of life, nothing more.
+    /// A binary message: a DATA frame (protocol.md 2.2), or something the conversation
+    /// ignores.
+    Data(tokio_tungstenite::tungstenite::Bytes),
+    /// A WebSocket control frame: a sign of life, nothing more.
     Other,
 }
 
@@ -301,8 +304,12 @@ impl RelayLink {
     /// Sends one frame. A write that makes no progress for the liveness bound (the socket's
     /// buffers are full: the relay or the path stopped reading) means the connection is dead,
     /// like silence does (protocol.md 3.7, "Liveness").
-    async fn send(&mut self, frame: String) -> Result<(), ClientError> {
-        match tokio::time::timeout(self.idle, self.ws.send(Message::Text(frame.into()))).await {
+    async fn send(&mut self, frame: impl Into<Frame>) -> Result<(), ClientError> {
+        let message = match frame.into() {
+            Frame::Text(text) => Message::Text(text.into()),
+            Frame::Data(bytes) => Message::Binary(bytes.into()),
+        };
+        match tokio::time::timeout(self.idle, self.ws.send(message)).await {
             Ok(sent) => sent.map_err(|e| ClientError::ConnectionLost(e.to_string())),
             Err(_) => Err(ClientError::ConnectionLost(format!(
                 "the relay took no data for {:.1} s",
@@ -315,6 +322,7 @@ impl RelayLink {
     async fn next(&mut self) -> Result<Arrived, ClientError> {
         match self.ws.next().await {
             Some(Ok(Message::Text(text))) => Ok(Arrived::Text(text.to_string())),
+            Some(Ok(Message::Binary(bytes))) => Ok(Arrived::Data(bytes)),
             Some(Ok(Message::Close(frame))) => {
                 let why = frame
                     .map(|f| f.reason.to_string())
@@ -560,8 +568,20 @@ async fn chat(
 ) -> Result<(), ClientError> {
     // Started once the chat has begun and wants lines (after "paired" or "resumed").
     let mut input: Option<mpsc::Receiver<String>> = None;
+    // `.part`s are synced on blocking threads (a sync may take milliseconds); their results
+    // come back here.
+    let (synced_tx, mut synced) = mpsc::unbounded_channel();
     loop {
-        drain(&mut conversation, &mut link, store, state, opts, output).await?;
+        drain(
+            &mut conversation,
+            &mut link,
+            &synced_tx,
+            store,
+            state,
+            opts,
+            output,
+        )
+        .await?;
         if let Some(end) = conversation.poll_end() {
             if end.is_ok()
                 && let Some(relay) = link.take()
@@ -581,12 +601,14 @@ async fn chat(
             biased;
             arrived = next_arrival(&mut link) => match arrived {
                 Ok(Arrived::Text(text)) => conversation.handle_frame(now(), &text),
+                Ok(Arrived::Data(bytes)) => conversation.handle_data(now(), &bytes),
                 Ok(Arrived::Other) => conversation.handle_traffic(now()),
                 Err(e) => {
                     link = None;
                     conversation.handle_disconnected(now(), e);
                 }
             },
+            Some(done) = synced.recv() => conversation.handle_synced(now(), done),
             () = sleep_until(wake) => conversation.handle_timeout(now()),
             line = next_line(&mut input), if reading => match line {
                 Some(line) => {
@@ -616,6 +638,7 @@ async fn chat(
 async fn drain(
     conversation: &mut Conversation,
     link: &mut Option<RelayLink>,
+    synced: &mpsc::UnboundedSender<SyncDone>,
     store: &Store,
     state: &mut StateFile,
     opts: &Options,
@@ -637,6 +660,9 @@ async fn drain(
                 Durability::Durable => store.save(state)?,
                 Durability::Visible => store.save_visible(state)?,
             }
+        } else if let Some(job) = conversation.poll_sync() {
+            let synced = synced.clone();
+            tokio::task::spawn_blocking(move || synced.send(job.run()));
         } else if let Some(action) = conversation.poll_link() {
             *link = None;
             if action == LinkAction::Dial {
@@ -765,9 +791,6 @@ impl PartFile for DiskPart {
     fn write_at(&mut self, offset: u64, data: &[u8]) -> std::io::Result<()> {
         std::os::unix::fs::FileExt::write_all_at(&self.0, data, offset)
     }
-    fn sync(&mut self) -> std::io::Result<()> {
-        self.0.sync_data()
-    }
     fn read_at(&mut self, offset: u64, buf: &mut [u8]) -> std::io::Result<()> {
         std::os::unix::fs::FileExt::read_exact_at(&self.0, buf, offset)
     }
@@ -821,6 +844,20 @@ impl FileSystem for DiskFiles {
 
     fn exists(&self, path: &Path) -> bool {
         std::fs::symlink_metadata(path).is_ok()
+    }
+
+    fn sync_job(&mut self, path: &Path) -> std::io::Result<SyncFn> {
+        // A second handle on the same open file: syncing it syncs the file, while this one
+        // goes on writing.
+        let DiskPart(file) = match self.parts.get(path) {
+            Some(open) => open,
+            None => {
+                self.part(path)?;
+                self.parts.get(path).ok_or(std::io::ErrorKind::NotFound)?
+            }
+        };
+        let file = file.try_clone()?;
+        Ok(Box::new(move || file.sync_data()))
     }
 
     fn place(&mut self, part: &Path, target: &Path) -> std::io::Result<()> {

@@ -20,7 +20,7 @@ use parley_state::{FileReceiveState, FileSendState, MAX_FILE_RECORDS};
 use crate::files::names::{part_name, unique_target};
 use crate::files::offer::{FileDecline, FileFailed, FileOffer};
 use crate::files::receive::{PartFile, ReceiveEvent, ReceiveOutput, ReceiveStatus, Receiver};
-use crate::files::send::{RESEND_AFTER, SendEvent, SendOutput, SendStatus, Sender, new_offer};
+use crate::files::send::{SendEvent, SendOutput, SendStatus, Sender, new_offer};
 use crate::files::{FailCode, FileId, chunk, store};
 use crate::session::Plain;
 
@@ -41,6 +41,46 @@ pub trait FileSystem {
     /// Moves the `.part` to `target` without replacing anything: a hard link that fails if
     /// `target` exists (its folders created first), then the `.part` removed.
     fn place(&mut self, part: &Path, target: &Path) -> io::Result<()>;
+    /// A job that makes the `.part` at `path` durable (`fdatasync`) as it stands when the job
+    /// runs: the driver runs it off the event loop, while writing goes on.
+    fn sync_job(&mut self, path: &Path) -> io::Result<SyncFn>;
+}
+
+/// Makes a `.part` durable; may block for a while.
+pub type SyncFn = Box<dyn FnOnce() -> io::Result<()> + Send>;
+
+/// A sync the receiving side of a file asked for (protocol.md 3.10 "Receiving chunks").
+pub struct SyncJob {
+    pub id: FileId,
+    /// What the sync covers: chunks below this index were written before it was asked for.
+    pub upto: u64,
+    pub run: SyncFn,
+}
+
+impl std::fmt::Debug for SyncJob {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "SyncJob({}, {})", hex::encode(self.id), self.upto)
+    }
+}
+
+impl SyncJob {
+    /// Runs it (blocking) and says how it went.
+    pub fn run(self) -> SyncDone {
+        let ok = (self.run)().is_ok();
+        SyncDone {
+            id: self.id,
+            upto: self.upto,
+            ok,
+        }
+    }
+}
+
+/// How a [`SyncJob`] went.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SyncDone {
+    pub id: FileId,
+    pub upto: u64,
+    pub ok: bool,
 }
 
 /// How this side answers offers and where files land.
@@ -103,8 +143,10 @@ pub enum FileStep {
     Message(Plain),
     /// Save the session record (with these transfers' records) before going on.
     Save,
-    /// Write this frame as it is (a chunk or an acknowledgement, outside the ratchet).
-    Transmit(String),
+    /// Write this DATA frame as it is (a chunk or an acknowledgement, outside the ratchet).
+    Transmit(Vec<u8>),
+    /// Run this sync off the event loop; report it with [`Transfers::handle_synced`].
+    Sync(SyncJob),
     Event(FileEvent),
 }
 
@@ -138,9 +180,6 @@ pub struct Transfers {
     steps: VecDeque<FileStep>,
     attached: bool,
     peer_online: bool,
-    /// The relay refused a chunk while the peer seemed online: senders wait until then (or
-    /// until the link changes) rather than start a pass at every refusal.
-    paused_until: Option<Instant>,
     /// Files received and verified in this run.
     received: u64,
     /// Files that could not even be offered.
@@ -166,7 +205,6 @@ impl Transfers {
             steps: VecDeque::new(),
             attached: false,
             peer_online: false,
-            paused_until: None,
             received: 0,
             unoffered: 0,
         };
@@ -300,7 +338,6 @@ impl Transfers {
         let was = self.attached && self.peer_online;
         self.attached = attached;
         self.peer_online = peer_online;
-        self.paused_until = None;
         for o in &mut self.outgoing {
             o.sender.handle_link(now, attached, peer_online);
         }
@@ -348,8 +385,7 @@ impl Transfers {
         }
     }
 
-    /// A sealed chunk (from a `MSG` with `kind:"file_chunk"`). One naming no file being
-    /// received is ignored.
+    /// A sealed chunk (from a DATA frame). One naming no file being received is ignored.
     pub fn handle_chunk(&mut self, sealed: &[u8]) {
         let Some(header) = chunk::peek(sealed) else {
             return;
@@ -368,7 +404,7 @@ impl Transfers {
         }
     }
 
-    /// An acknowledgement (from a `MSG_READ` with `kind:"file_ack"`).
+    /// An acknowledgement (from a DATA frame).
     pub fn handle_ack(&mut self, now: Instant, bytes: &[u8]) {
         let Some(id) = chunk::ack_id(bytes) else {
             return;
@@ -378,27 +414,22 @@ impl Transfers {
         }
     }
 
-    /// The relay refused a chunk (`ERROR` with `msgID` `"file_chunk"`: the peer went offline,
-    /// its mailbox is full): it and those after it are lost, so the senders stop. They start
-    /// a new pass from what is acknowledged when the peer comes back (`PEER_ONLINE`), or, if
-    /// the relay said nothing of the peer, after [`RESEND_AFTER`]: never at once, or a relay
-    /// that keeps refusing would have us spend a pass (and a save) on every refusal.
-    pub fn handle_chunk_refused(&mut self, now: Instant) {
-        for o in &mut self.outgoing {
-            o.sender.handle_link(now, self.attached, false);
-        }
-        if self.paused_until.is_none() {
-            self.paused_until = now.checked_add(RESEND_AFTER);
+    /// A sync asked for with [`FileStep::Sync`] ended (the file may be gone by now).
+    pub fn handle_synced(&mut self, done: SyncDone) {
+        if let Some(i) = self
+            .incoming
+            .iter_mut()
+            .find(|i| i.receiver.id() == &done.id)
+        {
+            if done.ok {
+                i.receiver.handle_synced(done.upto);
+            } else {
+                i.receiver.handle_sync_failed();
+            }
         }
     }
 
     pub fn handle_timeout(&mut self, now: Instant) {
-        if self.paused_until.is_some_and(|at| now >= at) {
-            self.paused_until = None;
-            for o in &mut self.outgoing {
-                o.sender.handle_link(now, self.attached, self.peer_online);
-            }
-        }
         for o in &mut self.outgoing {
             o.sender.handle_timeout(now);
         }
@@ -408,7 +439,6 @@ impl Transfers {
         self.outgoing
             .iter()
             .filter_map(|o| o.sender.poll_timeout())
-            .chain(self.paused_until)
             .min()
     }
 
@@ -463,6 +493,14 @@ impl Transfers {
             ReceiveOutput::Save(_) => self.steps.push_back(FileStep::Save),
             ReceiveOutput::Message(plain) => self.steps.push_back(FileStep::Message(plain)),
             ReceiveOutput::Transmit(frame) => self.steps.push_back(FileStep::Transmit(frame)),
+            ReceiveOutput::Sync { upto } => match self.fs.sync_job(&i.part) {
+                Ok(run) => self.steps.push_back(FileStep::Sync(SyncJob {
+                    id: *i.receiver.id(),
+                    upto,
+                    run,
+                })),
+                Err(_) => i.receiver.handle_sync_failed(),
+            },
             ReceiveOutput::Place { .. } if !self.fs.exists(&i.part) => {
                 // Verified before a restart and its `.part` gone: the move had happened.
                 i.receiver.handle_placed();
@@ -711,6 +749,9 @@ mod tests {
         }
         fn exists(&self, _: &Path) -> bool {
             false
+        }
+        fn sync_job(&mut self, _: &Path) -> io::Result<SyncFn> {
+            Err(io::ErrorKind::PermissionDenied.into())
         }
         fn place(&mut self, _: &Path, _: &Path) -> io::Result<()> {
             Err(io::ErrorKind::PermissionDenied.into())

@@ -7,14 +7,11 @@
 
 use aes_gcm::aead::{AeadInOut, KeyInit};
 use aes_gcm::{Aes256Gcm, Nonce, Tag};
-use base64::Engine;
-use base64::engine::general_purpose::STANDARD as BASE64;
 use hmac::{Hmac, Mac};
-use parley_protocol::{Envelope, FrameType, encode};
+use parley_protocol::data;
 use sha2::Sha256;
 
 use super::{FileId, FileKey, LABEL_ACK_KEY, LABEL_CHUNK_KEY, chunk_count};
-use crate::wire::{FileAckData, FileChunkData, KIND_FILE_ACK, KIND_FILE_CHUNK};
 
 pub const CHUNK_AAD_LABEL: &[u8] = b"parley/v1/file/chunk";
 pub const ACK_LABEL: &[u8] = b"parley/v1/file/ack";
@@ -22,7 +19,7 @@ pub const ACK_LABEL: &[u8] = b"parley/v1/file/ack";
 pub const HEADER_BYTES: usize = 16 + 4 + 8;
 pub const TAG_BYTES: usize = 16;
 /// `file id (16) || u64_be(offset) || HMAC-SHA256 (32)`.
-pub const ACK_BYTES: usize = 16 + 8 + 32;
+pub const ACK_BYTES: usize = 16 + 8 + 8 + 32;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
 pub enum ChunkError {
@@ -130,16 +127,30 @@ pub fn seal(
     index: u64,
     data: &[u8],
 ) -> Result<Vec<u8>, ChunkError> {
+    let mut out = Vec::with_capacity(HEADER_BYTES + data.len() + TAG_BYTES);
+    seal_into(&mut out, keys, layout, pass, index, data)?;
+    Ok(out)
+}
+
+/// [`seal`], appended to `out` (which may hold a frame's header already).
+fn seal_into(
+    out: &mut Vec<u8>,
+    keys: &FileKeys,
+    layout: &Layout,
+    pass: u32,
+    index: u64,
+    data: &[u8],
+) -> Result<(), ChunkError> {
     if layout.len(index) != Some(data.len()) {
         return Err(ChunkError::BeyondEnd);
     }
     let cipher = Aes256Gcm::new(keys.chunk.as_bytes().into());
-    let mut out = Vec::with_capacity(HEADER_BYTES + data.len() + TAG_BYTES);
     out.extend_from_slice(&layout.id);
     out.extend_from_slice(&pass.to_be_bytes());
     out.extend_from_slice(&index.to_be_bytes());
+    let start = out.len();
     out.extend_from_slice(data);
-    let body = out.get_mut(HEADER_BYTES..).ok_or(ChunkError::Malformed)?;
+    let body = out.get_mut(start..).ok_or(ChunkError::Malformed)?;
     let tag = cipher
         .encrypt_inout_detached(
             &Nonce::from(nonce(pass, index)),
@@ -148,7 +159,7 @@ pub fn seal(
         )
         .map_err(|_| ChunkError::Malformed)?;
     out.extend_from_slice(&tag);
-    Ok(out)
+    Ok(())
 }
 
 /// Reads a sealed chunk's clear header (to route it to its file; nothing in it is trusted
@@ -198,51 +209,68 @@ pub fn open(
     Ok((header, body))
 }
 
-/// The `MSG` frame that carries a sealed chunk.
-pub fn chunk_frame(sid: &str, sealed: &[u8]) -> String {
-    let payload = BASE64.encode(sealed);
-    let data = FileChunkData {
-        kind: KIND_FILE_CHUNK,
-        msg_id: KIND_FILE_CHUNK,
-        payload: &payload,
-    };
-    encode(FrameType::Msg, Some(sid), Some(&data))
+/// The first byte of a file's DATA body (protocol.md 3.10, "The wire"): what follows.
+pub const BODY_CHUNK: u8 = 0x01;
+pub const BODY_ACK: u8 = 0x02;
+
+/// Bytes of a DATA frame around the sealed chunk: the relay's header and the body's kind.
+pub const FRAME_OVERHEAD: usize = data::HEADER_BYTES + 1;
+
+/// What a DATA body from the peer holds (not yet authenticated).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FileData<'a> {
+    Chunk(&'a [u8]),
+    Ack(&'a [u8]),
 }
 
-/// The sealed chunk in a `MSG`, if it is a file chunk (`None` for any other `MSG`).
-pub fn chunk_in(env: &Envelope<'_>) -> Option<Result<Vec<u8>, ChunkError>> {
-    if env.kind != FrameType::Msg {
-        return None;
+/// Reads a DATA body; `None` for a kind this version does not know (ignored).
+pub fn data_in(body: &[u8]) -> Option<FileData<'_>> {
+    let (kind, rest) = body.split_first()?;
+    match *kind {
+        BODY_CHUNK => Some(FileData::Chunk(rest)),
+        BODY_ACK => Some(FileData::Ack(rest)),
+        _ => None,
     }
-    let data = env.data::<FileChunkData<'_>>().ok()?;
-    if data.kind != KIND_FILE_CHUNK {
-        return None;
-    }
-    Some(
-        BASE64
-            .decode(data.payload)
-            .map_err(|_| ChunkError::Malformed),
-    )
 }
 
-fn ack_mac(keys: &FileKeys, id: &FileId, offset: u64) -> Option<Hmac<Sha256>> {
+/// Chunk `index` of pass `pass` sealed straight into its DATA frame for session `sid`: one
+/// buffer, the data copied in once and encrypted in place.
+pub fn chunk_frame(
+    keys: &FileKeys,
+    layout: &Layout,
+    sid: &[u8; 16],
+    pass: u32,
+    index: u64,
+    data: &[u8],
+) -> Result<Vec<u8>, ChunkError> {
+    let mut out = Vec::with_capacity(FRAME_OVERHEAD + HEADER_BYTES + data.len() + TAG_BYTES);
+    out.push(data::DATA);
+    out.extend_from_slice(sid);
+    out.push(BODY_CHUNK);
+    seal_into(&mut out, keys, layout, pass, index, data)?;
+    Ok(out)
+}
+
+fn ack_mac(keys: &FileKeys, id: &FileId, received: u64, durable: u64) -> Option<Hmac<Sha256>> {
     // HMAC takes keys of any length: new_from_slice cannot fail.
     let mut mac = <Hmac<Sha256> as Mac>::new_from_slice(keys.ack.as_bytes()).ok()?;
     mac.update(ACK_LABEL);
     mac.update(id);
-    mac.update(&offset.to_be_bytes());
+    mac.update(&received.to_be_bytes());
+    mac.update(&durable.to_be_bytes());
     Some(mac)
 }
 
-/// An acknowledgement: `file id || u64_be(offset) || HMAC-SHA256(ack key, label || file id ||
-/// u64_be(offset))`.
-pub fn ack(keys: &FileKeys, id: &FileId, offset: u64) -> Vec<u8> {
-    let tag = ack_mac(keys, id, offset)
+/// An acknowledgement: `file id || u64_be(received) || u64_be(durable) || HMAC-SHA256(ack
+/// key, label || file id || u64_be(received) || u64_be(durable))`.
+pub fn ack(keys: &FileKeys, id: &FileId, received: u64, durable: u64) -> Vec<u8> {
+    let tag = ack_mac(keys, id, received, durable)
         .map(|mac| mac.finalize().into_bytes().to_vec())
         .unwrap_or_default();
     let mut out = Vec::with_capacity(ACK_BYTES);
     out.extend_from_slice(id);
-    out.extend_from_slice(&offset.to_be_bytes());
+    out.extend_from_slice(&received.to_be_bytes());
+    out.extend_from_slice(&durable.to_be_bytes());
     out.extend_from_slice(&tag);
     out
 }
@@ -252,38 +280,26 @@ pub fn ack_id(bytes: &[u8]) -> Option<FileId> {
     bytes.get(..16)?.try_into().ok()
 }
 
-/// The offset of an authentic acknowledgement for file `id`; `None` for anything else.
-pub fn verify_ack(keys: &FileKeys, id: &FileId, bytes: &[u8]) -> Option<u64> {
+/// What an authentic acknowledgement for file `id` says: bytes received in order, and of
+/// those, bytes durable. `None` for anything else, or if it claims more durable than received.
+pub fn verify_ack(keys: &FileKeys, id: &FileId, bytes: &[u8]) -> Option<(u64, u64)> {
     if bytes.len() != ACK_BYTES || bytes.get(..16)? != id {
         return None;
     }
-    let offset = u64::from_be_bytes(bytes.get(16..24)?.try_into().ok()?);
-    ack_mac(keys, id, offset)?
-        .verify_slice(bytes.get(24..)?)
+    let received = u64::from_be_bytes(bytes.get(16..24)?.try_into().ok()?);
+    let durable = u64::from_be_bytes(bytes.get(24..32)?.try_into().ok()?);
+    ack_mac(keys, id, received, durable)?
+        .verify_slice(bytes.get(32..)?)
         .ok()?;
-    Some(offset)
+    (durable <= received).then_some((received, durable))
 }
 
-/// The `MSG_READ` frame that carries an acknowledgement.
-pub fn ack_frame(sid: &str, ack: &[u8]) -> String {
-    let text = BASE64.encode(ack);
-    let data = FileAckData {
-        ack: &text,
-        kind: KIND_FILE_ACK,
-    };
-    encode(FrameType::MsgRead, Some(sid), Some(&data))
-}
-
-/// The acknowledgement in a `MSG_READ`, if it is one (`None` for a receipt or anything else).
-pub fn ack_in(env: &Envelope<'_>) -> Option<Vec<u8>> {
-    if env.kind != FrameType::MsgRead {
-        return None;
-    }
-    let data = env.data::<FileAckData<'_>>().ok()?;
-    if data.kind != KIND_FILE_ACK || data.ack.len() > 4 * ACK_BYTES {
-        return None;
-    }
-    BASE64.decode(data.ack).ok()
+/// The DATA frame that carries an acknowledgement.
+pub fn ack_frame(sid: &[u8; 16], ack: &[u8]) -> Vec<u8> {
+    let mut body = Vec::with_capacity(1 + ack.len());
+    body.push(BODY_ACK);
+    body.extend_from_slice(ack);
+    data::frame(sid, &body)
 }
 
 #[cfg(test)]
@@ -305,25 +321,24 @@ mod tests {
         }
     }
 
-    /// The largest chunk, sealed and in its frame, stays under the relay's frame limit with
-    /// room to spare; one 4 KiB step more would not leave that room.
+    /// The largest chunk, in its DATA frame, stays under the relay's frame limit; one 4 KiB
+    /// step more would not.
     #[test]
     fn the_largest_chunk_frame_fits_the_relay_limit() {
-        let l = layout(
-            1,
-            u64::from(super::super::MAX_CHUNK_BYTES) * 3,
-            super::super::MAX_CHUNK_BYTES,
-        );
-        let data = vec![0xffu8; super::super::MAX_CHUNK_BYTES as usize];
-        let sealed = seal(&keys(1), &l, u32::MAX, 1, &data).unwrap();
-        let frame = chunk_frame(SID, &sealed);
-        assert!(frame.len() <= MAX_FRAME_BYTES - 4096, "{}", frame.len());
-        let bigger = (super::super::MAX_CHUNK_BYTES as usize + 4096 + HEADER_BYTES + TAG_BYTES)
-            .div_ceil(3)
-            * 4;
-        assert!(bigger + (frame.len() - BASE64.encode(&sealed).len()) > MAX_FRAME_BYTES - 4096);
-        let env = Envelope::parse(&frame).unwrap();
-        assert_eq!(chunk_in(&env).unwrap().unwrap(), sealed);
+        let max = super::super::MAX_CHUNK_BYTES;
+        let l = layout(1, u64::from(max) * 3, max);
+        let data = vec![0xffu8; max as usize];
+        let sid = data::sid_bytes(SID).unwrap();
+        let frame = chunk_frame(&keys(1), &l, &sid, u32::MAX, 1, &data).unwrap();
+        assert_eq!(frame.len(), max as usize + 62);
+        assert!(frame.len() <= MAX_FRAME_BYTES, "{}", frame.len());
+        assert!(frame.len() + 4096 > MAX_FRAME_BYTES);
+        let (to, body) = data::parse(&frame).unwrap();
+        assert_eq!(to, sid);
+        let Some(FileData::Chunk(sealed)) = data_in(body) else {
+            panic!("not a chunk");
+        };
+        assert_eq!(sealed, &seal(&keys(1), &l, u32::MAX, 1, &data).unwrap()[..]);
     }
 
     #[test]
@@ -354,19 +369,22 @@ mod tests {
     #[test]
     fn acks_are_authenticated_and_bound_to_their_file() {
         let k = keys(5);
-        let a = ack(&k, &[1; 16], 40);
-        assert_eq!(verify_ack(&k, &[1; 16], &a), Some(40));
+        let a = ack(&k, &[1; 16], 40, 30);
+        assert_eq!(verify_ack(&k, &[1; 16], &a), Some((40, 30)));
         assert_eq!(verify_ack(&k, &[2; 16], &a), None);
         assert_eq!(verify_ack(&keys(6), &[1; 16], &a), None);
-        let mut raised = a.clone();
-        raised[23] = 0xff;
-        assert_eq!(verify_ack(&k, &[1; 16], &raised), None);
-        let frame = ack_frame(SID, &a);
-        assert_eq!(ack_in(&Envelope::parse(&frame).unwrap()).unwrap(), a);
-        // A receipt is not an ack, and an ack is not a chunk.
-        let receipt = r#"{"t":"MSG_READ","sid":"x","data":{"receipt":"00"}}"#;
-        assert_eq!(ack_in(&Envelope::parse(receipt).unwrap()), None);
-        assert!(chunk_in(&Envelope::parse(&frame).unwrap()).is_none());
+        for at in [23, 31, 40] {
+            let mut changed = a.clone();
+            changed[at] ^= 0xff;
+            assert_eq!(verify_ack(&k, &[1; 16], &changed), None, "{at}");
+        }
+        // More durable than received is no acknowledgement.
+        assert_eq!(verify_ack(&k, &[1; 16], &ack(&k, &[1; 16], 30, 40)), None);
+        let sid = data::sid_bytes(SID).unwrap();
+        let frame = ack_frame(&sid, &a);
+        let (_, body) = data::parse(&frame).unwrap();
+        assert_eq!(data_in(body), Some(FileData::Ack(&a[..])));
+        assert_eq!(data_in(&[9, 1, 2]), None, "an unknown kind");
         // Chunk keys and ack keys differ: an ack key cannot open chunks.
         assert_ne!(k.chunk_key(), k.ack_key());
     }

@@ -23,20 +23,30 @@ mod tests_transfer;
 mod tests_vectors;
 
 /// The largest chunk (bytes of file data) a sender may use and a receiver accepts: the largest
-/// multiple of 4 KiB whose sealed frame, in base64, stays under the relay's 64 KiB frame limit
-/// with room to spare (protocol.md 3.10 works it out; a test checks it).
-pub const MAX_CHUNK_BYTES: u32 = 45_056;
+/// multiple of 4 KiB whose DATA frame (protocol.md 3.10, "The wire") stays under the relay's
+/// 64 KiB frame limit: 61,440 + 62 bytes of header, kind and tag (a test checks it).
+pub const MAX_CHUNK_BYTES: u32 = 61_440;
 
-/// Chunks a sender may have sent beyond the receiver's last acknowledgement. Four frames of
-/// at most 60,300 bytes: under half a mailbox (512 KiB) and a quarter of the relay's queue per
-/// connection (1 MiB), and far under either's frame count (200, 256), so that chunks never
-/// make the relay drop the receiver as a slow consumer, and a window caught by the peer going
-/// offline leaves the mailbox room for chat.
-pub const WINDOW_CHUNKS: u64 = 4;
+/// Chunks a sender may have sent beyond what the receiver has acknowledged as received.
+/// Eight frames of at most 61,502 bytes are 492,016 bytes: under half the relay's queue per
+/// connection (1 MiB) and 8 of its 256 frames, so that chunks never make the relay drop the
+/// receiver as a slow consumer, and chat, receipts and pings keep the other half.
+pub const WINDOW_CHUNKS: u64 = 8;
 
-/// A receiver acknowledges (after making the data durable) at least every this many chunks,
-/// and at the last one: half the window, so that the sender never waits for a whole window.
+/// A receiver acknowledges what it received at least every this many chunks (a quarter of
+/// the window), so that a sender keeping its window full never waits for a whole window.
 pub const ACK_EVERY_CHUNKS: u64 = 2;
+
+/// A receiver makes its `.part` durable (`fdatasync`, off the event loop) and records that
+/// each time this many chunks (7.5 MiB) have been written since the last time, and at the
+/// end: often enough that little is sent again after a restart, seldom enough that syncing
+/// does not bound the rate.
+pub const SYNC_EVERY_CHUNKS: u64 = 128;
+
+/// Chunks a sender may have sent beyond what the receiver has acknowledged as durable
+/// (15 MiB): what a receiver's restart can make it send again. Twice the sync interval, so
+/// that the sender does not wait while a sync runs.
+pub const DURABLE_WINDOW_CHUNKS: u64 = 2 * SYNC_EVERY_CHUNKS;
 
 /// Sizes travel as JSON numbers; this is the largest integer every JSON reader holds exactly
 /// (I-JSON, RFC 7493), and far beyond any file.
@@ -184,7 +194,7 @@ mod tests {
         assert_eq!(chunk_count(11, 10), 2);
         assert_eq!(
             chunk_count(MAX_FILE_BYTES, MAX_CHUNK_BYTES),
-            MAX_FILE_BYTES.div_ceil(45_056)
+            MAX_FILE_BYTES.div_ceil(61_440)
         );
         assert_eq!(chunk_count(5, 0), 0);
     }

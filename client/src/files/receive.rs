@@ -26,14 +26,12 @@ use sha2::{Digest, Sha256};
 use super::chunk::{self, FileKeys, Layout};
 use super::names::SafeName;
 use super::offer::{CheckedOffer, FileAccept, FileDecline, FileDone, FileFailed, FileOffer};
-use super::{ACK_EVERY_CHUNKS, FailCode, FileId};
+use super::{ACK_EVERY_CHUNKS, FailCode, FileId, SYNC_EVERY_CHUNKS};
 use crate::session::Plain;
 
 /// The `.part` file, as the receiver's caller opens it.
 pub trait PartFile {
     fn write_at(&mut self, offset: u64, data: &[u8]) -> io::Result<()>;
-    /// Makes everything written so far durable (`fdatasync`).
-    fn sync(&mut self) -> io::Result<()>;
     /// Fills `buf` from `offset` (re-hashing what is on disk after a restart).
     fn read_at(&mut self, offset: u64, buf: &mut [u8]) -> io::Result<()>;
     /// Cuts the file to `len` (what was written but not made durable before a restart).
@@ -85,8 +83,14 @@ pub enum ReceiveOutput {
     Save(ReceiveRecord),
     /// Seal this through the session (it travels in the ratchet) and send it.
     Message(Plain),
-    /// Send this frame as it is (an acknowledgement, outside the ratchet).
-    Transmit(String),
+    /// Send this DATA frame as it is (an acknowledgement, outside the ratchet).
+    Transmit(Vec<u8>),
+    /// Make the `.part` durable (`fdatasync`) as it stands, then call
+    /// [`Receiver::handle_synced`] with `upto` (or [`Receiver::handle_sync_failed`]). Chunks
+    /// go on being written meanwhile: the sync may be slow, and only `upto` is claimed.
+    Sync {
+        upto: u64,
+    },
     /// The `.part` is complete and verified: move it, without replacing anything, to a
     /// unique name for `name` (`names::unique_target`), then call
     /// [`Receiver::handle_placed`].
@@ -104,7 +108,7 @@ pub struct Receiver {
     sha256: [u8; 32],
     layout: Layout,
     keys: FileKeys,
-    sid: String,
+    sid: [u8; 16],
     status: ReceiveStatus,
     /// The current pass, and the index its next chunk must have.
     pass: u32,
@@ -114,6 +118,10 @@ pub struct Receiver {
     /// Chunks written (not necessarily synced), and synced.
     written: u64,
     durable: u64,
+    /// `written` when we last acknowledged.
+    acked: u64,
+    /// A sync asked for and not yet answered: what it will make durable.
+    syncing: Option<u64>,
     hasher: Sha256,
     outputs: VecDeque<ReceiveOutput>,
 }
@@ -152,13 +160,15 @@ impl Receiver {
             name: safe_name,
             sha256,
             layout,
-            sid: sid.to_string(),
+            sid: parley_protocol::data::sid_bytes(sid).unwrap_or_default(),
             status,
             pass,
             pass_next: durable,
             awaiting_pass: true,
             written: durable,
             durable,
+            acked: durable,
+            syncing: None,
             hasher: Sha256::new(),
             outputs: VecDeque::new(),
         }
@@ -335,21 +345,47 @@ impl Receiver {
         }
         self.hasher.update(&data);
         self.written = self.written.saturating_add(1);
-        let last = self.written >= self.layout.chunks();
-        if last || self.written.saturating_sub(self.durable) >= ACK_EVERY_CHUNKS {
-            if part.sync().is_err() {
-                return self.fail(FailCode::WriteFailed);
-            }
-            self.durable = self.written;
-            if last {
-                return self.verify();
-            }
-            self.outputs.push_back(ReceiveOutput::Save(self.record()));
+        if self.written >= self.layout.chunks()
+            || self.written.saturating_sub(self.durable) >= SYNC_EVERY_CHUNKS
+        {
+            self.sync();
+        }
+        if self.written.saturating_sub(self.acked) >= ACK_EVERY_CHUNKS {
             self.acknowledge();
             self.outputs
                 .push_back(ReceiveOutput::Event(ReceiveEvent::Progress {
-                    bytes: self.bytes_at(self.durable),
+                    bytes: self.bytes_at(self.written),
                 }));
+        }
+    }
+
+    /// The sync asked for with [`ReceiveOutput::Sync`] is done: what it covered is durable,
+    /// recorded, and only then acknowledged as such. At the end, the file is verified.
+    pub fn handle_synced(&mut self, upto: u64) {
+        if self.syncing != Some(upto) {
+            return;
+        }
+        self.syncing = None;
+        if self.status != ReceiveStatus::Receiving {
+            return;
+        }
+        self.durable = self.durable.max(upto.min(self.written));
+        if self.durable >= self.layout.chunks() {
+            return self.verify();
+        }
+        self.outputs.push_back(ReceiveOutput::Save(self.record()));
+        self.acknowledge();
+        if self.written >= self.layout.chunks()
+            || self.written.saturating_sub(self.durable) >= SYNC_EVERY_CHUNKS
+        {
+            self.sync();
+        }
+    }
+
+    /// The sync failed (a full disk, say): the file fails.
+    pub fn handle_sync_failed(&mut self) {
+        if self.syncing.take().is_some() && self.status == ReceiveStatus::Receiving {
+            self.fail(FailCode::WriteFailed);
         }
     }
 
@@ -396,8 +432,24 @@ impl Receiver {
         });
     }
 
+    /// Asks for a sync of what is written, unless one is under way (when it ends, the next
+    /// is asked for if still due).
+    fn sync(&mut self) {
+        if self.syncing.is_none() && self.written > self.durable {
+            self.syncing = Some(self.written);
+            self.outputs
+                .push_back(ReceiveOutput::Sync { upto: self.written });
+        }
+    }
+
     fn acknowledge(&mut self) {
-        let ack = chunk::ack(&self.keys, &self.offer.id, self.bytes_at(self.durable));
+        self.acked = self.written;
+        let ack = chunk::ack(
+            &self.keys,
+            &self.offer.id,
+            self.bytes_at(self.written),
+            self.bytes_at(self.durable),
+        );
         self.outputs
             .push_back(ReceiveOutput::Transmit(chunk::ack_frame(&self.sid, &ack)));
     }

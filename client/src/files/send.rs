@@ -20,7 +20,7 @@ use serde::{Deserialize, Serialize};
 
 use super::chunk::{self, FileKeys, Layout};
 use super::offer::{FileAccept, FileDecline, FileOffer};
-use super::{FailCode, FileId, FileKey, MAX_CHUNK_BYTES, WINDOW_CHUNKS};
+use super::{DURABLE_WINDOW_CHUNKS, FailCode, FileId, FileKey, MAX_CHUNK_BYTES, WINDOW_CHUNKS};
 
 /// With the peer online and no acknowledgement moving for this long, a new pass starts from
 /// the acknowledged position (a frame lost with a connection the sender did not see drop).
@@ -85,11 +85,14 @@ pub struct Sender {
     offer: FileOffer,
     layout: Layout,
     keys: FileKeys,
-    sid: String,
+    sid: [u8; 16],
     status: SendStatus,
     pass: u32,
     /// Chunks the receiver has acknowledged as durable (all below this index).
     acked: u64,
+    /// Chunks the receiver has acknowledged as received (written, perhaps not yet durable):
+    /// the window counts from here.
+    received: u64,
     /// The next chunk of the current pass.
     next: u64,
     /// The highest chunk count sent in this run (an acknowledgement cannot exceed it).
@@ -152,10 +155,11 @@ impl Sender {
             keys: FileKeys::new(&offer.key),
             layout,
             offer,
-            sid: sid.to_string(),
+            sid: parley_protocol::data::sid_bytes(sid).unwrap_or_default(),
             status: record.status,
             pass: record.pass,
             acked,
+            received: acked,
             next: acked,
             sent_high: acked,
             awaiting_position: true,
@@ -210,6 +214,7 @@ impl Sender {
             .checked_div(chunk)
             .unwrap_or(0)
             .min(self.layout.chunks());
+        self.received = self.acked;
         self.next = self.acked;
         self.sent_high = self.acked;
         self.awaiting_position = false;
@@ -229,6 +234,7 @@ impl Sender {
         if matches!(self.status, SendStatus::Sending | SendStatus::Verifying) {
             self.status = SendStatus::Done;
             self.acked = self.layout.chunks();
+            self.received = self.acked;
             self.outputs.push_back(SendOutput::Save(self.record()));
             self.outputs.push_back(SendOutput::Event(SendEvent::Sent));
         }
@@ -249,49 +255,74 @@ impl Sender {
         }
     }
 
-    /// An acknowledgement for this file (its bytes, from [`chunk::ack_in`]). Only an
-    /// authentic one counts, and never for more than was sent: a relay cannot make the
-    /// sender skip data.
+    /// An acknowledgement for this file (its bytes, from a DATA body). Only an authentic one
+    /// counts, and never for more than was sent: a relay cannot make the sender skip data.
+    /// One that says less was received than before, but no less than is durable, means the
+    /// receiver lost what it had not synced (it restarted): a new pass starts there.
     pub fn handle_ack(&mut self, now: Instant, bytes: &[u8]) {
-        let Some(offset) = chunk::verify_ack(&self.keys, &self.offer.id, bytes) else {
+        let Some((received, durable)) = chunk::verify_ack(&self.keys, &self.offer.id, bytes) else {
             return;
         };
         if !matches!(self.status, SendStatus::Sending | SendStatus::Verifying) {
             return;
         }
-        let chunk = u64::from(self.layout.chunk);
         let chunks = self.layout.chunks();
-        let index = if offset >= self.layout.size {
+        // After a restart the receiver's word is the position (it acknowledges only what it
+        // has); otherwise it cannot exceed what this run sent.
+        let bound = if self.awaiting_position {
             chunks
         } else {
-            offset.checked_div(chunk).unwrap_or(0)
+            self.sent_high
         };
-        // After a restart the receiver's word is the position (it acknowledges only what it
-        // has made durable); otherwise it cannot exceed what this run sent.
-        let index = if self.awaiting_position {
-            index.min(chunks)
-        } else {
-            index.min(self.sent_high)
-        };
+        let received = self.index_of(received).min(bound);
+        let durable = self.index_of(durable).min(received);
         let was_awaiting = std::mem::take(&mut self.awaiting_position);
-        if index > self.acked {
-            self.acked = index;
-            self.last_progress = Some(now);
-            self.sent_high = self.sent_high.max(index);
-            self.outputs
-                .push_back(SendOutput::Event(SendEvent::Progress {
-                    bytes: self.acked_bytes(),
-                }));
+        let mut rewound = false;
+        if was_awaiting {
+            self.received = received;
+            self.sent_high = self.sent_high.max(received);
+        } else if received >= self.received {
+            self.received = received;
+        } else if received >= durable.max(self.acked) {
+            self.received = received;
+            rewound = true;
         }
-        if self.next < self.acked {
-            self.next = self.acked;
+        if durable > self.acked {
+            self.acked = durable;
         }
+        self.received = self.received.max(self.acked);
+        if self.received > self.next || rewound {
+            self.next = self.received;
+        }
+        self.last_progress = Some(now);
+        self.outputs
+            .push_back(SendOutput::Event(SendEvent::Progress {
+                bytes: self.received_bytes(),
+            }));
         if self.acked >= chunks && self.status == SendStatus::Sending {
             self.status = SendStatus::Verifying;
             self.outputs.push_back(SendOutput::Save(self.record()));
-        } else if was_awaiting {
+        } else if was_awaiting || rewound {
+            self.in_pass = false;
             self.start_pass(now);
         }
+    }
+
+    /// The chunk index a byte count from an acknowledgement stands for: the file's end, or
+    /// the chunk boundary at or below it.
+    fn index_of(&self, bytes: u64) -> u64 {
+        if bytes >= self.layout.size {
+            self.layout.chunks()
+        } else {
+            bytes.checked_div(u64::from(self.layout.chunk)).unwrap_or(0)
+        }
+    }
+
+    fn received_bytes(&self) -> u64 {
+        self.layout
+            .offset(self.received)
+            .unwrap_or(self.layout.size)
+            .min(self.layout.size)
     }
 
     /// The relay link and the peer: chunks go only while we are attached and the peer is
@@ -303,9 +334,14 @@ impl Sender {
         if !online {
             self.in_pass = false;
         } else if !was {
-            // (Also the clock for a restarted sender that waits for the receiver's word.)
+            // Whatever was in flight may be lost, and the receiver may have restarted (then
+            // it has less than it acknowledged): wait for its word, which it sends when the
+            // link comes back, and start the pass there. (`last_progress` is also the clock
+            // for giving up on that word.)
             self.last_progress = Some(now);
-            self.start_pass(now);
+            if self.status == SendStatus::Sending {
+                self.awaiting_position = true;
+            }
         }
     }
 
@@ -314,9 +350,10 @@ impl Sender {
             && now >= at
         {
             // Silence: whatever is in flight may be gone; go again from what is acknowledged
-            // (after a restart with no word from the receiver, from the saved lower bound).
+            // as durable (the receiver has that, whatever happened to it since).
             self.awaiting_position = false;
             self.in_pass = false;
+            self.received = self.acked;
             self.start_pass(now);
         }
     }
@@ -341,8 +378,9 @@ impl Sender {
             return None;
         }
         let window_end = self
-            .acked
+            .received
             .saturating_add(WINDOW_CHUNKS)
+            .min(self.acked.saturating_add(DURABLE_WINDOW_CHUNKS))
             .min(self.layout.chunks());
         if self.next >= window_end {
             return None;
@@ -359,11 +397,12 @@ impl Sender {
         Some(SendOutput::Chunk(request))
     }
 
-    /// The `MSG` frame of a requested chunk, from the file's bytes at its offset. Bytes of
+    /// The DATA frame of a requested chunk, from the file's bytes at its offset. Bytes of
     /// the wrong length (the file shrank) fail the file: [`FailCode::ReadFailed`].
-    pub fn seal(&mut self, request: &ChunkRequest, data: &[u8]) -> Result<String, FailCode> {
-        match chunk::seal(&self.keys, &self.layout, request.pass, request.index, data) {
-            Ok(sealed) => Ok(chunk::chunk_frame(&self.sid, &sealed)),
+    pub fn seal(&mut self, request: &ChunkRequest, data: &[u8]) -> Result<Vec<u8>, FailCode> {
+        let (pass, index) = (request.pass, request.index);
+        match chunk::chunk_frame(&self.keys, &self.layout, &self.sid, pass, index, data) {
+            Ok(frame) => Ok(frame),
             Err(_) => {
                 self.fail(FailCode::ReadFailed);
                 Err(FailCode::ReadFailed)
@@ -393,7 +432,7 @@ impl Sender {
             return;
         };
         self.pass = pass;
-        self.next = self.acked;
+        self.next = self.received;
         self.in_pass = true;
         self.last_progress = Some(now);
         // Saved before the pass's first chunk is sealed: (pass, index) never repeats.

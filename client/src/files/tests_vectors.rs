@@ -67,8 +67,8 @@ fn lines() -> Vec<String> {
             hex::encode(chunk::seal(&keys, &layout, 1, 2, &FILE[8..]).unwrap())
         ),
         format!(
-            "ack(offset 8) = {}",
-            hex::encode(chunk::ack(&keys, &id(), 8))
+            "ack(received 8, durable 4) = {}",
+            hex::encode(chunk::ack(&keys, &id(), 8, 4))
         ),
     ]
 }
@@ -124,24 +124,29 @@ fn protocol_md_shows_the_file_messages() {
     }
 }
 
-/// The chunk and acknowledgement frames protocol.md shows are what this code sends.
+/// The chunk and acknowledgement DATA frames protocol.md shows are what this code sends.
 #[test]
 fn protocol_md_shows_the_chunk_and_ack_frames() {
-    let sid = "7f1c0d2e9a4b3c5d6e7f8091a2b3c4d5";
+    let sid = parley_protocol::data::sid_bytes("7f1c0d2e9a4b3c5d6e7f8091a2b3c4d5").unwrap();
     let keys = FileKeys::new(&key());
     let layout = Layout {
         id: id(),
         size: FILE.len() as u64,
         chunk: 4,
     };
-    let sealed = chunk::seal(&keys, &layout, 1, 2, &FILE[8..]).unwrap();
-    let frame = chunk::chunk_frame(sid, &sealed);
-    assert!(DOCUMENT.contains(&frame), "protocol.md must show {frame}");
-    let ack = chunk::ack_frame(sid, &chunk::ack(&keys, &id(), 8));
-    assert!(DOCUMENT.contains(&ack), "protocol.md must show {ack}");
+    let frame = chunk::chunk_frame(&keys, &layout, &sid, 1, 2, &FILE[8..]).unwrap();
+    let shown = format!("chunk frame = {}", hex::encode(&frame));
+    println!("{shown}");
+    assert!(DOCUMENT.contains(&shown), "protocol.md must show {shown}");
+    let ack = chunk::ack_frame(&sid, &chunk::ack(&keys, &id(), 8, 4));
+    let shown = format!("ack frame = {}", hex::encode(&ack));
+    println!("{shown}");
+    assert!(DOCUMENT.contains(&shown), "protocol.md must show {shown}");
     // And they read back.
-    let env = parley_protocol::Envelope::parse(&frame).unwrap();
-    let (header, data) =
-        chunk::open(&keys, &layout, &chunk::chunk_in(&env).unwrap().unwrap()).unwrap();
+    let (_, body) = parley_protocol::data::parse(&frame).unwrap();
+    let Some(chunk::FileData::Chunk(sealed)) = chunk::data_in(body) else {
+        panic!("not a chunk");
+    };
+    let (header, data) = chunk::open(&keys, &layout, sealed).unwrap();
     assert_eq!((header.pass, header.index, &data[..]), (1, 2, &b"ile"[..]));
 }
