@@ -61,6 +61,8 @@ pub enum Command {
     /// exit once the peer has every one, verified.
     Send {
         sid: Option<String>,
+        /// `--as`: the name to offer the one file under.
+        as_name: Option<String>,
         paths: Vec<PathBuf>,
     },
     Sessions,
@@ -123,7 +125,11 @@ async fn run_command(
         }
         Command::Resume(_) | Command::Send { .. } => {
             let (sid, to_send) = match command {
-                Command::Send { sid, paths } => (sid, Some(local_files(&paths)?)),
+                Command::Send {
+                    sid,
+                    as_name,
+                    paths,
+                } => (sid, Some(files_to_send(&paths, as_name)?)),
                 Command::Resume(sid) => (sid, None),
                 _ => (None, None),
             };
@@ -707,6 +713,25 @@ async fn sleep_until(at: Option<std::time::Instant>) {
 
 // ---------------------------------------------------------------------------------------------
 // Files
+
+/// [`local_files`], the one file renamed if `--as` says so.
+fn files_to_send(
+    paths: &[PathBuf],
+    as_name: Option<String>,
+) -> Result<Vec<LocalFile>, ClientError> {
+    let mut files = local_files(paths)?;
+    if let Some(name) = as_name {
+        match files.as_mut_slice() {
+            [one] if paths.len() == 1 && paths.first() == Some(&one.path) => one.name = name,
+            _ => {
+                return Err(ClientError::Usage(
+                    "--as names one file: give exactly one PATH, a file".into(),
+                ));
+            }
+        }
+    }
+    Ok(files)
+}
 
 /// The files to send: each file as its name, each folder as its files (not following links)
 /// named by their paths relative to it, `/` between components. Each is hashed here, before

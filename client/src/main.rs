@@ -138,6 +138,10 @@ enum Cmd {
         /// The session (id or a unique prefix); optional when only one session is stored.
         #[arg(long)]
         sid: Option<String>,
+        /// Offer the file under this name rather than its own (one file only). Sent as
+        /// given: the receiver makes every name safe (protocol.md 3.10, "Names").
+        #[arg(long = "as", value_name = "NAME")]
+        as_name: Option<String>,
         /// Files and folders to send.
         #[arg(required = true, value_name = "PATH")]
         paths: Vec<PathBuf>,
@@ -161,7 +165,15 @@ fn main() -> ExitCode {
             Cmd::Host => Command::Host,
             Cmd::Join { code } => Command::Join(code),
             Cmd::Resume { sid } => Command::Resume(sid),
-            Cmd::Send { sid, paths } => Command::Send { sid, paths },
+            Cmd::Send {
+                sid,
+                as_name,
+                paths,
+            } => Command::Send {
+                sid,
+                as_name,
+                paths,
+            },
             Cmd::Sessions => Command::Sessions,
         };
         let runtime = tokio::runtime::Builder::new_multi_thread()

@@ -16,6 +16,9 @@ pub enum Toward {
 /// Decides what becomes of each text frame: the frames to pass on instead (empty to drop it).
 pub type Tamper = Arc<dyn Fn(Toward, &str) -> Vec<String> + Send + Sync>;
 
+/// The same for each binary message (a DATA frame: protocol.md 2.2).
+pub type DataTamper = Arc<dyn Fn(Toward, &[u8]) -> Vec<Vec<u8>> + Send + Sync>;
+
 /// Asked before each frame: `true` cuts that connection there and then (both TCP connections
 /// are dropped, the frame with them), as a failing network would.
 pub type Cut = Arc<dyn Fn() -> bool + Send + Sync>;
@@ -23,6 +26,11 @@ pub type Cut = Arc<dyn Fn() -> bool + Send + Sync>;
 /// Passes every frame on unchanged.
 pub fn honest() -> Tamper {
     Arc::new(|_, text| vec![text.to_string()])
+}
+
+/// Passes every binary message on unchanged.
+pub fn honest_data() -> DataTamper {
+    Arc::new(|_, bytes| vec![bytes.to_vec()])
 }
 
 pub struct Proxy {
@@ -37,9 +45,25 @@ impl Proxy {
 
     /// A proxy that also cuts connections whenever `cut` says so.
     pub fn start_cutting(relay_url: &str, tamper: Tamper, cut: Cut) -> Proxy {
+        Proxy::start_full(relay_url, tamper, honest_data(), cut)
+    }
+
+    /// A proxy that does what `data` says with binary messages, and passes text on.
+    pub fn start_data(relay_url: &str, data: DataTamper) -> Proxy {
+        Proxy::start_full(relay_url, honest(), data, Arc::new(|| false))
+    }
+
+    /// A proxy that does what `data` says with binary messages, and cuts connections whenever
+    /// `cut` says so (asked before every frame, text or binary).
+    pub fn start_data_cutting(relay_url: &str, data: DataTamper, cut: Cut) -> Proxy {
+        Proxy::start_full(relay_url, honest(), data, cut)
+    }
+
+    fn start_full(relay_url: &str, tamper: Tamper, data: DataTamper, cut: Cut) -> Proxy {
         let relay_url = relay_url.to_string();
         let addr = crate::serve_on_loopback(move |stream| {
-            let (relay_url, tamper, cut) = (relay_url.clone(), tamper.clone(), cut.clone());
+            let (relay_url, cut) = (relay_url.clone(), cut.clone());
+            let tampers = (tamper.clone(), data.clone());
             async move {
                 let Ok(client) = tokio_tungstenite::accept_async(stream).await else {
                     return;
@@ -47,7 +71,7 @@ impl Proxy {
                 let Ok((relay, _)) = tokio_tungstenite::connect_async(&relay_url).await else {
                     return;
                 };
-                splice(client, relay, tamper, cut).await;
+                splice(client, relay, tampers, cut).await;
             }
         });
         Proxy {
@@ -60,7 +84,7 @@ impl Proxy {
     }
 }
 
-async fn splice<C, R>(client: C, relay: R, tamper: Tamper, cut: Cut)
+async fn splice<C, R>(client: C, relay: R, (tamper, data): (Tamper, DataTamper), cut: Cut)
 where
     C: futures_util::Stream<Item = Result<Message, tokio_tungstenite::tungstenite::Error>>
         + futures_util::Sink<Message>
@@ -78,17 +102,17 @@ where
     loop {
         tokio::select! {
             msg = client_rx.next() => {
-                let Some(Ok(Message::Text(text))) = msg else { break };
+                let Some(frames) = tampered(msg, Toward::Relay, &tamper, &data) else { break };
                 if cut() { return; }
                 if relay_writable {
-                    relay_writable = pass(&mut relay_tx, tamper(Toward::Relay, text.as_str())).await;
+                    relay_writable = pass(&mut relay_tx, frames).await;
                 }
             }
             msg = relay_rx.next() => {
-                let Some(Ok(Message::Text(text))) = msg else { break };
+                let Some(frames) = tampered(msg, Toward::Client, &tamper, &data) else { break };
                 if cut() { return; }
                 if client_writable {
-                    client_writable = pass(&mut client_tx, tamper(Toward::Client, text.as_str())).await;
+                    client_writable = pass(&mut client_tx, frames).await;
                 }
             }
         }
@@ -97,10 +121,35 @@ where
     let _ = relay_tx.close().await;
 }
 
+/// What becomes of a message read from one side; `None` ends the splice (the stream ended,
+/// failed, or sent something other than text or binary).
+fn tampered(
+    msg: Option<Result<Message, tokio_tungstenite::tungstenite::Error>>,
+    toward: Toward,
+    tamper: &Tamper,
+    data: &DataTamper,
+) -> Option<Vec<Message>> {
+    match msg {
+        Some(Ok(Message::Text(text))) => Some(
+            tamper(toward, text.as_str())
+                .into_iter()
+                .map(|t| Message::Text(t.into()))
+                .collect(),
+        ),
+        Some(Ok(Message::Binary(bytes))) => Some(
+            data(toward, &bytes)
+                .into_iter()
+                .map(|b| Message::Binary(b.into()))
+                .collect(),
+        ),
+        _ => None,
+    }
+}
+
 /// Sends `frames` in order; false once the sink has failed.
-async fn pass<S: futures_util::Sink<Message> + Unpin>(sink: &mut S, frames: Vec<String>) -> bool {
+async fn pass<S: futures_util::Sink<Message> + Unpin>(sink: &mut S, frames: Vec<Message>) -> bool {
     for frame in frames {
-        if sink.send(Message::Text(frame.into())).await.is_err() {
+        if sink.send(frame).await.is_err() {
             return false;
         }
     }

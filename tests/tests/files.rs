@@ -4,18 +4,21 @@
 //! finishes after a resume with the right hash.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::indexing_slicing)]
 
-use std::path::{Path, PathBuf};
+use std::path::{Component, Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 
+use parley_e2e::proxy::{DataTamper, Proxy, Toward};
 use parley_e2e::{Client, RelayProcess, STEP, TempDir};
 use rand::RngCore;
 use sha2::{Digest, Sha256};
 
 /// Alice and Bob paired through `relay`; both exited. Returns their state directories.
-fn paired(relay: &RelayProcess) -> (TempDir, TempDir) {
+fn paired(url: &str) -> (TempDir, TempDir) {
     let (alice_dir, bob_dir) = (TempDir::new("files-alice"), TempDir::new("files-bob"));
-    let mut alice = Client::spawn(relay.url(), alice_dir.path(), "alice", &["host"]);
+    let mut alice = Client::spawn(url, alice_dir.path(), "alice", &["host"]);
     let code = alice.expect("invite")["code"].as_str().unwrap().to_string();
-    let mut bob = Client::spawn(relay.url(), bob_dir.path(), "bob", &["join", &code]);
+    let mut bob = Client::spawn(url, bob_dir.path(), "bob", &["join", &code]);
     alice.expect("paired");
     bob.expect("paired");
     alice.close_stdin();
@@ -41,7 +44,7 @@ fn sha(data: &[u8]) -> String {
 }
 
 /// `parley resume` as a receiving script: offers accepted (or not), files into `downloads`.
-fn receiver(relay: &RelayProcess, dir: &Path, downloads: &Path, extra: &[&str]) -> Client {
+fn receiver(url: &str, dir: &Path, downloads: &Path, extra: &[&str]) -> Client {
     let mut args = vec![
         "--download-dir".to_string(),
         downloads.display().to_string(),
@@ -51,14 +54,14 @@ fn receiver(relay: &RelayProcess, dir: &Path, downloads: &Path, extra: &[&str]) 
     args.extend(extra.iter().map(|s| s.to_string()));
     args.push("resume".into());
     let args: Vec<&str> = args.iter().map(String::as_str).collect();
-    Client::spawn(relay.url(), dir, "bob", &args)
+    Client::spawn(url, dir, "bob", &args)
 }
 
-fn sender(relay: &RelayProcess, dir: &Path, paths: &[&Path]) -> Client {
+fn sender(url: &str, dir: &Path, paths: &[&Path]) -> Client {
     let mut args = vec!["--timeout".to_string(), "120".into(), "send".into()];
     args.extend(paths.iter().map(|p| p.display().to_string()));
     let args: Vec<&str> = args.iter().map(String::as_str).collect();
-    let mut client = Client::spawn(relay.url(), dir, "alice", &args);
+    let mut client = Client::spawn(url, dir, "alice", &args);
     client.close_stdin();
     client
 }
@@ -71,21 +74,21 @@ fn named<'a>(events: &'a [serde_json::Value], name: &str) -> Vec<&'a serde_json:
 #[test]
 fn a_file_of_a_few_mib_arrives_byte_identical_with_its_sha256() {
     let relay = RelayProcess::start(&[]);
-    let (alice_dir, bob_dir) = paired(&relay);
+    let (alice_dir, bob_dir) = paired(relay.url());
     let work = TempDir::new("files-work");
     let source = work.path().join("random.bin");
     let data = random_file(&source, 3 * 1024 * 1024 + 12_345);
     let downloads = work.path().join("downloads");
 
     let mut bob = receiver(
-        &relay,
+        relay.url(),
         bob_dir.path(),
         &downloads,
         &["--accept-files", "--exit-after-files", "1"],
     );
     bob.close_stdin();
     bob.expect("resumed");
-    let alice = sender(&relay, alice_dir.path(), &[&source]);
+    let alice = sender(relay.url(), alice_dir.path(), &[&source]);
 
     let (alice_status, alice_events) = alice.wait_long();
     assert!(alice_status.success(), "{alice_status}: {alice_events:?}");
@@ -112,7 +115,7 @@ fn a_file_of_a_few_mib_arrives_byte_identical_with_its_sha256() {
 #[test]
 fn a_folder_arrives_with_its_nested_paths() {
     let relay = RelayProcess::start(&[]);
-    let (alice_dir, bob_dir) = paired(&relay);
+    let (alice_dir, bob_dir) = paired(relay.url());
     let work = TempDir::new("files-work");
     let tree = work.path().join("tree");
     let files = [
@@ -127,14 +130,14 @@ fn a_folder_arrives_with_its_nested_paths() {
     let downloads = work.path().join("downloads");
 
     let mut bob = receiver(
-        &relay,
+        relay.url(),
         bob_dir.path(),
         &downloads,
         &["--accept-files", "--exit-after-files", "3"],
     );
     bob.close_stdin();
     bob.expect("resumed");
-    let alice = sender(&relay, alice_dir.path(), &[&tree]);
+    let alice = sender(relay.url(), alice_dir.path(), &[&tree]);
     let (alice_status, alice_events) = alice.wait_long();
     assert!(alice_status.success(), "{alice_status}: {alice_events:?}");
     assert_eq!(named(&alice_events, "file_sent").len(), 3);
@@ -150,16 +153,16 @@ fn a_folder_arrives_with_its_nested_paths() {
 #[test]
 fn an_offer_is_declined_without_accept_files() {
     let relay = RelayProcess::start(&[]);
-    let (alice_dir, bob_dir) = paired(&relay);
+    let (alice_dir, bob_dir) = paired(relay.url());
     let work = TempDir::new("files-work");
     let source = work.path().join("x.bin");
     random_file(&source, 5000);
     let downloads = work.path().join("downloads");
 
     // Not a terminal, no --accept-files: nobody to ask, so no.
-    let mut bob = receiver(&relay, bob_dir.path(), &downloads, &[]);
+    let mut bob = receiver(relay.url(), bob_dir.path(), &downloads, &[]);
     bob.expect("resumed");
-    let alice = sender(&relay, alice_dir.path(), &[&source]);
+    let alice = sender(relay.url(), alice_dir.path(), &[&source]);
     let failed = bob.expect("file_failed");
     assert_eq!(failed["code"], "declined");
     let (alice_status, alice_events) = alice.wait_long();
@@ -172,20 +175,20 @@ fn an_offer_is_declined_without_accept_files() {
 #[test]
 fn max_file_bytes_refuses_a_larger_offer() {
     let relay = RelayProcess::start(&[]);
-    let (alice_dir, bob_dir) = paired(&relay);
+    let (alice_dir, bob_dir) = paired(relay.url());
     let work = TempDir::new("files-work");
     let source = work.path().join("big.bin");
     random_file(&source, 5000);
     let downloads = work.path().join("downloads");
 
     let mut bob = receiver(
-        &relay,
+        relay.url(),
         bob_dir.path(),
         &downloads,
         &["--accept-files", "--max-file-bytes", "4999"],
     );
     bob.expect("resumed");
-    let alice = sender(&relay, alice_dir.path(), &[&source]);
+    let alice = sender(relay.url(), alice_dir.path(), &[&source]);
     assert_eq!(bob.expect("file_offer")["size"], 5000);
     assert_eq!(bob.expect("file_failed")["code"], "too_large");
     let (alice_status, alice_events) = alice.wait_long();
@@ -194,12 +197,16 @@ fn max_file_bytes_refuses_a_larger_offer() {
     assert!(!downloads.exists() || leftover_files(&downloads).is_empty());
 }
 
-/// Alice paired with Bob, and a file of `len` random bytes for her to send.
+/// Alice paired with Bob, and a file of `len` random bytes for her to send. The clients
+/// reach the relay directly, or through a hostile [`Proxy`] in front of it.
 struct Scene {
-    relay: RelayProcess,
+    /// (Taken out while it is restarted.)
+    relay: Option<RelayProcess>,
+    _proxy: Option<Proxy>,
+    url: String,
     alice_dir: TempDir,
     bob_dir: TempDir,
-    _work: TempDir,
+    work: TempDir,
     source: PathBuf,
     data: Vec<u8>,
     downloads: PathBuf,
@@ -207,17 +214,26 @@ struct Scene {
 
 impl Scene {
     fn new(len: usize) -> Scene {
+        Scene::behind(len, None)
+    }
+
+    /// A scene whose clients go through `proxy`, started in front of the relay.
+    fn behind(len: usize, proxy: Option<&dyn Fn(&str) -> Proxy>) -> Scene {
         let relay = RelayProcess::start(&[]);
-        let (alice_dir, bob_dir) = paired(&relay);
+        let proxy = proxy.map(|start| start(relay.url()));
+        let url = proxy.as_ref().map_or(relay.url(), |p| p.url()).to_string();
+        let (alice_dir, bob_dir) = paired(&url);
         let work = TempDir::new("files-work");
         let source = work.path().join("big.bin");
         let data = random_file(&source, len);
         let downloads = work.path().join("downloads");
         Scene {
-            relay,
+            relay: Some(relay),
+            _proxy: proxy,
+            url,
             alice_dir,
             bob_dir,
-            _work: work,
+            work,
             source,
             data,
             downloads,
@@ -227,11 +243,17 @@ impl Scene {
     /// Bob receiving one file, accepted; his stdin left open.
     fn bob(&self) -> Client {
         let accept = ["--accept-files", "--exit-after-files", "1"];
-        receiver(&self.relay, self.bob_dir.path(), &self.downloads, &accept)
+        receiver(&self.url, self.bob_dir.path(), &self.downloads, &accept)
     }
 
     fn alice(&self) -> Client {
-        sender(&self.relay, self.alice_dir.path(), &[&self.source])
+        sender(&self.url, self.alice_dir.path(), &[&self.source])
+    }
+
+    /// SIGKILLs the relay and starts it again at its address with its secret.
+    fn restart_relay(&mut self) {
+        let relay = self.relay.take().expect("a relay");
+        self.relay = Some(relay.kill().start_again(&[]));
     }
 
     /// Waits for `client` to exit 0; returns its events.
@@ -254,26 +276,78 @@ impl Scene {
         assert!(leftover_parts(&self.downloads).is_empty());
     }
 
-    /// Waits until `client` reports that a quarter of the file is durable.
+    /// Waits until `client` reports that a quarter of the file has moved.
     fn until_a_quarter(&self, client: &mut Client) {
+        self.until(client, 4);
+    }
+
+    /// Waits until `client` reports that 1/`fraction` of the file has moved.
+    fn until(&self, client: &mut Client, fraction: u64) {
         loop {
             let progress = client.expect("file_progress");
-            if progress["bytes"].as_u64().unwrap() >= self.data.len() as u64 / 4 {
+            if progress["bytes"].as_u64().unwrap() >= self.data.len() as u64 / fraction {
                 return;
             }
         }
     }
 }
 
+const MIB: usize = 1024 * 1024;
+
+/// Bytes of file data per chunk, as Parley sends them (protocol.md 3.10).
+const CHUNK: u64 = 61_440;
+
+/// The index of a chunk, if a binary message is a file chunk's DATA frame (protocol.md 3.10,
+/// "The wire": `0x01 || sid || 0x01 || id (16) || pass (4) || index (8) || ...`).
+fn chunk_index(frame: &[u8]) -> Option<u64> {
+    if frame.first() != Some(&1) || frame.get(17) != Some(&1) {
+        return None;
+    }
+    Some(u64::from_be_bytes(frame.get(38..46)?.try_into().ok()?))
+}
+
+/// A proxy in front of the relay that counts the chunks going toward it.
+fn counting(count: Arc<AtomicU64>) -> impl Fn(&str) -> Proxy {
+    move |url| {
+        let count = count.clone();
+        Proxy::start_data(
+            url,
+            Arc::new(move |toward, frame| {
+                if toward == Toward::Relay && chunk_index(frame).is_some() {
+                    count.fetch_add(1, Ordering::SeqCst);
+                }
+                vec![frame.to_vec()]
+            }),
+        )
+    }
+}
+
+#[test]
+fn a_50_mib_file_arrives_byte_identical() {
+    let scene = Scene::new(50 * MIB);
+    let mut bob = scene.bob();
+    bob.close_stdin();
+    bob.expect("resumed");
+    let alice_events = Scene::success(scene.alice());
+    assert_eq!(
+        named(&alice_events, "file_sent")[0]["sha256"],
+        sha(&scene.data)
+    );
+    scene.received_intact(&Scene::success(bob));
+}
+
+/// Killed halfway through 50 MiB, the receiver resumes from what it had made durable: what
+/// is sent again is at most the durable window (protocol.md 3.10, "Resume"), 256 chunks.
 #[test]
 fn a_receiver_killed_halfway_then_resumed_completes_with_the_right_hash() {
-    let scene = Scene::new(12 * 1024 * 1024);
+    let sent = Arc::new(AtomicU64::new(0));
+    let scene = Scene::behind(50 * MIB, Some(&counting(sent.clone())));
     let mut bob = scene.bob();
     bob.close_stdin();
     bob.expect("resumed");
     let alice = scene.alice();
-    // SIGKILL once a quarter is durable: no chance to save anything more.
-    scene.until_a_quarter(&mut bob);
+    // SIGKILL once half has arrived: no chance to save anything more.
+    scene.until(&mut bob, 2);
     bob.kill();
     let parts = leftover_parts(&scene.downloads);
     assert_eq!(parts.len(), 1, "the .part stays for the resume: {parts:?}");
@@ -292,11 +366,18 @@ fn a_receiver_killed_halfway_then_resumed_completes_with_the_right_hash() {
         named(&alice_events, "file_sent")[0]["sha256"],
         sha(&scene.data)
     );
+    let again = sent.load(Ordering::SeqCst) - (scene.data.len() as u64).div_ceil(CHUNK);
+    println!("the receiver's restart cost {again} chunks sent again");
+    assert!(again <= 256, "{again} chunks were sent again");
 }
 
+/// The sender goes offline (killed) and comes back (`send` again): the stored transfer goes
+/// on from what the receiver has, which it kept, so what went before is not sent again
+/// beyond what was in flight (the window, 8 chunks).
 #[test]
 fn a_sender_killed_halfway_then_sending_again_goes_on_with_the_same_transfer() {
-    let scene = Scene::new(12 * 1024 * 1024);
+    let sent = Arc::new(AtomicU64::new(0));
+    let scene = Scene::behind(12 * MIB, Some(&counting(sent.clone())));
     let mut bob = scene.bob();
     bob.close_stdin();
     bob.expect("resumed");
@@ -314,6 +395,202 @@ fn a_sender_killed_halfway_then_sending_again_goes_on_with_the_same_transfer() {
     let bob_events = Scene::success(bob);
     assert_eq!(named(&bob_events, "file_offer").len(), 1, "{bob_events:?}");
     scene.received_intact(&bob_events);
+    let again = sent.load(Ordering::SeqCst) - (scene.data.len() as u64).div_ceil(CHUNK);
+    assert!(again <= 8, "{again} chunks were sent again");
+}
+
+#[test]
+fn a_relay_restarted_mid_transfer_the_file_completes() {
+    let mut scene = Scene::new(20 * MIB);
+    let mut bob = scene.bob();
+    bob.close_stdin();
+    bob.expect("resumed");
+    let alice = scene.alice();
+    scene.until_a_quarter(&mut bob);
+    // Its memory is gone; both clients reconnect and re-attach with their tokens.
+    scene.restart_relay();
+    let alice_events = Scene::success(alice);
+    assert_eq!(
+        named(&alice_events, "file_sent")[0]["sha256"],
+        sha(&scene.data)
+    );
+    scene.received_intact(&Scene::success(bob));
+}
+
+/// A connection cut mid-transfer (the network, not a process): the clients reconnect by
+/// themselves and the file completes.
+#[test]
+fn a_connection_cut_mid_transfer_the_file_completes() {
+    let chunks = Arc::new(AtomicU64::new(0));
+    let cut_once = Arc::new(AtomicBool::new(false));
+    let start = {
+        let chunks = chunks.clone();
+        move |url: &str| {
+            let counted = chunks.clone();
+            let seen = chunks.clone();
+            let cut_once = cut_once.clone();
+            Proxy::start_data_cutting(
+                url,
+                Arc::new(move |_, frame| {
+                    if chunk_index(frame).is_some() {
+                        counted.fetch_add(1, Ordering::SeqCst);
+                    }
+                    vec![frame.to_vec()]
+                }),
+                Arc::new(move || {
+                    seen.load(Ordering::SeqCst) >= 60 && !cut_once.swap(true, Ordering::SeqCst)
+                }),
+            )
+        }
+    };
+    let scene = Scene::behind(8 * MIB, Some(&start));
+    let mut bob = scene.bob();
+    bob.close_stdin();
+    bob.expect("resumed");
+    let alice_events = Scene::success(scene.alice());
+    assert_eq!(
+        named(&alice_events, "file_sent")[0]["sha256"],
+        sha(&scene.data)
+    );
+    scene.received_intact(&Scene::success(bob));
+    assert!(chunks.load(Ordering::SeqCst) >= 60, "the cut happened");
+}
+
+/// Names a hostile peer might offer (`send --as` sends them as given): each lands inside the
+/// download directory, made safe, or is refused (`bad_name`); nothing is created elsewhere.
+/// (A NUL cannot be passed as an argument; the unit tests in client/src/files/names.rs have
+/// it.)
+#[test]
+fn hostile_names_land_inside_the_download_dir_or_are_refused() {
+    let scene = Scene::new(1000);
+    let mut bob = receiver(
+        &scene.url,
+        scene.bob_dir.path(),
+        &scene.downloads,
+        &["--accept-files"],
+    );
+    bob.expect("resumed");
+    let long = "n".repeat(10_000);
+    let cases: [(&str, Option<&str>); 9] = [
+        ("../x", None),
+        ("/etc/x", None),
+        ("a/../../x", None),
+        ("..\\..\\x", None),
+        ("C:\\x", None),
+        ("bell\x07\x1b[31mred", Some("bell__[31mred")),
+        ("CON", Some("_CON")),
+        ("dir/con.txt", Some("dir/_con.txt")),
+        (&long, Some(&long[..200])),
+    ];
+    for (name, landed) in cases {
+        let source = scene.source.display().to_string();
+        let args = ["--timeout", "60", "send", "--as", name, &source];
+        let mut alice = Client::spawn(&scene.url, scene.alice_dir.path(), "alice", &args);
+        alice.close_stdin();
+        let (status, events) = alice.wait_long();
+        match landed {
+            None => {
+                assert_eq!(status.code(), Some(8), "{name:?}: {events:?}");
+                assert_eq!(named(&events, "file_failed")[0]["code"], "bad_name");
+                assert_eq!(bob.expect("file_failed")["code"], "bad_name", "{name:?}");
+            }
+            Some(safe) => {
+                assert!(status.success(), "{name:?}: {status} {events:?}");
+                let received = bob.expect("file_received");
+                let path = PathBuf::from(received["path"].as_str().unwrap());
+                assert_eq!(path, scene.downloads.join(safe), "{name:?}");
+                assert!(
+                    path.components()
+                        .all(|c| matches!(c, Component::Normal(_) | Component::RootDir))
+                );
+                assert!(std::fs::read(&path).unwrap() == scene.data);
+            }
+        }
+    }
+    bob.close_stdin();
+    let (status, _) = bob.wait_long();
+    assert!(status.success());
+    // Nothing but the source and the download directory where the work began.
+    let mut made: Vec<_> = std::fs::read_dir(scene.work.path())
+        .unwrap()
+        .map(|e| e.unwrap().file_name())
+        .collect();
+    made.sort();
+    assert_eq!(made, ["big.bin", "downloads"]);
+    assert!(leftover_parts(&scene.downloads).is_empty());
+}
+
+/// A relay that alters, drops, repeats or swaps one chunk: the file fails on both sides with
+/// that act's code, and nothing that looks like the file (nor its `.part`) is left.
+#[test]
+fn a_hostile_relay_altering_dropping_repeating_or_swapping_a_chunk_fails_the_file() {
+    type Act = fn(&[u8], &Mutex<Option<Vec<u8>>>) -> Option<Vec<Vec<u8>>>;
+    let cases: [(&str, Act, &str); 4] = [
+        (
+            "altered",
+            |frame, _| {
+                let mut changed = frame.to_vec();
+                let at = changed.len() - 20;
+                changed[at] ^= 1;
+                (chunk_index(frame) == Some(3)).then(|| vec![changed])
+            },
+            "chunk_corrupt",
+        ),
+        (
+            "dropped",
+            |frame, _| (chunk_index(frame) == Some(3)).then(Vec::new),
+            "chunk_missing",
+        ),
+        (
+            "repeated",
+            |frame, _| (chunk_index(frame) == Some(3)).then(|| vec![frame.to_vec(); 2]),
+            "chunk_replayed",
+        ),
+        (
+            "swapped",
+            |frame, held| match chunk_index(frame) {
+                Some(3) => {
+                    *held.lock().unwrap() = Some(frame.to_vec());
+                    Some(Vec::new())
+                }
+                Some(4) => Some(vec![frame.to_vec(), held.lock().unwrap().take()?]),
+                _ => None,
+            },
+            "chunk_missing",
+        ),
+    ];
+    for (what, act, code) in cases {
+        let done = Arc::new(AtomicBool::new(false));
+        let held = Arc::new(Mutex::new(None));
+        let tamper: DataTamper = Arc::new(move |toward, frame| {
+            if toward == Toward::Relay
+                && !done.load(Ordering::SeqCst)
+                && let Some(frames) = act(frame, &held)
+            {
+                // (The swap is done once both have passed.)
+                done.store(held.lock().unwrap().is_none(), Ordering::SeqCst);
+                return frames;
+            }
+            vec![frame.to_vec()]
+        });
+        let start = move |url: &str| Proxy::start_data(url, tamper.clone());
+        let scene = Scene::behind(MIB, Some(&start));
+        let mut bob = receiver(
+            &scene.url,
+            scene.bob_dir.path(),
+            &scene.downloads,
+            &["--accept-files"],
+        );
+        bob.expect("resumed");
+        let (status, events) = scene.alice().wait_long();
+        assert_eq!(status.code(), Some(8), "{what}: {events:?}");
+        assert_eq!(named(&events, "file_failed")[0]["code"], code, "{what}");
+        assert_eq!(bob.expect("file_failed")["code"], code, "{what}");
+        bob.close_stdin();
+        let (_, bob_events) = bob.wait_long();
+        assert!(named(&bob_events, "file_received").is_empty(), "{what}");
+        assert!(leftover_files(&scene.downloads).is_empty(), "{what}");
+    }
 }
 
 #[test]
