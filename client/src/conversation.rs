@@ -2213,6 +2213,9 @@ mod file_tests {
     struct MemFs {
         files: HashMap<PathBuf, MemFile>,
         placed: Arc<Mutex<Placed>>,
+        /// Taken by someone else between the look and the move (a race with another
+        /// program): a file appears there as the move is tried.
+        taken_at_move: Option<PathBuf>,
     }
 
     impl FileSystem for MemFs {
@@ -2222,7 +2225,7 @@ mod file_tests {
                 .ok_or(io::ErrorKind::NotFound)?
                 .read_at(offset, buf)
         }
-        fn part(&mut self, path: &Path) -> io::Result<&mut dyn PartFile> {
+        fn part(&mut self, _: &Path, path: &Path) -> io::Result<&mut dyn PartFile> {
             Ok(self.files.entry(path.to_path_buf()).or_default())
         }
         fn remove_part(&mut self, path: &Path) -> io::Result<()> {
@@ -2235,7 +2238,10 @@ mod file_tests {
         fn sync_job(&mut self, _: &Path) -> io::Result<crate::transfers::SyncFn> {
             Ok(Box::new(|| Ok(())))
         }
-        fn place(&mut self, part: &Path, target: &Path) -> io::Result<()> {
+        fn place(&mut self, _: &Path, part: &Path, target: &Path) -> io::Result<()> {
+            if self.taken_at_move.as_deref() == Some(target) {
+                self.files.insert(target.to_path_buf(), MemFile::default());
+            }
             if self.files.contains_key(target) {
                 return Err(io::ErrorKind::AlreadyExists.into());
             }
@@ -2303,6 +2309,16 @@ mod file_tests {
         accept: bool,
         max_bytes: u64,
     ) -> (Conversation, Conversation, Arc<Mutex<Placed>>) {
+        setup_with(now, file, accept, max_bytes, MemFs::default())
+    }
+
+    fn setup_with(
+        now: Instant,
+        file: &[u8],
+        accept: bool,
+        max_bytes: u64,
+        guest_fs: MemFs,
+    ) -> (Conversation, Conversation, Arc<Mutex<Placed>>) {
         let (mut h, mut g) = pair();
         let (_, hello) = h
             .seal(&Plain::Hello {
@@ -2315,7 +2331,6 @@ mod file_tests {
         host_fs
             .files
             .insert(PathBuf::from("/src/a.bin"), MemFile(file.to_vec()));
-        let guest_fs = MemFs::default();
         let placed = guest_fs.placed.clone();
         let mut host = Conversation::paired(h, Liveness::new(now, config().idle), now, config());
         let mut guest = Conversation::paired(g, Liveness::new(now, config().idle), now, config());
@@ -2337,8 +2352,18 @@ mod file_tests {
     /// Host sends `file` to a guest that accepts (or not) up to `max_bytes`; `line` is typed
     /// on the host once the first chunk is out.
     fn run(file: &[u8], accept: bool, max_bytes: u64, line: Option<&str>) -> (Run, Vec<String>) {
+        run_with(file, accept, max_bytes, line, MemFs::default())
+    }
+
+    fn run_with(
+        file: &[u8],
+        accept: bool,
+        max_bytes: u64,
+        line: Option<&str>,
+        guest_fs: MemFs,
+    ) -> (Run, Vec<String>) {
         let now = Instant::now();
-        let (mut host, mut guest, placed) = setup(now, file, accept, max_bytes);
+        let (mut host, mut guest, placed) = setup_with(now, file, accept, max_bytes, guest_fs);
         let mut result = Run {
             host_events: Vec::new(),
             guest_events: Vec::new(),
@@ -2506,6 +2531,27 @@ mod file_tests {
                 .iter()
                 .any(|e| matches!(e, Event::File(FileEvent::Failed { .. }))),
             "{events:?}"
+        );
+    }
+
+    /// The name chosen for a file is taken by someone else just before the move: the file
+    /// goes to the next free name rather than failing.
+    #[test]
+    fn a_name_taken_at_the_last_moment_gives_the_next_one() {
+        let file = vec![3u8; 70_000];
+        let fs = MemFs {
+            taken_at_move: Some(PathBuf::from("/dl/dir/a.bin")),
+            ..MemFs::default()
+        };
+        let (run, _) = run_with(&file, true, u64::MAX, None, fs);
+        assert_eq!(
+            run.placed,
+            vec![(PathBuf::from("/dl/dir/a (1).bin"), file.clone())]
+        );
+        assert!(
+            file_events(&run.guest_events)
+                .iter()
+                .any(|e| matches!(e, FileEvent::Received { path, .. } if path == Path::new("/dl/dir/a (1).bin")))
         );
     }
 

@@ -18,13 +18,13 @@ use tokio_tungstenite::tungstenite::error::{CapacityError, Error as WsError};
 
 use crate::code::InviteCode;
 use crate::conversation::{Config, Conversation, Durability, Frame, LinkAction};
+use crate::disk_files::DiskFiles;
 use crate::error::ClientError;
-use crate::files::receive::PartFile;
 use crate::handshake::{Guest, Host, Pairing, PairingError, Step};
 use crate::liveness::{Alarm, Liveness, pong_for};
 use crate::output::{Output, chat_event, error_event};
 use crate::session::Session;
-use crate::transfers::{FileConfig, FileSystem, LocalFile, SyncDone, SyncFn, Transfers};
+use crate::transfers::{FileConfig, LocalFile, SyncDone, Transfers};
 use crate::transport::{Dialer, RelaySocket};
 
 /// Each stage of the handshake (once a joiner is there) must complete within this.
@@ -807,93 +807,6 @@ fn local_file(name: String, path: PathBuf) -> Result<LocalFile, ClientError> {
 
 fn unreadable(path: &Path, e: &std::io::Error) -> ClientError {
     ClientError::Usage(format!("cannot read {}: {e}", path.display()))
-}
-
-/// A `.part` on disk.
-struct DiskPart(std::fs::File);
-
-impl PartFile for DiskPart {
-    fn write_at(&mut self, offset: u64, data: &[u8]) -> std::io::Result<()> {
-        std::os::unix::fs::FileExt::write_all_at(&self.0, data, offset)
-    }
-    fn read_at(&mut self, offset: u64, buf: &mut [u8]) -> std::io::Result<()> {
-        std::os::unix::fs::FileExt::read_exact_at(&self.0, buf, offset)
-    }
-    fn truncate(&mut self, len: u64) -> std::io::Result<()> {
-        self.0.set_len(len)
-    }
-}
-
-/// The transfers' file system: the disk. Open files are kept (one source, the `.part`s) so a
-/// chunk costs no `open`.
-#[derive(Default)]
-struct DiskFiles {
-    source: Option<(PathBuf, std::fs::File)>,
-    parts: std::collections::HashMap<PathBuf, DiskPart>,
-}
-
-impl FileSystem for DiskFiles {
-    fn read_at(&mut self, path: &Path, offset: u64, buf: &mut [u8]) -> std::io::Result<()> {
-        let file = match self.source.take() {
-            Some((open, file)) if open == path => file,
-            _ => std::fs::File::open(path)?,
-        };
-        let read = std::os::unix::fs::FileExt::read_exact_at(&file, buf, offset);
-        self.source = Some((path.to_path_buf(), file));
-        read
-    }
-
-    fn part(&mut self, path: &Path) -> std::io::Result<&mut dyn PartFile> {
-        use std::collections::hash_map::Entry;
-        match self.parts.entry(path.to_path_buf()) {
-            Entry::Occupied(open) => Ok(open.into_mut()),
-            Entry::Vacant(slot) => {
-                if let Some(parent) = path.parent() {
-                    std::fs::create_dir_all(parent)?;
-                }
-                let mut options = std::fs::OpenOptions::new();
-                options.read(true).write(true).create(true);
-                std::os::unix::fs::OpenOptionsExt::mode(&mut options, 0o600);
-                Ok(slot.insert(DiskPart(options.open(path)?)))
-            }
-        }
-    }
-
-    fn remove_part(&mut self, path: &Path) -> std::io::Result<()> {
-        self.parts.remove(path);
-        match std::fs::remove_file(path) {
-            Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(e),
-            _ => Ok(()),
-        }
-    }
-
-    fn exists(&self, path: &Path) -> bool {
-        std::fs::symlink_metadata(path).is_ok()
-    }
-
-    fn sync_job(&mut self, path: &Path) -> std::io::Result<SyncFn> {
-        // A second handle on the same open file: syncing it syncs the file, while this one
-        // goes on writing.
-        let DiskPart(file) = match self.parts.get(path) {
-            Some(open) => open,
-            None => {
-                self.part(path)?;
-                self.parts.get(path).ok_or(std::io::ErrorKind::NotFound)?
-            }
-        };
-        let file = file.try_clone()?;
-        Ok(Box::new(move || file.sync_data()))
-    }
-
-    fn place(&mut self, part: &Path, target: &Path) -> std::io::Result<()> {
-        self.parts.remove(part);
-        if let Some(parent) = target.parent() {
-            std::fs::create_dir_all(parent)?;
-        }
-        // A hard link fails if the name exists: nothing is ever replaced.
-        std::fs::hard_link(part, target)?;
-        std::fs::remove_file(part)
-    }
 }
 
 /// The bytes of frames in the outboxes of the sessions stored in `state` other than `sid`.

@@ -9,6 +9,7 @@
 pub mod code;
 pub mod conversation;
 pub mod dh;
+pub mod disk_files;
 pub mod driver;
 pub mod error;
 pub mod files;

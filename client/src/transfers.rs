@@ -24,6 +24,9 @@ use crate::files::send::{SendEvent, SendOutput, SendStatus, Sender, new_offer};
 use crate::files::{FailCode, FileId, chunk, store};
 use crate::session::Plain;
 
+/// Names tried when each one looked free but was taken by the time of the move.
+const PLACE_ATTEMPTS: usize = 16;
+
 /// At most this often a transfer reports progress (`file_progress`, at most 4 per second).
 pub const PROGRESS_EVERY: Duration = Duration::from_millis(250);
 
@@ -32,15 +35,18 @@ pub const PROGRESS_EVERY: Duration = Duration::from_millis(250);
 pub trait FileSystem {
     /// Fills `buf` from the sender's file at `path`, from `offset`.
     fn read_at(&mut self, path: &Path, offset: u64, buf: &mut [u8]) -> io::Result<()>;
-    /// The `.part` at `path`, created (with its folders) if it is not there.
-    fn part(&mut self, path: &Path) -> io::Result<&mut dyn PartFile>;
+    /// The `.part` at `path`, created (with its folders) if it is not there. `path` lies
+    /// inside the download directory `base`; nothing is created or opened through a link
+    /// below `base` (one someone left there must not lead a peer's names out of it).
+    fn part(&mut self, base: &Path, path: &Path) -> io::Result<&mut dyn PartFile>;
     /// Removes the `.part` (a failed file); one already gone is no error.
     fn remove_part(&mut self, path: &Path) -> io::Result<()>;
     /// Whether anything exists at `path` (to choose a name that replaces nothing).
     fn exists(&self, path: &Path) -> bool;
-    /// Moves the `.part` to `target` without replacing anything: a hard link that fails if
-    /// `target` exists (its folders created first), then the `.part` removed.
-    fn place(&mut self, part: &Path, target: &Path) -> io::Result<()>;
+    /// Moves the `.part` to `target`, inside `base`, without replacing anything (its folders
+    /// created first, as for [`FileSystem::part`]). Fails with `AlreadyExists` if something
+    /// is at `target`.
+    fn place(&mut self, base: &Path, part: &Path, target: &Path) -> io::Result<()>;
     /// A job that makes the `.part` at `path` durable (`fdatasync`) as it stands when the job
     /// runs: the driver runs it off the event loop, while writing goes on.
     fn sync_job(&mut self, path: &Path) -> io::Result<SyncFn>;
@@ -230,7 +236,7 @@ impl Transfers {
                 continue;
             };
             let part = dir.join(part_name(&checked.safe_name, &record.offer.id));
-            let restored = match transfers.fs.part(&part) {
+            let restored = match transfers.fs.part(&dir, &part) {
                 Ok(file) => Receiver::from_record(&record, sid, file),
                 Err(_) => Err(FailCode::WriteFailed),
             };
@@ -397,7 +403,7 @@ impl Transfers {
         else {
             return;
         };
-        match self.fs.part(&i.part) {
+        match self.fs.part(&i.dir, &i.part) {
             Ok(file) => i.receiver.handle_chunk(sealed, file),
             // Could not even open it: as a failed write.
             Err(_) => i.receiver.fail_write(),
@@ -507,14 +513,29 @@ impl Transfers {
             }
             ReceiveOutput::Place { name } => {
                 let fs = &mut self.fs;
-                let target = unique_target(&i.dir, &name, |p| fs.exists(p));
-                match target.map(|t| fs.place(&i.part, &t).map(|()| t)) {
-                    Some(Ok(target)) => {
+                // A name free when looked at may be taken by the time of the move (another
+                // program writing there): then the next free one.
+                let mut placed = None;
+                for _ in 0..PLACE_ATTEMPTS {
+                    let Some(target) = unique_target(&i.dir, &name, |p| fs.exists(p)) else {
+                        break;
+                    };
+                    match fs.place(&i.dir, &i.part, &target) {
+                        Ok(()) => {
+                            placed = Some(target);
+                            break;
+                        }
+                        Err(e) if e.kind() == io::ErrorKind::AlreadyExists => continue,
+                        Err(_) => break,
+                    }
+                }
+                match placed {
+                    Some(target) => {
                         i.target = Some(target);
                         i.receiver.handle_placed();
                     }
                     // No free name, a full disk: the file fails (its `.part` removed).
-                    _ => i.receiver.handle_place_failed(),
+                    None => i.receiver.handle_place_failed(),
                 }
             }
             ReceiveOutput::RemovePart => {
@@ -741,7 +762,7 @@ mod tests {
         fn read_at(&mut self, _: &Path, _: u64, _: &mut [u8]) -> io::Result<()> {
             Err(io::ErrorKind::PermissionDenied.into())
         }
-        fn part(&mut self, _: &Path) -> io::Result<&mut dyn PartFile> {
+        fn part(&mut self, _: &Path, _: &Path) -> io::Result<&mut dyn PartFile> {
             Err(io::ErrorKind::PermissionDenied.into())
         }
         fn remove_part(&mut self, _: &Path) -> io::Result<()> {
@@ -753,7 +774,7 @@ mod tests {
         fn sync_job(&mut self, _: &Path) -> io::Result<SyncFn> {
             Err(io::ErrorKind::PermissionDenied.into())
         }
-        fn place(&mut self, _: &Path, _: &Path) -> io::Result<()> {
+        fn place(&mut self, _: &Path, _: &Path, _: &Path) -> io::Result<()> {
             Err(io::ErrorKind::PermissionDenied.into())
         }
     }
