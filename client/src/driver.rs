@@ -288,6 +288,22 @@ enum Arrived {
     Other,
 }
 
+/// A write that makes no progress for the liveness bound (the socket's buffers are full: the
+/// relay or the path stopped reading) means the connection is dead, like silence does
+/// (protocol.md 3.7, "Liveness").
+async fn within_idle(
+    idle: Duration,
+    write: impl std::future::Future<Output = Result<(), WsError>>,
+) -> Result<(), ClientError> {
+    match tokio::time::timeout(idle, write).await {
+        Ok(written) => written.map_err(|e| ClientError::ConnectionLost(e.to_string())),
+        Err(_) => Err(ClientError::ConnectionLost(format!(
+            "the relay took no data for {:.1} s",
+            idle.as_secs_f64()
+        ))),
+    }
+}
+
 impl RelayLink {
     /// Connects to `url`. A `ws://` URL that leaves this machine gets its warning first
     /// (once per process), before any traffic.
@@ -307,21 +323,25 @@ impl RelayLink {
         })
     }
 
-    /// Sends one frame. A write that makes no progress for the liveness bound (the socket's
-    /// buffers are full: the relay or the path stopped reading) means the connection is dead,
-    /// like silence does (protocol.md 3.7, "Liveness").
+    /// Sends one frame now (protocol.md 3.7, "Liveness", bounds the write).
     async fn send(&mut self, frame: impl Into<Frame>) -> Result<(), ClientError> {
+        self.feed(frame).await?;
+        self.flush().await
+    }
+
+    /// Queues one frame for the next [`RelayLink::flush`] (writing out what no longer fits).
+    async fn feed(&mut self, frame: impl Into<Frame>) -> Result<(), ClientError> {
         let message = match frame.into() {
             Frame::Text(text) => Message::Text(text.into()),
             Frame::Data(bytes) => Message::Binary(bytes.into()),
         };
-        match tokio::time::timeout(self.idle, self.ws.send(message)).await {
-            Ok(sent) => sent.map_err(|e| ClientError::ConnectionLost(e.to_string())),
-            Err(_) => Err(ClientError::ConnectionLost(format!(
-                "the relay took no data for {:.1} s",
-                self.idle.as_secs_f64()
-            ))),
-        }
+        let idle = self.idle;
+        within_idle(idle, self.ws.feed(message)).await
+    }
+
+    async fn flush(&mut self) -> Result<(), ClientError> {
+        let idle = self.idle;
+        within_idle(idle, self.ws.flush()).await
     }
 
     /// The next message from the relay, as it comes. Cancel-safe.
@@ -650,10 +670,23 @@ async fn drain(
     opts: &Options,
     output: &mut Output,
 ) -> Result<(), ClientError> {
+    // Frames written one after another go out in one flush (a window of file chunks is a
+    // few hundred KB): flushed as soon as no frame is next.
+    let mut unflushed = false;
     loop {
         if let Some(frame) = conversation.poll_transmit() {
+            if let Some(relay) = link {
+                match relay.feed(frame).await {
+                    Ok(()) => unflushed = true,
+                    Err(e) => {
+                        *link = None;
+                        conversation.handle_disconnected(now(), e);
+                    }
+                }
+            }
+        } else if std::mem::take(&mut unflushed) {
             if let Some(relay) = link
-                && let Err(e) = relay.send(frame).await
+                && let Err(e) = relay.flush().await
             {
                 *link = None;
                 conversation.handle_disconnected(now(), e);
