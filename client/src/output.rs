@@ -289,6 +289,10 @@ fn file_event(event: &FileEvent, sid: &str) -> Value {
             "size": size,
             "sha256": sha256,
         }),
+        // Only asked on a terminal (never with `--json`).
+        FileEvent::Question { id, name, size } => {
+            json!({"event": "file_question", "sid": sid, "id": id, "name": name, "size": size})
+        }
         FileEvent::Failed { id, code, message } => json!({
             "event": "file_failed",
             "sid": sid,
