@@ -36,7 +36,7 @@ use crate::handshake::{error_fields, msg_kind};
 use crate::liveness::{Alarm, Liveness, pong_for};
 use crate::ratchet::RatchetError;
 use crate::session::{Plain, Receipt, ReceiveError, SendError, Session};
-use crate::transfers::{FileEvent, FileStep, SyncDone, SyncJob, Transfers};
+use crate::transfers::{FileEvent, FileStep, LocalFile, SyncDone, SyncJob, Transfers};
 use crate::wire::{DeliveredData, ErrorData, ReattachData, RestoreData};
 
 /// The relay must answer `REATTACH` (and `RESTORE`) within this.
@@ -313,6 +313,19 @@ impl Conversation {
         self.files.as_ref()
     }
 
+    #[cfg(test)]
+    pub fn files_mut(&mut self) -> Option<&mut Transfers> {
+        self.files.as_mut()
+    }
+
+    /// Files the person asked to send during the chat (`/send`): offered one after another.
+    pub fn send_files(&mut self, now: Instant, files: Vec<LocalFile>) {
+        self.last_now = now;
+        if let Some(transfers) = &mut self.files {
+            transfers.send_now(now, files);
+        }
+    }
+
     /// A session just paired on a connection that is still open (its liveness so far given):
     /// the chat begins at once.
     pub fn paired(
@@ -356,8 +369,18 @@ impl Conversation {
     /// A line to send. Lines handed in one after another (while [`Conversation::wants_input`])
     /// before the next output is polled are sealed together and saved once: a script writing
     /// fast costs one save per batch, not one per line.
+    ///
+    /// While a file offer is being asked about (protocol.md 3.10), the line is the person's
+    /// answer instead: `y` or `yes` (any case) accepts, anything else declines.
     pub fn handle_line(&mut self, _now: Instant, line: String) {
         if self.end.is_some() {
+            return;
+        }
+        if let Some(files) = &mut self.files
+            && let Some((id, _, _)) = files.question()
+        {
+            let yes = matches!(line.trim().to_lowercase().as_str(), "y" | "yes");
+            files.answer(&id, yes);
             return;
         }
         match self.session.seal(&Plain::Text { text: line }) {
@@ -2572,5 +2595,130 @@ mod file_tests {
                 );
             }
         }
+    }
+
+    /// Frames between the two until both are quiet: events of each, and the statuses of
+    /// the guest's stored incoming files at each of its saves.
+    fn exchange(
+        host: &mut Conversation,
+        guest: &mut Conversation,
+        now: Instant,
+    ) -> (Vec<Event>, Vec<Event>, Vec<String>) {
+        let (mut he, mut ge, mut stored) = (Vec::new(), Vec::new(), Vec::new());
+        for _ in 0..10_000 {
+            let (hf, h) = drain(host);
+            let mut gf = Vec::new();
+            loop {
+                if let Some(frame) = guest.poll_transmit() {
+                    gf.push(describe(frame));
+                } else if let Some(event) = guest.poll_event() {
+                    ge.push(event);
+                } else if let Some(save) = guest.poll_save() {
+                    stored.extend(save.record.files_in.iter().map(|f| f.status.s.clone()));
+                } else if !sync_now(guest) && guest.poll_link().is_none() {
+                    break;
+                }
+            }
+            he.extend(h);
+            if hf.is_empty() && gf.is_empty() {
+                break;
+            }
+            for f in forwarded(&hf) {
+                deliver(guest, now, &f);
+            }
+            for f in forwarded(&gf) {
+                deliver(host, now, &f);
+            }
+        }
+        (he, ge, stored)
+    }
+
+    /// On a terminal the guest is asked: the offer is stored unanswered and nothing moves
+    /// until the person's next line, which is the answer, not a chat message: `y` takes the
+    /// file, anything else declines it (`declined` on both sides).
+    #[test]
+    fn the_next_line_answers_the_question_about_an_offer() {
+        for (answer, taken) in [("y", true), (" YES ", true), ("", false), ("sure", false)] {
+            let now = Instant::now();
+            let file = vec![9u8; 70_000];
+            let (mut host, mut guest, placed) = setup(now, &file, false, u64::MAX);
+            guest.files_mut().unwrap().ask_person(true);
+            let (host_events, guest_events, stored) = exchange(&mut host, &mut guest, now);
+            assert!(
+                file_events(&guest_events)
+                    .iter()
+                    .any(|e| matches!(e, FileEvent::Question { name, size: 70_000, .. } if name == "dir/a.bin")),
+                "{guest_events:?}"
+            );
+            assert!(stored.iter().any(|s| s == "offered"), "{stored:?}");
+            assert!(file_events(&host_events).is_empty(), "{host_events:?}");
+            assert!(guest.files().unwrap().question().is_some());
+
+            guest.handle_line(now, answer.into());
+            let (host_events, guest_events, _) = exchange(&mut host, &mut guest, now);
+            // The answer was no chat message.
+            assert!(
+                !guest_events
+                    .iter()
+                    .chain(&host_events)
+                    .any(|e| matches!(e, Event::Message { .. })),
+                "{answer:?}"
+            );
+            let placed = placed.lock().unwrap().clone();
+            if taken {
+                assert_eq!(placed, vec![(PathBuf::from("/dl/dir/a.bin"), file.clone())]);
+                assert!(
+                    file_events(&host_events)
+                        .iter()
+                        .any(|e| matches!(e, FileEvent::Sent { .. }))
+                );
+            } else {
+                assert!(placed.is_empty(), "{answer:?}");
+                for events in [&host_events, &guest_events] {
+                    assert!(
+                        file_events(events).iter().any(|e| matches!(
+                            e,
+                            FileEvent::Failed {
+                                code: FailCode::Declined,
+                                ..
+                            }
+                        )),
+                        "{answer:?}: {events:?}"
+                    );
+                }
+            }
+            // The question is over: the next line is chat again.
+            assert!(guest.files().unwrap().question().is_none());
+            guest.handle_line(now, "thanks".into());
+            let (host_events, _, _) = exchange(&mut host, &mut guest, now);
+            assert!(
+                host_events
+                    .iter()
+                    .any(|e| matches!(e, Event::Message { text, .. } if text == "thanks"))
+            );
+        }
+    }
+
+    /// `/send` during a chat: files handed in while the link is up are offered at once.
+    #[test]
+    fn files_sent_during_a_chat_are_offered_at_once() {
+        let now = Instant::now();
+        let file = vec![3u8; 1000];
+        let (mut host, mut guest, placed) = setup(now, &file, true, u64::MAX);
+        exchange(&mut host, &mut guest, now);
+        assert_eq!(placed.lock().unwrap().len(), 1);
+        host.send_files(
+            now,
+            vec![LocalFile {
+                name: "again.bin".into(),
+                path: PathBuf::from("/src/a.bin"),
+                size: file.len() as u64,
+                sha256: Sha256::digest(&file).into(),
+            }],
+        );
+        exchange(&mut host, &mut guest, now);
+        let placed = placed.lock().unwrap().clone();
+        assert_eq!(placed.len(), 2);
+        assert_eq!(placed[1], (PathBuf::from("/dl/again.bin"), file));
     }
 }

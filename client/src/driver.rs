@@ -17,14 +17,14 @@ use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::tungstenite::error::{CapacityError, Error as WsError};
 
 use crate::code::InviteCode;
-use crate::conversation::{Config, Conversation, Durability, Frame, LinkAction};
+use crate::conversation::{Config, Conversation, Durability, Event, Frame, LinkAction};
 use crate::disk_files::DiskFiles;
 use crate::error::ClientError;
 use crate::handshake::{Guest, Host, Pairing, PairingError, Step};
 use crate::liveness::{Alarm, Liveness, pong_for};
-use crate::output::{Output, chat_event, error_event};
+use crate::output::{Output, chat_event, error_event, human_size, printable};
 use crate::session::Session;
-use crate::transfers::{FileConfig, LocalFile, SyncDone, Transfers};
+use crate::transfers::{FileConfig, FileEvent, LocalFile, SyncDone, Transfers};
 use crate::transport::{Dialer, RelaySocket};
 
 /// Each stage of the handshake (once a joiner is there) must complete within this.
@@ -104,13 +104,15 @@ async fn run_command(
             let mut conversation =
                 Conversation::paired(session, relay.liveness.clone(), now(), config);
             let sid = conversation.session().sid().to_owned();
-            conversation.set_files(Transfers::new(
+            let mut files = Transfers::new(
                 Box::new(DiskFiles::default()),
                 opts.files.clone(),
                 &sid,
                 &[],
                 &[],
-            ));
+            );
+            ask_about_files(&mut files, output, interactive, opts);
+            conversation.set_files(files);
             let link = Some(relay);
             chat(
                 conversation,
@@ -148,6 +150,7 @@ async fn run_command(
             );
             // `send` reads no lines: its input is the files.
             let interactive = to_send.is_none() && is_interactive(output);
+            ask_about_files(&mut files, output, interactive, opts);
             let config = conversation_config(opts, deadline, &state, &session, interactive);
             let mut conversation = Conversation::resume(session, now(), config);
             if let Some(to_send) = to_send {
@@ -517,10 +520,27 @@ fn is_interactive(output: &Output) -> bool {
     !output.is_json() && std::io::stdin().is_terminal() && std::io::stdout().is_terminal()
 }
 
+/// Offers are asked about when a person reads and types here (and `--accept-files` does not
+/// take them anyway): otherwise they are declined.
+fn ask_about_files(files: &mut Transfers, output: &mut Output, interactive: bool, opts: &Options) {
+    files.ask_person(interactive);
+    output.set_asking(interactive && !opts.files.accept);
+}
+
 /// Lines from stdin, read on a thread of their own (blocking reads, or the line editor on a
-/// terminal). The channel closes at end of input.
-fn spawn_input(output: &mut Output, interactive: bool) -> mpsc::Receiver<String> {
+/// terminal). The channel closes at end of input. On a terminal, after each line the editor
+/// waits for the prompt of the next (sent on the second channel once the line is handled):
+/// a question about a file is the prompt while it is open.
+fn spawn_input(
+    output: &mut Output,
+    interactive: bool,
+    first_prompt: String,
+) -> (
+    mpsc::Receiver<String>,
+    Option<std::sync::mpsc::Sender<String>>,
+) {
     let (tx, rx) = mpsc::channel(64);
+    let (prompt_tx, prompt_rx) = std::sync::mpsc::channel::<String>();
     let editor = if interactive {
         rustyline::DefaultEditor::new().ok()
     } else {
@@ -532,13 +552,19 @@ fn spawn_input(output: &mut Output, interactive: bool) -> mpsc::Receiver<String>
                 output.set_printer(Box::new(printer));
             }
             std::thread::spawn(move || {
+                let mut prompt = first_prompt;
                 // Ctrl-D or Ctrl-C end the input, like end of file.
-                while let Ok(line) = editor.readline("> ") {
+                while let Ok(line) = editor.readline(&prompt) {
                     if tx.blocking_send(line).is_err() {
                         break;
                     }
+                    match prompt_rx.recv() {
+                        Ok(next) => prompt = next,
+                        Err(_) => break,
+                    }
                 }
             });
+            return (rx, Some(prompt_tx));
         }
         None => {
             std::thread::spawn(move || {
@@ -551,7 +577,86 @@ fn spawn_input(output: &mut Output, interactive: bool) -> mpsc::Receiver<String>
             });
         }
     }
-    rx
+    (rx, None)
+}
+
+/// The line editor's prompt when no question is open.
+const CHAT_PROMPT: &str = "> ";
+
+/// The prompt for the next line: the question about a file while one is open.
+fn next_prompt(conversation: &Conversation) -> String {
+    match conversation.files().and_then(Transfers::question) {
+        Some((_, name, size)) => format!(
+            "accept {} ({})? [y/N] ",
+            crate::output::cut_to_width(&printable(&name), 40),
+            human_size(size)
+        ),
+        None => CHAT_PROMPT.to_string(),
+    }
+}
+
+/// A line typed in the chat: the answer to a question, a command (on a terminal: `/send
+/// PATH`; `//` starts a line that begins with `/`), or a message.
+fn take_line(
+    conversation: &mut Conversation,
+    line: String,
+    interactive: bool,
+    output: &mut Output,
+) {
+    let asked = conversation.files().and_then(Transfers::question).is_some();
+    if !interactive || asked || !line.starts_with('/') {
+        return conversation.handle_line(now(), line);
+    }
+    if let Some(text) = line.strip_prefix("//") {
+        return conversation.handle_line(now(), format!("/{text}"));
+    }
+    let (command, rest) = line.split_once(' ').unwrap_or((line.as_str(), ""));
+    match command {
+        "/send" if !rest.trim().is_empty() => {
+            let path = chat_path(rest);
+            match local_files(std::slice::from_ref(&path)) {
+                Ok(files) if files.is_empty() => output.emit(error_event(
+                    "nothing_to_send",
+                    &format!("{} holds no file to send", path.display()),
+                )),
+                Ok(files) => {
+                    let size = files.iter().fold(0u64, |n, f| n.saturating_add(f.size));
+                    let what = match files.as_slice() {
+                        [one] => one.name.clone(),
+                        many => format!("{} files", many.len()),
+                    };
+                    output.emit(json!({"event": "notice", "message": format!(
+                        "offering {what} ({}); it goes once your peer accepts",
+                        human_size(size)
+                    )}));
+                    conversation.send_files(now(), files);
+                }
+                Err(e) => output.emit(error_event("unreadable_path", &e.to_string())),
+            }
+        }
+        _ => output.emit(error_event(
+            "unknown_command",
+            "not sent: commands are /send PATH (a file or a folder); start a line with // to send one that begins with /",
+        )),
+    }
+}
+
+/// A path as typed after `/send`: spaces are part of it, quotes around it are dropped, and a
+/// leading `~` is the home folder.
+fn chat_path(typed: &str) -> PathBuf {
+    let typed = typed.trim();
+    let unquoted = ['"', '\'']
+        .iter()
+        .find_map(|q| typed.strip_prefix(*q).and_then(|t| t.strip_suffix(*q)))
+        .unwrap_or(typed);
+    let home = std::env::var_os("HOME").map(PathBuf::from);
+    match (unquoted.strip_prefix('~'), home) {
+        (Some(""), Some(home)) => home,
+        (Some(rest), Some(home)) if rest.starts_with('/') => {
+            home.join(rest.trim_start_matches('/'))
+        }
+        _ => PathBuf::from(unquoted),
+    }
 }
 
 /// The clock, as the conversation takes it.
@@ -594,6 +699,9 @@ async fn chat(
 ) -> Result<(), ClientError> {
     // Started once the chat has begun and wants lines (after "paired" or "resumed").
     let mut input: Option<mpsc::Receiver<String>> = None;
+    // The line editor waits for the next prompt after each line (a terminal only).
+    let mut prompt: Option<std::sync::mpsc::Sender<String>> = None;
+    let mut prompt_due = false;
     // `.part`s are synced on blocking threads (a sync may take milliseconds); their results
     // come back here.
     let (synced_tx, mut synced) = mpsc::unbounded_channel();
@@ -608,6 +716,11 @@ async fn chat(
             output,
         )
         .await?;
+        if std::mem::take(&mut prompt_due)
+            && let Some(prompt) = &prompt
+        {
+            let _ = prompt.send(next_prompt(&conversation));
+        }
         if let Some(end) = conversation.poll_end() {
             if end.is_ok()
                 && let Some(relay) = link.take()
@@ -618,7 +731,9 @@ async fn chat(
         }
         let reading = conversation.wants_input();
         if reading && input.is_none() {
-            input = Some(spawn_input(output, interactive));
+            let (lines, prompts) = spawn_input(output, interactive, next_prompt(&conversation));
+            input = Some(lines);
+            prompt = prompts;
         }
         let wake = conversation.poll_timeout();
         tokio::select! {
@@ -638,14 +753,15 @@ async fn chat(
             () = sleep_until(wake) => conversation.handle_timeout(now()),
             line = next_line(&mut input), if reading => match line {
                 Some(line) => {
-                    conversation.handle_line(now(), line);
+                    prompt_due = true;
+                    take_line(&mut conversation, line, interactive, output);
                     // Lines already waiting go in the same batch (one save), as many as the
                     // outbox has room for.
                     while conversation.wants_input()
                         && let Some(waiting) = &mut input
                     {
                         match waiting.try_recv() {
-                            Ok(line) => conversation.handle_line(now(), line),
+                            Ok(line) => take_line(&mut conversation, line, interactive, output),
                             Err(mpsc::error::TryRecvError::Disconnected) => {
                                 conversation.handle_input_closed(now());
                             }
@@ -692,6 +808,11 @@ async fn drain(
                 conversation.handle_disconnected(now(), e);
             }
         } else if let Some(event) = conversation.poll_event() {
+            if let Event::File(file) = &event
+                && let Some(files) = conversation.files()
+            {
+                note_file(output, files, file);
+            }
             output.emit(chat_event(&event, conversation.session()));
         } else if let Some(save) = conversation.poll_save() {
             state.upsert(save.record);
@@ -717,6 +838,20 @@ async fn drain(
         } else {
             return Ok(());
         }
+    }
+}
+
+/// Tells the output a file's name and size before its event, for its human lines.
+fn note_file(output: &mut Output, files: &Transfers, event: &FileEvent) {
+    let id = match event {
+        FileEvent::Progress { id, .. }
+        | FileEvent::Sent { id, .. }
+        | FileEvent::Received { id, .. }
+        | FileEvent::Failed { id, .. } => id,
+        FileEvent::Offer { .. } | FileEvent::Question { .. } => return,
+    };
+    if let Some((name, size)) = files.describe(id) {
+        output.note_file(id, &name, size);
     }
 }
 
@@ -927,6 +1062,22 @@ mod tests {
         assert_eq!(others_outbox_bytes(&state, "a"), 1000);
         assert_eq!(others_outbox_bytes(&state, "b"), 150);
         assert_eq!(others_outbox_bytes(&state, "c"), 1150);
+    }
+
+    /// `/send PATH`: spaces belong to the path, quotes around it go, `~/` is home.
+    #[test]
+    fn a_path_typed_after_send_is_taken_whole() {
+        assert_eq!(chat_path(" my file.pdf "), PathBuf::from("my file.pdf"));
+        assert_eq!(chat_path("\"/a b/c d\""), PathBuf::from("/a b/c d"));
+        assert_eq!(chat_path("'x y'"), PathBuf::from("x y"));
+        assert_eq!(chat_path("~user/x"), PathBuf::from("~user/x"));
+        if let Some(home) = std::env::var_os("HOME") {
+            assert_eq!(
+                chat_path("~/in box/f"),
+                PathBuf::from(&home).join("in box/f")
+            );
+            assert_eq!(chat_path("~"), PathBuf::from(home));
+        }
     }
 
     /// protocol.md 3.7 ("Liveness") gives the client's bounds.

@@ -92,8 +92,8 @@ pub struct SyncDone {
 /// How this side answers offers and where files land.
 #[derive(Debug, Clone)]
 pub struct FileConfig {
-    /// `--accept-files`: take offers without asking. Otherwise (no person to ask in part A)
-    /// they are declined.
+    /// `--accept-files`: take offers without asking. Otherwise the person is asked (see
+    /// [`Transfers::ask_person`]), or, with nobody to ask, they are declined.
     pub accept: bool,
     pub download_dir: PathBuf,
     /// `--max-file-bytes`.
@@ -139,6 +139,13 @@ pub enum FileEvent {
         id: String,
         code: FailCode,
         message: String,
+    },
+    /// Ask the person whether to take this offer: [`Transfers::answer`] gets the answer.
+    /// Questions come one at a time, in the order of the offers.
+    Question {
+        id: String,
+        name: String,
+        size: u64,
     },
 }
 
@@ -190,6 +197,12 @@ pub struct Transfers {
     received: u64,
     /// Files that could not even be offered.
     unoffered: u64,
+    /// Offers waiting for the person's answer, in order; the first is the one asked.
+    questions: VecDeque<FileId>,
+    /// A person can be asked (an interactive terminal): see [`Transfers::ask_person`].
+    asking: bool,
+    /// Offers stored unanswered by an earlier run: answered (asked again) once the chat runs.
+    unanswered: Vec<FileId>,
 }
 
 impl Transfers {
@@ -213,6 +226,9 @@ impl Transfers {
             peer_online: false,
             received: 0,
             unoffered: 0,
+            questions: VecDeque::new(),
+            asking: false,
+            unanswered: Vec::new(),
         };
         for stored in files_out {
             let Some((record, path)) = store::send_from_state(stored) else {
@@ -236,6 +252,20 @@ impl Transfers {
                 continue;
             };
             let part = dir.join(part_name(&checked.safe_name, &record.offer.id));
+            if record.status == ReceiveStatus::Offered {
+                // Never answered: nothing was created for it, and nothing is until it is.
+                if let Ok(receiver) = Receiver::from_record(&record, sid, &mut NoPart) {
+                    transfers.unanswered.push(record.offer.id);
+                    transfers.incoming.push(Incoming {
+                        receiver,
+                        dir,
+                        part,
+                        target: None,
+                        last_progress: None,
+                    });
+                }
+                continue;
+            }
             let restored = match transfers.fs.part(&dir, &part) {
                 Ok(file) => Receiver::from_record(&record, sid, file),
                 Err(_) => Err(FailCode::WriteFailed),
@@ -286,17 +316,138 @@ impl Transfers {
     }
 
     /// Nothing is waiting to be offered or moving: every file sent or received is done or
-    /// failed (offers still unanswered by the person count as moving).
+    /// failed. An offer waiting for the person's answer is not moving: a run that ends (the
+    /// person quits) leaves it stored, to be asked again on the next (protocol.md 3.10).
     pub fn idle(&self) -> bool {
         self.to_offer.is_empty()
             && self
                 .outgoing
                 .iter()
                 .all(|o| is_final_send(o.sender.status()))
-            && self
+            && self.incoming.iter().all(|i| {
+                is_final_receive(i.receiver.status())
+                    || (i.receiver.status() == ReceiveStatus::Offered
+                        && (self.questions.contains(i.receiver.id())
+                            || self.unanswered.contains(i.receiver.id())))
+            })
+    }
+
+    // -------------------------------------------------------------------------------------
+    // The person
+
+    /// Whether a person can be asked about offers (a terminal, not `--json`): then an offer
+    /// (without `--accept-files`) is a [`FileEvent::Question`] and waits for
+    /// [`Transfers::answer`]; otherwise it is declined.
+    pub fn ask_person(&mut self, yes: bool) {
+        self.asking = yes;
+    }
+
+    /// The offer being asked about, if any: its id, name (as the peer gave it) and size.
+    pub fn question(&self) -> Option<(FileId, String, u64)> {
+        let id = self.questions.front()?;
+        let i = self.incoming.iter().find(|i| i.receiver.id() == id)?;
+        Some((*id, i.receiver.record().offer.name, i.receiver.size()))
+    }
+
+    /// The person's answer to the question about `id` (only the one asked is answered): yes
+    /// accepts it (`file_accept` goes), no declines it (`declined`). The next is asked then.
+    pub fn answer(&mut self, id: &FileId, yes: bool) {
+        if self.questions.front() != Some(id) {
+            return;
+        }
+        self.questions.pop_front();
+        if let Some(i) = self.incoming.iter_mut().find(|i| i.receiver.id() == id)
+            && i.receiver.status() == ReceiveStatus::Offered
+        {
+            if yes {
+                i.receiver.accept();
+            } else {
+                decline_offer(&mut i.receiver, &mut self.steps);
+            }
+        }
+        self.ask_first();
+    }
+
+    /// The name and size of a file of ours or the peer's, by its id (hex), to show it.
+    pub fn describe(&self, id: &str) -> Option<(String, u64)> {
+        let incoming = self
+            .incoming
+            .iter()
+            .find(|i| hex::encode(i.receiver.id()) == id);
+        if let Some(i) = incoming {
+            return Some((i.receiver.record().offer.name, i.receiver.size()));
+        }
+        self.outgoing
+            .iter()
+            .find(|o| hex::encode(o.sender.id()) == id)
+            .map(|o| (o.name.clone(), o.size))
+    }
+
+    /// Files to send during a chat (`/send`): offered at once if nothing of ours is moving.
+    pub fn send_now(&mut self, now: Instant, files: Vec<LocalFile>) {
+        self.send(files);
+        self.offer_next(now);
+    }
+
+    /// An offer just taken in (or stored unanswered by an earlier run): accepted with
+    /// `--accept-files`, asked about when a person is there, declined otherwise.
+    fn settle_offer(&mut self, id: FileId) {
+        let Some(i) = self.incoming.iter_mut().find(|i| i.receiver.id() == &id) else {
+            return;
+        };
+        if self.config.accept {
+            i.receiver.accept();
+        } else if self.asking {
+            if !self.questions.contains(&id) {
+                self.questions.push_back(id);
+                if self.questions.len() == 1 {
+                    self.ask_first();
+                }
+            }
+        } else {
+            // Nobody to ask: no means no.
+            decline_offer(&mut i.receiver, &mut self.steps);
+        }
+    }
+
+    /// Asks the first question (dropping those the sender gave up meanwhile).
+    fn ask_first(&mut self) {
+        while let Some(id) = self.questions.front() {
+            let asked = self
                 .incoming
                 .iter()
-                .all(|i| is_final_receive(i.receiver.status()))
+                .find(|i| i.receiver.id() == id)
+                .filter(|i| i.receiver.status() == ReceiveStatus::Offered);
+            match asked {
+                Some(i) => {
+                    let question = FileEvent::Question {
+                        id: hex::encode(id),
+                        name: i.receiver.record().offer.name,
+                        size: i.receiver.size(),
+                    };
+                    self.steps.push_back(FileStep::Event(question));
+                    return;
+                }
+                None => {
+                    self.questions.pop_front();
+                }
+            }
+        }
+    }
+
+    /// Offers stored unanswered by an earlier run are offered again, as new ones would be.
+    fn settle_unanswered(&mut self) {
+        for id in std::mem::take(&mut self.unanswered) {
+            if let Some(i) = self.incoming.iter().find(|i| i.receiver.id() == &id) {
+                let offer = FileEvent::Offer {
+                    id: hex::encode(id),
+                    name: i.receiver.record().offer.name,
+                    size: i.receiver.size(),
+                };
+                self.steps.push_back(FileStep::Event(offer));
+                self.settle_offer(id);
+            }
+        }
     }
 
     /// Files received and verified in this run.
@@ -455,6 +606,9 @@ impl Transfers {
     /// last, and only when asked: the conversation asks once its own steps are done, so chat
     /// goes ahead of file data).
     pub fn poll_step(&mut self, now: Instant) -> Option<FileStep> {
+        if !self.unanswered.is_empty() {
+            self.settle_unanswered();
+        }
         loop {
             if let Some(step) = self.steps.pop_front() {
                 return Some(step);
@@ -703,24 +857,13 @@ impl Transfers {
             // More at once than the state file keeps: a peer that floods offers.
             return decline(FailCode::Cancelled, &mut self.steps);
         }
-        let mut receiver = match Receiver::offered(offer, self.config.max_bytes, &self.sid) {
+        let receiver = match Receiver::offered(offer, self.config.max_bytes, &self.sid) {
             Ok(receiver) => receiver,
             Err(Plain::FileDecline(d)) => return decline(d.reason, &mut self.steps),
             Err(_) => return decline(FailCode::BadOffer, &mut self.steps),
         };
         let dir = self.config.download_dir.clone();
         let part = dir.join(part_name(receiver.name(), &id));
-        if self.config.accept {
-            receiver.accept();
-        } else {
-            // No person to ask (part A has no prompt): no means no.
-            receiver.decline();
-            self.steps.push_back(FileStep::Event(FileEvent::Failed {
-                id: hex::encode(id),
-                code: FailCode::Declined,
-                message: FailCode::Declined.to_string(),
-            }));
-        }
         // Finished ones are reported already; forget them.
         self.incoming
             .retain(|i| !is_final_receive(i.receiver.status()));
@@ -731,6 +874,32 @@ impl Transfers {
             target: None,
             last_progress: None,
         });
+        self.settle_offer(id);
+    }
+}
+
+/// Declines an offer (`declined`) and tells the user.
+fn decline_offer(receiver: &mut Receiver, steps: &mut VecDeque<FileStep>) {
+    receiver.decline();
+    steps.push_back(FileStep::Event(FileEvent::Failed {
+        id: hex::encode(receiver.id()),
+        code: FailCode::Declined,
+        message: FailCode::Declined.to_string(),
+    }));
+}
+
+/// The `.part` of an offer never answered: nothing is read or written for it.
+struct NoPart;
+
+impl PartFile for NoPart {
+    fn write_at(&mut self, _: u64, _: &[u8]) -> io::Result<()> {
+        Err(io::ErrorKind::Unsupported.into())
+    }
+    fn read_at(&mut self, _: u64, _: &mut [u8]) -> io::Result<()> {
+        Err(io::ErrorKind::Unsupported.into())
+    }
+    fn truncate(&mut self, _: u64) -> io::Result<()> {
+        Err(io::ErrorKind::Unsupported.into())
     }
 }
 
@@ -814,5 +983,222 @@ mod tests {
         assert!(transfers.poll_step(now).is_none());
         assert!(transfers.idle());
         assert_eq!(transfers.records(), (Vec::new(), Vec::new()));
+    }
+
+    /// A disk that records every call: an offer asked about must not touch it.
+    #[derive(Default, Clone)]
+    struct Counting(std::sync::Arc<std::sync::atomic::AtomicUsize>);
+
+    impl Counting {
+        fn calls(&self) -> usize {
+            self.0.load(std::sync::atomic::Ordering::SeqCst)
+        }
+        fn count(&self) {
+            self.0.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        }
+    }
+
+    impl FileSystem for Counting {
+        fn read_at(&mut self, _: &Path, _: u64, _: &mut [u8]) -> io::Result<()> {
+            self.count();
+            Err(io::ErrorKind::PermissionDenied.into())
+        }
+        fn part(&mut self, _: &Path, _: &Path) -> io::Result<&mut dyn PartFile> {
+            self.count();
+            Err(io::ErrorKind::PermissionDenied.into())
+        }
+        fn remove_part(&mut self, _: &Path) -> io::Result<()> {
+            self.count();
+            Ok(())
+        }
+        fn exists(&self, _: &Path) -> bool {
+            self.count();
+            false
+        }
+        fn place(&mut self, _: &Path, _: &Path, _: &Path) -> io::Result<()> {
+            self.count();
+            Err(io::ErrorKind::PermissionDenied.into())
+        }
+        fn sync_job(&mut self, _: &Path) -> io::Result<SyncFn> {
+            self.count();
+            Err(io::ErrorKind::PermissionDenied.into())
+        }
+    }
+
+    fn asking(fs: Counting, files_in: &[FileReceiveState]) -> Transfers {
+        let config = FileConfig {
+            accept: false,
+            download_dir: PathBuf::from("/dl"),
+            max_bytes: u64::MAX,
+        };
+        let mut transfers = Transfers::new(Box::new(fs), config, "s", &[], files_in);
+        transfers.ask_person(true);
+        transfers
+    }
+
+    fn offer(n: u8, name: &str) -> FileOffer {
+        let mut offer = crate::files::store::tests::offer();
+        offer.id = [n; 16];
+        offer.name = name.into();
+        offer
+    }
+
+    fn steps(transfers: &mut Transfers, now: Instant) -> Vec<FileStep> {
+        std::iter::from_fn(|| transfers.poll_step(now)).collect()
+    }
+
+    fn questions(steps: &[FileStep]) -> Vec<String> {
+        steps
+            .iter()
+            .filter_map(|s| match s {
+                FileStep::Event(FileEvent::Question { name, .. }) => Some(name.clone()),
+                _ => None,
+            })
+            .collect()
+    }
+
+    fn answers(steps: &[FileStep]) -> Vec<String> {
+        steps
+            .iter()
+            .filter_map(|s| match s {
+                FileStep::Message(Plain::FileAccept(a)) => Some(format!("accept {}", a.id[0])),
+                FileStep::Message(Plain::FileDecline(d)) => {
+                    Some(format!("decline {} {:?}", d.id[0], d.reason))
+                }
+                _ => None,
+            })
+            .collect()
+    }
+
+    /// With a person to ask, an offer is a question: nothing is answered to the sender and
+    /// nothing touches the disk until the person answers; yes sends `file_accept`.
+    #[test]
+    fn an_offer_is_asked_and_waits_for_the_answer_then_yes_accepts() {
+        let now = Instant::now();
+        let fs = Counting::default();
+        let mut transfers = asking(fs.clone(), &[]);
+        transfers.handle_message(now, Plain::FileOffer(offer(1, "report.pdf")));
+        let asked = steps(&mut transfers, now);
+        assert!(matches!(
+            &asked[0],
+            FileStep::Event(FileEvent::Offer { .. })
+        ));
+        assert_eq!(questions(&asked), ["report.pdf"]);
+        assert!(answers(&asked).is_empty(), "answered before the person did");
+        assert_eq!(fs.calls(), 0, "the disk was touched before the answer");
+        let (id, name, size) = transfers.question().unwrap();
+        assert_eq!((id, name.as_str(), size), ([1; 16], "report.pdf", 11));
+        // Still offered, and stored as such.
+        let (_, stored) = transfers.records();
+        assert_eq!(stored.len(), 1);
+        // A question open does not keep a run from ending.
+        assert!(transfers.idle());
+
+        transfers.answer(&[1; 16], true);
+        let answered = steps(&mut transfers, now);
+        assert_eq!(answers(&answered), ["accept 1"]);
+        assert!(transfers.question().is_none());
+        assert!(!transfers.idle());
+    }
+
+    #[test]
+    fn no_declines_with_declined_on_both_sides() {
+        let now = Instant::now();
+        let fs = Counting::default();
+        let mut transfers = asking(fs.clone(), &[]);
+        transfers.handle_message(now, Plain::FileOffer(offer(1, "report.pdf")));
+        steps(&mut transfers, now);
+        transfers.answer(&[1; 16], false);
+        let answered = steps(&mut transfers, now);
+        assert_eq!(answers(&answered), ["decline 1 Declined"]);
+        assert!(answered.iter().any(|s| matches!(
+            s,
+            FileStep::Event(FileEvent::Failed {
+                code: FailCode::Declined,
+                ..
+            })
+        )));
+        assert_eq!(fs.calls(), 0);
+        assert!(transfers.idle());
+        assert_eq!(transfers.records(), (Vec::new(), Vec::new()));
+    }
+
+    /// A folder's files are asked about one at a time, in the order offered; an answer
+    /// for one not asked (yet) is ignored.
+    #[test]
+    fn a_folders_offers_are_asked_in_order_one_at_a_time() {
+        let now = Instant::now();
+        let mut transfers = asking(Counting::default(), &[]);
+        for (n, name) in [(1, "tree/a"), (2, "tree/b"), (3, "tree/c")] {
+            transfers.handle_message(now, Plain::FileOffer(offer(n, name)));
+        }
+        assert_eq!(questions(&steps(&mut transfers, now)), ["tree/a"]);
+        transfers.answer(&[2; 16], true);
+        assert!(answers(&steps(&mut transfers, now)).is_empty());
+        transfers.answer(&[1; 16], true);
+        let next = steps(&mut transfers, now);
+        assert_eq!(answers(&next), ["accept 1"]);
+        assert_eq!(questions(&next), ["tree/b"]);
+        transfers.answer(&[2; 16], false);
+        let next = steps(&mut transfers, now);
+        assert_eq!(answers(&next), ["decline 2 Declined"]);
+        assert_eq!(questions(&next), ["tree/c"]);
+        transfers.answer(&[3; 16], true);
+        let last = steps(&mut transfers, now);
+        assert_eq!(answers(&last), ["accept 3"]);
+        assert!(questions(&last).is_empty());
+        assert!(transfers.question().is_none());
+    }
+
+    /// The sender gives up a file while it is asked about: the question goes, the next is
+    /// asked.
+    #[test]
+    fn an_offer_cancelled_while_asked_is_no_longer_asked() {
+        let now = Instant::now();
+        let mut transfers = asking(Counting::default(), &[]);
+        transfers.handle_message(now, Plain::FileOffer(offer(1, "a")));
+        transfers.handle_message(now, Plain::FileOffer(offer(2, "b")));
+        steps(&mut transfers, now);
+        transfers.handle_message(
+            now,
+            Plain::FileFailed(FileFailed {
+                id: [1; 16],
+                code: FailCode::Cancelled,
+            }),
+        );
+        transfers.answer(&[1; 16], true);
+        let after = steps(&mut transfers, now);
+        assert!(answers(&after).is_empty(), "{:?}", answers(&after));
+        assert_eq!(questions(&after), ["b"]);
+    }
+
+    /// An offer left unanswered when the run ends stays stored and is asked again on the
+    /// next run, creating nothing; with nobody to ask then, it is declined.
+    #[test]
+    fn an_unanswered_offer_is_asked_again_on_the_next_run() {
+        let now = Instant::now();
+        let mut first = asking(Counting::default(), &[]);
+        first.handle_message(now, Plain::FileOffer(offer(1, "report.pdf")));
+        steps(&mut first, now);
+        let (_, stored) = first.records();
+
+        let fs = Counting::default();
+        let mut again = asking(fs.clone(), &stored);
+        let asked = steps(&mut again, now);
+        assert!(
+            matches!(&asked[0], FileStep::Event(FileEvent::Offer { name, .. }) if name == "report.pdf")
+        );
+        assert_eq!(questions(&asked), ["report.pdf"]);
+        assert_eq!(fs.calls(), 0);
+        again.answer(&[1; 16], true);
+        assert_eq!(answers(&steps(&mut again, now)), ["accept 1"]);
+
+        let config = FileConfig {
+            accept: false,
+            download_dir: PathBuf::from("/dl"),
+            max_bytes: u64::MAX,
+        };
+        let mut nobody = Transfers::new(Box::new(Counting::default()), config, "s", &[], &stored);
+        assert_eq!(answers(&steps(&mut nobody, now)), ["decline 1 Declined"]);
     }
 }
