@@ -36,7 +36,7 @@ use crate::config::{RelayConfig, later};
 use crate::http;
 use crate::hub::{ConnState, ConnectionSlot, Flow, Hub};
 use crate::metrics::Metrics;
-use crate::outbox::{ConnId, Outbox, OutboxReceiver, PEER_DRAIN_PATIENCE};
+use crate::outbox::{ConnId, Frame, Outbox, OutboxReceiver, PEER_DRAIN_PATIENCE};
 use crate::read_ahead::ReadAhead;
 use crate::tls::Transport;
 
@@ -429,7 +429,7 @@ async fn apply(
 /// Writes `batch` out, within the write timeout, unless the connection is killed meanwhile.
 async fn write_out(
     ws: &mut Ws,
-    batch: &mut VecDeque<Utf8Bytes>,
+    batch: &mut VecDeque<Frame>,
     outbound: &OutboxReceiver,
     outbox: &Outbox,
     metrics: &Metrics,
@@ -451,7 +451,7 @@ async fn write_out(
 /// instead of one each.
 async fn write_batch(
     ws: &mut Ws,
-    batch: &mut VecDeque<Utf8Bytes>,
+    batch: &mut VecDeque<Frame>,
     outbound: &OutboxReceiver,
     metrics: &Metrics,
 ) -> Result<(), Ending> {
@@ -460,7 +460,7 @@ async fn write_batch(
     while let Some(frame) = batch.pop_front() {
         frames += 1;
         bytes += frame.len();
-        fed = ws.feed(Message::Text(frame)).await;
+        fed = ws.feed(frame.into_message()).await;
         if fed.is_err() {
             break;
         }

@@ -11,6 +11,7 @@ use crate::cmd;
 use crate::hub::{ConnState, Flow};
 use crate::ids::{InviteCode, SessionId};
 use crate::limiter::SharedLimit;
+use crate::outbox::Frame;
 
 /// Where a frame is applied.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -78,7 +79,7 @@ impl Cluster {
             }
             Route::Home(node) => {
                 let sid = env.sid().and_then(SessionId::parse);
-                if let Err(e) = self.forward(conn, node, sid, frame) {
+                if let Err(e) = self.forward(conn, node, sid, Frame::Text(frame.clone())) {
                     self.refuse(conn, &env, &e);
                     return Flow::default();
                 }
@@ -193,7 +194,7 @@ impl Cluster {
         conn: &ConnState,
         node: NodeId,
         sid: Option<SessionId>,
-        frame: &Utf8Bytes,
+        frame: Frame,
     ) -> Result<(), FrameError> {
         let id = conn.outbox.id();
         {
@@ -212,7 +213,7 @@ impl Cluster {
             gate: self.me,
             conn: id,
             ip: conn.ip,
-            frame: frame.clone(),
+            frame,
         };
         if self.send(node, &msg) {
             self.forwarded(id);

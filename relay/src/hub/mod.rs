@@ -36,7 +36,7 @@ use crate::limiter::{
 };
 use crate::metrics::Metrics;
 use crate::outbox::ConnId;
-use crate::outbox::Outbox;
+use crate::outbox::{Frame, Outbox};
 
 /// Per-connection state, owned by the connection's task and passed to every call.
 pub struct ConnState {
@@ -57,7 +57,7 @@ impl ConnState {
 
     /// Queues a frame for this connection. On overflow the connection is already marked for
     /// dropping, so there is nobody left to tell.
-    pub(crate) fn send(&self, frame: impl Into<Utf8Bytes>) {
+    pub(crate) fn send(&self, frame: impl Into<Frame>) {
         let _ = self.outbox.push(frame);
     }
 

@@ -46,18 +46,18 @@ fn pick(pool: &[String], i: usize) -> String {
 fn drain_and_check(c: &mut Client, learned: &mut Learned) {
     while let Some(frame) = c.rx.try_recv() {
         let env = Envelope::parse(frame.as_str())
-            .unwrap_or_else(|e| panic!("relay sent garbage {frame}: {e}"));
+            .unwrap_or_else(|e| panic!("relay sent garbage {frame:?}: {e}"));
         assert!(
             !env.kind.is_client_sent()
                 || matches!(
                     env.kind,
                     FrameType::Msg | FrameType::MsgRead | FrameType::Ping | FrameType::Pong
                 ),
-            "relay sent a client-only frame: {frame}"
+            "relay sent a client-only frame: {frame:?}"
         );
         if env.kind == FrameType::JoinRequest {
             let data: OpaqueData = env.data().unwrap();
-            assert!(data.get("code").is_none(), "code forwarded: {frame}");
+            assert!(data.get("code").is_none(), "code forwarded: {frame:?}");
         }
         let value: Value = serde_json::from_str(frame.as_str()).unwrap();
         if let Some(sid) = value.get("sid").and_then(Value::as_str) {
