@@ -21,13 +21,16 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 
 use parley_protocol::Envelope;
+use parley_protocol::data::data_sid;
 use tokio::sync::{Notify, mpsc};
+use tokio_tungstenite::tungstenite::Bytes;
 use tokio_util::sync::CancellationToken;
 
 use super::wire::{NodeId, NodeMsg};
 use super::writes::Write;
 use super::{Cluster, new_sessions};
 use crate::hub::{ConnState, Flow};
+use crate::ids::SessionId;
 use crate::outbox::{ConnId, Frame, Outbox, PEER_DRAIN_PATIENCE};
 
 /// Frames of one client a gate forwards that the home has not yet applied, at most.
@@ -206,6 +209,17 @@ impl Cluster {
         flow
     }
 
+    /// Applies one of a proxy's `DATA` frames (nothing to ask Redis first).
+    fn apply_data(&self, state: &Mutex<ConnState>, frame: &Bytes) -> Flow {
+        let mut state = lock(state);
+        if !self.holds_lease() {
+            let sid = data_sid(frame).map(|sid| SessionId(sid).to_string());
+            state.send_error(sid.as_deref(), &super::store_unavailable(), None);
+            return Flow::default();
+        }
+        self.hub.handle_data(&mut state, frame)
+    }
+
     /// A proxy: the hub's connection state for a remote client, and a task that sends what
     /// the hub queues for it to its gate, within the flow-control window.
     fn start_proxy(self: &Arc<Self>, gate: NodeId, conn: ConnId, ip: IpAddr) -> Proxy {
@@ -304,8 +318,7 @@ impl Cluster {
                     }
                     let flow = match &frame {
                         Frame::Text(text) => cluster.apply_one(&apply_state, text).await,
-                        // No gate sends one yet.
-                        Frame::Binary(_) => Flow::default(),
+                        Frame::Binary(data) => cluster.apply_data(&apply_state, data),
                     };
                     if let Some(peer) = flow.wait_for {
                         peer.drained(PEER_DRAIN_PATIENCE).await;
