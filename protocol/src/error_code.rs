@@ -9,6 +9,8 @@ use std::fmt;
 pub enum ErrorCode {
     /// The text is not JSON, or its top level is not an object.
     MalformedJson,
+    /// A binary message starts as a `DATA` frame (byte 0x01) but is too short to be one.
+    MalformedData,
     /// `t` names no frame type this relay accepts from a client.
     UnknownType,
     /// A field the frame type requires is absent.
@@ -60,8 +62,9 @@ pub enum ErrorCode {
 
 impl ErrorCode {
     /// Every code, in protocol.md order (used by tests to keep the document and the code in step).
-    pub const ALL: [ErrorCode; 24] = [
+    pub const ALL: [ErrorCode; 25] = [
         ErrorCode::MalformedJson,
+        ErrorCode::MalformedData,
         ErrorCode::UnknownType,
         ErrorCode::MissingField,
         ErrorCode::InvalidField,
@@ -91,6 +94,7 @@ impl ErrorCode {
     pub fn as_str(self) -> &'static str {
         match self {
             ErrorCode::MalformedJson => "malformed_json",
+            ErrorCode::MalformedData => "malformed_data",
             ErrorCode::UnknownType => "unknown_type",
             ErrorCode::MissingField => "missing_field",
             ErrorCode::InvalidField => "invalid_field",

@@ -4,7 +4,7 @@
 //! (see `protocol.md` at the workspace root, which is normative). This crate knows the frame
 //! types, how to read an envelope without copying the parts a relay only forwards, the
 //! `data` shape of every frame the relay itself reads or writes, the stable error codes, and the
-//! default limits. It does no IO.
+//! default limits. The one binary frame, `DATA`, is in [`data`]. It does no IO.
 
 #![cfg_attr(
     test,

@@ -20,6 +20,7 @@ use std::task::Poll;
 use std::time::Duration;
 
 use futures_util::{SinkExt, StreamExt};
+use parley_protocol::data::is_data;
 use parley_protocol::{ErrorCode, FrameError, FrameType, encode, payload::ErrorData};
 use tokio::io::{AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
@@ -28,7 +29,7 @@ use tokio_tungstenite::WebSocketStream;
 use tokio_tungstenite::tungstenite::error::CapacityError;
 use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
 use tokio_tungstenite::tungstenite::protocol::{CloseFrame, Role, WebSocketConfig};
-use tokio_tungstenite::tungstenite::{Error as WsError, Message, Utf8Bytes};
+use tokio_tungstenite::tungstenite::{Bytes, Error as WsError, Message, Utf8Bytes};
 use tokio_util::sync::CancellationToken;
 
 use crate::cluster::Cluster;
@@ -36,7 +37,7 @@ use crate::config::{RelayConfig, later};
 use crate::http;
 use crate::hub::{ConnState, ConnectionSlot, Flow, Hub};
 use crate::metrics::Metrics;
-use crate::outbox::{ConnId, Outbox, OutboxReceiver, PEER_DRAIN_PATIENCE};
+use crate::outbox::{ConnId, Frame, Outbox, OutboxReceiver, PEER_DRAIN_PATIENCE};
 use crate::read_ahead::ReadAhead;
 use crate::tls::Transport;
 
@@ -383,13 +384,16 @@ async fn receive(
         Some(Ok(Message::Text(text))) => {
             return Received::Flow(apply(hub, cluster, state, &text).await);
         }
+        Some(Ok(Message::Binary(bytes))) if is_data(&bytes) => {
+            return Received::Flow(apply_data(hub, cluster, state, bytes).await);
+        }
         Some(Ok(Message::Binary(bytes))) => match Utf8Bytes::try_from(bytes.clone()) {
             Ok(text) => return Received::Flow(apply(hub, cluster, state, &text).await),
             Err(_) => {
                 hub.metrics().frame_received(None, bytes.len());
                 let e = FrameError::new(
                     ErrorCode::MalformedJson,
-                    "binary frame is not UTF-8 text; frames are JSON text",
+                    "a binary message is a DATA frame (first byte 0x01) or JSON text in UTF-8; this one is neither",
                 );
                 state.send_error(None, &e, None);
             }
@@ -426,10 +430,23 @@ async fn apply(
     }
 }
 
+/// Applies a client's `DATA` frame: by the hub, or, in a cluster, wherever its session lives.
+async fn apply_data(
+    hub: &Hub,
+    cluster: Option<&Cluster>,
+    state: &mut ConnState,
+    frame: Bytes,
+) -> Flow {
+    match cluster {
+        Some(cluster) => cluster.dispatch_data(state, frame).await,
+        None => hub.handle_data(state, &frame),
+    }
+}
+
 /// Writes `batch` out, within the write timeout, unless the connection is killed meanwhile.
 async fn write_out(
     ws: &mut Ws,
-    batch: &mut VecDeque<Utf8Bytes>,
+    batch: &mut VecDeque<Frame>,
     outbound: &OutboxReceiver,
     outbox: &Outbox,
     metrics: &Metrics,
@@ -451,7 +468,7 @@ async fn write_out(
 /// instead of one each.
 async fn write_batch(
     ws: &mut Ws,
-    batch: &mut VecDeque<Utf8Bytes>,
+    batch: &mut VecDeque<Frame>,
     outbound: &OutboxReceiver,
     metrics: &Metrics,
 ) -> Result<(), Ending> {
@@ -460,7 +477,7 @@ async fn write_batch(
     while let Some(frame) = batch.pop_front() {
         frames += 1;
         bytes += frame.len();
-        fed = ws.feed(Message::Text(frame)).await;
+        fed = ws.feed(frame.into_message()).await;
         if fed.is_err() {
             break;
         }

@@ -28,6 +28,12 @@ pub struct Metrics {
     frames_received: [AtomicU64; FRAME_TYPES],
     /// Text frames that did not parse as a frame (no type to count them under).
     unparsed_frames: AtomicU64,
+    /// Binary `DATA` frames received (well formed or not), forwarded (and their bytes), and
+    /// dropped because the other member was not there to take them.
+    data_frames_received: AtomicU64,
+    data_frames_forwarded: AtomicU64,
+    data_bytes_forwarded: AtomicU64,
+    data_frames_dropped: AtomicU64,
     errors_sent: [AtomicU64; ERROR_CODES],
     frames_sent: AtomicU64,
     bytes_sent: AtomicU64,
@@ -52,6 +58,30 @@ impl Metrics {
         let slot = kind.and_then(|k| self.frames_received.get(k as usize));
         add(slot.unwrap_or(&self.unparsed_frames), 1);
         add(&self.bytes_received, bytes as u64);
+    }
+
+    pub fn data_received(&self, bytes: usize) {
+        add(&self.data_frames_received, 1);
+        add(&self.bytes_received, bytes as u64);
+    }
+
+    pub fn data_forwarded(&self, bytes: usize) {
+        add(&self.data_frames_forwarded, 1);
+        add(&self.data_bytes_forwarded, bytes as u64);
+    }
+
+    pub fn data_dropped(&self) {
+        add(&self.data_frames_dropped, 1);
+    }
+
+    /// DATA frames forwarded, their bytes, and DATA frames dropped.
+    #[cfg(test)]
+    pub fn data_forwarded_for_tests(&self) -> (u64, u64, u64) {
+        (
+            load(&self.data_frames_forwarded),
+            load(&self.data_bytes_forwarded),
+            load(&self.data_frames_dropped),
+        )
     }
 
     pub fn error_sent(&self, code: ErrorCode) {
@@ -195,6 +225,8 @@ impl Collector for RelayCollector {
             let labels = [("type", kind.as_str())];
             ConstCounter::new(load(n)).encode(family.encode_family(&labels)?)?;
         }
+        let labels = [("type", "DATA")];
+        ConstCounter::new(load(&m.data_frames_received)).encode(family.encode_family(&labels)?)?;
         let labels = [("type", "unparsed")];
         ConstCounter::new(load(&m.unparsed_frames)).encode(family.encode_family(&labels)?)?;
         let mut family = e.encode_descriptor(
@@ -235,6 +267,24 @@ impl Collector for RelayCollector {
             "bytes_received",
             "Frame bytes received from clients",
             load(&m.bytes_received),
+        )?;
+        counter(
+            &mut e,
+            "data_frames_forwarded",
+            "Binary DATA frames forwarded to the other member of their session",
+            load(&m.data_frames_forwarded),
+        )?;
+        counter(
+            &mut e,
+            "data_bytes_forwarded",
+            "Bytes of the DATA frames forwarded (headers included)",
+            load(&m.data_bytes_forwarded),
+        )?;
+        counter(
+            &mut e,
+            "data_frames_dropped",
+            "DATA frames dropped because the other member was not attached to take them (DATA is never kept)",
+            load(&m.data_frames_dropped),
         )?;
         counter(
             &mut e,

@@ -26,14 +26,66 @@ use std::task::Poll;
 
 use futures_util::task::AtomicWaker;
 use tokio::sync::Notify;
-use tokio_tungstenite::tungstenite::Utf8Bytes;
+use tokio_tungstenite::tungstenite::{Bytes, Message, Utf8Bytes};
 
 /// Identifies one accepted connection for the relay's lifetime.
 pub type ConnId = u64;
 
+/// One frame for a connection: a JSON text frame, or a binary `DATA` frame (protocol.md 2.2),
+/// written as a WebSocket text or binary message. Both share a reference-counted buffer, so
+/// a clone (a forward) copies no bytes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Frame {
+    Text(Utf8Bytes),
+    Binary(Bytes),
+}
+
+impl Frame {
+    pub fn len(&self) -> usize {
+        match self {
+            Frame::Text(text) => text.len(),
+            Frame::Binary(bytes) => bytes.len(),
+        }
+    }
+
+    pub fn into_message(self) -> Message {
+        match self {
+            Frame::Text(text) => Message::Text(text),
+            Frame::Binary(bytes) => Message::Binary(bytes),
+        }
+    }
+
+    /// The text of a text frame (tests read what the hub queued as JSON).
+    #[cfg(test)]
+    pub fn as_str(&self) -> &str {
+        match self {
+            Frame::Text(text) => text.as_str(),
+            Frame::Binary(_) => "<binary frame>",
+        }
+    }
+}
+
+impl From<Utf8Bytes> for Frame {
+    fn from(text: Utf8Bytes) -> Frame {
+        Frame::Text(text)
+    }
+}
+
+impl From<String> for Frame {
+    fn from(text: String) -> Frame {
+        Frame::Text(text.into())
+    }
+}
+
+impl From<&str> for Frame {
+    fn from(text: &str) -> Frame {
+        Frame::Text(text.into())
+    }
+}
+
 struct Shared {
     id: ConnId,
-    frames: Mutex<VecDeque<Utf8Bytes>>,
+    frames: Mutex<VecDeque<Frame>>,
     /// Bytes pushed and not yet handed to the socket (queued, or in the batch being written).
     queued_bytes: AtomicUsize,
     max_frames: usize,
@@ -51,7 +103,7 @@ struct Shared {
 impl Shared {
     /// The queue, even if a pusher panicked while holding it: a `VecDeque` push or swap leaves
     /// it consistent, and the relay must not cascade one panic into every peer.
-    fn frames(&self) -> MutexGuard<'_, VecDeque<Utf8Bytes>> {
+    fn frames(&self) -> MutexGuard<'_, VecDeque<Frame>> {
         self.frames
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
@@ -116,7 +168,7 @@ impl Outbox {
         self.0.kill();
     }
 
-    pub fn push(&self, frame: impl Into<Utf8Bytes>) -> Result<(), Overflow> {
+    pub fn push(&self, frame: impl Into<Frame>) -> Result<(), Overflow> {
         let shared = &*self.0;
         // A connection already being dropped takes nothing more: its peer must hear
         // `peer_offline`, not `DELIVERED` for a frame that will never be written.
@@ -221,7 +273,7 @@ impl OutboxReceiver {
     /// is swapped with the queue, so both keep their capacity and no frame is copied).
     /// Errs once the connection has been killed. The frames' bytes stay counted against the
     /// bound until [`written`](Self::written) is called for them.
-    pub async fn next_batch(&mut self, batch: &mut VecDeque<Utf8Bytes>) -> Result<(), Killed> {
+    pub async fn next_batch(&mut self, batch: &mut VecDeque<Frame>) -> Result<(), Killed> {
         let shared = &*self.shared;
         poll_fn(|cx| {
             if shared.killed.load(Ordering::Acquire) {
@@ -248,12 +300,12 @@ impl OutboxReceiver {
     /// client's own node this way.)
     pub async fn next_batch_up_to(
         &mut self,
-        batch: &mut VecDeque<Utf8Bytes>,
+        batch: &mut VecDeque<Frame>,
         max: usize,
     ) -> Result<(), Killed> {
         let shared = &*self.shared;
         let max = max.max(1);
-        let take = |batch: &mut VecDeque<Utf8Bytes>| {
+        let take = |batch: &mut VecDeque<Frame>| {
             let mut frames = shared.frames();
             let n = frames.len().min(max);
             batch.extend(frames.drain(..n));
@@ -280,7 +332,7 @@ impl OutboxReceiver {
 
     /// Takes one queued frame, if any (tests look at what the hub queued, frame by frame).
     #[cfg(test)]
-    pub fn try_recv(&mut self) -> Option<Utf8Bytes> {
+    pub fn try_recv(&mut self) -> Option<Frame> {
         let frame = self.shared.frames().pop_front()?;
         self.written(frame.len());
         Some(frame)
@@ -303,7 +355,7 @@ impl Drop for OutboxReceiver {
     }
 }
 
-fn take_all(shared: &Shared, batch: &mut VecDeque<Utf8Bytes>) -> bool {
+fn take_all(shared: &Shared, batch: &mut VecDeque<Frame>) -> bool {
     let mut frames = shared.frames();
     if frames.is_empty() {
         return false;

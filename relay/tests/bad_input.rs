@@ -525,3 +525,33 @@ async fn oversize_invite_data_and_bad_payloads_are_refused_with_context() {
     assert_eq!(e["data"]["msgID"], "m9", "the refused message is named");
     pair.exchange("fine").await;
 }
+
+#[tokio::test]
+async fn binary_messages_are_data_frames_or_json_text() {
+    let relay = TestRelay::start().await;
+    let mut pair = relay.pair().await;
+    let c = &mut pair.host;
+    // JSON text in a binary message is read as before.
+    c.ws_send_binary(br#"{"t":"PING"}"#.to_vec()).await;
+    c.expect("PONG").await;
+    // Starting with 0x01 it is a DATA frame; one too short to carry a body is refused, and
+    // the connection serves on.
+    let mut short = vec![0x01];
+    short.extend(hex::decode(&pair.sid).unwrap());
+    c.ws_send_binary(short).await;
+    c.expect_error("malformed_data").await;
+    c.ws_send_binary(vec![0x01]).await;
+    c.expect_error("malformed_data").await;
+    // A stranger's DATA for the session.
+    let mut stranger = relay.client().await;
+    let mut data = vec![0x01];
+    data.extend(hex::decode(&pair.sid).unwrap());
+    data.push(0);
+    stranger.ws_send_binary(data).await;
+    assert_eq!(
+        stranger.expect_error("not_member").await["sid"],
+        pair.sid.as_str()
+    );
+    pair.guest.expect_nothing_pending().await;
+    pair.exchange("after-data").await;
+}

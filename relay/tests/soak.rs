@@ -99,8 +99,10 @@ const RELAY_SENDS: [&str; 13] = [
 ];
 
 /// The error codes of protocol.md 2.4.
-const ERROR_CODES: [&str; 23] = [
+const ERROR_CODES: [&str; 24] = [
     "malformed_json",
+    // Random binary bytes that happen to start with 0x01 (a DATA frame's tag), too short.
+    "malformed_data",
     "unknown_type",
     "missing_field",
     "invalid_field",

@@ -779,3 +779,169 @@ fn redis_away_longer_than_a_heartbeat() {
         node.expect_log("starting afresh");
     }
 }
+
+/// A `DATA` frame (protocol.md 2.2): 0x01, the sid's 16 bytes, the body.
+fn data_frame(sid: &str, body: &[u8]) -> Vec<u8> {
+    let mut frame = vec![0x01];
+    frame.extend(hex::decode(sid).unwrap());
+    frame.extend_from_slice(body);
+    frame
+}
+
+/// The next text or binary message that is not a `PING`.
+async fn next_message(ws: &mut Ws) -> Message {
+    loop {
+        let message = tokio::time::timeout(STEP, ws.next())
+            .await
+            .expect("no message in time")
+            .expect("connection closed")
+            .unwrap();
+        match &message {
+            Message::Text(text) if text.as_str() == r#"{"t":"PING"}"# => {}
+            Message::Text(_) | Message::Binary(_) => return message,
+            _ => {}
+        }
+    }
+}
+
+/// The next binary message, skipping `PING`s; any other text frame is a failure.
+async fn next_binary(ws: &mut Ws) -> Vec<u8> {
+    loop {
+        let message = tokio::time::timeout(STEP, ws.next())
+            .await
+            .expect("no message in time")
+            .expect("connection closed")
+            .unwrap();
+        match message {
+            Message::Binary(bytes) => return bytes.to_vec(),
+            Message::Text(text) => {
+                let frame: Value = serde_json::from_str(&text).unwrap();
+                assert_eq!(frame["t"], "PING", "expected a DATA frame: {frame}");
+            }
+            _ => {}
+        }
+    }
+}
+
+/// Sends `frames` DATA frames of `size` bytes while `to` reads them: all arrive, in order.
+async fn data_flood(from: &mut Ws, to: &mut Ws, sid: &str, frames: usize, size: usize) {
+    let body = |i: usize| -> Vec<u8> {
+        let mut body = vec![(i % 251) as u8; size];
+        body[..8].copy_from_slice(&(i as u64).to_be_bytes());
+        data_frame(sid, &body)
+    };
+    let sending = async {
+        for i in 0..frames {
+            from.send(Message::binary(body(i))).await.unwrap();
+        }
+    };
+    let receiving = async {
+        for i in 0..frames {
+            let got = next_binary(to).await;
+            assert!(got == body(i), "DATA frame {i} differs or is out of order");
+        }
+    };
+    tokio::time::timeout(STEP, async { tokio::join!(sending, receiving) })
+        .await
+        .expect("the DATA frames did not all arrive in time");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn data_frames_cross_nodes_live_and_are_never_kept() {
+    // DATA takes the path a MSG takes between nodes (gate, home, gate), byte for byte and
+    // in order with MSGs, within the flow control; it is never kept for an absent member.
+    let nodes = Nodes::start(3, RedisServer::start(), &[]);
+    let mut host = connect(nodes.addr(0)).await;
+    send(&mut host, json!({"t": "CREATE_SESSION"})).await;
+    let created = next(&mut host).await;
+    let sid = created["sid"].as_str().unwrap().to_string();
+    let host_token = created["data"]["resumeToken"].clone();
+    send(&mut host, json!({"t": "INVITE_CREATE", "sid": sid})).await;
+    let code = next(&mut host).await["data"]["code"].clone();
+    let mut guest = connect(nodes.addr(1)).await;
+    send(&mut guest, json!({"t": "JOIN", "data": {"code": code}})).await;
+    let request = next(&mut host).await;
+    assert_eq!(next(&mut guest).await["t"], "JOINED");
+    send(
+        &mut host,
+        json!({"t": "JOIN_ACCEPT", "sid": sid, "data": {"clientID": request["data"]["clientID"]}}),
+    )
+    .await;
+    let joined = next(&mut guest).await;
+    let guest_token = joined["data"]["resumeToken"].clone();
+
+    // Home (node 0) to gate (node 1) and back, among MSGs, a full-size chunk included.
+    let big = data_frame(&sid, &[0xa5; 61_500]);
+    let small = data_frame(&sid, b"\x00|\xff");
+    for turn in ["h", "g"] {
+        let (from, to) = if turn == "h" {
+            (&mut host, &mut guest)
+        } else {
+            (&mut guest, &mut host)
+        };
+        let msg =
+            format!(r#"{{"t":"MSG","sid":"{sid}","data":{{"payload":"00","msgID":"{turn}"}}}}"#);
+        from.send(Message::binary(big.clone())).await.unwrap();
+        from.send(Message::text(msg.clone())).await.unwrap();
+        from.send(Message::binary(small.clone())).await.unwrap();
+        assert!(next_binary(to).await == big, "the chunk, first");
+        assert_eq!(next_message(to).await, Message::text(msg), "then the MSG");
+        assert!(next_binary(to).await == small, "then the small one");
+        assert_eq!(
+            next(from).await["t"],
+            "DELIVERED",
+            "and nothing else for the sender"
+        );
+    }
+
+    // The host moves to node 2: now both members are away from the session's home.
+    drop(host);
+    assert_eq!(next(&mut guest).await["t"], "PEER_OFFLINE");
+    let mut host = connect(nodes.addr(2)).await;
+    send(
+        &mut host,
+        json!({"t": "REATTACH", "sid": sid, "data": {"resumeToken": host_token}}),
+    )
+    .await;
+    assert_eq!(next(&mut host).await["t"], "PEER_ONLINE");
+    assert_eq!(next(&mut guest).await["t"], "PEER_ONLINE");
+    // A stream of chunks, far more than the nodes' windows hold, both ways.
+    data_flood(&mut host, &mut guest, &sid, 150, 61_500).await;
+    data_flood(&mut guest, &mut host, &sid, 150, 61_500).await;
+
+    // A stranger at a node the session does not live on is refused.
+    let mut stranger = connect(nodes.addr(1)).await;
+    stranger
+        .send(Message::binary(data_frame(&sid, b"x")))
+        .await
+        .unwrap();
+    let refused = next(&mut stranger).await;
+    assert_eq!(refused["data"]["code"], "not_member", "{refused}");
+
+    // The guest goes: DATA for it is dropped, a MSG is kept (in Redis too, alone).
+    drop(guest);
+    assert_eq!(next(&mut host).await["t"], "PEER_OFFLINE");
+    host.send(Message::binary(data_frame(&sid, b"lost")))
+        .await
+        .unwrap();
+    let kept = format!(r#"{{"t":"MSG","sid":"{sid}","data":{{"payload":"00","msgID":"kept"}}}}"#);
+    host.send(Message::text(kept.clone())).await.unwrap();
+    assert_eq!(next(&mut host).await["t"], "DELIVERED");
+    let held = nodes
+        .redis
+        .cli(&["LRANGE", &format!("parley:mbox:{sid}:guest"), "0", "-1"]);
+    assert_eq!(held.lines().count(), 1, "{held}");
+    assert!(held.contains("kept"), "{held}");
+    let mut guest = connect(nodes.addr(0)).await;
+    send(
+        &mut guest,
+        json!({"t": "REATTACH", "sid": sid, "data": {"resumeToken": guest_token}}),
+    )
+    .await;
+    assert_eq!(next(&mut guest).await["t"], "PEER_ONLINE");
+    // The kept MSG, and nothing binary before it.
+    assert_eq!(next_message(&mut guest).await, Message::text(kept));
+    assert_eq!(next(&mut host).await["t"], "PEER_ONLINE");
+    host.send(Message::binary(small.clone())).await.unwrap();
+    assert!(next_binary(&mut guest).await == small, "live again");
+}

@@ -214,7 +214,7 @@ pub const BODY_CHUNK: u8 = 0x01;
 pub const BODY_ACK: u8 = 0x02;
 
 /// Bytes of a DATA frame around the sealed chunk: the relay's header and the body's kind.
-pub const FRAME_OVERHEAD: usize = data::HEADER_BYTES + 1;
+pub const FRAME_OVERHEAD: usize = data::DATA_HEADER_BYTES + 1;
 
 /// What a DATA body from the peer holds (not yet authenticated).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -244,8 +244,7 @@ pub fn chunk_frame(
     data: &[u8],
 ) -> Result<Vec<u8>, ChunkError> {
     let mut out = Vec::with_capacity(FRAME_OVERHEAD + HEADER_BYTES + data.len() + TAG_BYTES);
-    out.push(data::DATA);
-    out.extend_from_slice(sid);
+    out.extend_from_slice(&data::data_header(*sid));
     out.push(BODY_CHUNK);
     seal_into(&mut out, keys, layout, pass, index, data)?;
     Ok(out)

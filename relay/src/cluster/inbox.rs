@@ -64,8 +64,8 @@ impl Cluster {
                 // The entry that made the inbox is empty: no message.
                 if !sealed.is_empty() {
                     match self.seal.open(self.me, &sealed) {
-                        Some(text) => {
-                            for msg in wire::unpack(&text) {
+                        Some(entry) => {
+                            for msg in wire::unpack(&entry) {
                                 match msg.and_then(NodeMsg::parse) {
                                     Some(msg) => self.receive(msg, &mut acks).await,
                                     None => tracing::warn!("skipped a damaged inbox message"),

@@ -21,15 +21,17 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 
 use parley_protocol::Envelope;
+use parley_protocol::data::data_sid;
 use tokio::sync::{Notify, mpsc};
-use tokio_tungstenite::tungstenite::Utf8Bytes;
+use tokio_tungstenite::tungstenite::Bytes;
 use tokio_util::sync::CancellationToken;
 
 use super::wire::{NodeId, NodeMsg};
 use super::writes::Write;
 use super::{Cluster, new_sessions};
 use crate::hub::{ConnState, Flow};
-use crate::outbox::{ConnId, Outbox, PEER_DRAIN_PATIENCE};
+use crate::ids::SessionId;
+use crate::outbox::{ConnId, Frame, Outbox, PEER_DRAIN_PATIENCE};
 
 /// Frames of one client a gate forwards that the home has not yet applied, at most.
 pub const FORWARD_WINDOW: usize = 64;
@@ -40,7 +42,7 @@ pub struct Proxy {
     stop: CancellationToken,
     pub(super) in_flight: Arc<InFlight>,
     /// The client's frames, to its task that applies them in order.
-    inbound: mpsc::Sender<Utf8Bytes>,
+    inbound: mpsc::Sender<Frame>,
 }
 
 /// The gate's side: a client's frames forwarded, and applied, since it connected. Counts
@@ -155,7 +157,7 @@ impl Cluster {
         gate: NodeId,
         conn: ConnId,
         ip: IpAddr,
-        frame: Utf8Bytes,
+        frame: Frame,
     ) {
         let queued = {
             let mut proxies = self.lock_proxies();
@@ -172,7 +174,11 @@ impl Cluster {
     }
 
     /// Applies one of a proxy's frames: what Redis must provide first, then the hub.
-    async fn apply_one(&self, state: &Mutex<ConnState>, frame: &Utf8Bytes) -> Flow {
+    async fn apply_one(
+        &self,
+        state: &Mutex<ConnState>,
+        frame: &tokio_tungstenite::tungstenite::Utf8Bytes,
+    ) -> Flow {
         if !self.holds_lease() {
             let env = Envelope::parse(frame.as_str()).ok();
             let sid = env.as_ref().and_then(|e| e.sid());
@@ -201,6 +207,17 @@ impl Cluster {
         }
         self.claim_homes(&new_seats).await;
         flow
+    }
+
+    /// Applies one of a proxy's `DATA` frames (nothing to ask Redis first).
+    fn apply_data(&self, state: &Mutex<ConnState>, frame: &Bytes) -> Flow {
+        let mut state = lock(state);
+        if !self.holds_lease() {
+            let sid = data_sid(frame).map(|sid| SessionId(sid).to_string());
+            state.send_error(sid.as_deref(), &super::store_unavailable(), None);
+            return Flow::default();
+        }
+        self.hub.handle_data(&mut state, frame)
     }
 
     /// A proxy: the hub's connection state for a remote client, and a task that sends what
@@ -279,7 +296,7 @@ impl Cluster {
         });
         // The applying task: in order; a congested peer here holds the client's next frames
         // (and the gate's window) until it drains.
-        let (inbound, mut frames) = mpsc::channel::<Utf8Bytes>(FORWARD_WINDOW.saturating_mul(2));
+        let (inbound, mut frames) = mpsc::channel::<Frame>(FORWARD_WINDOW.saturating_mul(2));
         let (cluster, apply_state, apply_stop) = (self.clone(), state.clone(), stop.clone());
         tokio::spawn(async move {
             let mut batch = Vec::with_capacity(FORWARD_WINDOW);
@@ -299,7 +316,10 @@ impl Cluster {
                     if !own.has_room_for(0) {
                         own.drained(PEER_DRAIN_PATIENCE).await;
                     }
-                    let flow = cluster.apply_one(&apply_state, &frame).await;
+                    let flow = match &frame {
+                        Frame::Text(text) => cluster.apply_one(&apply_state, text).await,
+                        Frame::Binary(data) => cluster.apply_data(&apply_state, data),
+                    };
                     if let Some(peer) = flow.wait_for {
                         peer.drained(PEER_DRAIN_PATIENCE).await;
                     }

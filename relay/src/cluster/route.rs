@@ -1,9 +1,10 @@
 //! The gate's side: where a client's frame is applied (here, or at its session's home), and
 //! sending it there.
 
+use parley_protocol::data::data_sid;
 use parley_protocol::payload::{MsgData, OpaqueData};
 use parley_protocol::{Envelope, FrameError, FrameType};
-use tokio_tungstenite::tungstenite::Utf8Bytes;
+use tokio_tungstenite::tungstenite::{Bytes, Utf8Bytes};
 
 use super::wire::{NodeId, NodeMsg};
 use super::{Cluster, MAX_ROUTES, new_sessions, store_unavailable};
@@ -11,6 +12,7 @@ use crate::cmd;
 use crate::hub::{ConnState, Flow};
 use crate::ids::{InviteCode, SessionId};
 use crate::limiter::SharedLimit;
+use crate::outbox::Frame;
 
 /// Where a frame is applied.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -78,7 +80,7 @@ impl Cluster {
             }
             Route::Home(node) => {
                 let sid = env.sid().and_then(SessionId::parse);
-                if let Err(e) = self.forward(conn, node, sid, frame) {
+                if let Err(e) = self.forward(conn, node, sid, Frame::Text(frame.clone())) {
                     self.refuse(conn, &env, &e);
                     return Flow::default();
                 }
@@ -111,16 +113,43 @@ impl Cluster {
                 let Some(sid) = env.sid().and_then(SessionId::parse) else {
                     return Ok(Route::Here);
                 };
-                self.route_session(conn, env, sid).await
+                self.route_session(conn, Some(env), sid).await
             }
             _ => Ok(Route::Here),
         }
     }
 
+    /// Applies one of a local client's `DATA` frames, here or at its session's home (as a
+    /// `MSG` is: the same route, the same flow control; never through a mailbox).
+    pub async fn dispatch_data(&self, conn: &mut ConnState, frame: Bytes) -> Flow {
+        let Some(sid) = data_sid(&frame).map(SessionId) else {
+            return self.hub.handle_data(conn, &frame); // which answers what is wrong with it
+        };
+        let refuse = |conn: &ConnState, e: &FrameError| {
+            conn.send_error(Some(&sid.to_string()), e, None);
+            Flow::default()
+        };
+        if !self.holds_lease() {
+            return refuse(conn, &store_unavailable());
+        }
+        match self.route_session(conn, None, sid).await {
+            Ok(Route::Here) => self.hub.handle_data(conn, &frame),
+            Ok(Route::Home(node)) => {
+                if let Err(e) = self.forward(conn, node, Some(sid), Frame::Binary(frame)) {
+                    return refuse(conn, &e);
+                }
+                self.forward_flow(conn.outbox.id())
+            }
+            Err(e) => refuse(conn, &e),
+        }
+    }
+
+    /// Where a frame for the session `sid` goes. `env` is the frame, if it is one that may
+    /// take a seat (a `DATA` frame takes none).
     async fn route_session(
         &self,
         conn: &ConnState,
-        env: &Envelope<'_>,
+        env: Option<&Envelope<'_>>,
         sid: SessionId,
     ) -> Result<Route, FrameError> {
         if self.hub.holds_session(sid) {
@@ -144,14 +173,15 @@ impl Cluster {
         // member of a session held elsewhere, and a `JOIN` at another home, which leaves a
         // route: a connection with neither is a member nowhere but here, and its frame is
         // refused here without asking Redis (a client naming random sessions costs nothing).
-        let takes_seat = matches!(env.kind, FrameType::Reattach | FrameType::Restore);
+        let takes_seat =
+            env.is_some_and(|env| matches!(env.kind, FrameType::Reattach | FrameType::Restore));
         if !takes_seat && !anything_remote {
             return Ok(Route::Here);
         }
         let home = self.home_of(sid).await.map_err(|_| store_unavailable())?;
         let home = match home {
             Some(home) => home,
-            None if cmd::reattach::could_recreate(&self.hub, env) => self
+            None if env.is_some_and(|env| cmd::reattach::could_recreate(&self.hub, env)) => self
                 .claim_home(sid)
                 .await
                 .map_err(|_| store_unavailable())?,
@@ -193,7 +223,7 @@ impl Cluster {
         conn: &ConnState,
         node: NodeId,
         sid: Option<SessionId>,
-        frame: &Utf8Bytes,
+        frame: Frame,
     ) -> Result<(), FrameError> {
         let id = conn.outbox.id();
         {
@@ -212,7 +242,7 @@ impl Cluster {
             gate: self.me,
             conn: id,
             ip: conn.ip,
-            frame: frame.clone(),
+            frame,
         };
         if self.send(node, &msg) {
             self.forwarded(id);

@@ -1,18 +1,20 @@
 //! What nodes of a cluster say to each other, through each node's inbox (a Redis stream).
 //!
 //! One field per entry, `m`: one or more messages, each as its length in bytes (decimal), `|`,
-//! then the message ([`pack`], [`unpack`]), the whole sealed with AES-256-GCM under a key
+//! then the message's bytes ([`pack`], [`unpack`]), the whole sealed with AES-256-GCM under a key
 //! derived from the relay secret ([`InboxSeal`]): a random 96-bit nonce, then the ciphertext
 //! and tag, with the destination node's id as associated data. Entries carry clients' frames,
 //! resume tokens among them: whoever reads Redis (or its append-only file) must not be able
 //! to read them, nor forge or redirect one. A writer puts everything it has for one node at
-//! once in one entry. A message has one of four forms (the frame, which may contain `|`,
-//! always comes last):
+//! once in one entry. A message has one of these forms (the frame, which may contain `|`,
+//! always comes last; the header fields are ASCII):
 //!
 //! - `f|GATE|CONN|IP|FRAME`: a client's frame, from its gate (the node it is connected to) to
-//!   the session's home (the node that holds the session);
+//!   the session's home (the node that holds the session); `F|…` the same with a binary
+//!   `DATA` frame (its raw bytes);
 //! - `c|GATE|CONN`: that client's connection closed at its gate;
-//! - `o|HOME|CONN|FRAME`: a frame for a client, from a home to the client's gate;
+//! - `o|HOME|CONN|FRAME`: a frame for a client, from a home to the client's gate; `O|…` the
+//!   same with a binary `DATA` frame;
 //! - `w|GATE|CONN|FRAMES|BYTES`: the gate has queued that many of the home's frames for the
 //!   client and its queue has room again: the home may send as many more (flow control);
 //! - `a|CONN|FRAMES`: the home has applied that many of the client's frames: the gate may
@@ -25,9 +27,9 @@
 use std::fmt;
 use std::net::IpAddr;
 
-use tokio_tungstenite::tungstenite::Utf8Bytes;
+use tokio_tungstenite::tungstenite::{Bytes, Utf8Bytes};
 
-use crate::outbox::ConnId;
+use crate::outbox::{ConnId, Frame};
 
 /// A relay process in a cluster: random, new at every start.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -59,7 +61,7 @@ pub enum NodeMsg {
         gate: NodeId,
         conn: ConnId,
         ip: IpAddr,
-        frame: Utf8Bytes,
+        frame: Frame,
     },
     Closed {
         gate: NodeId,
@@ -68,7 +70,7 @@ pub enum NodeMsg {
     Out {
         home: NodeId,
         conn: ConnId,
-        frame: Utf8Bytes,
+        frame: Frame,
     },
     Written {
         gate: NodeId,
@@ -85,37 +87,74 @@ pub enum NodeMsg {
     },
 }
 
+/// `head` (ASCII), then the frame's bytes.
+fn with_frame(head: &str, frame: &Frame) -> Vec<u8> {
+    let body: &[u8] = match frame {
+        Frame::Text(text) => text.as_bytes(),
+        Frame::Binary(bytes) => bytes,
+    };
+    let mut out = Vec::with_capacity(head.len().saturating_add(body.len()));
+    out.extend_from_slice(head.as_bytes());
+    out.extend_from_slice(body);
+    out
+}
+
+/// The frame of a message whose kind said text (`f`, `o`: must be UTF-8) or binary (`F`, `O`).
+fn frame_of(binary: bool, bytes: &[u8]) -> Option<Frame> {
+    let bytes = Bytes::copy_from_slice(bytes);
+    if binary {
+        Some(Frame::Binary(bytes))
+    } else {
+        Utf8Bytes::try_from(bytes).ok().map(Frame::Text)
+    }
+}
+
+/// One `|`-separated header field, as text.
+fn field(part: Option<&[u8]>) -> Option<&str> {
+    std::str::from_utf8(part?).ok()
+}
+
 impl NodeMsg {
-    pub fn encode(&self) -> String {
+    pub fn encode(&self) -> Vec<u8> {
+        let binary = |frame: &Frame| matches!(frame, Frame::Binary(_));
         match self {
             NodeMsg::Frame {
                 gate,
                 conn,
                 ip,
                 frame,
-            } => format!("f|{gate}|{conn}|{ip}|{}", frame.as_str()),
-            NodeMsg::Closed { gate, conn } => format!("c|{gate}|{conn}"),
-            NodeMsg::Out { home, conn, frame } => format!("o|{home}|{conn}|{}", frame.as_str()),
+            } => {
+                let kind = if binary(frame) { 'F' } else { 'f' };
+                with_frame(&format!("{kind}|{gate}|{conn}|{ip}|"), frame)
+            }
+            NodeMsg::Closed { gate, conn } => format!("c|{gate}|{conn}").into_bytes(),
+            NodeMsg::Out { home, conn, frame } => {
+                let kind = if binary(frame) { 'O' } else { 'o' };
+                with_frame(&format!("{kind}|{home}|{conn}|"), frame)
+            }
             NodeMsg::Written {
                 gate,
                 conn,
                 frames,
                 bytes,
-            } => format!("w|{gate}|{conn}|{frames}|{bytes}"),
-            NodeMsg::Applied { conn, frames } => format!("a|{conn}|{frames}"),
-            NodeMsg::Drop { conn } => format!("d|{conn}"),
+            } => format!("w|{gate}|{conn}|{frames}|{bytes}").into_bytes(),
+            NodeMsg::Applied { conn, frames } => format!("a|{conn}|{frames}").into_bytes(),
+            NodeMsg::Drop { conn } => format!("d|{conn}").into_bytes(),
         }
     }
 
-    pub fn parse(text: &str) -> Option<NodeMsg> {
-        let (kind, rest) = text.split_once('|')?;
+    pub fn parse(msg: &[u8]) -> Option<NodeMsg> {
+        let mut kind_rest = msg.splitn(2, |b| *b == b'|');
+        let kind = kind_rest.next()?;
+        let rest = kind_rest.next()?;
+        let fields = |n: usize| rest.splitn(n, |b| *b == b'|');
         match kind {
-            "f" => {
-                let mut parts = rest.splitn(4, '|');
-                let gate = NodeId::parse(parts.next()?)?;
-                let conn = parts.next()?.parse().ok()?;
-                let ip = parts.next()?.parse().ok()?;
-                let frame = Utf8Bytes::from(parts.next()?);
+            b"f" | b"F" => {
+                let mut parts = fields(4);
+                let gate = NodeId::parse(field(parts.next())?)?;
+                let conn = field(parts.next())?.parse().ok()?;
+                let ip = field(parts.next())?.parse().ok()?;
+                let frame = frame_of(kind == b"F", parts.next()?)?;
                 Some(NodeMsg::Frame {
                     gate,
                     conn,
@@ -123,40 +162,40 @@ impl NodeMsg {
                     frame,
                 })
             }
-            "c" => {
-                let (gate, conn) = rest.split_once('|')?;
+            b"c" => {
+                let mut parts = fields(2);
                 Some(NodeMsg::Closed {
-                    gate: NodeId::parse(gate)?,
-                    conn: conn.parse().ok()?,
+                    gate: NodeId::parse(field(parts.next())?)?,
+                    conn: field(parts.next())?.parse().ok()?,
                 })
             }
-            "o" => {
-                let mut parts = rest.splitn(3, '|');
+            b"o" | b"O" => {
+                let mut parts = fields(3);
                 Some(NodeMsg::Out {
-                    home: NodeId::parse(parts.next()?)?,
-                    conn: parts.next()?.parse().ok()?,
-                    frame: Utf8Bytes::from(parts.next()?),
+                    home: NodeId::parse(field(parts.next())?)?,
+                    conn: field(parts.next())?.parse().ok()?,
+                    frame: frame_of(kind == b"O", parts.next()?)?,
                 })
             }
-            "w" => {
-                let mut parts = rest.split('|');
+            b"w" => {
+                let mut parts = fields(5);
                 let msg = NodeMsg::Written {
-                    gate: NodeId::parse(parts.next()?)?,
-                    conn: parts.next()?.parse().ok()?,
-                    frames: parts.next()?.parse().ok()?,
-                    bytes: parts.next()?.parse().ok()?,
+                    gate: NodeId::parse(field(parts.next())?)?,
+                    conn: field(parts.next())?.parse().ok()?,
+                    frames: field(parts.next())?.parse().ok()?,
+                    bytes: field(parts.next())?.parse().ok()?,
                 };
                 parts.next().is_none().then_some(msg)
             }
-            "a" => {
-                let (conn, frames) = rest.split_once('|')?;
+            b"a" => {
+                let mut parts = fields(2);
                 Some(NodeMsg::Applied {
-                    conn: conn.parse().ok()?,
-                    frames: frames.parse().ok()?,
+                    conn: field(parts.next())?.parse().ok()?,
+                    frames: field(parts.next())?.parse().ok()?,
                 })
             }
-            "d" => Some(NodeMsg::Drop {
-                conn: rest.parse().ok()?,
+            b"d" => Some(NodeMsg::Drop {
+                conn: field(Some(rest))?.parse().ok()?,
             }),
             _ => None,
         }
@@ -174,16 +213,16 @@ impl InboxSeal {
         InboxSeal(aes_gcm::Aes256Gcm::new(key.into()))
     }
 
-    /// `nonce ‖ AES-256-GCM(text, aad = to)`.
-    pub fn seal(&self, to: NodeId, text: &str) -> Vec<u8> {
+    /// `nonce ‖ AES-256-GCM(entry, aad = to)`.
+    pub fn seal(&self, to: NodeId, entry: &[u8]) -> Vec<u8> {
         use aes_gcm::aead::{Aead, Payload};
         let nonce: [u8; NONCE_BYTES] = rand::random();
         let aad = to.to_string();
         let payload = Payload {
-            msg: text.as_bytes(),
+            msg: entry,
             aad: aad.as_bytes(),
         };
-        // Only fails beyond 64 GiB of text, far beyond any batch.
+        // Only fails beyond 64 GiB of entry, far beyond any batch.
         let sealed = self.0.encrypt(&nonce.into(), payload).unwrap_or_default();
         let mut out = Vec::with_capacity(NONCE_BYTES.saturating_add(sealed.len()));
         out.extend_from_slice(&nonce);
@@ -191,9 +230,9 @@ impl InboxSeal {
         out
     }
 
-    /// The text of an entry sealed for `to`; `None` if it was not (damaged, forged, or meant
-    /// for another node).
-    pub fn open(&self, to: NodeId, sealed: &[u8]) -> Option<String> {
+    /// An entry sealed for `to`; `None` if it was not (damaged, forged, or meant for another
+    /// node).
+    pub fn open(&self, to: NodeId, sealed: &[u8]) -> Option<Vec<u8>> {
         use aes_gcm::aead::{Aead, Payload};
         let nonce: [u8; NONCE_BYTES] = sealed.get(..NONCE_BYTES)?.try_into().ok()?;
         let aad = to.to_string();
@@ -201,27 +240,26 @@ impl InboxSeal {
             msg: sealed.get(NONCE_BYTES..)?,
             aad: aad.as_bytes(),
         };
-        let text = self.0.decrypt(&nonce.into(), payload).ok()?;
-        String::from_utf8(text).ok()
+        self.0.decrypt(&nonce.into(), payload).ok()
     }
 }
 
-/// Appends one message to an entry's text.
-pub fn pack(entry: &mut String, msg: &str) {
-    entry.push_str(&msg.len().to_string());
-    entry.push('|');
-    entry.push_str(msg);
+/// Appends one message to an entry.
+pub fn pack(entry: &mut Vec<u8>, msg: &[u8]) {
+    entry.extend_from_slice(msg.len().to_string().as_bytes());
+    entry.push(b'|');
+    entry.extend_from_slice(msg);
 }
 
-/// The messages of an entry's text, in order; `None` where the rest is damaged (it ends
-/// there).
-pub fn unpack(mut entry: &str) -> impl Iterator<Item = Option<&str>> {
+/// The messages of an entry, in order; `None` where the rest is damaged (it ends there).
+pub fn unpack(mut entry: &[u8]) -> impl Iterator<Item = Option<&[u8]>> {
     std::iter::from_fn(move || {
         if entry.is_empty() {
             return None;
         }
-        let next = entry.split_once('|').and_then(|(len, rest)| {
-            let len: usize = len.parse().ok()?;
+        let next = entry.iter().position(|b| *b == b'|').and_then(|bar| {
+            let len: usize = std::str::from_utf8(entry.get(..bar)?).ok()?.parse().ok()?;
+            let rest = entry.get(bar.checked_add(1)?..)?;
             Some((rest.get(..len)?, rest.get(len..)?))
         });
         match next {
@@ -230,7 +268,7 @@ pub fn unpack(mut entry: &str) -> impl Iterator<Item = Option<&str>> {
                 Some(Some(msg))
             }
             None => {
-                entry = "";
+                entry = &[];
                 Some(None)
             }
         }
@@ -245,13 +283,13 @@ mod tests {
     fn entries_are_sealed_for_their_node() {
         let seal = InboxSeal::new(&[7; 32]);
         let (to, other) = (NodeId::random(), NodeId::random());
-        let text = r#"37|f|0011223344556677|1|127.0.0.1|{"t":"REATTACH"}"#;
+        let text = br#"37|f|0011223344556677|1|127.0.0.1|{"t":"REATTACH"}"#;
         let sealed = seal.seal(to, text);
         assert!(
             !sealed.windows(8).any(|w| w == b"REATTACH"),
             "readable in Redis"
         );
-        assert_eq!(seal.open(to, &sealed).as_deref(), Some(text));
+        assert_eq!(seal.open(to, &sealed).as_deref(), Some(&text[..]));
         assert_eq!(
             seal.open(other, &sealed),
             None,
@@ -273,27 +311,37 @@ mod tests {
 
     #[test]
     fn entries_carry_messages_in_order() {
-        let msgs = ["o|1|{\"t\":\"X\",\"é\":\"|9|\"}", "d|2", ""];
-        let mut entry = String::new();
+        let msgs: [&[u8]; 4] = [
+            "o|1|{\"t\":\"X\",\"é\":\"|9|\"}".as_bytes(),
+            b"d|2",
+            b"",
+            b"O|1|\x01\xff|\x00",
+        ];
+        let mut entry = Vec::new();
         for m in msgs {
             pack(&mut entry, m);
         }
-        let back: Vec<Option<&str>> = unpack(&entry).collect();
+        let back: Vec<Option<&[u8]>> = unpack(&entry).collect();
         assert_eq!(back, msgs.map(Some));
         // Damage ends the entry: what came before it is kept.
-        let mut damaged = String::new();
-        pack(&mut damaged, "d|1");
-        damaged.push_str("99|short");
-        assert_eq!(unpack(&damaged).collect::<Vec<_>>(), [Some("d|1"), None]);
-        // A length that would split a character is damage, not a panic.
-        assert_eq!(unpack("1|é").collect::<Vec<_>>(), [None]);
-        assert_eq!(unpack("").count(), 0);
+        let mut damaged = Vec::new();
+        pack(&mut damaged, b"d|1");
+        damaged.extend_from_slice(b"99|short");
+        assert_eq!(
+            unpack(&damaged).collect::<Vec<_>>(),
+            [Some(&b"d|1"[..]), None]
+        );
+        assert_eq!(unpack(b"x|").collect::<Vec<_>>(), [None]);
+        assert_eq!(unpack(b"").count(), 0);
     }
 
     #[test]
     fn every_message_reads_back_as_written() {
         let gate = NodeId::random();
-        let frame = Utf8Bytes::from(r#"{"t":"MSG","sid":"a|b","data":{"x":"|||"}}"#);
+        let frame = Frame::Text(Utf8Bytes::from(
+            r#"{"t":"MSG","sid":"a|b","data":{"x":"|||"}}"#,
+        ));
+        let data = Frame::Binary(Bytes::from_static(b"\x01|\xff\x00|"));
         let all = [
             NodeMsg::Frame {
                 gate,
@@ -305,13 +353,24 @@ mod tests {
                 gate,
                 conn: u64::MAX,
                 ip: "127.0.0.1".parse().unwrap(),
-                frame: Utf8Bytes::from(""),
+                frame: Frame::Text(Utf8Bytes::from("")),
+            },
+            NodeMsg::Frame {
+                gate,
+                conn: 8,
+                ip: "127.0.0.1".parse().unwrap(),
+                frame: data.clone(),
             },
             NodeMsg::Closed { gate, conn: 9 },
             NodeMsg::Out {
                 home: gate,
                 conn: 3,
                 frame,
+            },
+            NodeMsg::Out {
+                home: gate,
+                conn: 3,
+                frame: data,
             },
             NodeMsg::Written {
                 gate,
@@ -346,8 +405,13 @@ mod tests {
             "d|",
             "d|18446744073709551616",
         ] {
-            assert_eq!(NodeMsg::parse(text), None, "{text:?}");
+            assert_eq!(NodeMsg::parse(text.as_bytes()), None, "{text:?}");
         }
+        assert_eq!(
+            NodeMsg::parse(b"o|0011223344556677|1|\xff"),
+            None,
+            "not UTF-8"
+        );
     }
 
     #[test]

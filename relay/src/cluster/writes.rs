@@ -28,7 +28,7 @@ use crate::outbox::Outbox;
 pub enum Write {
     Inbox {
         node: NodeId,
-        msg: String,
+        msg: Vec<u8>,
     },
     Append {
         sid: SessionId,
@@ -113,14 +113,14 @@ pub fn pipeline(
         .arg("PX")
         .arg(MARK_TTL_MS)
         .ignore();
-    let mut inboxes: Vec<(NodeId, String)> = Vec::new();
+    let mut inboxes: Vec<(NodeId, Vec<u8>)> = Vec::new();
     for write in batch {
         match write {
             Write::Inbox { node, msg } => {
                 let at = match inboxes.iter().position(|(n, _)| n == node) {
                     Some(at) => at,
                     None => {
-                        inboxes.push((*node, String::new()));
+                        inboxes.push((*node, Vec::new()));
                         inboxes.len().saturating_sub(1)
                     }
                 };

@@ -3,6 +3,7 @@
 //! says what to send.
 
 pub mod create_session;
+pub mod data;
 pub mod forward;
 pub mod invite_create;
 pub mod join;

@@ -19,7 +19,7 @@ use parley_protocol::payload::ErrorData;
 use parley_protocol::{Envelope, ErrorCode, FrameError, FrameType, encode};
 use serde_json::value::RawValue;
 use tokio::time::Instant;
-use tokio_tungstenite::tungstenite::Utf8Bytes;
+use tokio_tungstenite::tungstenite::{Bytes, Utf8Bytes};
 
 pub use session::Role;
 pub(crate) use session::{PendingJoin, Seat, Session, SessionState};
@@ -36,7 +36,7 @@ use crate::limiter::{
 };
 use crate::metrics::Metrics;
 use crate::outbox::ConnId;
-use crate::outbox::Outbox;
+use crate::outbox::{Frame, Outbox};
 
 /// Per-connection state, owned by the connection's task and passed to every call.
 pub struct ConnState {
@@ -57,7 +57,7 @@ impl ConnState {
 
     /// Queues a frame for this connection. On overflow the connection is already marked for
     /// dropping, so there is nobody left to tell.
-    pub(crate) fn send(&self, frame: impl Into<Utf8Bytes>) {
+    pub(crate) fn send(&self, frame: impl Into<Frame>) {
         let _ = self.outbox.push(frame);
     }
 
@@ -454,6 +454,13 @@ impl Hub {
         })
     }
 
+    /// Applies one binary `DATA` frame (a binary message whose first byte is 0x01) from a
+    /// connection: forwarded live to the other member, or dropped; never kept. A refused
+    /// frame gets an `ERROR` back.
+    pub fn handle_data(&self, conn: &mut ConnState, frame: &Bytes) -> Flow {
+        cmd::data::handle(self, conn, frame)
+    }
+
     /// Moves mailboxed frames to this connection's queue while it has room (half of it, so
     /// replies and pings always fit), for every seat it holds. Pending if any are left.
     pub fn hand_over(&self, conn: &ConnState) -> Flow {
@@ -596,6 +603,17 @@ impl Hub {
         decide: impl FnOnce(&Session, Role, SessionId) -> Result<C, FrameError>,
     ) -> Result<(SessionId, C::Output), FrameError> {
         let sid = SessionId::parse(env.require_sid()?).ok_or_else(not_member)?;
+        self.member_update_sid(conn, sid, decide)
+            .map(|output| (sid, output))
+    }
+
+    /// [`Self::member_update`] for the session `sid`.
+    pub(crate) fn member_update_sid<C: Change>(
+        &self,
+        conn: &mut ConnState,
+        sid: SessionId,
+        decide: impl FnOnce(&Session, Role, SessionId) -> Result<C, FrameError>,
+    ) -> Result<C::Output, FrameError> {
         let role = conn.role_in(sid).ok_or_else(not_member)?;
         let id = conn.outbox.id();
         let mut held = true;
@@ -607,7 +625,7 @@ impl Hub {
             decide(session, role, sid)
         });
         match result {
-            Some(Ok(output)) => Ok((sid, output)),
+            Some(Ok(output)) => Ok(output),
             Some(Err(e)) if held => Err(e),
             _ => {
                 conn.forget(sid);

@@ -19,7 +19,6 @@
 use dashmap::DashMap;
 use dashmap::mapref::entry::Entry;
 use tokio::time::Instant;
-use tokio_tungstenite::tungstenite::Utf8Bytes;
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -27,7 +26,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use super::session::{Invite, Session, SessionState};
 use crate::cluster::CodePool;
 use crate::ids::{InviteCode, SessionId};
-use crate::outbox::{ConnId, Outbox, Overflow};
+use crate::outbox::{ConnId, Frame, Outbox, Overflow};
 use parley_protocol::FrameError;
 
 /// What a handler has decided to do to a session, once every check has passed.
@@ -62,7 +61,7 @@ impl Connections {
 
     /// Queues a frame for a connection; `Err` if it is gone or being dropped as a slow
     /// consumer.
-    pub fn push(&self, id: ConnId, frame: impl Into<Utf8Bytes>) -> Result<(), Overflow> {
+    pub fn push(&self, id: ConnId, frame: impl Into<Frame>) -> Result<(), Overflow> {
         match self.0.get(&id) {
             Some(outbox) => outbox.push(frame),
             None => Err(Overflow),

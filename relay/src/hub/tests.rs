@@ -3,7 +3,7 @@
 use super::*;
 use crate::config::RateLimit;
 use crate::outbox::ConnId;
-use crate::outbox::OutboxReceiver;
+use crate::outbox::{Frame, OutboxReceiver};
 use parley_protocol::payload::OpaqueData;
 use proptest::prelude::*;
 use serde_json::Value;
@@ -45,19 +45,27 @@ fn pick(pool: &[String], i: usize) -> String {
 /// forwarded MSG/MSG_READ), and never carries an invite code's digits in a JOIN_REQUEST.
 fn drain_and_check(c: &mut Client, learned: &mut Learned) {
     while let Some(frame) = c.rx.try_recv() {
+        if let Frame::Binary(data) = &frame {
+            // Only a member's DATA frame, forwarded as it came.
+            assert!(
+                parley_protocol::data::data_sid(data).is_some(),
+                "relay sent a binary message that is not a DATA frame: {data:?}"
+            );
+            continue;
+        }
         let env = Envelope::parse(frame.as_str())
-            .unwrap_or_else(|e| panic!("relay sent garbage {frame}: {e}"));
+            .unwrap_or_else(|e| panic!("relay sent garbage {frame:?}: {e}"));
         assert!(
             !env.kind.is_client_sent()
                 || matches!(
                     env.kind,
                     FrameType::Msg | FrameType::MsgRead | FrameType::Ping | FrameType::Pong
                 ),
-            "relay sent a client-only frame: {frame}"
+            "relay sent a client-only frame: {frame:?}"
         );
         if env.kind == FrameType::JoinRequest {
             let data: OpaqueData = env.data().unwrap();
-            assert!(data.get("code").is_none(), "code forwarded: {frame}");
+            assert!(data.get("code").is_none(), "code forwarded: {frame:?}");
         }
         let value: Value = serde_json::from_str(frame.as_str()).unwrap();
         if let Some(sid) = value.get("sid").and_then(Value::as_str) {
@@ -144,9 +152,17 @@ proptest! {
                 }),
                 _ => serde_json::json!([pick_value]),
             };
-            let text = encode(kind, Some(&sid), Some(&data));
             let c = &mut clients[who];
-            let flow = hub.handle(&mut c.state, &Utf8Bytes::from(text));
+            // One frame in eight is binary: a DATA frame for the sid (short ones included).
+            let flow = if shape == 6 && SessionId::parse(&sid).is_some() {
+                let mut frame = vec![0x01];
+                frame.extend(hex::decode(&sid).unwrap());
+                frame.extend(std::iter::repeat_n(0xd0, pick_value % 3));
+                hub.handle_data(&mut c.state, &Bytes::from(frame))
+            } else {
+                let text = encode(kind, Some(&sid), Some(&data));
+                hub.handle(&mut c.state, &Utf8Bytes::from(text))
+            };
             if flow.hand_over_pending {
                 let _ = hub.hand_over(&c.state);
             }
@@ -294,4 +310,163 @@ fn an_accept_that_reaches_no_joiner_changes_nothing() {
         frames.iter().any(|f| f["t"] == "JOIN_REQUEST"),
         "{frames:?}"
     );
+}
+
+/// A `DATA` frame for `sid` (its hex) with `body`.
+fn data_frame(sid: &str, body: &[u8]) -> Bytes {
+    let mut frame = vec![0x01];
+    frame.extend(hex::decode(sid).unwrap());
+    frame.extend_from_slice(body);
+    Bytes::from(frame)
+}
+
+impl Client {
+    /// Everything queued, as queued.
+    fn take_frames(&mut self) -> Vec<Frame> {
+        std::iter::from_fn(|| self.rx.try_recv()).collect()
+    }
+
+    fn send_data(&mut self, hub: &Hub, frame: &Bytes) -> Flow {
+        hub.handle_data(&mut self.state, frame)
+    }
+}
+
+fn json(frame: &Frame) -> Value {
+    serde_json::from_str(frame.as_str()).unwrap()
+}
+
+#[test]
+fn data_reaches_the_attached_peer_as_sent_in_order_with_msgs() {
+    let hub = Hub::new(RelayConfig::default());
+    let (mut host, mut guest, sid, _) = paired(&hub);
+    let chunk = data_frame(&sid, &[7; 61_500]);
+    let ack = data_frame(&sid, b"\x00ack");
+    let msg = serde_json::json!({"t": "MSG", "sid": sid, "data": {"payload": "00", "msgID": "m"}});
+    let _ = host.send_data(&hub, &chunk);
+    let _ = host.send(&hub, msg.clone());
+    let _ = guest.send_data(&hub, &ack);
+
+    let got = guest.take_frames();
+    assert_eq!(got.len(), 2, "{got:?}");
+    assert_eq!(got[0], Frame::Binary(chunk.clone()));
+    assert_eq!(json(&got[1]), msg);
+    // The same buffer, not a copy.
+    match &got[0] {
+        Frame::Binary(bytes) => assert_eq!(bytes.as_ptr(), chunk.as_ptr()),
+        Frame::Text(_) => unreachable!(),
+    }
+    // DATA gets no answer: the host has its DELIVERED, then the guest's DATA.
+    let host_got = host.take_frames();
+    assert_eq!(host_got.len(), 2, "{host_got:?}");
+    assert_eq!(json(&host_got[0])["t"], "DELIVERED");
+    assert_eq!(host_got[1], Frame::Binary(ack.clone()));
+
+    let m = hub.metrics();
+    assert_eq!(
+        m.data_forwarded_for_tests(),
+        (2, (chunk.len() + ack.len()) as u64, 0)
+    );
+}
+
+#[test]
+fn data_for_an_absent_peer_is_dropped_and_counted_never_kept() {
+    let hub = Hub::new(RelayConfig::default());
+    let (mut host, guest, sid, token) = paired(&hub);
+    hub.disconnect(&guest.state);
+    drop(guest);
+    host.take_frames();
+    let _ = host.send_data(&hub, &data_frame(&sid, b"lost"));
+    assert!(host.take_frames().is_empty(), "no answer, no error");
+    assert_eq!(hub.stats().mailbox_bytes, 0, "nothing kept");
+    assert_eq!(hub.metrics().data_forwarded_for_tests(), (0, 0, 1));
+
+    // A MSG is kept as ever; the guest, back, gets it and no DATA.
+    let msg = serde_json::json!({"t": "MSG", "sid": sid, "data": {"payload": "00", "msgID": "m"}});
+    let _ = host.send(&hub, msg.clone());
+    let mut back = client(&hub, 3);
+    let _ = back.send(
+        &hub,
+        serde_json::json!({"t": "REATTACH", "sid": sid, "data": {"resumeToken": token}}),
+    );
+    let got = back.take_frames();
+    assert_eq!(got.len(), 2, "{got:?}");
+    assert_eq!(json(&got[0])["t"], "PEER_ONLINE");
+    assert_eq!(json(&got[1]), msg);
+}
+
+#[test]
+fn data_is_dropped_while_a_mailbox_is_still_handed_over() {
+    // Queued now, DATA would overtake the MSGs that waited: it is dropped instead.
+    let hub = Hub::new(RelayConfig::default());
+    let (mut host, guest, sid, token) = paired(&hub);
+    hub.disconnect(&guest.state);
+    drop(guest);
+    for i in 0..10 {
+        let _ = host.send(
+            &hub,
+            serde_json::json!({"t": "MSG", "sid": sid, "data": {"payload": "00", "msgID": i}}),
+        );
+    }
+    let (outbox, rx) = Outbox::new(3, 8, 1 << 20);
+    let mut back = Client {
+        state: hub.attach(outbox, IpAddr::from([127, 0, 0, 1])),
+        rx,
+    };
+    let flow = back.send(
+        &hub,
+        serde_json::json!({"t": "REATTACH", "sid": sid, "data": {"resumeToken": token}}),
+    );
+    assert!(flow.hand_over_pending);
+    let _ = host.send_data(&hub, &data_frame(&sid, b"early"));
+    let mut got = back.take_frames();
+    for _ in 0..10 {
+        let _ = hub.hand_over(&back.state);
+        got.extend(back.take_frames());
+    }
+    assert!(got.iter().all(|f| matches!(f, Frame::Text(_))), "{got:?}");
+    assert_eq!(got.len(), 11, "PEER_ONLINE and the ten MSGs");
+    assert_eq!(hub.metrics().data_forwarded_for_tests(), (0, 0, 1));
+    // Handed over: live again.
+    let late = data_frame(&sid, b"late");
+    let _ = host.send_data(&hub, &late);
+    assert_eq!(back.take_frames(), [Frame::Binary(late)]);
+}
+
+#[test]
+fn data_from_a_non_member_is_refused() {
+    let hub = Hub::new(RelayConfig::default());
+    let (_host, mut guest, sid, _) = paired(&hub);
+    let mut stranger = client(&hub, 9);
+    let unknown = format!("{:032x}", 1);
+    for sid in [&sid, &unknown] {
+        let _ = stranger.send_data(&hub, &data_frame(sid, b"x"));
+        let got = stranger.take_frames();
+        assert_eq!(got.len(), 1, "{got:?}");
+        let error = json(&got[0]);
+        assert_eq!(error["t"], "ERROR");
+        assert_eq!(error["sid"], sid.as_str());
+        assert_eq!(error["data"]["code"], "not_member");
+        assert!(error["data"].get("msgID").is_none(), "{error}");
+    }
+    assert!(guest.take_frames().is_empty());
+    assert_eq!(hub.metrics().data_forwarded_for_tests(), (0, 0, 0));
+}
+
+#[test]
+fn a_data_frame_too_short_is_refused_and_the_connection_serves_on() {
+    let hub = Hub::new(RelayConfig::default());
+    let (mut host, mut guest, sid, _) = paired(&hub);
+    let empty = data_frame(&sid, b"");
+    for short in [&empty[..], &empty[..5], &[0x01][..]] {
+        let _ = host.send_data(&hub, &Bytes::copy_from_slice(short));
+        let got = host.take_frames();
+        assert_eq!(got.len(), 1, "{got:?}");
+        let error = json(&got[0]);
+        assert_eq!(error["data"]["code"], "malformed_data", "{error}");
+        assert!(error.get("sid").is_none(), "{error}");
+    }
+    assert!(guest.take_frames().is_empty());
+    let one = data_frame(&sid, b"1");
+    let _ = host.send_data(&hub, &one);
+    assert_eq!(guest.take_frames(), [Frame::Binary(one)]);
 }
