@@ -554,6 +554,11 @@ impl Transfers {
         else {
             return;
         };
+        // A file that failed (or is not accepted yet) gets no `.part` again: chunks still in
+        // flight after the failure must not re-create what was removed.
+        if i.receiver.status() != ReceiveStatus::Receiving {
+            return;
+        }
         match self.fs.part(&i.dir, &i.part) {
             Ok(file) => i.receiver.handle_chunk(sealed, file),
             // Could not even open it: as a failed write.
