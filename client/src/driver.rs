@@ -737,42 +737,67 @@ async fn chat(
         }
         let wake = conversation.poll_timeout();
         tokio::select! {
-            // What has arrived is looked at before a timer fires (a liveness check must not
-            // count as silence a frame that is already waiting), and before new input.
+            // A sync's end first (rare, and what a sender's window may wait for). Then what
+            // has arrived, before a timer fires (a liveness check must not count as silence a
+            // frame that is already waiting), and before new input.
             biased;
-            arrived = next_arrival(&mut link) => match arrived {
-                Ok(Arrived::Text(text)) => conversation.handle_frame(now(), &text),
-                Ok(Arrived::Data(bytes)) => conversation.handle_data(now(), &bytes),
-                Ok(Arrived::Other) => conversation.handle_traffic(now()),
-                Err(e) => {
-                    link = None;
-                    conversation.handle_disconnected(now(), e);
-                }
-            },
             Some(done) = synced.recv() => conversation.handle_synced(now(), done),
+            arrived = next_arrival(&mut link) => {
+                match arrived {
+                    Ok(Arrived::Text(text)) => conversation.handle_frame(now(), &text),
+                    Ok(Arrived::Data(bytes)) => conversation.handle_data(now(), &bytes),
+                    Ok(Arrived::Other) => conversation.handle_traffic(now()),
+                    Err(e) => {
+                        link = None;
+                        conversation.handle_disconnected(now(), e);
+                    }
+                }
+                // A steady stream of frames (a file arriving) keeps this branch ready: timers
+                // that are due, and lines typed meanwhile, are taken here too, so that they
+                // never wait for the stream to pause.
+                if wake.is_some_and(|at| at <= now()) {
+                    conversation.handle_timeout(now());
+                }
+                prompt_due |= take_waiting_lines(&mut conversation, &mut input, interactive, output);
+            }
             () = sleep_until(wake) => conversation.handle_timeout(now()),
             line = next_line(&mut input), if reading => match line {
                 Some(line) => {
                     prompt_due = true;
                     take_line(&mut conversation, line, interactive, output);
-                    // Lines already waiting go in the same batch (one save), as many as the
-                    // outbox has room for.
-                    while conversation.wants_input()
-                        && let Some(waiting) = &mut input
-                    {
-                        match waiting.try_recv() {
-                            Ok(line) => take_line(&mut conversation, line, interactive, output),
-                            Err(mpsc::error::TryRecvError::Disconnected) => {
-                                conversation.handle_input_closed(now());
-                            }
-                            Err(mpsc::error::TryRecvError::Empty) => break,
-                        }
-                    }
+                    take_waiting_lines(&mut conversation, &mut input, interactive, output);
                 }
                 None => conversation.handle_input_closed(now()),
             },
         }
     }
+}
+
+/// Lines already typed go in the same batch (one save), as many as the outbox has room for.
+/// Whether any was taken.
+fn take_waiting_lines(
+    conversation: &mut Conversation,
+    input: &mut Option<mpsc::Receiver<String>>,
+    interactive: bool,
+    output: &mut Output,
+) -> bool {
+    let mut taken = false;
+    while conversation.wants_input()
+        && let Some(waiting) = input
+    {
+        match waiting.try_recv() {
+            Ok(line) => {
+                taken = true;
+                take_line(conversation, line, interactive, output);
+            }
+            Err(mpsc::error::TryRecvError::Disconnected) => {
+                conversation.handle_input_closed(now());
+                break;
+            }
+            Err(mpsc::error::TryRecvError::Empty) => break,
+        }
+    }
+    taken
 }
 
 /// Carries out what the conversation decided, in its order: frames, events, saves, dialing.
