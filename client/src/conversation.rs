@@ -2226,6 +2226,9 @@ mod file_tests {
             self.0.truncate(len as usize);
             Ok(())
         }
+        fn durable_mark(&mut self) -> Option<u64> {
+            None
+        }
     }
 
     /// Where each file was placed, with its bytes.
@@ -2258,7 +2261,7 @@ mod file_tests {
         fn exists(&self, path: &Path) -> bool {
             self.files.contains_key(path)
         }
-        fn sync_job(&mut self, _: &Path) -> io::Result<crate::transfers::SyncFn> {
+        fn sync_job(&mut self, _: &Path, _: u64) -> io::Result<crate::transfers::SyncFn> {
             Ok(Box::new(|| Ok(())))
         }
         fn place(&mut self, _: &Path, part: &Path, target: &Path) -> io::Result<()> {

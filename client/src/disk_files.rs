@@ -12,19 +12,49 @@ use std::path::{Component, Path, PathBuf};
 use crate::files::receive::PartFile;
 use crate::transfers::{FileSystem, SyncFn};
 
-/// A `.part` on disk.
-struct DiskPart(File);
+/// A `.part` on disk, and beside it its durable mark: the file `<part>.mark`, eight bytes,
+/// the durable position in chunks (big-endian), rewritten and synced after each sync of the
+/// `.part` (protocol.md 3.10, "Receiving chunks").
+struct DiskPart {
+    file: File,
+    mark: File,
+}
 
 impl PartFile for DiskPart {
     fn write_at(&mut self, offset: u64, data: &[u8]) -> io::Result<()> {
-        self.0.write_all_at(data, offset)
+        self.file.write_all_at(data, offset)
     }
     fn read_at(&mut self, offset: u64, buf: &mut [u8]) -> io::Result<()> {
-        self.0.read_exact_at(buf, offset)
+        self.file.read_exact_at(buf, offset)
     }
     fn truncate(&mut self, len: u64) -> io::Result<()> {
-        self.0.set_len(len)
+        self.file.set_len(len)
     }
+    fn durable_mark(&mut self) -> Option<u64> {
+        // Anything but eight bytes (none yet, or damaged) is no mark: the record's position
+        // is used, which is never ahead of what is durable.
+        let mut bytes = [0u8; 8];
+        self.mark.read_exact_at(&mut bytes, 0).ok()?;
+        Some(u64::from_be_bytes(bytes))
+    }
+}
+
+/// Where a `.part`'s durable mark is kept.
+fn mark_path(part: &Path) -> PathBuf {
+    let mut name = part.as_os_str().to_os_string();
+    name.push(".mark");
+    PathBuf::from(name)
+}
+
+/// Opens (creating) a file below a checked folder, never through a link.
+fn open_private(path: &Path) -> io::Result<File> {
+    OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .mode(0o600)
+        .custom_flags(libc::O_NOFOLLOW)
+        .open(path)
 }
 
 /// Open files are kept (one source, the `.part`s) so that a chunk costs no `open`.
@@ -51,42 +81,40 @@ impl FileSystem for DiskFiles {
             Entry::Occupied(open) => Ok(open.into_mut()),
             Entry::Vacant(slot) => {
                 folders_within(base, path)?;
-                let mut options = OpenOptions::new();
-                options
-                    .read(true)
-                    .write(true)
-                    .create(true)
-                    .mode(0o600)
-                    .custom_flags(libc::O_NOFOLLOW);
-                Ok(slot.insert(DiskPart(options.open(path)?)))
+                let file = open_private(path)?;
+                let mark = open_private(&mark_path(path))?;
+                Ok(slot.insert(DiskPart { file, mark }))
             }
         }
     }
 
     fn remove_part(&mut self, path: &Path) -> io::Result<()> {
         self.parts.remove(path);
-        match std::fs::remove_file(path) {
-            Err(e) if e.kind() != io::ErrorKind::NotFound => Err(e),
-            _ => Ok(()),
-        }
+        remove_if_there(&mark_path(path))?;
+        remove_if_there(path)
     }
 
     fn exists(&self, path: &Path) -> bool {
         std::fs::symlink_metadata(path).is_ok()
     }
 
-    fn sync_job(&mut self, path: &Path) -> io::Result<SyncFn> {
-        // A second handle on the open file: syncing it syncs the file, while this one goes
-        // on writing. (Chunks were written through it, so it is open.)
-        let DiskPart(file) = self.parts.get(path).ok_or(io::ErrorKind::NotFound)?;
-        let file = file.try_clone()?;
-        Ok(Box::new(move || file.sync_data()))
+    fn sync_job(&mut self, path: &Path, upto: u64) -> io::Result<SyncFn> {
+        // Second handles on the open files: syncing them syncs the files, while the first
+        // go on writing. (Chunks were written through it, so it is open.)
+        let part = self.parts.get(path).ok_or(io::ErrorKind::NotFound)?;
+        let (file, mark) = (part.file.try_clone()?, part.mark.try_clone()?);
+        Ok(Box::new(move || {
+            file.sync_data()?;
+            mark.write_all_at(&upto.to_be_bytes(), 0)?;
+            mark.sync_data()
+        }))
     }
 
     fn place(&mut self, base: &Path, part: &Path, target: &Path) -> io::Result<()> {
         self.parts.remove(part);
         folders_within(base, target)?;
         // A hard link fails if the name exists: nothing is ever replaced.
+        remove_if_there(&mark_path(part))?;
         match std::fs::hard_link(part, target) {
             Ok(()) => std::fs::remove_file(part),
             Err(e) if e.kind() == io::ErrorKind::AlreadyExists => Err(e),
@@ -101,6 +129,13 @@ impl FileSystem for DiskFiles {
                 std::fs::rename(part, target)
             }
         }
+    }
+}
+
+fn remove_if_there(path: &Path) -> io::Result<()> {
+    match std::fs::remove_file(path) {
+        Err(e) if e.kind() != io::ErrorKind::NotFound => Err(e),
+        _ => Ok(()),
     }
 }
 
@@ -161,11 +196,20 @@ mod tests {
         std::os::unix::fs::symlink(outside.join("victim"), base.join("y.part")).unwrap();
         assert!(fs.part(&base, &base.join("y.part")).is_err());
         assert_eq!(std::fs::read_dir(&outside).unwrap().count(), 0);
-        // A real folder is fine, and the file is placed without replacing anything.
+        // A real folder is fine, and the file is placed without replacing anything; its
+        // durable mark goes with it.
         let part = base.join("real/z.part");
         fs.part(&base, &part).unwrap().write_at(0, b"data").unwrap();
+        fs.sync_job(&part, 1).unwrap()().unwrap();
+        assert_eq!(fs.part(&base, &part).unwrap().durable_mark(), Some(1));
         fs.place(&base, &part, &base.join("real/z")).unwrap();
         assert_eq!(std::fs::read(base.join("real/z")).unwrap(), b"data");
+        let mut left: Vec<_> = std::fs::read_dir(base.join("real"))
+            .unwrap()
+            .map(|e| e.unwrap().file_name())
+            .collect();
+        left.sort();
+        assert_eq!(left, ["z"]);
         let again = base.join("real/w.part");
         fs.part(&base, &again).unwrap();
         let taken = fs.place(&base, &again, &base.join("real/z")).unwrap_err();

@@ -48,8 +48,9 @@ pub trait FileSystem {
     /// is at `target`.
     fn place(&mut self, base: &Path, part: &Path, target: &Path) -> io::Result<()>;
     /// A job that makes the `.part` at `path` durable (`fdatasync`) as it stands when the job
-    /// runs: the driver runs it off the event loop, while writing goes on.
-    fn sync_job(&mut self, path: &Path) -> io::Result<SyncFn>;
+    /// runs, then records `upto` durably as its durable mark: the driver runs it off the event
+    /// loop, while writing goes on.
+    fn sync_job(&mut self, path: &Path, upto: u64) -> io::Result<SyncFn>;
 }
 
 /// Makes a `.part` durable; may block for a while.
@@ -658,7 +659,7 @@ impl Transfers {
             ReceiveOutput::Save(_) => self.steps.push_back(FileStep::Save),
             ReceiveOutput::Message(plain) => self.steps.push_back(FileStep::Message(plain)),
             ReceiveOutput::Transmit(frame) => self.steps.push_back(FileStep::Transmit(frame)),
-            ReceiveOutput::Sync { upto } => match self.fs.sync_job(&i.part) {
+            ReceiveOutput::Sync { upto } => match self.fs.sync_job(&i.part, upto) {
                 Ok(run) => self.steps.push_back(FileStep::Sync(SyncJob {
                     id: *i.receiver.id(),
                     upto,
@@ -906,6 +907,9 @@ impl PartFile for NoPart {
     fn truncate(&mut self, _: u64) -> io::Result<()> {
         Err(io::ErrorKind::Unsupported.into())
     }
+    fn durable_mark(&mut self) -> Option<u64> {
+        None
+    }
 }
 
 fn due(last: &mut Option<Instant>, now: Instant) -> bool {
@@ -945,7 +949,7 @@ mod tests {
         fn exists(&self, _: &Path) -> bool {
             false
         }
-        fn sync_job(&mut self, _: &Path) -> io::Result<SyncFn> {
+        fn sync_job(&mut self, _: &Path, _: u64) -> io::Result<SyncFn> {
             Err(io::ErrorKind::PermissionDenied.into())
         }
         fn place(&mut self, _: &Path, _: &Path, _: &Path) -> io::Result<()> {
@@ -1024,7 +1028,7 @@ mod tests {
             self.count();
             Err(io::ErrorKind::PermissionDenied.into())
         }
-        fn sync_job(&mut self, _: &Path) -> io::Result<SyncFn> {
+        fn sync_job(&mut self, _: &Path, _: u64) -> io::Result<SyncFn> {
             self.count();
             Err(io::ErrorKind::PermissionDenied.into())
         }

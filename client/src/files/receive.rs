@@ -36,6 +36,9 @@ pub trait PartFile {
     fn read_at(&mut self, offset: u64, buf: &mut [u8]) -> io::Result<()>;
     /// Cuts the file to `len` (what was written but not made durable before a restart).
     fn truncate(&mut self, len: u64) -> io::Result<()>;
+    /// The durable position (in chunks) the last sync recorded beside the `.part`, if any
+    /// (see [`ReceiveOutput::Sync`]).
+    fn durable_mark(&mut self) -> Option<u64>;
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -85,9 +88,11 @@ pub enum ReceiveOutput {
     Message(Plain),
     /// Send this DATA frame as it is (an acknowledgement, outside the ratchet).
     Transmit(Vec<u8>),
-    /// Make the `.part` durable (`fdatasync`) as it stands, then call
-    /// [`Receiver::handle_synced`] with `upto` (or [`Receiver::handle_sync_failed`]). Chunks
-    /// go on being written meanwhile: the sync may be slow, and only `upto` is claimed.
+    /// Make the `.part` durable (`fdatasync`) as it stands, then record `upto` durably as
+    /// its durable mark ([`PartFile::durable_mark`]), then call [`Receiver::handle_synced`]
+    /// with `upto` (or [`Receiver::handle_sync_failed`]). Chunks go on being written
+    /// meanwhile: the sync may be slow, and only `upto` is claimed. (The mark, not a save of
+    /// the whole state, is what a restart goes on from: the event loop never waits for it.)
     Sync {
         upto: u64,
     },
@@ -182,14 +187,19 @@ impl Receiver {
         part: &mut dyn PartFile,
     ) -> Result<Receiver, FailCode> {
         let checked = record.offer.clone().check(u64::MAX)?;
-        let durable = record.durable.min(chunk_count_of(&record.offer));
+        // The mark is at least as recent as the record: each sync writes it, and the record
+        // is saved only now and then.
+        let mark = part.durable_mark().unwrap_or(0);
+        let durable = record.durable.max(mark).min(chunk_count_of(&record.offer));
         let mut receiver = Receiver::new(checked, sid, record.status, record.pass, durable);
         match receiver.status {
-            ReceiveStatus::Receiving => {
-                if let Err(code) = receiver.rehash(part) {
-                    receiver.fail(code);
-                }
-            }
+            ReceiveStatus::Receiving => match receiver.rehash(part) {
+                // Every chunk was durable (the mark says so) but the check had not been
+                // recorded: it is made now.
+                Ok(()) if receiver.durable >= receiver.layout.chunks() => receiver.verify(),
+                Ok(()) => {}
+                Err(code) => receiver.fail(code),
+            },
             // Verified but perhaps not yet in place: the caller places it again (if its
             // `.part` is gone, the move had happened: it calls `handle_placed` at once).
             ReceiveStatus::Verified => receiver.outputs.push_back(ReceiveOutput::Place {
@@ -373,7 +383,7 @@ impl Receiver {
         if self.durable >= self.layout.chunks() {
             return self.verify();
         }
-        self.outputs.push_back(ReceiveOutput::Save(self.record()));
+        // (Recorded by the sync's mark; the state file's record catches up at its next save.)
         self.acknowledge();
         if self.written >= self.layout.chunks()
             || self.written.saturating_sub(self.durable) >= SYNC_EVERY_CHUNKS
