@@ -96,8 +96,10 @@ impl Dialer {
             .max_frame_size(Some(MAX_FRAME_BYTES));
         let tls = if is_wss(url) { Some(self.tls()?) } else { None };
         let connector = tls.map(|tls| Connector::Rustls(Arc::clone(&tls.config)));
+        // Nagle off (TCP_NODELAY): small frames (a receipt, a file's acknowledgement) must
+        // not wait for the previous segment's ACK, which a delayed ACK can hold for 40 ms.
         let connecting =
-            tokio_tungstenite::connect_async_tls_with_config(url, Some(config), false, connector);
+            tokio_tungstenite::connect_async_tls_with_config(url, Some(config), true, connector);
         match tokio::time::timeout(CONNECT_TIMEOUT, connecting).await {
             Ok(Ok((ws, _))) => Ok(ws),
             Ok(Err(e)) => Err(self.classify(url, e)),
