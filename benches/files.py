@@ -13,8 +13,9 @@ wormhole: magic-wormhole 0.24 with a local mailbox server and a local transit re
           goes through the transit relay as Parley's goes through its relay. Timed from
           starting the sender until both have exited.
 
-For every process: CPU seconds (user + system, from wait4) and peak RSS. Files are written
-to a temporary directory on the same disk for both.
+For every process: CPU seconds (user + system, from wait4) and peak RSS (VmHWM, read from
+/proc every 20 ms until it exits). Files are written to a temporary directory on the same
+disk for both.
 
 usage: python3 benches/files.py [--mib 1024] [--reps 3] [parley] [wormhole]
 needs: target/release/{parley,parley-relay};
@@ -31,14 +32,45 @@ def free_port():
         return s.getsockname()[1]
 
 
+class PeakRss:
+    """The peak resident set of a process, read from /proc (VmHWM) until it exits. (wait4's
+    ru_maxrss is no good here: it counts the forked Python before exec.)"""
+
+    def __init__(self, pid):
+        self.pid, self.kib = pid, 0
+        self.thread = threading.Thread(target=self.watch, daemon=True)
+        self.thread.start()
+
+    def watch(self):
+        while True:
+            try:
+                with open(f"/proc/{self.pid}/status") as f:
+                    for line in f:
+                        if line.startswith("VmHWM:"):
+                            self.kib = max(self.kib, int(line.split()[1]))
+            except OSError:
+                return
+            time.sleep(0.02)
+
+
+PEAKS = {}
+
+
+def watch(proc):
+    PEAKS[proc.pid] = PeakRss(proc.pid)
+    return proc
+
+
 def reap(proc, timeout):
     """Waits for `proc` (with a deadline) and returns (status, cpu seconds, peak RSS in MiB)."""
     deadline = time.monotonic() + timeout
     while True:
+        peak = PEAKS.get(proc.pid)
+        kib = peak.kib if peak else 0
         pid, status, usage = os.wait4(proc.pid, os.WNOHANG)
         if pid == proc.pid:
             proc.returncode = os.waitstatus_to_exitcode(status)
-            return proc.returncode, usage.ru_utime + usage.ru_stime, usage.ru_maxrss / 1024
+            return proc.returncode, usage.ru_utime + usage.ru_stime, kib / 1024
         if time.monotonic() > deadline:
             proc.kill()
             raise RuntimeError(f"{proc.args[0]} did not finish in {timeout} s")
@@ -64,14 +96,14 @@ def wait_for(proc, kind):
 
 def parley_client(url, state, name, *args):
     cmd = [f"{BIN}/parley", "--json", "--relay", url, "--state-dir", state, "--name", name, *args]
-    return subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                            stderr=subprocess.DEVNULL, text=True, bufsize=1)
+    return watch(subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                  stderr=subprocess.DEVNULL, text=True, bufsize=1))
 
 
 def run_parley(source, work):
-    relay = subprocess.Popen([f"{BIN}/parley-relay", "--listen", "127.0.0.1:0",
-                              "--secret-file", os.path.join(work, "relay-secret")],
-                             stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    relay = watch(subprocess.Popen([f"{BIN}/parley-relay", "--listen", "127.0.0.1:0",
+                                    "--secret-file", os.path.join(work, "relay-secret")],
+                                   stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True))
     url = relay.stdout.readline().split()[-1]
     state = os.path.join(work, "state")
     downloads = os.path.join(work, "downloads")
@@ -147,9 +179,10 @@ def run_wormhole(source, work):
                                 f"--port=tcp:{mailbox_port}:interface=127.0.0.1",
                                 f"--channel-db={db}"],
                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=work)
-    transit = subprocess.Popen(["twistd", "-n", "--pidfile=", "transitrelay",
-                                f"--port=tcp:{transit_port}:interface=127.0.0.1"],
-                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=work)
+    transit = watch(subprocess.Popen(["twistd", "-n", "--pidfile=", "transitrelay",
+                                      f"--port=tcp:{transit_port}:interface=127.0.0.1"],
+                                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                                     cwd=work))
     try:
         for port in (mailbox_port, transit_port):
             for _ in range(200):
@@ -163,13 +196,14 @@ def run_wormhole(source, work):
         downloads = os.path.join(work, "downloads")
         os.makedirs(downloads)
         t0 = time.perf_counter()
-        sender = subprocess.Popen([*common, "send", "--no-listen", "--hide-progress",
-                                   "--code", "7-parley-bench", source],
-                                  stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=work)
-        receiver = subprocess.Popen([*common, "receive", "--no-listen", "--hide-progress",
-                                     "--accept-file", "7-parley-bench"],
-                                    stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                                    cwd=downloads)
+        sender = watch(subprocess.Popen([*common, "send", "--no-listen", "--hide-progress",
+                                         "--code", "7-parley-bench", source],
+                                        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                                        cwd=work))
+        receiver = watch(subprocess.Popen([*common, "receive", "--no-listen", "--hide-progress",
+                                           "--accept-file", "7-parley-bench"],
+                                          stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                                          cwd=downloads))
         b = reap(receiver, 900)
         elapsed = time.perf_counter() - t0
         a = reap(sender, 60)
