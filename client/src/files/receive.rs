@@ -328,8 +328,13 @@ impl Receiver {
         }
         if header.pass > self.pass {
             // A new pass starts where the sender's acknowledged position is: never beyond
-            // what we have written.
+            // what we have written. Right after a restart or a link reset, though, one that
+            // seems to is the tail of a pass from before, sent before the sender heard of it
+            // (its number may be newer than the one recorded): dropped, not a failure.
             if header.index > self.written {
+                if self.awaiting_pass {
+                    return;
+                }
                 return self.fail(FailCode::ChunkMissing);
             }
             self.pass = header.pass;

@@ -515,6 +515,40 @@ fn a_receiver_back_with_every_chunk_durable_verifies_at_once() {
     assert_eq!(p.receiver.status(), ReceiveStatus::Done);
 }
 
+/// Chunks the sender sent before it heard that the receiver restarted reach the receiver
+/// after its restart: their pass is newer than the one it recorded and they lie beyond what
+/// it has, yet they are leftovers, not a gap: dropped, and the file completes.
+#[test]
+fn leftovers_of_a_pass_after_a_receiver_restart_are_dropped_not_a_failure() {
+    let mut p = Pair::new(content(600_000, 21), CHUNK);
+    let accepted = p.recv_record.clone().unwrap();
+    p.deliver_until(150);
+    let pass = p.send_record.as_ref().unwrap().pass;
+    assert!(pass > accepted.pass);
+    p.part.data.truncate(p.part.synced);
+    p.to_sender.clear();
+    p.receiver = Receiver::from_record(&accepted, SID, &mut p.part).unwrap();
+    // Chunk 140 of the pass that was going, as the sender sealed it.
+    let keys = chunk::FileKeys::new(&FileKey::from_bytes([101; 32]));
+    let layout = chunk::Layout {
+        id: [1; 16],
+        size: 600_000,
+        chunk: CHUNK,
+    };
+    let sid = data::sid_bytes(SID).unwrap();
+    let data = &p.file[140 * CHUNK as usize..141 * CHUNK as usize];
+    let leftover = chunk::chunk_frame(&keys, &layout, &sid, pass, 140, data).unwrap();
+    p.deliver_to_receiver(&leftover);
+    assert_eq!(p.receiver.status(), ReceiveStatus::Receiving);
+    p.sender.handle_link(p.now, true, false);
+    p.receiver.handle_link_reset();
+    p.drain_receiver();
+    p.sender.handle_link(p.now, true, true);
+    p.deliver_to_sender();
+    p.run(|_, frames| frames);
+    assert_eq!(p.placed.as_deref(), Some(&p.file[..]));
+}
+
 #[test]
 fn a_receiver_restart_resends_at_most_the_durable_window() {
     let len = 600_000;
