@@ -76,26 +76,41 @@ impl Cluster {
         Ok(())
     }
 
+    /// For an `INVITE_CREATE` from a connection that holds no reserved code
+    /// ([`ConnState::reserved_code`]), one taken from this node's reserve for it alone, the
+    /// reserve refilled first if it is spent: a burst waits for codes rather than failing,
+    /// and no other connection can take the code between now and the hub applying the frame
+    /// (taking it there, after a look here, raced under load).
+    pub(super) async fn code_for(
+        &self,
+        env: &Envelope<'_>,
+        holds_one: bool,
+    ) -> Result<Option<InviteCode>, FrameError> {
+        let Some(pool) = self.hub.code_pool() else {
+            return Ok(None);
+        };
+        if env.kind != FrameType::InviteCreate || holds_one {
+            return Ok(None);
+        }
+        if let Some(code) = pool.take(Instant::now()) {
+            return Ok(Some(code));
+        }
+        self.reserve_codes(&pool, codes::POOL_TARGET)
+            .await
+            .map_err(|_| store_unavailable())?;
+        Ok(pool.take(Instant::now()))
+    }
+
     /// What the hub will need from Redis to apply `env` here, fetched before it does (the hub
-    /// never waits): a reserved code for an `INVITE_CREATE` when this node's reserve is spent
-    /// (a burst waits for codes rather than failing), and, if `env` may re-create a session
-    /// this node does not hold, the session's mailboxes (see [`Hub::stash_recovered`]). The
-    /// session so prepared is returned: the caller clears its leftovers once the frame is
-    /// applied. A session is never re-created without its mailboxes: if Redis cannot be
-    /// read, the frame is refused.
+    /// never waits): if `env` may re-create a session this node does not hold, the session's
+    /// mailboxes (see [`Hub::stash_recovered`]). The session so prepared is returned: the
+    /// caller clears its leftovers once the frame is applied. A session is never re-created
+    /// without its mailboxes: if Redis cannot be read, the frame is refused.
     pub(super) async fn prepare(
         &self,
         env: &Envelope<'_>,
         address: AddressKey,
     ) -> Result<Option<SessionId>, FrameError> {
-        if env.kind == FrameType::InviteCreate
-            && let Some(pool) = self.hub.code_pool()
-            && pool.fresh(Instant::now()) == 0
-        {
-            self.reserve_codes(&pool, codes::POOL_TARGET)
-                .await
-                .map_err(|_| store_unavailable())?;
-        }
         if !matches!(env.kind, FrameType::Reattach | FrameType::Restore) {
             return Ok(None);
         }

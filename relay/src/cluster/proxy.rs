@@ -185,15 +185,30 @@ impl Cluster {
             lock(state).send_error(sid, &super::store_unavailable(), None);
             return Flow::default();
         }
-        let address = lock(state).address;
+        let (address, holds_code) = {
+            let state = lock(state);
+            (state.address, state.reserved_code.is_some())
+        };
         let recovering = match Envelope::parse(frame.as_str()) {
-            Ok(env) => match self.prepare(&env, address).await {
-                Ok(recovering) => recovering,
-                Err(e) => {
-                    lock(state).send_error(env.sid(), &e, None);
-                    return Flow::default();
+            Ok(env) => {
+                let prepared = match self.code_for(&env, holds_code).await {
+                    Ok(code) => {
+                        {
+                            let mut state = lock(state);
+                            state.reserved_code = state.reserved_code.or(code);
+                        }
+                        self.prepare(&env, address).await
+                    }
+                    Err(e) => Err(e),
+                };
+                match prepared {
+                    Ok(recovering) => recovering,
+                    Err(e) => {
+                        lock(state).send_error(env.sid(), &e, None);
+                        return Flow::default();
+                    }
                 }
-            },
+            }
             Err(_) => None,
         };
         let (flow, new_seats) = {

@@ -55,6 +55,13 @@ impl Cluster {
         };
         match route {
             Route::Here => {
+                match self.code_for(&env, conn.reserved_code.is_some()).await {
+                    Ok(code) => conn.reserved_code = conn.reserved_code.or(code),
+                    Err(e) => {
+                        self.refuse(conn, &env, &e);
+                        return Flow::default();
+                    }
+                }
                 let recovering = match self.prepare(&env, conn.address).await {
                     Ok(recovering) => recovering,
                     Err(e) => {

@@ -2,6 +2,8 @@
 //! client sends it a second time with its DH parameters once it has the code: that one only
 //! stores them, and gets no answer (or the client loops).
 
+use std::cell::Cell;
+
 use parley_protocol::payload::{InviteCodeData, OpaqueData};
 use parley_protocol::{Envelope, ErrorCode, FrameError, FrameType, encode, limits};
 use tokio::time::Instant;
@@ -15,7 +17,9 @@ pub fn handle(hub: &Hub, conn: &mut ConnState, env: &Envelope<'_>) -> Result<Flo
     let now = Instant::now();
     let ttl = hub.config.invite_ttl;
     let sessions = &hub.sessions;
-    let (sid, answer) = hub.member_update(conn, env, |session, role, sid| {
+    // (Given back to the connection if this frame issues no code.)
+    let reserved = Cell::new(conn.reserved_code.take());
+    let updated = hub.member_update(conn, env, |session, role, sid| {
         if role != Role::Host {
             return Err(FrameError::new(
                 ErrorCode::HostOnly,
@@ -42,13 +46,16 @@ pub fn handle(hub: &Hub, conn: &mut ConnState, env: &Envelope<'_>) -> Result<Flo
             }
             (None, params) => Invite::Issue {
                 sessions,
+                reserved: &reserved,
                 sid,
                 expires_at: later(now, ttl),
                 expires_in: ttl.as_secs(),
                 params,
             },
         })
-    })?;
+    });
+    conn.reserved_code = reserved.take();
+    let (sid, answer) = updated?;
     if let Some((code, expires_in)) = answer? {
         let data = InviteCodeData {
             code: code.to_string(),
@@ -71,6 +78,8 @@ enum Invite<'a> {
     /// A new code (the store's invite map is locked after the session's, never before).
     Issue {
         sessions: &'a Sessions,
+        /// A code reserved for this connection (a cluster's), used first.
+        reserved: &'a Cell<Option<InviteCode>>,
         sid: SessionId,
         expires_at: Instant,
         expires_in: u64,
@@ -92,12 +101,13 @@ impl Change for Invite<'_> {
             Invite::Repeat(code, expires_in) => Ok(Some((code, expires_in))),
             Invite::Issue {
                 sessions,
+                reserved,
                 sid,
                 expires_at,
                 expires_in,
                 params,
             } => {
-                let code = sessions.new_invite(sid, expires_at).ok_or_else(|| {
+                let code = sessions.new_invite(sid, expires_at, reserved).ok_or_else(|| {
                     if sessions.code_pool().is_some() {
                         // A cluster node issues only codes reserved in the shared store.
                         FrameError::new(

@@ -48,6 +48,10 @@ pub struct ConnState {
     pub(crate) memberships: Vec<(SessionId, Role)>,
     pub(crate) join_failures: TokenBucket,
     pub(crate) metrics: Arc<Metrics>,
+    /// In a cluster: an invite code reserved in the shared store for this connection's next
+    /// `INVITE_CREATE` (taken before the frame is applied, so no other connection can take
+    /// it meanwhile; kept for the next one if this one issues none).
+    pub(crate) reserved_code: Option<InviteCode>,
 }
 
 impl ConnState {
@@ -402,6 +406,7 @@ impl Hub {
                 Instant::now(),
             ),
             metrics: self.metrics.clone(),
+            reserved_code: None,
         }
     }
 

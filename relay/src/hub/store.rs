@@ -20,6 +20,7 @@ use dashmap::DashMap;
 use dashmap::mapref::entry::Entry;
 use tokio::time::Instant;
 
+use std::cell::Cell;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 
@@ -224,13 +225,20 @@ impl Sessions {
         });
     }
 
-    /// A new code for `sid`, live until `expires_at`; `None` if the code space is too full (or,
-    /// in a cluster, no reserved code is left).
-    pub fn new_invite(&self, sid: SessionId, expires_at: Instant) -> Option<InviteCode> {
+    /// A new code for `sid`, live until `expires_at`: the code `reserved` holds if any (taken
+    /// from it), else a new one; `None` if the code space is too full (or, in a cluster, no
+    /// reserved code is left).
+    pub fn new_invite(
+        &self,
+        sid: SessionId,
+        expires_at: Instant,
+        reserved: &Cell<Option<InviteCode>>,
+    ) -> Option<InviteCode> {
         (0..INVITE_CODE_ATTEMPTS).find_map(|_| {
-            let code = match &self.codes {
-                Some(pool) => pool.take(Instant::now())?,
-                None => InviteCode::random(),
+            let code = match (&self.codes, reserved.take()) {
+                (_, Some(code)) => code,
+                (Some(pool), None) => pool.take(Instant::now())?,
+                (None, None) => InviteCode::random(),
             };
             match self.invites.entry(code) {
                 Entry::Vacant(slot) => {
