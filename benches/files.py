@@ -147,6 +147,8 @@ def run_parley(source, work):
         reader.start()
         # Bob chats once the file is moving (lines typed before Alice is even online would
         # time her start-up, not the transfer).
+        wait_for(bob, "file_offer")
+        offered = time.perf_counter() - t0
         wait_for(bob, "file_progress")
         chatter.start()
         received = wait_for(bob, "file_received")
@@ -165,7 +167,7 @@ def run_parley(source, work):
         if a[0] != 0:
             raise RuntimeError(f"the sender exited with {a[0]}")
         return {"seconds": elapsed, "sender": a, "relay": r, "receiver": b,
-                "placed": received["path"], "chat_ms": latencies}
+                "placed": received["path"], "chat_ms": latencies, "offered": offered}
     finally:
         for p in (relay,):
             if p.poll() is None:
@@ -277,6 +279,10 @@ def main():
         chat_text = f"{percentile(chat, 50):.1f} / {percentile(chat, 99):.1f} ({len(chat)} lines)" if chat else "-"
         print(f"| {mode} | {rate:.1f} | {cpu[0]:.2f} / {cpu[1]:.2f} / {cpu[2]:.2f} "
               f"| {rss[0]:.1f} / {rss[1]:.1f} / {rss[2]:.1f} | {chat_text} |")
+        if all("offered" in r for r in runs):
+            print(f"  {mode}: the offer reached the receiver after "
+                  f"{med(lambda r: r['offered']):.2f} s of {med(lambda r: r['seconds']):.2f} s "
+                  f"(the sender hashes the file first: the offer carries its SHA-256)")
 
 
 if __name__ == "__main__":

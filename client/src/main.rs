@@ -176,8 +176,10 @@ fn main() -> ExitCode {
             },
             Cmd::Sessions => Command::Sessions,
         };
-        let runtime = tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(2)
+        // One thread: the client is one loop (the driver's) plus blocking helpers (stdin,
+        // syncs). Handing its wake-ups between two workers cost a file transfer 15% of its
+        // rate (benches/files.py, BENCHMARKS.md "Files").
+        let runtime = tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .build()
             .map_err(|e| ClientError::Internal(format!("cannot start the runtime: {e}")))?;
