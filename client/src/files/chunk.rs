@@ -5,10 +5,9 @@
 //! binding the file, the place and the end, so that no chunk can be moved, repeated, cut off or
 //! carried into another file without failing.
 
-use aes_gcm::aead::{AeadInOut, KeyInit};
-use aes_gcm::{Aes256Gcm, Nonce, Tag};
 use hmac::{Hmac, Mac};
 use parley_protocol::data;
+use ring::aead::{AES_256_GCM, Aad, LessSafeKey, Nonce, Tag, UnboundKey};
 use sha2::Sha256;
 
 use super::{FileId, FileKey, LABEL_ACK_KEY, LABEL_CHUNK_KEY, chunk_count};
@@ -31,18 +30,27 @@ pub enum ChunkError {
     BeyondEnd,
 }
 
-/// The keys of one file, derived from its key (each under its own label).
-#[derive(Debug, Clone, PartialEq, Eq)]
+/// The keys of one file, derived from its key (each under its own label), and the chunk
+/// key ready for AES-256-GCM (ring's: on this project's reference machine it seals and opens
+/// several times faster than the `aes-gcm` crate, and chunks are most of a transfer's work).
+#[derive(Debug, Clone)]
 pub struct FileKeys {
     chunk: FileKey,
     ack: FileKey,
+    cipher: Option<LessSafeKey>,
 }
 
 impl FileKeys {
     pub fn new(file_key: &FileKey) -> FileKeys {
+        let chunk = file_key.derive(LABEL_CHUNK_KEY);
+        // (A 32-byte key is always right for AES-256: `None` cannot happen.)
+        let cipher = UnboundKey::new(&AES_256_GCM, chunk.as_bytes())
+            .ok()
+            .map(LessSafeKey::new);
         FileKeys {
-            chunk: file_key.derive(LABEL_CHUNK_KEY),
+            chunk,
             ack: file_key.derive(LABEL_ACK_KEY),
+            cipher,
         }
     }
 
@@ -144,7 +152,7 @@ fn seal_into(
     if layout.len(index) != Some(data.len()) {
         return Err(ChunkError::BeyondEnd);
     }
-    let cipher = Aes256Gcm::new(keys.chunk.as_bytes().into());
+    let cipher = keys.cipher.as_ref().ok_or(ChunkError::Malformed)?;
     out.extend_from_slice(&layout.id);
     out.extend_from_slice(&pass.to_be_bytes());
     out.extend_from_slice(&index.to_be_bytes());
@@ -152,13 +160,13 @@ fn seal_into(
     out.extend_from_slice(data);
     let body = out.get_mut(start..).ok_or(ChunkError::Malformed)?;
     let tag = cipher
-        .encrypt_inout_detached(
-            &Nonce::from(nonce(pass, index)),
-            &associated_data(layout, index, pass),
-            body.into(),
+        .seal_in_place_separate_tag(
+            Nonce::assume_unique_for_key(nonce(pass, index)),
+            Aad::from(associated_data(layout, index, pass)),
+            body,
         )
         .map_err(|_| ChunkError::Malformed)?;
-    out.extend_from_slice(&tag);
+    out.extend_from_slice(tag.as_ref());
     Ok(())
 }
 
@@ -197,13 +205,14 @@ pub fn open(
         .to_vec();
     let tag = Tag::try_from(sealed.get(body_end..).ok_or(ChunkError::Malformed)?)
         .map_err(|_| ChunkError::Malformed)?;
-    let cipher = Aes256Gcm::new(keys.chunk.as_bytes().into());
+    let cipher = keys.cipher.as_ref().ok_or(ChunkError::Malformed)?;
     cipher
-        .decrypt_inout_detached(
-            &Nonce::from(nonce(header.pass, header.index)),
-            &associated_data(layout, header.index, header.pass),
-            body.as_mut_slice().into(),
-            &tag,
+        .open_in_place_separate_tag(
+            Nonce::assume_unique_for_key(nonce(header.pass, header.index)),
+            Aad::from(associated_data(layout, header.index, header.pass)),
+            tag,
+            &mut body,
+            0..,
         )
         .map_err(|_| ChunkError::Authentication)?;
     Ok((header, body))
