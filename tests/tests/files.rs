@@ -1,7 +1,11 @@
-//! Files through the real binaries and a real relay (protocol.md 3.10): a few MiB of random
-//! bytes arrive byte-identical, a folder keeps its nested paths, an offer is declined without
-//! `--accept-files`, `--max-file-bytes` refuses a larger one, and a receiver killed halfway
-//! finishes after a resume with the right hash.
+//! Files through the real binaries and a real relay (protocol.md 3.10): 3 and 50 MiB of
+//! random bytes arrive byte-identical, a folder keeps its nested paths, an offer is declined
+//! without `--accept-files`, `--max-file-bytes` refuses a larger one; a receiver killed
+//! halfway, a sender killed and back, a relay restarted and a connection cut all end with the
+//! right file and bounded re-sending; hostile names land inside the download directory or are
+//! refused; a relay altering, dropping, repeating or swapping a chunk fails the file; a chat
+//! line crosses during a transfer. Where a test must act mid-transfer, a proxy in front of the
+//! relay holds the transfer at a known chunk (a [`Gate`]): a transfer is too fast to catch.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::indexing_slicing)]
 
 use std::path::{Component, Path, PathBuf};
@@ -275,21 +279,6 @@ impl Scene {
         );
         assert!(leftover_parts(&self.downloads).is_empty());
     }
-
-    /// Waits until `client` reports that a quarter of the file has moved.
-    fn until_a_quarter(&self, client: &mut Client) {
-        self.until(client, 4);
-    }
-
-    /// Waits until `client` reports that 1/`fraction` of the file has moved.
-    fn until(&self, client: &mut Client, fraction: u64) {
-        loop {
-            let progress = client.expect("file_progress");
-            if progress["bytes"].as_u64().unwrap() >= self.data.len() as u64 / fraction {
-                return;
-            }
-        }
-    }
 }
 
 const MIB: usize = 1024 * 1024;
@@ -306,19 +295,70 @@ fn chunk_index(frame: &[u8]) -> Option<u64> {
     Some(u64::from_be_bytes(frame.get(38..46)?.try_into().ok()?))
 }
 
-/// A proxy in front of the relay that counts the chunks going toward it.
-fn counting(count: Arc<AtomicU64>) -> impl Fn(&str) -> Proxy {
-    move |url| {
-        let count = count.clone();
-        Proxy::start_data(
-            url,
-            Arc::new(move |toward, frame| {
-                if toward == Toward::Relay && chunk_index(frame).is_some() {
-                    count.fetch_add(1, Ordering::SeqCst);
-                }
-                vec![frame.to_vec()]
-            }),
-        )
+/// A proxy in front of the relay that counts the chunks going toward it and, once `hold_at`
+/// have, holds everything (its one thread waits) until the test releases it: the test then
+/// acts (kills a client, restarts the relay) at a known point of the transfer, however fast
+/// the machine. A transfer in a release build is over before a progress event could say
+/// where it is.
+struct Gate {
+    sent: Arc<AtomicU64>,
+    held: Arc<AtomicBool>,
+    release: Arc<AtomicBool>,
+}
+
+impl Gate {
+    fn at(hold_at: u64) -> (Gate, impl Fn(&str) -> Proxy) {
+        let gate = Gate {
+            sent: Arc::new(AtomicU64::new(0)),
+            held: Arc::new(AtomicBool::new(false)),
+            release: Arc::new(AtomicBool::new(false)),
+        };
+        let (sent, held, release) = (gate.sent.clone(), gate.held.clone(), gate.release.clone());
+        let start = move |url: &str| {
+            let (sent, held, release) = (sent.clone(), held.clone(), release.clone());
+            Proxy::start_data(
+                url,
+                Arc::new(move |toward, frame| {
+                    if toward == Toward::Relay
+                        && chunk_index(frame).is_some()
+                        && sent.fetch_add(1, Ordering::SeqCst) + 1 == hold_at
+                    {
+                        held.store(true, Ordering::SeqCst);
+                        // (Bounded: a test that never releases fails on its own.)
+                        for _ in 0..6_000 {
+                            if release.load(Ordering::SeqCst) {
+                                break;
+                            }
+                            std::thread::sleep(std::time::Duration::from_millis(10));
+                        }
+                    }
+                    vec![frame.to_vec()]
+                }),
+            )
+        };
+        (gate, start)
+    }
+
+    /// Waits until the proxy holds, then a moment more for the clients to take in what
+    /// reached them (and the receiver to sync it).
+    fn wait_held(&self) {
+        for _ in 0..6_000 {
+            if self.held.load(Ordering::SeqCst) {
+                std::thread::sleep(std::time::Duration::from_millis(500));
+                return;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(10));
+        }
+        panic!("the transfer never reached the gate");
+    }
+
+    fn release(&self) {
+        self.release.store(true, Ordering::SeqCst);
+    }
+
+    /// Chunks sent toward the relay so far.
+    fn sent(&self) -> u64 {
+        self.sent.load(Ordering::SeqCst)
     }
 }
 
@@ -340,15 +380,17 @@ fn a_50_mib_file_arrives_byte_identical() {
 /// is sent again is at most the durable window (protocol.md 3.10, "Resume"), 256 chunks.
 #[test]
 fn a_receiver_killed_halfway_then_resumed_completes_with_the_right_hash() {
-    let sent = Arc::new(AtomicU64::new(0));
-    let scene = Scene::behind(50 * MIB, Some(&counting(sent.clone())));
+    let chunks = (50 * MIB as u64).div_ceil(CHUNK);
+    let (gate, start) = Gate::at(chunks / 2);
+    let scene = Scene::behind(50 * MIB, Some(&start));
     let mut bob = scene.bob();
     bob.close_stdin();
     bob.expect("resumed");
     let alice = scene.alice();
-    // SIGKILL once half has arrived: no chance to save anything more.
-    scene.until(&mut bob, 2);
+    // SIGKILL once half has gone: no chance to save anything more.
+    gate.wait_held();
     bob.kill();
+    gate.release();
     let parts = leftover_parts(&scene.downloads);
     assert_eq!(parts.len(), 1, "the .part stays for the resume: {parts:?}");
 
@@ -366,7 +408,7 @@ fn a_receiver_killed_halfway_then_resumed_completes_with_the_right_hash() {
         named(&alice_events, "file_sent")[0]["sha256"],
         sha(&scene.data)
     );
-    let again = sent.load(Ordering::SeqCst) - (scene.data.len() as u64).div_ceil(CHUNK);
+    let again = gate.sent() - chunks;
     println!("the receiver's restart cost {again} chunks sent again");
     assert!(again <= 256, "{again} chunks were sent again");
 }
@@ -376,14 +418,16 @@ fn a_receiver_killed_halfway_then_resumed_completes_with_the_right_hash() {
 /// beyond what was in flight (the window, 8 chunks).
 #[test]
 fn a_sender_killed_halfway_then_sending_again_goes_on_with_the_same_transfer() {
-    let sent = Arc::new(AtomicU64::new(0));
-    let scene = Scene::behind(12 * MIB, Some(&counting(sent.clone())));
+    let chunks = (12 * MIB as u64).div_ceil(CHUNK);
+    let (gate, start) = Gate::at(chunks / 4);
+    let scene = Scene::behind(12 * MIB, Some(&start));
     let mut bob = scene.bob();
     bob.close_stdin();
     bob.expect("resumed");
-    let mut alice = scene.alice();
-    scene.until_a_quarter(&mut alice);
+    let alice = scene.alice();
+    gate.wait_held();
     alice.kill();
+    gate.release();
 
     // The same command again: the stored transfer goes on (no second offer).
     let alice_events = Scene::success(scene.alice());
@@ -395,20 +439,22 @@ fn a_sender_killed_halfway_then_sending_again_goes_on_with_the_same_transfer() {
     let bob_events = Scene::success(bob);
     assert_eq!(named(&bob_events, "file_offer").len(), 1, "{bob_events:?}");
     scene.received_intact(&bob_events);
-    let again = sent.load(Ordering::SeqCst) - (scene.data.len() as u64).div_ceil(CHUNK);
+    let again = gate.sent() - chunks;
     assert!(again <= 8, "{again} chunks were sent again");
 }
 
 #[test]
 fn a_relay_restarted_mid_transfer_the_file_completes() {
-    let mut scene = Scene::new(20 * MIB);
+    let (gate, start) = Gate::at((20 * MIB as u64).div_ceil(CHUNK) / 4);
+    let mut scene = Scene::behind(20 * MIB, Some(&start));
     let mut bob = scene.bob();
     bob.close_stdin();
     bob.expect("resumed");
     let alice = scene.alice();
-    scene.until_a_quarter(&mut bob);
+    gate.wait_held();
     // Its memory is gone; both clients reconnect and re-attach with their tokens.
     scene.restart_relay();
+    gate.release();
     let alice_events = Scene::success(alice);
     assert_eq!(
         named(&alice_events, "file_sent")[0]["sha256"],
@@ -595,7 +641,20 @@ fn a_hostile_relay_altering_dropping_repeating_or_swapping_a_chunk_fails_the_fil
 
 #[test]
 fn a_chat_line_sent_during_a_transfer_arrives_while_it_runs() {
-    let scene = Scene::new(12 * 1024 * 1024);
+    // Chunks slowed to one per 2 ms on their way to the relay (text frames pass between
+    // them): a release build would otherwise finish 12 MiB before a line could cross.
+    let slow = |url: &str| {
+        Proxy::start_data(
+            url,
+            Arc::new(|toward, frame| {
+                if toward == Toward::Relay && chunk_index(frame).is_some() {
+                    std::thread::sleep(std::time::Duration::from_millis(2));
+                }
+                vec![frame.to_vec()]
+            }),
+        )
+    };
+    let scene = Scene::behind(12 * MIB, Some(&slow));
     let mut bob = scene.bob();
     bob.expect("resumed");
     let mut alice = scene.alice();
