@@ -596,48 +596,74 @@ fn next_prompt(conversation: &Conversation) -> String {
 }
 
 /// A line typed in the chat: the answer to a question, a command (on a terminal: `/send
-/// PATH`; `//` starts a line that begins with `/`), or a message.
+/// PATH`; `//` starts a line that begins with `/`), or a message. True when it started
+/// reading a `/send`'s files (they come back on `hashed`).
 fn take_line(
     conversation: &mut Conversation,
     line: String,
     interactive: bool,
     output: &mut Output,
-) {
+    hashed: &mpsc::UnboundedSender<Hashed>,
+) -> bool {
     let asked = conversation.files().and_then(Transfers::question).is_some();
     if !interactive || asked || !line.starts_with('/') {
-        return conversation.handle_line(now(), line);
+        conversation.handle_line(now(), line);
+        return false;
     }
     if let Some(text) = line.strip_prefix("//") {
-        return conversation.handle_line(now(), format!("/{text}"));
+        conversation.handle_line(now(), format!("/{text}"));
+        return false;
     }
     let (command, rest) = line.split_once(' ').unwrap_or((line.as_str(), ""));
     match command {
         "/send" if !rest.trim().is_empty() => {
+            // Read and hashed on a blocking thread (a large file takes seconds: the chat,
+            // and the answers to the relay's pings, go on meanwhile); offered when done.
             let path = chat_path(rest);
-            match local_files(std::slice::from_ref(&path)) {
-                Ok(files) if files.is_empty() => output.emit(error_event(
-                    "nothing_to_send",
-                    &format!("{} holds no file to send", path.display()),
-                )),
-                Ok(files) => {
-                    let size = files.iter().fold(0u64, |n, f| n.saturating_add(f.size));
-                    let what = match files.as_slice() {
-                        [one] => one.name.clone(),
-                        many => format!("{} files", many.len()),
-                    };
-                    output.emit(json!({"event": "notice", "message": format!(
-                        "offering {what} ({}); it goes once your peer accepts",
-                        human_size(size)
-                    )}));
-                    conversation.send_files(now(), files);
-                }
-                Err(e) => output.emit(error_event("unreadable_path", &e.to_string())),
-            }
+            let hashed = hashed.clone();
+            tokio::task::spawn_blocking(move || {
+                let files = local_files(std::slice::from_ref(&path));
+                let _ = hashed.send(Hashed { path, files });
+            });
+            true
         }
-        _ => output.emit(error_event(
-            "unknown_command",
-            "not sent: commands are /send PATH (a file or a folder); start a line with // to send one that begins with /",
+        _ => {
+            output.emit(error_event(
+                "unknown_command",
+                "not sent: commands are /send PATH (a file or a folder); start a line with // to send one that begins with /",
+            ));
+            false
+        }
+    }
+}
+
+/// Files a `/send` read and hashed, or why it could not.
+struct Hashed {
+    path: PathBuf,
+    files: Result<Vec<LocalFile>, ClientError>,
+}
+
+/// Offers what a `/send` hashed.
+fn offer_hashed(conversation: &mut Conversation, hashed: Hashed, output: &mut Output) {
+    let Hashed { path, files } = hashed;
+    match files {
+        Ok(files) if files.is_empty() => output.emit(error_event(
+            "nothing_to_send",
+            &format!("{} holds no file to send", path.display()),
         )),
+        Ok(files) => {
+            let size = files.iter().fold(0u64, |n, f| n.saturating_add(f.size));
+            let what = match files.as_slice() {
+                [one] => one.name.clone(),
+                many => format!("{} files", many.len()),
+            };
+            output.emit(json!({"event": "notice", "message": format!(
+                "offering {what} ({}); it goes once your peer accepts",
+                human_size(size)
+            )}));
+            conversation.send_files(now(), files);
+        }
+        Err(e) => output.emit(error_event("unreadable_path", &e.to_string())),
     }
 }
 
@@ -705,6 +731,10 @@ async fn chat(
     // `.part`s are synced on blocking threads (a sync may take milliseconds); their results
     // come back here.
     let (synced_tx, mut synced) = mpsc::unbounded_channel();
+    // Files a `/send` hashed on a blocking thread. Meanwhile no further line is read: what
+    // follows it (Ctrl-D, say) is taken once its files are offered, as typed.
+    let (hashed_tx, mut hashed) = mpsc::unbounded_channel();
+    let mut hashing = false;
     loop {
         drain(
             &mut conversation,
@@ -729,7 +759,7 @@ async fn chat(
             }
             return end;
         }
-        let reading = conversation.wants_input();
+        let reading = conversation.wants_input() && !hashing;
         if reading && input.is_none() {
             let (lines, prompts) = spawn_input(output, interactive, next_prompt(&conversation));
             input = Some(lines);
@@ -742,6 +772,10 @@ async fn chat(
             // frame that is already waiting), and before new input.
             biased;
             Some(done) = synced.recv() => conversation.handle_synced(now(), done),
+            Some(files) = hashed.recv() => {
+                hashing = false;
+                offer_hashed(&mut conversation, files, output);
+            }
             arrived = next_arrival(&mut link) => {
                 match arrived {
                     Ok(Arrived::Text(text)) => conversation.handle_frame(now(), &text),
@@ -758,14 +792,30 @@ async fn chat(
                 if wake.is_some_and(|at| at <= now()) {
                     conversation.handle_timeout(now());
                 }
-                prompt_due |= take_waiting_lines(&mut conversation, &mut input, interactive, output);
+                if !hashing {
+                    prompt_due |= take_waiting_lines(
+                        &mut conversation,
+                        &mut input,
+                        interactive,
+                        output,
+                        (&hashed_tx, &mut hashing),
+                    );
+                }
             }
             () = sleep_until(wake) => conversation.handle_timeout(now()),
             line = next_line(&mut input), if reading => match line {
                 Some(line) => {
                     prompt_due = true;
-                    take_line(&mut conversation, line, interactive, output);
-                    take_waiting_lines(&mut conversation, &mut input, interactive, output);
+                    hashing = take_line(&mut conversation, line, interactive, output, &hashed_tx);
+                    if !hashing {
+                        take_waiting_lines(
+                            &mut conversation,
+                            &mut input,
+                            interactive,
+                            output,
+                            (&hashed_tx, &mut hashing),
+                        );
+                    }
                 }
                 None => conversation.handle_input_closed(now()),
             },
@@ -773,22 +823,24 @@ async fn chat(
     }
 }
 
-/// Lines already typed go in the same batch (one save), as many as the outbox has room for.
-/// Whether any was taken.
+/// Lines already typed go in the same batch (one save), as many as the outbox has room for,
+/// up to a `/send` (whose files are read first). Whether any was taken.
 fn take_waiting_lines(
     conversation: &mut Conversation,
     input: &mut Option<mpsc::Receiver<String>>,
     interactive: bool,
     output: &mut Output,
+    (hashed, hashing): (&mpsc::UnboundedSender<Hashed>, &mut bool),
 ) -> bool {
     let mut taken = false;
     while conversation.wants_input()
+        && !*hashing
         && let Some(waiting) = input
     {
         match waiting.try_recv() {
             Ok(line) => {
                 taken = true;
-                take_line(conversation, line, interactive, output);
+                *hashing = take_line(conversation, line, interactive, output, hashed);
             }
             Err(mpsc::error::TryRecvError::Disconnected) => {
                 conversation.handle_input_closed(now());
