@@ -376,12 +376,18 @@ impl Conversation {
         if self.end.is_some() {
             return;
         }
+        // Only an answer answers: a line typed while the question was not yet on the screen
+        // (or a chat line meanwhile) must not be lost, nor say yes to a file by chance. So
+        // y/yes accepts, n/no or an empty line declines, anything else is a chat message and
+        // the question stays.
         if let Some(files) = &mut self.files
             && let Some((id, _, _)) = files.question()
         {
-            let yes = matches!(line.trim().to_lowercase().as_str(), "y" | "yes");
-            files.answer(&id, yes);
-            return;
+            match line.trim().to_lowercase().as_str() {
+                "y" | "yes" => return files.answer(&id, true),
+                "" | "n" | "no" => return files.answer(&id, false),
+                _ => {}
+            }
         }
         match self.session.seal(&Plain::Text { text: line }) {
             Ok(_) => self.sealed_unsaved = true,
@@ -589,6 +595,13 @@ impl Conversation {
         None
     }
 
+    /// Whether a failure to write the frame [`Conversation::poll_transmit`] just gave ends the
+    /// run (the window sent when the chat begins): the driver writes such a frame out at once
+    /// rather than batch it, so that a failure is reported while this still says so.
+    pub fn write_is_fatal(&self) -> bool {
+        self.fatal_write
+    }
+
     /// The next event to tell, if the next output is one.
     pub fn poll_event(&mut self) -> Option<Event> {
         self.flush_sealed();
@@ -786,6 +799,11 @@ impl Conversation {
                 }
             }
             FrameType::PeerOnline => {
+                // (Also when the peer seemed online: it re-attached before the relay saw its
+                // old connection go, and no `PEER_OFFLINE` came. Either way its link is new:
+                // the transfers see it go and come back.)
+                self.peer_online = false;
+                self.files_link(now);
                 self.peer_online = true;
                 self.told_waiting = false;
                 self.event(Event::PeerOnline);
@@ -2560,6 +2578,33 @@ mod file_tests {
         );
     }
 
+    /// The sender re-attached before the relay saw its old connection go: the receiver gets
+    /// `PEER_ONLINE` with no `PEER_OFFLINE` before it. Its link is new all the same, so the
+    /// receiver says where it is (without that word the sender waits for ever).
+    #[test]
+    fn peer_online_without_peer_offline_is_a_link_reset_for_files() {
+        let now = Instant::now();
+        let file = vec![5u8; 2_000_000];
+        let (mut host, mut guest, _) = setup(now, &file, true, u64::MAX);
+        let (offer, _) = drain(&mut host);
+        for f in forwarded(&offer) {
+            deliver(&mut guest, now, &f);
+        }
+        let (answer, _) = drain(&mut guest);
+        for f in forwarded(&answer) {
+            deliver(&mut host, now, &f);
+        }
+        let (window, _) = drain(&mut host);
+        for f in forwarded(&window) {
+            deliver(&mut guest, now, &f);
+        }
+        let _ = drain(&mut guest);
+        let sid = guest.session().sid().to_string();
+        guest.handle_frame(now, &format!(r#"{{"t":"PEER_ONLINE","sid":"{sid}"}}"#));
+        let (word, _) = drain(&mut guest);
+        assert!(word.iter().any(|f| f.contains("file_ack")), "{word:?}");
+    }
+
     /// The name chosen for a file is taken by someone else just before the move: the file
     /// goes to the next free name rather than failing.
     #[test]
@@ -2641,7 +2686,7 @@ mod file_tests {
     /// file, anything else declines it (`declined` on both sides).
     #[test]
     fn the_next_line_answers_the_question_about_an_offer() {
-        for (answer, taken) in [("y", true), (" YES ", true), ("", false), ("sure", false)] {
+        for (answer, taken) in [("y", true), (" YES ", true), ("", false), ("No", false)] {
             let now = Instant::now();
             let file = vec![9u8; 70_000];
             let (mut host, mut guest, placed) = setup(now, &file, false, u64::MAX);
@@ -2700,6 +2745,29 @@ mod file_tests {
                     .any(|e| matches!(e, Event::Message { text, .. } if text == "thanks"))
             );
         }
+    }
+
+    /// A line that is no answer (typed before the question showed, say) goes as chat, and
+    /// the question stays: nothing typed is lost, and nothing is accepted by chance.
+    #[test]
+    fn a_line_that_is_no_answer_goes_as_chat_and_the_question_stays() {
+        let now = Instant::now();
+        let (mut host, mut guest, placed) = setup(now, &[9u8; 1000], false, u64::MAX);
+        guest.files_mut().unwrap().ask_person(true);
+        exchange(&mut host, &mut guest, now);
+        assert!(guest.files().unwrap().question().is_some());
+        guest.handle_line(now, "sure, send it".into());
+        let (host_events, _, _) = exchange(&mut host, &mut guest, now);
+        assert!(
+            host_events
+                .iter()
+                .any(|e| matches!(e, Event::Message { text, .. } if text == "sure, send it"))
+        );
+        assert!(guest.files().unwrap().question().is_some(), "still asked");
+        assert!(placed.lock().unwrap().is_empty());
+        guest.handle_line(now, "y".into());
+        exchange(&mut host, &mut guest, now);
+        assert_eq!(placed.lock().unwrap().len(), 1);
     }
 
     /// `/send` during a chat: files handed in while the link is up are offered at once.

@@ -869,12 +869,15 @@ async fn drain(
     loop {
         if let Some(frame) = conversation.poll_transmit() {
             if let Some(relay) = link {
-                match relay.feed(frame).await {
-                    Ok(()) => unflushed = true,
-                    Err(e) => {
-                        *link = None;
-                        conversation.handle_disconnected(now(), e);
-                    }
+                let written = if conversation.write_is_fatal() {
+                    relay.send(frame).await
+                } else {
+                    unflushed = true;
+                    relay.feed(frame).await
+                };
+                if let Err(e) = written {
+                    *link = None;
+                    conversation.handle_disconnected(now(), e);
                 }
             }
         } else if std::mem::take(&mut unflushed) {

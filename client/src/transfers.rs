@@ -253,9 +253,24 @@ impl Transfers {
                 continue;
             };
             let part = dir.join(part_name(&checked.safe_name, &record.offer.id));
-            if record.status == ReceiveStatus::Offered {
+            if matches!(
+                record.status,
+                ReceiveStatus::Offered | ReceiveStatus::Verified
+            ) {
                 // Never answered: nothing was created for it, and nothing is until it is.
+                // Verified: the `.part` is complete, or gone because it was moved into place
+                // (whether it is there decides which); opening it would create it.
                 if let Ok(receiver) = Receiver::from_record(&record, sid, &mut NoPart) {
+                    if record.status == ReceiveStatus::Verified {
+                        transfers.incoming.push(Incoming {
+                            receiver,
+                            dir,
+                            part,
+                            target: None,
+                            last_progress: None,
+                        });
+                        continue;
+                    }
                     transfers.unanswered.push(record.offer.id);
                     transfers.incoming.push(Incoming {
                         receiver,
@@ -1209,5 +1224,65 @@ mod tests {
         };
         let mut nobody = Transfers::new(Box::new(Counting::default()), config, "s", &[], &stored);
         assert_eq!(answers(&steps(&mut nobody, now)), ["decline 1 Declined"]);
+    }
+}
+
+#[cfg(test)]
+mod restart_tests {
+    use super::*;
+    use crate::disk_files::DiskFiles;
+    use crate::files::receive::ReceiveRecord;
+
+    /// A receiver stopped after it verified a file: if the `.part` is gone the move had
+    /// happened (nothing is placed again, and nothing empty is created); if it is there, it is
+    /// placed. (The first case once re-created an empty `.part` and placed that.)
+    #[test]
+    fn a_verified_file_is_placed_once_after_a_restart() {
+        let root = std::env::temp_dir().join(format!("parley-verified-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&root);
+        let content = b"hello, file";
+        let mut offer = crate::files::store::tests::offer();
+        offer.size = content.len() as u64;
+        offer.sha256 = hex::encode(<sha2::Sha256 as sha2::Digest>::digest(content));
+        let record = ReceiveRecord {
+            offer: offer.clone(),
+            durable: 3,
+            pass: 1,
+            status: ReceiveStatus::Verified,
+        };
+        let stored = store::receive_state(&record, &root).unwrap();
+        let config = FileConfig {
+            accept: true,
+            download_dir: root.clone(),
+            max_bytes: u64::MAX,
+        };
+        let checked = offer.check(u64::MAX).unwrap();
+        let part = root.join(part_name(&checked.safe_name, &record.offer.id));
+        let target = root.join(checked.safe_name.to_string());
+        let now = Instant::now();
+        let received = |t: &mut Transfers| {
+            std::iter::from_fn(|| t.poll_step(now))
+                .filter(|s| matches!(s, FileStep::Event(FileEvent::Received { .. })))
+                .count()
+        };
+        // Moved already: reported received, nothing created.
+        let sid = "00112233445566778899aabbccddeeff";
+        let mut t = Transfers::new(
+            Box::new(DiskFiles::default()),
+            config.clone(),
+            sid,
+            &[],
+            std::slice::from_ref(&stored),
+        );
+        assert_eq!(received(&mut t), 1);
+        assert!(!part.exists() && !target.exists(), "nothing created");
+        // Not moved yet: placed now.
+        std::fs::create_dir_all(part.parent().unwrap()).unwrap();
+        std::fs::write(&part, content).unwrap();
+        let mut t = Transfers::new(Box::new(DiskFiles::default()), config, sid, &[], &[stored]);
+        assert_eq!(received(&mut t), 1);
+        assert_eq!(std::fs::read(&target).unwrap(), content);
+        assert!(!part.exists());
+        std::fs::remove_dir_all(&root).unwrap();
     }
 }

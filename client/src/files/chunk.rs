@@ -17,7 +17,7 @@ pub const ACK_LABEL: &[u8] = b"parley/v1/file/ack";
 /// `file id (16) || u32_be(pass) || u64_be(index)`, in clear before the ciphertext.
 pub const HEADER_BYTES: usize = 16 + 4 + 8;
 pub const TAG_BYTES: usize = 16;
-/// `file id (16) || u64_be(offset) || HMAC-SHA256 (32)`.
+/// `file id (16) || u64_be(received) || u64_be(durable) || HMAC-SHA256 (32)`.
 pub const ACK_BYTES: usize = 16 + 8 + 8 + 32;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]

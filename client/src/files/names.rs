@@ -175,13 +175,14 @@ pub fn unique_target(
 }
 
 /// The `.part` file a file is written to until its SHA-256 checks out, beside where it will
-/// go: the name's last component, the first 8 hex digits of the file id (two transfers of one
-/// name never share a `.part`), and `.part`.
+/// go: the name's last component, the file id in hex (two transfers of one name never share
+/// a `.part`), and `.part`.
 pub fn part_name(name: &SafeName, id: &super::FileId) -> PathBuf {
     let mut path = name.to_path();
     let last = name.0.last().map(String::as_str).unwrap_or("file");
-    let tag = hex::encode(id.get(..4).unwrap_or(&[]));
-    path.set_file_name(format!("{last}.{tag}.part"));
+    // The whole id: the peer chooses ids, and two offers sharing a prefix must never share
+    // a `.part` (one's bytes would be placed under the other's name).
+    path.set_file_name(format!("{last}.{}.part", hex::encode(id)));
     path
 }
 
@@ -298,7 +299,14 @@ mod tests {
     fn part_files_sit_beside_the_target_and_differ_per_file() {
         let name = safe_name("sub/report.pdf").unwrap();
         let a = part_name(&name, &[0xab; 16]);
-        assert_eq!(a, PathBuf::from("sub/report.pdf.abababab.part"));
+        assert_eq!(
+            a,
+            PathBuf::from("sub/report.pdf.abababababababababababababababab.part")
+        );
         assert_ne!(a, part_name(&name, &[0xcd; 16]));
+        // A peer's two ids sharing a prefix still get two `.part`s.
+        let mut b = [0xab; 16];
+        b[15] = 0;
+        assert_ne!(a, part_name(&name, &b));
     }
 }

@@ -349,7 +349,9 @@ impl Receiver {
         }
         self.pass_next = self.pass_next.saturating_add(1);
         if header.index < self.written {
-            // Sent again from an older acknowledged position: already written.
+            // Sent again from an older position: already written. Said so, or a sender
+            // whose window lies wholly below what we have would wait for ever.
+            self.acknowledge();
             return;
         }
         let Some(offset) = self.layout.offset(header.index) else {

@@ -277,23 +277,23 @@ impl Sender {
         let received = self.index_of(received).min(bound);
         let durable = self.index_of(durable).min(received);
         let was_awaiting = std::mem::take(&mut self.awaiting_position);
-        let mut rewound = false;
         if was_awaiting {
+            // The receiver's word after a link reset (or our restart) is where it is, even
+            // below what it said before: it restarted, and what it had not made durable (or
+            // more, if its record was lost) is gone. At worst, sent again.
             self.received = received;
-            self.sent_high = self.sent_high.max(received);
-        } else if received >= self.received {
-            self.received = received;
-        } else if received >= durable.max(self.acked) {
-            self.received = received;
-            rewound = true;
-        }
-        if durable > self.acked {
             self.acked = durable;
+            self.sent_high = self.sent_high.max(received);
+        } else {
+            // Otherwise acknowledgements only add up: a lower one is old (or replayed).
+            self.received = self.received.max(received);
+            self.acked = self.acked.max(durable);
         }
         self.received = self.received.max(self.acked);
-        if self.received > self.next || rewound {
-            self.next = self.received;
-        }
+        // The receiver has more than this pass has sent (chunks of an earlier pass arrived
+        // after it began): a new pass from there, never a jump inside this one (the receiver
+        // takes a pass's chunks one after another).
+        let ahead = self.in_pass && self.received > self.next;
         self.last_progress = Some(now);
         self.outputs
             .push_back(SendOutput::Event(SendEvent::Progress {
@@ -302,7 +302,7 @@ impl Sender {
         if self.acked >= chunks && self.status == SendStatus::Sending {
             self.status = SendStatus::Verifying;
             self.outputs.push_back(SendOutput::Save(self.record()));
-        } else if was_awaiting || rewound {
+        } else if was_awaiting || ahead {
             self.in_pass = false;
             self.start_pass(now);
         }
@@ -349,11 +349,13 @@ impl Sender {
         if let Some(at) = self.poll_timeout()
             && now >= at
         {
-            // Silence: whatever is in flight may be gone; go again from what is acknowledged
-            // as durable (the receiver has that, whatever happened to it since).
-            self.awaiting_position = false;
+            // Silence: whatever is in flight may be gone; go again from what the receiver
+            // acknowledged (it keeps that unless it restarts, and then it says so when it is
+            // back). With no word at all since the link came back, from what it made durable.
+            if std::mem::take(&mut self.awaiting_position) {
+                self.received = self.acked;
+            }
             self.in_pass = false;
-            self.received = self.acked;
             self.start_pass(now);
         }
     }
@@ -435,7 +437,8 @@ impl Sender {
         self.next = self.received;
         self.in_pass = true;
         self.last_progress = Some(now);
-        // Saved before the pass's first chunk is sealed: (pass, index) never repeats.
+        // Saved before the pass's first chunk leaves (the conversation saves before it sends):
+        // no (pass, index) is ever sent under two contents.
         self.outputs.push_back(SendOutput::Save(self.record()));
     }
 }

@@ -690,8 +690,10 @@ fn acknowledgements_cannot_make_the_sender_skip() {
     assert_eq!(next.len() as u64, 2, "the rest of the file");
 }
 
-/// A receiver that lost what it had not synced says so (less received than before, no less
-/// than durable): the sender starts a new pass there, and the file completes.
+/// A receiver that lost what it had not synced says so when it is back (less received than
+/// before): the sender, told by the link that the peer came back, takes its word, starts a
+/// new pass there, and the file completes. Outside a link reset a lower acknowledgement is
+/// old, and changes nothing.
 #[test]
 fn a_receiver_that_lost_unsynced_data_gets_it_again() {
     let mut p = Pair::new(content(20_000, 19), CHUNK);
@@ -706,8 +708,21 @@ fn a_receiver_that_lost_unsynced_data_gets_it_again() {
     p.part.data.clear();
     p.receiver.handle_link_reset();
     p.to_sender.clear();
-    p.sender
-        .handle_ack(p.now, &chunk::ack(&keys, &[1; 16], 0, 0));
+    let old = chunk::ack(&keys, &[1; 16], 0, 0);
+    p.sender.handle_ack(p.now, &old);
+    let on = p.drain_sender();
+    assert_eq!(
+        p.send_record.as_ref().unwrap().pass,
+        pass,
+        "no new pass for an old one"
+    );
+    assert!(
+        on.iter()
+            .all(|f| chunk::peek(sealed_in(f)).unwrap().index >= WINDOW_CHUNKS)
+    );
+    p.sender.handle_link(p.now, true, false);
+    p.sender.handle_link(p.now, true, true);
+    p.sender.handle_ack(p.now, &old);
     let again = p.drain_sender();
     assert_eq!(again.len() as u64, WINDOW_CHUNKS);
     assert!(p.send_record.as_ref().unwrap().pass > pass, "a new pass");
@@ -717,5 +732,60 @@ fn a_receiver_that_lost_unsynced_data_gets_it_again() {
     }
     p.deliver_to_sender();
     p.run(|_, frames| frames);
+    assert_eq!(p.placed.as_deref(), Some(&p.file[..]));
+}
+
+/// The receiver stalls longer than the sender's resend timer (Ctrl-Z, a slow disk), with an
+/// honest relay: the sender's new pass starts below what the receiver has; the receiver says
+/// where it is, the sender starts again from there, and the file completes (it once waited
+/// for ever, or failed with `chunk_missing` after jumping inside a pass).
+#[test]
+fn a_receiver_stalled_past_the_resend_timer_completes() {
+    let mut p = Pair::new(content(200_000, 7), CHUNK);
+    let mut delivered = 0;
+    while delivered < 96 {
+        let frames = p.drain_sender();
+        for f in &frames {
+            p.deliver_to_receiver(f);
+        }
+        delivered += frames.len();
+        p.deliver_to_sender();
+    }
+    // In flight while the receiver is stalled.
+    let held = p.drain_sender();
+    assert_eq!(held.len() as u64, WINDOW_CHUNKS);
+    p.now += Duration::from_secs(11);
+    p.sender.handle_timeout(p.now);
+    let pass2 = p.drain_sender();
+    for f in held.iter().chain(pass2.iter()) {
+        p.deliver_to_receiver(f);
+    }
+    p.deliver_to_sender();
+    p.run(|_, frames| frames);
+    assert_eq!(p.receiver.status(), ReceiveStatus::Done);
+    assert_eq!(p.placed.as_deref(), Some(&p.file[..]));
+}
+
+/// The receiver comes back with less durable than it had said (its mark lost in a power cut,
+/// say): after the link reset the sender takes its word, below its own durable position, and
+/// the file completes rather than wait for ever.
+#[test]
+fn a_receiver_back_with_less_than_it_said_durable_completes() {
+    let mut p = Pair::new(content(300_000, 9), CHUNK);
+    p.deliver_until(200);
+    p.deliver_to_sender();
+    assert!(p.sender.acked_bytes() > 0);
+    let mut record = p.recv_record.clone().unwrap();
+    record.durable = 0;
+    p.part = MemPart::default();
+    p.receiver = Receiver::from_record(&record, SID, &mut p.part).unwrap();
+    p.to_sender.clear();
+    p.receiver.handle_link_reset();
+    p.drain_receiver();
+    p.sender.handle_link(p.now, true, false);
+    p.sender.handle_link(p.now, true, true);
+    p.deliver_to_sender();
+    p.run(|_, frames| frames);
+    assert!(p.is_over());
     assert_eq!(p.placed.as_deref(), Some(&p.file[..]));
 }
