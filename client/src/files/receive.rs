@@ -210,19 +210,30 @@ impl Receiver {
         Ok(receiver)
     }
 
+    /// Hashes the `.part` again up to the durable position, chunk by chunk, and cuts off what
+    /// lies beyond (written, not made durable: it may be damaged). A `.part` shorter than
+    /// its record says (deleted, or cut short) is taken for what it holds: the rest comes
+    /// again, rather than be padded with zeros to fail the hash at the end.
     fn rehash(&mut self, part: &mut dyn PartFile) -> Result<(), FailCode> {
-        let end = self.bytes_at(self.durable);
-        part.truncate(end).map_err(|_| FailCode::WriteFailed)?;
-        let mut buf = vec![0u8; 1 << 16];
-        let mut at = 0u64;
-        while at < end {
-            let n = usize::try_from(end.saturating_sub(at).min(1 << 16)).unwrap_or(1 << 16);
-            let slice = buf.get_mut(..n).ok_or(FailCode::WriteFailed)?;
-            part.read_at(at, slice).map_err(|_| FailCode::WriteFailed)?;
+        let mut buf = vec![0u8; self.layout.chunk as usize];
+        let mut have = 0u64;
+        while have < self.durable {
+            let Some(len) = self.layout.len(have) else {
+                break;
+            };
+            let slice = buf.get_mut(..len).ok_or(FailCode::WriteFailed)?;
+            if part.read_at(self.bytes_at(have), slice).is_err() {
+                break;
+            }
             self.hasher.update(&*slice);
-            at = at.saturating_add(n as u64);
+            have = have.saturating_add(1);
         }
-        Ok(())
+        self.durable = have;
+        self.written = have;
+        self.acked = have;
+        self.pass_next = have;
+        part.truncate(self.bytes_at(have))
+            .map_err(|_| FailCode::WriteFailed)
     }
 
     pub fn record(&self) -> ReceiveRecord {

@@ -789,3 +789,30 @@ fn a_receiver_back_with_less_than_it_said_durable_completes() {
     assert!(p.is_over());
     assert_eq!(p.placed.as_deref(), Some(&p.file[..]));
 }
+
+/// The `.part` was deleted (or cut short) while the receiver was stopped: it goes on from
+/// what the file holds, not from its record (which once padded the file with zeros and
+/// failed the hash at the very end), and the file completes.
+#[test]
+fn a_receiver_whose_part_was_deleted_starts_again_and_completes() {
+    let mut p = Pair::new(content(300_000, 22), CHUNK);
+    p.deliver_until(200);
+    p.deliver_to_sender();
+    let record = p.recv_record.clone().unwrap();
+    let durable = record.durable.max(p.part.mark.unwrap_or(0));
+    assert!(durable > 0);
+    p.part = MemPart {
+        mark: Some(durable),
+        ..MemPart::default()
+    };
+    p.receiver = Receiver::from_record(&record, SID, &mut p.part).unwrap();
+    assert_eq!(p.receiver.record().durable, 0);
+    p.to_sender.clear();
+    p.receiver.handle_link_reset();
+    p.drain_receiver();
+    p.sender.handle_link(p.now, true, false);
+    p.sender.handle_link(p.now, true, true);
+    p.deliver_to_sender();
+    p.run(|_, frames| frames);
+    assert_eq!(p.placed.as_deref(), Some(&p.file[..]));
+}
