@@ -903,7 +903,8 @@ impl Conversation {
                 | Plain::FileAccept(_)
                 | Plain::FileDecline(_)
                 | Plain::FileDone(_)
-                | Plain::FileFailed(_))
+                | Plain::FileFailed(_)
+                | Plain::BadOffer { .. })
                     if self.files.is_some() =>
                 {
                     if let Some(files) = &mut self.files {
@@ -916,7 +917,8 @@ impl Conversation {
                 | Plain::FileAccept(_)
                 | Plain::FileDecline(_)
                 | Plain::FileDone(_)
-                | Plain::FileFailed(_) => self.problem(
+                | Plain::FileFailed(_)
+                | Plain::BadOffer { .. } => self.problem(
                     "unsupported_file",
                     format!(
                         "message {} is a file transfer message; this version cannot take part in file transfers yet",

@@ -777,6 +777,7 @@ fn open_hello(session: &mut Session, env: &Envelope<'_>) -> Result<(), PairingEr
         }
         Plain::Text { .. }
         | Plain::Unknown
+        | Plain::BadOffer { .. }
         | Plain::FileOffer(_)
         | Plain::FileAccept(_)
         | Plain::FileDecline(_)

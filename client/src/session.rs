@@ -41,10 +41,35 @@ pub enum Plain {
     FileDone(FileDone),
     #[serde(rename = "file_failed")]
     FileFailed(FileFailed),
+    /// A `file_offer` whose members do not all read (a key that is not 64 hex digits, a
+    /// size beyond u64, ...), with the file id it names: declined `bad_offer` (protocol.md
+    /// 3.10), or its sender would wait for an answer for ever. Never sent.
+    #[serde(skip)]
+    BadOffer { id: crate::files::FileId },
     /// A kind this version does not know (from a newer peer): received and counted, so the
     /// stream goes on, but not shown.
     #[serde(other)]
     Unknown,
+}
+
+impl Plain {
+    /// A decrypted plaintext: what it says; a `file_offer` that does not read, as
+    /// [`Plain::BadOffer`] if its id does; anything else not understood, [`Plain::Unknown`].
+    pub fn read(plaintext: &[u8]) -> Plain {
+        #[derive(Deserialize)]
+        struct Named {
+            k: String,
+            id: Option<String>,
+        }
+        serde_json::from_slice(plaintext).unwrap_or_else(|_| {
+            match serde_json::from_slice::<Named>(plaintext) {
+                Ok(Named { k, id: Some(id) }) if k == "file_offer" => {
+                    crate::files::parse_id(&id).map_or(Plain::Unknown, |id| Plain::BadOffer { id })
+                }
+                _ => Plain::Unknown,
+            }
+        })
+    }
 }
 
 /// What travels inside a receipt (`MSG_READ`): everything up to `upto` was delivered (recorded
@@ -535,7 +560,7 @@ impl Session {
             .ratchet
             .decrypt(payload, &aad, &mut DhKeyPair::generate)?;
         // Authentic but not understood: counted (its key is gone), not shown.
-        Ok(serde_json::from_slice(&plaintext).unwrap_or(Plain::Unknown))
+        Ok(Plain::read(&plaintext))
     }
 
     // -----------------------------------------------------------------------------------------
@@ -1147,5 +1172,21 @@ pub(crate) mod tests {
         assert_eq!(spaced, Plain::Text { text: "hi".into() });
         let newer: Plain = serde_json::from_str(r#"{"k":"sticker","id":7}"#).unwrap();
         assert_eq!(newer, Plain::Unknown);
+        // An offer that does not read but names its file is a bad offer (to be declined).
+        let id = "a0a1a2a3a4a5a6a7a8a9aaabacadaeaf";
+        let bad_key = format!(
+            r#"{{"k":"file_offer","id":"{id}","name":"x","size":1,"sha256":"{}","chunk":4,"key":"zz"}}"#,
+            "44".repeat(32)
+        );
+        assert_eq!(
+            Plain::read(bad_key.as_bytes()),
+            Plain::BadOffer {
+                id: crate::files::parse_id(id).unwrap()
+            }
+        );
+        assert_eq!(
+            Plain::read(br#"{"k":"file_offer","id":"nothex"}"#),
+            Plain::Unknown
+        );
     }
 }

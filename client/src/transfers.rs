@@ -528,6 +528,11 @@ impl Transfers {
     pub fn handle_message(&mut self, now: Instant, plain: Plain) {
         match plain {
             Plain::FileOffer(offer) => self.handle_offer(offer),
+            Plain::BadOffer { id } => {
+                if self.incoming.iter().all(|i| i.receiver.id() != &id) {
+                    self.decline(id, FailCode::BadOffer);
+                }
+            }
             Plain::FileAccept(accept) => {
                 if let Some(o) = self.outgoing_mut(&accept.id) {
                     o.sender.handle_accept(now, &accept);
@@ -847,6 +852,20 @@ impl Transfers {
         }
     }
 
+    /// Declines an offer nothing was created for, and says so.
+    fn decline(&mut self, id: FileId, reason: FailCode) {
+        self.steps
+            .push_back(FileStep::Message(Plain::FileDecline(FileDecline {
+                id,
+                reason,
+            })));
+        self.steps.push_back(FileStep::Event(FileEvent::Failed {
+            id: hex::encode(id),
+            code: reason,
+            message: reason.to_string(),
+        }));
+    }
+
     fn handle_offer(&mut self, offer: FileOffer) {
         let id = offer.id;
         if self.incoming.iter().any(|i| i.receiver.id() == &id) {
@@ -863,25 +882,14 @@ impl Transfers {
             .iter()
             .filter(|i| !is_final_receive(i.receiver.status()))
             .count();
-        let decline = |reason: FailCode, steps: &mut VecDeque<FileStep>| {
-            steps.push_back(FileStep::Message(Plain::FileDecline(FileDecline {
-                id,
-                reason,
-            })));
-            steps.push_back(FileStep::Event(FileEvent::Failed {
-                id: hex::encode(id),
-                code: reason,
-                message: reason.to_string(),
-            }));
-        };
         if moving >= MAX_FILE_RECORDS {
             // More at once than the state file keeps: a peer that floods offers.
-            return decline(FailCode::Cancelled, &mut self.steps);
+            return self.decline(id, FailCode::Cancelled);
         }
         let receiver = match Receiver::offered(offer, self.config.max_bytes, &self.sid) {
             Ok(receiver) => receiver,
-            Err(Plain::FileDecline(d)) => return decline(d.reason, &mut self.steps),
-            Err(_) => return decline(FailCode::BadOffer, &mut self.steps),
+            Err(Plain::FileDecline(d)) => return self.decline(id, d.reason),
+            Err(_) => return self.decline(id, FailCode::BadOffer),
         };
         let dir = self.config.download_dir.clone();
         let part = dir.join(part_name(receiver.name(), &id));
@@ -1224,6 +1232,20 @@ mod tests {
         };
         let mut nobody = Transfers::new(Box::new(Counting::default()), config, "s", &[], &stored);
         assert_eq!(answers(&steps(&mut nobody, now)), ["decline 1 Declined"]);
+    }
+
+    /// An offer that does not read (a malformed key, say) is declined `bad_offer` rather
+    /// than left unanswered, and nothing is asked or touched.
+    #[test]
+    fn an_offer_that_does_not_read_is_declined_as_bad() {
+        let now = Instant::now();
+        let fs = Counting::default();
+        let mut transfers = asking(fs.clone(), &[]);
+        transfers.handle_message(now, Plain::BadOffer { id: [3; 16] });
+        let out = steps(&mut transfers, now);
+        assert_eq!(answers(&out), ["decline 3 BadOffer"]);
+        assert!(questions(&out).is_empty());
+        assert_eq!(fs.calls(), 0);
     }
 }
 
