@@ -17,7 +17,7 @@ use std::time::{Duration, Instant};
 
 use parley_state::{FileReceiveState, FileSendState, MAX_FILE_RECORDS};
 
-use crate::files::names::{part_name, unique_target};
+use crate::files::names::{part_name, placed_target, unique_target};
 use crate::files::offer::{FileDecline, FileFailed, FileOffer};
 use crate::files::receive::{PartFile, ReceiveEvent, ReceiveOutput, ReceiveStatus, Receiver};
 use crate::files::send::{SendEvent, SendOutput, SendStatus, Sender, new_offer};
@@ -687,8 +687,14 @@ impl Transfers {
                 })),
                 Err(_) => i.receiver.handle_sync_failed(),
             },
-            ReceiveOutput::Place { .. } if !self.fs.exists(&i.part) => {
-                // Verified before a restart and its `.part` gone: the move had happened.
+            ReceiveOutput::Place { name } if !self.fs.exists(&i.part) => {
+                // Verified before a restart and its `.part` gone: the move had happened. Where
+                // to was not recorded: the last name taken before the first free one, if it
+                // holds the file (else the path stays unknown, and is reported empty).
+                let fs = &mut self.fs;
+                let offer = i.receiver.record().offer;
+                i.target = placed_target(&i.dir, &name, |p| fs.exists(p))
+                    .filter(|found| holds(fs.as_mut(), found, offer.size, &offer.sha256));
                 i.receiver.handle_placed();
             }
             ReceiveOutput::Place { name } => {
@@ -933,6 +939,27 @@ impl PartFile for NoPart {
     fn durable_mark(&mut self) -> Option<u64> {
         None
     }
+}
+
+/// Whether the file at `path` is `size` bytes with the SHA-256 `sha256` (hex).
+fn holds(fs: &mut dyn FileSystem, path: &Path, size: u64, sha256: &str) -> bool {
+    use sha2::Digest;
+    let mut hasher = sha2::Sha256::new();
+    let mut buf = vec![0u8; 1 << 16];
+    let mut at = 0u64;
+    while at < size {
+        let n = usize::try_from(size.saturating_sub(at).min(1 << 16)).unwrap_or(1 << 16);
+        let Some(slice) = buf.get_mut(..n) else {
+            return false;
+        };
+        if fs.read_at(path, at, slice).is_err() {
+            return false;
+        }
+        hasher.update(&*slice);
+        at = at.saturating_add(n as u64);
+    }
+    // One byte more would mean a larger file.
+    fs.read_at(path, size, &mut [0u8; 1]).is_err() && hex::encode(hasher.finalize()) == sha256
 }
 
 fn due(last: &mut Option<Instant>, now: Instant) -> bool {
@@ -1284,25 +1311,39 @@ mod restart_tests {
         let now = Instant::now();
         let received = |t: &mut Transfers| {
             std::iter::from_fn(|| t.poll_step(now))
-                .filter(|s| matches!(s, FileStep::Event(FileEvent::Received { .. })))
-                .count()
+                .filter_map(|s| match s {
+                    FileStep::Event(FileEvent::Received { path, .. }) => Some(path),
+                    _ => None,
+                })
+                .collect::<Vec<_>>()
         };
-        // Moved already: reported received, nothing created.
         let sid = "00112233445566778899aabbccddeeff";
-        let mut t = Transfers::new(
-            Box::new(DiskFiles::default()),
-            config.clone(),
-            sid,
-            &[],
-            std::slice::from_ref(&stored),
-        );
-        assert_eq!(received(&mut t), 1);
-        assert!(!part.exists() && !target.exists(), "nothing created");
+        let restart = |config: &FileConfig| {
+            Transfers::new(
+                Box::new(DiskFiles::default()),
+                config.clone(),
+                sid,
+                &[],
+                std::slice::from_ref(&stored),
+            )
+        };
+        // Moved already (to a second name: the first was taken): reported received, where
+        // it went, and nothing created.
+        std::fs::create_dir_all(target.parent().unwrap()).unwrap();
+        std::fs::write(&target, b"someone else's").unwrap();
+        let second = target.with_file_name("hello (1).txt");
+        std::fs::write(&second, content).unwrap();
+        assert_eq!(received(&mut restart(&config)), vec![second.clone()]);
+        assert!(!part.exists(), "nothing created");
+        // Somewhere that holds something else: received, the path unknown (empty).
+        std::fs::write(&second, b"changed").unwrap();
+        assert_eq!(received(&mut restart(&config)), [PathBuf::new()]);
+        std::fs::remove_file(&second).unwrap();
+        std::fs::remove_file(&target).unwrap();
         // Not moved yet: placed now.
         std::fs::create_dir_all(part.parent().unwrap()).unwrap();
         std::fs::write(&part, content).unwrap();
-        let mut t = Transfers::new(Box::new(DiskFiles::default()), config, sid, &[], &[stored]);
-        assert_eq!(received(&mut t), 1);
+        assert_eq!(received(&mut restart(&config)), vec![target.clone()]);
         assert_eq!(std::fs::read(&target).unwrap(), content);
         assert!(!part.exists());
         std::fs::remove_dir_all(&root).unwrap();

@@ -158,20 +158,37 @@ pub fn unique_target(
     name: &SafeName,
     exists: impl Fn(&Path) -> bool,
 ) -> Option<PathBuf> {
+    candidates(dir, name).find(|candidate| !exists(candidate))
+}
+
+/// Where [`unique_target`] put a file, found again after a restart (the move happened, its
+/// record did not say where): the last name taken before the first free one.
+pub fn placed_target(
+    dir: &Path,
+    name: &SafeName,
+    exists: impl Fn(&Path) -> bool,
+) -> Option<PathBuf> {
+    candidates(dir, name)
+        .take_while(|candidate| exists(candidate))
+        .last()
+}
+
+/// The names a file may be given, in order: its own, then ` (1)` to ` (999)` before its
+/// extension.
+fn candidates(dir: &Path, name: &SafeName) -> impl Iterator<Item = PathBuf> {
     let first = dir.join(name.to_path());
-    if !exists(&first) {
-        return Some(first);
-    }
     let (parents, last) = name.0.split_at(name.0.len().saturating_sub(1));
-    let last = last.first()?;
+    let last = last.first().map(String::as_str).unwrap_or("file");
     let (stem, ext) = match last.rfind('.') {
-        Some(dot) if dot > 0 => (last.get(..dot)?, last.get(dot..)?),
-        _ => (last.as_str(), ""),
+        Some(dot) if dot > 0 => (
+            last.get(..dot).unwrap_or(last).to_string(),
+            last.get(dot..).unwrap_or("").to_string(),
+        ),
+        _ => (last.to_string(), String::new()),
     };
-    let folder: PathBuf = parents.iter().collect();
-    (1..=MAX_SUFFIX)
-        .map(|n| dir.join(&folder).join(format!("{stem} ({n}){ext}")))
-        .find(|candidate| !exists(candidate))
+    let folder = dir.join(parents.iter().collect::<PathBuf>());
+    std::iter::once(first)
+        .chain((1..=MAX_SUFFIX).map(move |n| folder.join(format!("{stem} ({n}){ext}"))))
 }
 
 /// The `.part` file a file is written to until its SHA-256 checks out, beside where it will
