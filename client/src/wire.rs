@@ -202,31 +202,6 @@ pub struct ReceiptData {
     pub receipt: String,
 }
 
-/// `data.kind` (and `msgID`) of a file chunk (3.10): a `MSG` outside the ratchet.
-pub const KIND_FILE_CHUNK: &str = "file_chunk";
-/// `data.kind` of a file acknowledgement (3.10): a `MSG_READ` outside the ratchet.
-pub const KIND_FILE_ACK: &str = "file_ack";
-
-/// `MSG {sid, data: {kind: "file_chunk", msgID: "file_chunk", payload}}`: a sealed file chunk
-/// (3.10), `payload` its bytes in base64. The `kind` makes it a non-chat `MSG`, which earlier
-/// Parley clients already leave alone (3.2); `msgID` is a string, so it never collides with a
-/// chat message's number in `DELIVERED` or `ERROR`.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct FileChunkData<'a> {
-    pub kind: &'a str,
-    #[serde(rename = "msgID")]
-    pub msg_id: &'a str,
-    pub payload: &'a str,
-}
-
-/// `MSG_READ {sid, data: {ack, kind: "file_ack"}}`: a receiver's acknowledgement of a file's
-/// durable offset (3.10), `ack` its bytes in base64. Not a receipt: it has no `receipt`.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct FileAckData<'a> {
-    pub ack: &'a str,
-    pub kind: &'a str,
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
