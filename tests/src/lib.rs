@@ -8,6 +8,7 @@ pub mod balancer;
 pub mod fake_relay;
 pub mod pki;
 pub mod proxy;
+pub mod raw;
 pub mod redis;
 
 use std::io::{BufRead, BufReader, Write};
@@ -425,6 +426,32 @@ impl Drop for Client {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
+}
+
+/// Alice (host) and Bob (guest) paired through `url`, both exited: their state directories.
+pub fn pair_and_quit(url: &str) -> (TempDir, TempDir) {
+    let (alice_dir, bob_dir) = (TempDir::new("alice"), TempDir::new("bob"));
+    let mut alice = Client::spawn(url, alice_dir.path(), "alice", &["host"]);
+    let code = alice.expect("invite")["code"].as_str().unwrap().to_string();
+    let mut bob = Client::spawn(url, bob_dir.path(), "bob", &["join", &code]);
+    alice.expect("paired");
+    bob.expect("paired");
+    let (a, _) = alice.wait();
+    let (b, _) = bob.wait();
+    assert!(a.success() && b.success(), "{a} {b}");
+    (alice_dir, bob_dir)
+}
+
+/// `len` random bytes written to `path` (its folders made first); returns them.
+pub fn random_file(path: &Path, len: usize) -> Vec<u8> {
+    use rand::RngCore;
+    let mut data = vec![0u8; len];
+    rand::rng().fill_bytes(&mut data);
+    if let Some(parent) = path.parent() {
+        std::fs::create_dir_all(parent).unwrap();
+    }
+    std::fs::write(path, &data).unwrap();
+    data
 }
 
 /// The texts of `message` events, in order.

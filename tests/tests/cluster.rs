@@ -10,6 +10,7 @@ use std::time::Duration;
 
 use futures_util::{SinkExt, StreamExt};
 use parley_e2e::balancer::Balancer;
+use parley_e2e::raw::{Ws, connect, send};
 use parley_e2e::redis::RedisServer;
 use parley_e2e::{Client, RelayProcess, STEP, TempDir, texts};
 use serde_json::{Value, json};
@@ -145,20 +146,6 @@ fn pairing_chat_and_resume_across_nodes() {
             String::from_utf8_lossy(readable)
         );
     }
-}
-
-type Ws =
-    tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
-
-async fn connect(addr: &str) -> Ws {
-    let (ws, _) = tokio_tungstenite::connect_async(format!("ws://{addr}"))
-        .await
-        .unwrap();
-    ws
-}
-
-async fn send(ws: &mut Ws, frame: Value) {
-    ws.send(Message::text(frame.to_string())).await.unwrap();
 }
 
 /// The next frame that is not a PING.

@@ -4,23 +4,10 @@
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::indexing_slicing)]
 
 use futures_util::{SinkExt, StreamExt};
+use parley_e2e::raw::{Ws, connect, send};
 use parley_e2e::{RelayProcess, STEP};
 use serde_json::{Value, json};
 use tokio_tungstenite::tungstenite::{Bytes, Message};
-
-type Ws =
-    tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
-
-async fn connect(addr: &str) -> Ws {
-    let (ws, _) = tokio_tungstenite::connect_async(format!("ws://{addr}"))
-        .await
-        .unwrap();
-    ws
-}
-
-async fn send(ws: &mut Ws, frame: Value) {
-    ws.send(Message::text(frame.to_string())).await.unwrap();
-}
 
 /// What a client received: a JSON frame, or a binary message.
 #[derive(Debug, Clone, PartialEq)]

@@ -13,35 +13,8 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
 use parley_e2e::proxy::{DataTamper, Proxy, Toward};
-use parley_e2e::{Client, RelayProcess, STEP, TempDir};
-use rand::RngCore;
+use parley_e2e::{Client, RelayProcess, STEP, TempDir, pair_and_quit, random_file};
 use sha2::{Digest, Sha256};
-
-/// Alice and Bob paired through `relay`; both exited. Returns their state directories.
-fn paired(url: &str) -> (TempDir, TempDir) {
-    let (alice_dir, bob_dir) = (TempDir::new("files-alice"), TempDir::new("files-bob"));
-    let mut alice = Client::spawn(url, alice_dir.path(), "alice", &["host"]);
-    let code = alice.expect("invite")["code"].as_str().unwrap().to_string();
-    let mut bob = Client::spawn(url, bob_dir.path(), "bob", &["join", &code]);
-    alice.expect("paired");
-    bob.expect("paired");
-    alice.close_stdin();
-    bob.close_stdin();
-    let (a, _) = alice.wait();
-    let (b, _) = bob.wait();
-    assert!(a.success() && b.success(), "{a} {b}");
-    (alice_dir, bob_dir)
-}
-
-fn random_file(path: &Path, len: usize) -> Vec<u8> {
-    let mut data = vec![0u8; len];
-    rand::rng().fill_bytes(&mut data);
-    if let Some(parent) = path.parent() {
-        std::fs::create_dir_all(parent).unwrap();
-    }
-    std::fs::write(path, &data).unwrap();
-    data
-}
 
 fn sha(data: &[u8]) -> String {
     hex::encode(Sha256::digest(data))
@@ -78,7 +51,7 @@ fn named<'a>(events: &'a [serde_json::Value], name: &str) -> Vec<&'a serde_json:
 #[test]
 fn a_file_of_a_few_mib_arrives_byte_identical_with_its_sha256() {
     let relay = RelayProcess::start(&[]);
-    let (alice_dir, bob_dir) = paired(relay.url());
+    let (alice_dir, bob_dir) = pair_and_quit(relay.url());
     let work = TempDir::new("files-work");
     let source = work.path().join("random.bin");
     let data = random_file(&source, 3 * 1024 * 1024 + 12_345);
@@ -119,7 +92,7 @@ fn a_file_of_a_few_mib_arrives_byte_identical_with_its_sha256() {
 #[test]
 fn a_folder_arrives_with_its_nested_paths() {
     let relay = RelayProcess::start(&[]);
-    let (alice_dir, bob_dir) = paired(relay.url());
+    let (alice_dir, bob_dir) = pair_and_quit(relay.url());
     let work = TempDir::new("files-work");
     let tree = work.path().join("tree");
     let files = [
@@ -157,7 +130,7 @@ fn a_folder_arrives_with_its_nested_paths() {
 #[test]
 fn an_offer_is_declined_without_accept_files() {
     let relay = RelayProcess::start(&[]);
-    let (alice_dir, bob_dir) = paired(relay.url());
+    let (alice_dir, bob_dir) = pair_and_quit(relay.url());
     let work = TempDir::new("files-work");
     let source = work.path().join("x.bin");
     random_file(&source, 5000);
@@ -179,7 +152,7 @@ fn an_offer_is_declined_without_accept_files() {
 #[test]
 fn max_file_bytes_refuses_a_larger_offer() {
     let relay = RelayProcess::start(&[]);
-    let (alice_dir, bob_dir) = paired(relay.url());
+    let (alice_dir, bob_dir) = pair_and_quit(relay.url());
     let work = TempDir::new("files-work");
     let source = work.path().join("big.bin");
     random_file(&source, 5000);
@@ -226,7 +199,7 @@ impl Scene {
         let relay = RelayProcess::start(&[]);
         let proxy = proxy.map(|start| start(relay.url()));
         let url = proxy.as_ref().map_or(relay.url(), |p| p.url()).to_string();
-        let (alice_dir, bob_dir) = paired(&url);
+        let (alice_dir, bob_dir) = pair_and_quit(&url);
         let work = TempDir::new("files-work");
         let source = work.path().join("big.bin");
         let data = random_file(&source, len);

@@ -11,9 +11,8 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use parley_e2e::{Client, RelayProcess, STEP, TempDir, binaries};
+use parley_e2e::{Client, RelayProcess, STEP, TempDir, binaries, pair_and_quit, random_file};
 use portable_pty::{CommandBuilder, PtySize, native_pty_system};
-use rand::RngCore;
 
 /// `parley` on a pseudo-terminal: what it printed so far, and a keyboard.
 struct Terminal {
@@ -135,28 +134,6 @@ impl Drop for Terminal {
     }
 }
 
-/// Alice and Bob paired through `relay`; both exited. Returns their state directories.
-fn paired(relay: &RelayProcess) -> (TempDir, TempDir) {
-    let (alice_dir, bob_dir) = (TempDir::new("tty-alice"), TempDir::new("tty-bob"));
-    let mut alice = Client::spawn(relay.url(), alice_dir.path(), "alice", &["host"]);
-    let code = alice.expect("invite")["code"].as_str().unwrap().to_string();
-    let mut bob = Client::spawn(relay.url(), bob_dir.path(), "bob", &["join", &code]);
-    alice.expect("paired");
-    bob.expect("paired");
-    let (a, _) = alice.wait();
-    let (b, _) = bob.wait();
-    assert!(a.success() && b.success(), "{a} {b}");
-    (alice_dir, bob_dir)
-}
-
-fn random_file(path: &Path, len: usize) -> Vec<u8> {
-    let mut data = vec![0u8; len];
-    rand::rng().fill_bytes(&mut data);
-    std::fs::create_dir_all(path.parent().unwrap()).unwrap();
-    std::fs::write(path, &data).unwrap();
-    data
-}
-
 /// `parley --json send PATH` as Alice, on a thread of its own: its exit code and events.
 fn send_in_background(
     relay: &RelayProcess,
@@ -189,7 +166,7 @@ fn files_in(dir: &Path) -> Vec<PathBuf> {
 #[test]
 fn the_person_is_asked_and_yes_takes_the_file_and_no_declines_it() {
     let relay = RelayProcess::start(&[]);
-    let (alice_dir, bob_dir) = paired(&relay);
+    let (alice_dir, bob_dir) = pair_and_quit(relay.url());
     let work = TempDir::new("tty-work");
     let source = work.path().join("report.bin");
     let data = random_file(&source, 2_300_000);
@@ -266,7 +243,7 @@ fn the_person_is_asked_and_yes_takes_the_file_and_no_declines_it() {
 #[test]
 fn send_typed_in_the_chat_sends_a_file() {
     let relay = RelayProcess::start(&[]);
-    let (alice_dir, bob_dir) = paired(&relay);
+    let (alice_dir, bob_dir) = pair_and_quit(relay.url());
     let work = TempDir::new("tty-work");
     let source = work.path().join("my notes").join("big file.bin");
     let data = random_file(&source, 1_500_000);
