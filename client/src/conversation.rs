@@ -442,7 +442,7 @@ impl Conversation {
         let Some((sid, body)) = parley_protocol::data::parse(message) else {
             return;
         };
-        if Some(sid) != parley_protocol::data::sid_bytes(self.session.sid()) {
+        if &sid != self.session.sid_bytes() {
             return;
         }
         if let Some(files) = &mut self.files {

@@ -338,6 +338,11 @@ impl Session {
         &self.sid
     }
 
+    /// The session id's 16 bytes (as a DATA frame names it, protocol.md 2.2).
+    pub fn sid_bytes(&self) -> &[u8; 16] {
+        &self.sid_bytes
+    }
+
     pub fn role(&self) -> Role {
         self.role
     }

@@ -253,25 +253,23 @@ impl Transfers {
                 continue;
             };
             let part = dir.join(part_name(&checked.safe_name, &record.offer.id));
-            if matches!(
-                record.status,
-                ReceiveStatus::Offered | ReceiveStatus::Verified
-            ) {
+            let restored = match record.status {
                 // Never answered: nothing was created for it, and nothing is until it is.
                 // Verified: the `.part` is complete, or gone because it was moved into place
                 // (whether it is there decides which); opening it would create it.
-                if let Ok(receiver) = Receiver::from_record(&record, sid, &mut NoPart) {
-                    if record.status == ReceiveStatus::Verified {
-                        transfers.incoming.push(Incoming {
-                            receiver,
-                            dir,
-                            part,
-                            target: None,
-                            last_progress: None,
-                        });
-                        continue;
+                ReceiveStatus::Offered | ReceiveStatus::Verified => {
+                    Receiver::from_record(&record, sid, &mut NoPart)
+                }
+                _ => match transfers.fs.part(&dir, &part) {
+                    Ok(file) => Receiver::from_record(&record, sid, file),
+                    Err(_) => Err(FailCode::WriteFailed),
+                },
+            };
+            match restored {
+                Ok(receiver) => {
+                    if record.status == ReceiveStatus::Offered {
+                        transfers.unanswered.push(record.offer.id);
                     }
-                    transfers.unanswered.push(record.offer.id);
                     transfers.incoming.push(Incoming {
                         receiver,
                         dir,
@@ -280,20 +278,6 @@ impl Transfers {
                         last_progress: None,
                     });
                 }
-                continue;
-            }
-            let restored = match transfers.fs.part(&dir, &part) {
-                Ok(file) => Receiver::from_record(&record, sid, file),
-                Err(_) => Err(FailCode::WriteFailed),
-            };
-            match restored {
-                Ok(receiver) => transfers.incoming.push(Incoming {
-                    receiver,
-                    dir,
-                    part,
-                    target: None,
-                    last_progress: None,
-                }),
                 // Its `.part` cannot be opened: the file fails, and the sender is told (it
                 // would otherwise wait for it for ever). Nothing stored is kept of it.
                 Err(code) => {

@@ -203,6 +203,16 @@ impl Pair {
         self.drain_receiver();
     }
 
+    /// Both see the link come back (the sender: `PEER_OFFLINE`, then `PEER_ONLINE`): the
+    /// receiver says where it is, and that reaches the sender.
+    fn link_comes_back(&mut self) {
+        self.sender.handle_link(self.now, true, false);
+        self.receiver.handle_link_reset();
+        self.drain_receiver();
+        self.sender.handle_link(self.now, true, true);
+        self.deliver_to_sender();
+    }
+
     /// Rounds of: the sender sends what its window allows, `relay` does what it likes with
     /// the frames, the receiver takes them, its answers reach the sender.
     fn run(&mut self, mut relay: impl FnMut(usize, Vec<Vec<u8>>) -> Vec<Vec<u8>>) {
@@ -540,11 +550,7 @@ fn leftovers_of_a_pass_after_a_receiver_restart_are_dropped_not_a_failure() {
     let leftover = chunk::chunk_frame(&keys, &layout, &sid, pass, 140, data).unwrap();
     p.deliver_to_receiver(&leftover);
     assert_eq!(p.receiver.status(), ReceiveStatus::Receiving);
-    p.sender.handle_link(p.now, true, false);
-    p.receiver.handle_link_reset();
-    p.drain_receiver();
-    p.sender.handle_link(p.now, true, true);
-    p.deliver_to_sender();
+    p.link_comes_back();
     p.run(|_, frames| frames);
     assert_eq!(p.placed.as_deref(), Some(&p.file[..]));
 }
@@ -566,12 +572,7 @@ fn a_receiver_restart_resends_at_most_the_durable_window() {
         p.to_sender.clear();
         p.receiver = Receiver::from_record(&record, SID, &mut p.part).unwrap();
         assert_eq!(p.part.data.len() as u64, durable * u64::from(CHUNK));
-        // Both see the link come back (the sender: PEER_ONLINE).
-        p.sender.handle_link(p.now, true, false);
-        p.receiver.handle_link_reset();
-        p.drain_receiver();
-        p.sender.handle_link(p.now, true, true);
-        p.deliver_to_sender();
+        p.link_comes_back();
         p.run(|_, frames| frames);
         assert_eq!(
             p.placed.as_deref(),
@@ -780,11 +781,7 @@ fn a_receiver_back_with_less_than_it_said_durable_completes() {
     p.part = MemPart::default();
     p.receiver = Receiver::from_record(&record, SID, &mut p.part).unwrap();
     p.to_sender.clear();
-    p.receiver.handle_link_reset();
-    p.drain_receiver();
-    p.sender.handle_link(p.now, true, false);
-    p.sender.handle_link(p.now, true, true);
-    p.deliver_to_sender();
+    p.link_comes_back();
     p.run(|_, frames| frames);
     assert!(p.is_over());
     assert_eq!(p.placed.as_deref(), Some(&p.file[..]));
@@ -808,11 +805,7 @@ fn a_receiver_whose_part_was_deleted_starts_again_and_completes() {
     p.receiver = Receiver::from_record(&record, SID, &mut p.part).unwrap();
     assert_eq!(p.receiver.record().durable, 0);
     p.to_sender.clear();
-    p.receiver.handle_link_reset();
-    p.drain_receiver();
-    p.sender.handle_link(p.now, true, false);
-    p.sender.handle_link(p.now, true, true);
-    p.deliver_to_sender();
+    p.link_comes_back();
     p.run(|_, frames| frames);
     assert_eq!(p.placed.as_deref(), Some(&p.file[..]));
 }
